@@ -1,0 +1,167 @@
+"""Model bundles: a directory with `clipcap.json`, `model.safetensors` and `tokenizer.json`.
+
+`load_bundle` / `save_bundle` are the only way weights enter or leave the library, and they go
+through safetensors. `import_original` turns a checkpoint of the paper's code into a bundle.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig, GPT2Config, MapperConfig, TokenizerConfig
+from clipcap.model import ClipCapModel, resolve_clip_config
+from clipcap.tokenizer import CaptionTokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+# Buffers that old transformers saved into GPT-2 checkpoints; current GPT-2 rebuilds them itself.
+LEGACY_GPT2_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
+
+
+@dataclass
+class Bundle:
+    path: Path | None
+    config: ClipCapConfig
+    model: ClipCapModel
+    tokenizer: CaptionTokenizer
+
+
+def load_config(path: str | Path) -> ClipCapConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: bundle directory not found")
+    return ClipCapConfig.load(path / CONFIG_FILE)
+
+
+def load_tokenizer(path: str | Path, config: ClipCapConfig) -> CaptionTokenizer:
+    tokenizer = CaptionTokenizer.from_file(Path(path) / config.tokenizer.file)
+    if tokenizer.vocab_size > config.gpt2.vocab_size:
+        raise BundleError(f"{Path(path) / config.tokenizer.file}: {tokenizer.vocab_size} tokens, more than "
+                          f"gpt2.vocab_size={config.gpt2.vocab_size} in {CONFIG_FILE}")
+    return tokenizer
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    path = Path(path)
+    config = load_config(path)
+    tokenizer = load_tokenizer(path, config)
+    model = ClipCapModel(config)
+    load_weights(model, path / WEIGHTS_FILE)
+    return Bundle(path, config, model.eval(), tokenizer)
+
+
+def save_bundle(model: ClipCapModel, tokenizer: CaptionTokenizer, path: str | Path) -> Path:
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.validate()
+    model.config.save(path / CONFIG_FILE)
+    tokenizer.save(path / model.config.tokenizer.file)
+    save_model(model, str(path / WEIGHTS_FILE))  # drops the tied lm_head alias; load re-ties it
+    return path
+
+
+def load_weights(model: torch.nn.Module, weights_file: Path) -> None:
+    """Load safetensors weights, checking every name and shape against the model first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not weights_file.is_file():
+        raise BundleError(f"{weights_file}: file not found")
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError) as error:
+        raise BundleError(f"{weights_file}: not a readable safetensors file ({error})") from None
+    check_state_dict(model, state, str(weights_file))
+    model.load_state_dict(state, strict=False)  # strictness already checked, tied aliases excepted
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str,
+                     allow_missing: tuple[str, ...] = ()) -> None:
+    expected = model.state_dict()
+    tied = _tied_present(model, state)
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(k for k in set(expected) - set(state) - tied if not k.startswith(allow_missing))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    problems = []
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}")
+    if missing:
+        problems.append(f"{len(missing)} missing, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}")
+    if problems:
+        raise BundleError(f"{where}: weights do not match the model described by {CONFIG_FILE}: "
+                          + "; ".join(problems))
+
+
+def _tied_present(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
+    """Names that share storage with a name present in `state` (GPT-2's lm_head.weight and wte):
+    safetensors stores such a tensor once, under one of its names."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        groups.setdefault((tensor.data_ptr(), tensor.shape), []).append(name)
+    return {name for names in groups.values() if len(names) > 1 and set(names) & set(state) for name in names}
+
+
+def import_original(checkpoint: str | Path, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
+                    tokenizer: str = "gpt2", normalize_prefix: bool = False) -> Bundle:
+    """A bundle from a checkpoint of the paper's code (`coco_weights.pt` and friends).
+
+    Mapper type and every size are read from tensor shapes; CLIP comes from open_clip.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise BundleError(f"{checkpoint}: file not found")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors come in many types; all mean "not a weights file"
+        raise BundleError(f"{checkpoint}: not a loadable PyTorch weights file ({error})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BundleError(f"{checkpoint}: expected a state dict of tensors")
+    state = {k: v for k, v in state.items() if not LEGACY_GPT2_BUFFERS.search(k)}
+    gpt2, mapper, prefix_size = _infer_original_shapes(state, str(checkpoint))
+    clip = resolve_clip_config(clip_model, None if clip_pretrained in (None, "none") else clip_pretrained)
+    if clip.embed_dim != prefix_size:
+        raise BundleError(f"{checkpoint}: the mapper expects CLIP embeddings of size {prefix_size}, but "
+                          f"{clip_model} produces {clip.embed_dim}; pick the CLIP model it was trained with")
+    caption_tokenizer = CaptionTokenizer.from_pretrained(tokenizer)
+    config = ClipCapConfig(
+        clip=clip, mapper=mapper, gpt2=gpt2, normalize_prefix=normalize_prefix,
+        max_tokens=min(ClipCapConfig.max_tokens, gpt2.n_positions - mapper.prefix_length),
+        tokenizer=TokenizerConfig(eos_token_id=caption_tokenizer.eos_token_id,
+                                  stop_token_ids=caption_tokenizer.stop_token_ids()),
+    ).validate(str(checkpoint))
+    model = ClipCapModel(config, load_pretrained_clip=clip.pretrained is not None)
+    check_state_dict(model, state, str(checkpoint), allow_missing=("clip.",))
+    model.load_state_dict(state, strict=False)
+    return Bundle(None, config, model.eval(), caption_tokenizer)
+
+
+def _infer_original_shapes(state: dict[str, torch.Tensor], where: str) -> tuple[GPT2Config, MapperConfig, int]:
+    def need(key: str) -> torch.Tensor:
+        if key not in state:
+            raise BundleError(f"{where}: not a ClipCap checkpoint (no tensor {key!r})")
+        return state[key]
+
+    wte, wpe = need("gpt.transformer.wte.weight"), need("gpt.transformer.wpe.weight")
+    embed = wte.shape[1]
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"gpt\.transformer\.h\.(\d+)\.", k))}
+    # Every GPT-2 size uses 64-wide heads (the tests' tiny GPT-2 too).
+    gpt2 = GPT2Config(vocab_size=wte.shape[0], n_positions=wpe.shape[0], n_embd=embed,
+                      n_layer=len(layers), n_head=embed // 64)
+    if "clip_project.model.0.weight" in state:
+        first, last = state["clip_project.model.0.weight"], need("clip_project.model.2.weight")
+        return gpt2, MapperConfig(type="mlp", prefix_length=last.shape[0] // embed), first.shape[1]
+    linear = need("clip_project.linear.weight")
+    mapper_layers = {int(m.group(1)) for k in state
+                     if (m := re.match(r"clip_project\.transformer\.layers\.(\d+)\.", k))}
+    fc1 = need("clip_project.transformer.layers.0.mlp.fc1.weight")
+    mapper = MapperConfig(type="transformer", prefix_length=need("clip_project.prefix_const").shape[0],
+                          clip_length=linear.shape[0] // embed, num_layers=len(mapper_layers),
+                          mlp_ratio=fc1.shape[0] / embed)
+    return gpt2, mapper, linear.shape[1]

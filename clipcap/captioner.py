@@ -1,0 +1,88 @@
+"""`Captioner`: images -> preprocess -> runtime -> decoding -> text. What the CLI, handler and benchmarks call."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipcap.bundle import load_config, load_tokenizer
+from clipcap.config import BundleError, ClipCapConfig
+from clipcap.decoding import DecodingOptions, generate
+from clipcap.images import preprocess
+from clipcap.runtimes import Runtime, open_runtime
+from clipcap.tokenizer import CaptionTokenizer
+
+
+@dataclass
+class Caption:
+    caption: str  # decoded text, stripped
+    token_ids: list[int]  # generated ids, the stop token included when one was produced
+
+
+@dataclass
+class CaptionBatch:
+    captions: list[Caption]
+    timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess / encode / decode, whole batch
+
+
+class Captioner:
+    def __init__(self, runtime: Runtime, tokenizer: CaptionTokenizer, config: ClipCapConfig):
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.config = config
+
+    @classmethod
+    def from_path(cls, path: str | Path, backend: str = "torch", device: str = "cpu") -> "Captioner":
+        """Open a model bundle or an export bundle with the named backend."""
+        config = load_config(path)
+        return cls(open_runtime(path, backend, device), load_tokenizer(path, config), config)
+
+    @property
+    def token_limit(self) -> int:
+        """The most tokens positions allow after the prefix."""
+        return self.config.gpt2.n_positions - self.config.mapper.prefix_length
+
+    def default_options(self) -> DecodingOptions:
+        return DecodingOptions(max_tokens=self.config.max_tokens)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        clip = self.config.clip
+        return preprocess(images, clip.image_size, clip.mean, clip.std)
+
+    def caption_images(self, images: list[Image.Image], options: DecodingOptions | None = None) -> CaptionBatch:
+        start = time.perf_counter()
+        pixels = self.preprocess(images)
+        preprocess_ms = (time.perf_counter() - start) * 1e3
+        batch = self.caption_pixels(pixels, options)
+        batch.timings_ms = {"preprocess": preprocess_ms, **batch.timings_ms}
+        return batch
+
+    def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions | None = None) -> CaptionBatch:
+        start = time.perf_counter()
+        prefix = self.runtime.encode(pixels)
+        encode_ms = (time.perf_counter() - start) * 1e3
+        batch = self._decode(prefix, options)
+        batch.timings_ms = {"encode": encode_ms, **batch.timings_ms}
+        return batch
+
+    def caption_embeddings(self, embeddings: np.ndarray | torch.Tensor,
+                           options: DecodingOptions | None = None) -> CaptionBatch:
+        """Captions for precomputed CLIP embeddings, shape (N, prefix_size)."""
+        embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.config.clip.embed_dim:
+            raise BundleError(f"embeddings must have shape (N, {self.config.clip.embed_dim}) for this bundle, "
+                              f"got {tuple(embeddings.shape)}")
+        return self._decode(self.runtime.map_embeddings(embeddings), options)
+
+    def _decode(self, prefix: torch.Tensor, options: DecodingOptions | None) -> CaptionBatch:
+        options = (options or self.default_options()).validate(self.token_limit)
+        max_tokens = options.max_tokens or self.config.max_tokens
+        start = time.perf_counter()
+        token_lists = generate(self.runtime, prefix, options, self.config.tokenizer.stop_token_ids, max_tokens)
+        decode_ms = (time.perf_counter() - start) * 1e3
+        captions = [Caption(self.tokenizer.decode(ids), ids) for ids in token_lists]
+        return CaptionBatch(captions, {"decode": decode_ms})

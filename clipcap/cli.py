@@ -1,0 +1,149 @@
+"""The `clipcap` command: thin argument parsing over `Captioner` and the bundle functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clipcap.config import BundleError
+from clipcap.decoding import STRATEGIES, DecodingError, DecodingOptions
+from clipcap.images import ImageError, load_image_file
+from clipcap.runtimes import RUNTIMES, RuntimeUnavailable
+
+USER_ERRORS = (BundleError, ImageError, DecodingError, RuntimeUnavailable)
+
+
+def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = DecodingOptions()
+    parser.add_argument("bundle", help="model bundle or export bundle directory")
+    parser.add_argument("--decoding", choices=STRATEGIES, default=defaults.strategy)
+    parser.add_argument("--beam-size", type=int, default=defaults.beam_size)
+    parser.add_argument("--max-tokens", type=int, default=None, help="default: the bundle's max_tokens")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-cache", action="store_true", help="the paper's decoding: recompute every step")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--backend", choices=sorted(RUNTIMES), default="torch")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of text lines")
+
+
+def _options(args: argparse.Namespace) -> DecodingOptions:
+    return DecodingOptions(strategy=args.decoding, max_tokens=args.max_tokens, beam_size=args.beam_size,
+                           top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+                           use_cache=not args.no_cache)
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def _print_results(results: list[dict], key: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for result in results:
+        print(f"{result[key]}\t{result['caption']}")
+
+
+def _open(args: argparse.Namespace):
+    from clipcap.captioner import Captioner
+
+    if args.batch_size < 1:
+        raise DecodingError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return Captioner.from_path(args.bundle, backend=args.backend, device=args.device)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    captioner = _open(args)
+    options = _options(args).validate(captioner.token_limit)
+    images, names, failed = [], [], 0
+    for name in args.images:
+        try:
+            images.append(load_image_file(name))
+            names.append(name)
+        except ImageError as error:  # report, skip, and caption the others
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+    results = []
+    for start, chunk in _chunks(images, args.batch_size):
+        for name, caption in zip(names[start:], captioner.caption_images(chunk, options).captions):
+            results.append({"image": name, "caption": caption.caption, "token_ids": caption.token_ids})
+    _print_results(results, "image", args.json)
+    return 2 if failed else 0
+
+
+def cmd_caption_embeddings(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    captioner = _open(args)
+    options = _options(args).validate(captioner.token_limit)
+    path = Path(args.embeddings)
+    if not path.is_file():
+        raise BundleError(f"{path}: file not found")
+    try:
+        embeddings = np.load(path, allow_pickle=False)  # never unpickle a data file
+    except (ValueError, OSError) as error:
+        raise BundleError(f"{path}: not a readable .npy array ({error})") from None
+    if embeddings.ndim == 0:
+        raise BundleError(f"{path}: holds a scalar, expected an array of shape (N, D)")
+    results = []
+    for start in range(0, len(embeddings), args.batch_size):
+        batch = captioner.caption_embeddings(embeddings[start:start + args.batch_size], options)
+        for index, caption in enumerate(batch.captions, start):
+            results.append({"index": index, "caption": caption.caption, "token_ids": caption.token_ids})
+    _print_results(results, "index", args.json)
+    return 0
+
+
+def cmd_import_original(args: argparse.Namespace) -> int:
+    from clipcap.bundle import import_original, save_bundle
+
+    bundle = import_original(args.checkpoint, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                             tokenizer=args.tokenizer, normalize_prefix=args.normalize_prefix)
+    out = save_bundle(bundle.model, bundle.tokenizer, args.out)
+    mapper = bundle.config.mapper
+    print(f"wrote {out}: {mapper.type} mapper, prefix_length {mapper.prefix_length}, "
+          f"GPT-2 {bundle.config.gpt2.n_layer} layers x {bundle.config.gpt2.n_embd}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipcap", description="ClipCap captioning: bundles, decoding, import.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    caption = commands.add_parser("caption", help="caption image files")
+    _add_decoding_flags(caption)
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption.set_defaults(run=cmd_caption)
+
+    embeddings = commands.add_parser("caption-embeddings", help="caption precomputed CLIP embeddings (.npy, [N, D])")
+    _add_decoding_flags(embeddings)
+    embeddings.add_argument("embeddings", metavar="EMBEDDINGS.npy")
+    embeddings.set_defaults(run=cmd_caption_embeddings)
+
+    original = commands.add_parser("import-original", help="bundle a checkpoint of the paper's code")
+    original.add_argument("checkpoint", metavar="CKPT.pt")
+    original.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name or JSON config")
+    original.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag, or 'none'")
+    original.add_argument("--tokenizer", default="gpt2", help="hub name or local directory")
+    original.add_argument("--normalize-prefix", action="store_true", help="L2-normalise CLIP embeddings")
+    original.add_argument("--out", required=True)
+    original.set_defaults(run=cmd_import_original)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

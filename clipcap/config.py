@@ -1,0 +1,182 @@
+"""The model bundle schema (`clipcap.json`) as dataclasses, with validation that names the bad field.
+
+Every key in `clipcap.json` maps one to one onto a field here; a bundle rebuilds from this file,
+its tokenizer and its weights alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "clipcap.json"
+
+
+class BundleError(ValueError):
+    """A bundle (or one of its files) is missing, malformed or inconsistent. The message says where."""
+
+
+@dataclass
+class ClipConfig:
+    """The frozen CLIP image tower (open_clip)."""
+
+    model_name: str = "ViT-B-32"  # open_clip architecture name, informational once model_config is set
+    model_config: dict | None = None  # full open_clip config dict; rebuilds the tower without the registry
+    pretrained: str | None = None  # open_clip weights tag used at build time ('openai'); bundle weights win
+    image_size: int = 224  # square input side, pixels
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # OpenAI CLIP
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    embed_dim: int = 512  # CLIP image embedding width = the mapper's prefix_size; read from the model
+
+    def validate(self, where: str) -> None:
+        _check(self.image_size > 0, where, "clip.image_size", "must be > 0")
+        _check(len(self.mean) == 3 and len(self.std) == 3, where, "clip.mean/std", "need 3 values each")
+        _check(all(s > 0 for s in self.std), where, "clip.std", "must be > 0")
+        _check(self.embed_dim > 0, where, "clip.embed_dim", "must be > 0")
+
+
+@dataclass
+class MapperConfig:
+    """The mapping network from one CLIP embedding to `prefix_length` GPT-2 input embeddings."""
+
+    type: str = "mlp"  # 'mlp' (paper: GPT-2 fine-tuned) or 'transformer' (paper: GPT-2 frozen)
+    prefix_length: int = 10  # GPT-2 input embeddings produced per image
+    clip_length: int = 10  # transformer only: tokens the CLIP embedding is projected to
+    num_layers: int = 8  # transformer only
+    num_heads: int = 8  # transformer only; the paper uses 8
+    mlp_ratio: float = 2.0  # transformer only: hidden width of its ReLU MLP / embedding width
+
+    def validate(self, where: str) -> None:
+        from clipcap.mappers import MAPPERS  # the registry is the single list of mapper types
+
+        _check(self.type in MAPPERS, where, "mapper.type", f"unknown mapper {self.type!r}; known: {sorted(MAPPERS)}")
+        for name in ("prefix_length", "clip_length", "num_layers", "num_heads"):
+            _check(getattr(self, name) > 0, where, f"mapper.{name}", "must be > 0")
+        _check(self.mlp_ratio > 0, where, "mapper.mlp_ratio", "must be > 0")
+
+
+@dataclass
+class GPT2Config:
+    """GPT-2 dimensions; stored explicitly so a bundle never needs the hub to rebuild."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024  # longest prefix + caption the model can attend over
+    n_embd: int = 768  # E: also the width of every prefix embedding
+    n_layer: int = 12
+    n_head: int = 12
+
+    def validate(self, where: str) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            _check(getattr(self, name) > 0, where, f"gpt2.{name}", "must be > 0")
+        _check(self.n_embd % self.n_head == 0, where, "gpt2.n_head", "must divide gpt2.n_embd")
+
+
+@dataclass
+class TokenizerConfig:
+    """Which file holds the tokenizer and which ids end a caption."""
+
+    file: str = "tokenizer.json"  # a `tokenizers` JSON file inside the bundle
+    eos_token_id: int = 50256  # appended to training captions (GPT-2's <|endoftext|>)
+    stop_token_ids: list[int] = field(default_factory=lambda: [13, 50256])  # '.' (as the paper) and eos
+
+    def validate(self, where: str) -> None:
+        _check(bool(self.stop_token_ids), where, "tokenizer.stop_token_ids", "must not be empty")
+
+
+@dataclass
+class ClipCapConfig:
+    """Everything needed to rebuild a ClipCap model: the contents of `clipcap.json`."""
+
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    gpt2: GPT2Config = field(default_factory=GPT2Config)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    normalize_prefix: bool = False  # L2-normalise the CLIP embedding before the mapper
+    train_clip: bool = False  # recorded: was the CLIP tower updated by the caption loss in training
+    max_tokens: int = 67  # default caption length limit (the paper's entry_length)
+    format_version: int = FORMAT_VERSION
+
+    def validate(self, where: str = CONFIG_FILE) -> "ClipCapConfig":
+        _check(self.format_version == FORMAT_VERSION, where, "format_version",
+               f"unsupported version {self.format_version}; this library reads {FORMAT_VERSION}")
+        self.clip.validate(where)
+        self.mapper.validate(where)
+        self.gpt2.validate(where)
+        self.tokenizer.validate(where)
+        _check(0 < self.max_tokens, where, "max_tokens", "must be > 0")
+        _check(self.mapper.prefix_length + self.max_tokens <= self.gpt2.n_positions, where, "max_tokens",
+               f"prefix_length + max_tokens exceeds gpt2.n_positions ({self.gpt2.n_positions})")
+        for token_id in self.tokenizer.stop_token_ids + [self.tokenizer.eos_token_id]:
+            _check(0 <= token_id < self.gpt2.vocab_size, where, "tokenizer.stop_token_ids",
+                   f"id {token_id} outside the vocabulary (size {self.gpt2.vocab_size})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = CONFIG_FILE) -> "ClipCapConfig":
+        return _from_dict(cls, data, where, prefix="").validate(where)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClipCapConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"{path}: file not found")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BundleError(f"{path}: not valid JSON ({error})") from None
+        return cls.from_dict(data, where=str(path))
+
+
+def _check(ok: bool, where: str, field_name: str, message: str) -> None:
+    if not ok:
+        raise BundleError(f"{where}: field '{field_name}' {message}")
+
+
+def _from_dict(cls, data: Any, where: str, prefix: str):
+    """Build dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type."""
+    section = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise BundleError(f"{where}: field '{section}' must be a JSON object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise BundleError(f"{where}: unknown field(s) {', '.join(prefix + u for u in unknown)}")
+    values = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            values[name] = _from_dict(type(default), value, where, prefix + name + ".")
+        else:
+            values[name] = _coerce(value, default, where, prefix + name, fields[name].type)
+    return cls(**values)
+
+
+def _coerce(value: Any, default: Any, where: str, name: str, annotation: str) -> Any:
+    optional = "None" in str(annotation)
+    if value is None:
+        _check(optional, where, name, "must not be null")
+        return None
+    expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list, "dict": dict}
+    kind = next((k for k in expected if str(annotation).startswith(k)), None)
+    ok = isinstance(value, expected[kind]) if kind else True
+    if kind in ("int", "float") and isinstance(value, bool):
+        ok = False  # JSON true is not a number
+    _check(ok, where, name, f"must be {kind}, got {type(value).__name__} {value!r}")
+    if kind == "float":
+        return float(value)
+    if isinstance(default, list) and default and isinstance(default[0], float):
+        _check(all(isinstance(v, (int, float)) for v in value), where, name, "must be a list of numbers")
+        return [float(v) for v in value]
+    if isinstance(default, list) and default and isinstance(default[0], int):
+        _check(all(isinstance(v, int) and not isinstance(v, bool) for v in value), where, name,
+               "must be a list of integers")
+    return value

@@ -1,0 +1,125 @@
+"""`ClipCapModel`: CLIP image tower (open_clip) + mapping network + GPT-2 (transformers), one nn.Module.
+
+State-dict layout: `clip.*` (the open_clip visual tower), `clip_project.*` (the mapper, the paper's
+names), `gpt.*` (GPT2LMHeadModel, the paper's names). No decoding lives here: see decoding.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipcap.config import BundleError, ClipCapConfig, ClipConfig, GPT2Config
+from clipcap.mappers import build_mapper
+
+
+def resolve_clip_config(model: str, pretrained: str | None = None) -> ClipConfig:
+    """A ClipConfig for an open_clip architecture name or a JSON model-config file.
+
+    The full open_clip config dict is stored so the tower rebuilds without open_clip's registry.
+    """
+    import open_clip
+
+    path = Path(model)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise BundleError(f"{path}: CLIP model config file not found")
+        model_config = json.loads(path.read_text())
+        name = path.stem
+    else:
+        model_config = open_clip.get_model_config(model)
+        if model_config is None:
+            raise BundleError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
+        name = model
+    if pretrained == "openai":
+        model_config = {**model_config, "quick_gelu": True}  # OpenAI's weights were trained with QuickGELU
+    vision = model_config["vision_cfg"]
+    preprocess = model_config.get("preprocess_cfg", {})
+    defaults = ClipConfig()
+    return ClipConfig(
+        model_name=name,
+        model_config=model_config,
+        pretrained=pretrained,
+        image_size=int(vision.get("image_size", defaults.image_size)),
+        mean=[float(v) for v in preprocess.get("mean", defaults.mean)],
+        std=[float(v) for v in preprocess.get("std", defaults.std)],
+        embed_dim=int(model_config["embed_dim"]),
+    )
+
+
+def build_clip_visual(config: ClipConfig, load_pretrained: bool = False) -> nn.Module:
+    """The open_clip image tower; with `load_pretrained`, open_clip loads `config.pretrained` weights."""
+    import open_clip
+
+    if load_pretrained and config.pretrained:
+        clip = open_clip.create_model(config.model_name, pretrained=config.pretrained)
+        return clip.visual
+    cfg = config.model_config or open_clip.get_model_config(config.model_name)
+    if cfg is None:
+        raise BundleError(f"clip.model_config is empty and {config.model_name!r} is not an open_clip model")
+    # _build_vision_tower builds the image tower alone: no text tower weights to allocate and drop.
+    return open_clip.model._build_vision_tower(
+        cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False)
+    )
+
+
+def gpt2_config_from_pretrained(name_or_dir: str) -> GPT2Config:
+    """GPT-2 dimensions from a hub name ('gpt2') or a local directory holding config.json."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(name_or_dir)
+    return GPT2Config(vocab_size=hf.vocab_size, n_positions=hf.n_positions, n_embd=hf.n_embd,
+                      n_layer=hf.n_layer, n_head=hf.n_head)
+
+
+class ClipCapModel(nn.Module):
+    def __init__(self, config: ClipCapConfig, load_pretrained_clip: bool = False):
+        super().__init__()
+        from transformers import GPT2Config as HFGPT2Config, GPT2LMHeadModel
+
+        self.config = config
+        self.clip = build_clip_visual(config.clip, load_pretrained=load_pretrained_clip)
+        self.clip_project = build_mapper(config.clip.embed_dim, config.gpt2.n_embd, config.mapper)
+        g = config.gpt2
+        eos = config.tokenizer.eos_token_id
+        self.gpt = GPT2LMHeadModel(HFGPT2Config(
+            vocab_size=g.vocab_size, n_positions=g.n_positions, n_embd=g.n_embd, n_layer=g.n_layer,
+            n_head=g.n_head, bos_token_id=eos, eos_token_id=eos,
+        ))
+
+    @property
+    def prefix_length(self) -> int:
+        return self.config.mapper.prefix_length
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, prefix_size) CLIP image embeddings."""
+        return self.clip(pixels)
+
+    def prefix(self, clip_embedding: torch.Tensor) -> torch.Tensor:
+        """(B, prefix_size) CLIP embeddings -> (B, P, E) GPT-2 input embeddings."""
+        if self.config.normalize_prefix:
+            clip_embedding = clip_embedding / clip_embedding.norm(dim=-1, keepdim=True)
+        return self.clip_project(clip_embedding.float())
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, P, E): the whole image side, the graph exported as encoder.onnx."""
+        return self.prefix(self.encode_image(pixels))
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.gpt.transformer.wte(token_ids)  # (B, T) -> (B, T, E)
+
+    def forward(self, prefix: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced caption logits: (B, P, E) prefix + (B, T) tokens -> (B, T, V).
+
+        Row t holds the prediction *of* tokens[:, t]; `mask` (B, T) marks real caption tokens.
+        """
+        embeds = torch.cat((prefix, self.embed_tokens(tokens)), dim=1)  # (B, P+T, E)
+        attention = None
+        if mask is not None:
+            ones = torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device)
+            attention = torch.cat((ones, mask), dim=1)
+        logits = self.gpt(inputs_embeds=embeds, attention_mask=attention).logits
+        # Position P-1 (the last prefix slot) predicts the first caption token.
+        return logits[:, self.prefix_length - 1 : -1]

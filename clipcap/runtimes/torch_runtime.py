@@ -1,0 +1,55 @@
+"""The PyTorch reference runtime: `ClipCapModel` in eager mode, KV cache as transformers' DynamicCache."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from clipcap.config import ClipCapConfig
+
+
+class TorchRuntime:
+    def __init__(self, model, device: str = "cpu"):
+        from clipcap.runtimes import RuntimeUnavailable
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeUnavailable("device 'cuda' asked for, but torch sees no CUDA GPU on this machine")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config: ClipCapConfig = model.config
+
+    @classmethod
+    def from_path(cls, path: Path, device: str = "cpu") -> "TorchRuntime":
+        from clipcap.bundle import load_bundle
+
+        return cls(load_bundle(path).model, device)
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(pixels.to(self.device))
+
+    @torch.inference_mode()
+    def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.model.prefix(clip_embeddings.to(self.device))
+
+    @torch.inference_mode()
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(token_ids.to(self.device))
+
+    def new_cache(self, batch_size: int):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    @torch.inference_mode()
+    def step(self, embeds: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
+        batch, length, _ = embeds.shape
+        past = cache.get_seq_length()
+        positions = torch.arange(past, past + length, device=self.device).expand(batch, length)
+        out = self.model.gpt(inputs_embeds=embeds, past_key_values=cache, position_ids=positions,
+                             use_cache=True, logits_to_keep=1)  # only the last position's logits are used
+        return out.logits[:, -1].float(), out.past_key_values
+
+    def select(self, cache, index: torch.Tensor):
+        cache.reorder_cache(index.to(self.device))
+        return cache

@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny ClipCap bundles built in the test session (no downloads)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipcap.config import ClipCapConfig, ClipConfig, GPT2Config, MapperConfig, TokenizerConfig
+from clipcap.model import ClipCapModel
+from clipcap.tokenizer import CaptionTokenizer, train_bpe
+
+# A tiny open_clip architecture (the same keys as open_clip's model_configs/*.json).
+TINY_CLIP = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+CAPTIONS = [
+    "a small red circle.", "a large blue square.", "a green triangle to the left of a purple circle.",
+    "a yellow square above an orange triangle.", "a dog runs on the grass.", "two cats sleep on a sofa.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> CaptionTokenizer:
+    return train_bpe(CAPTIONS * 4, vocab_size=300)
+
+
+def tiny_config(tokenizer: CaptionTokenizer, mapper: str = "mlp", normalize_prefix: bool = False) -> ClipCapConfig:
+    return ClipCapConfig(
+        clip=ClipConfig(model_name="tiny", model_config=TINY_CLIP, image_size=32, embed_dim=24),
+        mapper=MapperConfig(type=mapper, prefix_length=4, clip_length=3, num_layers=2, num_heads=8),
+        gpt2=GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=1),
+        tokenizer=TokenizerConfig(eos_token_id=tokenizer.eos_token_id, stop_token_ids=tokenizer.stop_token_ids()),
+        normalize_prefix=normalize_prefix,
+        max_tokens=24,
+    ).validate()
+
+
+def tiny_model(tokenizer: CaptionTokenizer, mapper: str = "mlp", seed: int = 0, steps: int = 40,
+               **kwargs) -> ClipCapModel:
+    """A tiny model, briefly fitted to caption `random_images(len(CAPTIONS))` with CAPTIONS.
+
+    Random weights never emit the stop token; a few steps of fitting give captions of different
+    lengths, which the batching and stopping tests need.
+    """
+    from clipcap.images import preprocess
+
+    torch.manual_seed(seed)
+    model = ClipCapModel(tiny_config(tokenizer, mapper, **kwargs))
+    clip = model.config.clip
+    pixels = preprocess(random_images(len(CAPTIONS)), clip.image_size, clip.mean, clip.std)
+    encoded = [tokenizer.encode(c) + [tokenizer.eos_token_id] for c in CAPTIONS]
+    width = max(map(len, encoded))
+    tokens = torch.tensor([ids + [0] * (width - len(ids)) for ids in encoded])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in encoded])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        logits = model(model.encode(pixels), tokens, mask)
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+        loss = (loss * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_tokenizer):
+    from clipcap.bundle import save_bundle
+
+    return save_bundle(tiny_model(tiny_tokenizer), tiny_tokenizer, tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer_bundle(tmp_path_factory, tiny_tokenizer):
+    from clipcap.bundle import save_bundle
+
+    model = tiny_model(tiny_tokenizer, "transformer", normalize_prefix=True)
+    return save_bundle(model, tiny_tokenizer, tmp_path_factory.mktemp("bundle") / "tiny-transformer")
+
+
+def random_images(count: int, seed: int = 0, size: int = 48) -> list[Image.Image]:
+    """Noisy images of clearly different base colours, so even a tiny CLIP tells them apart."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        base = rng.integers(0, 256, 3)
+        noise = rng.integers(-30, 31, (size, size, 3))
+        images.append(Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)))
+    return images
+
+
+def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()

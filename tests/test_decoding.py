@@ -1,0 +1,112 @@
+"""Decoding over the torch runtime: cache vs no-cache, batched vs one-by-one, beam, nucleus, options."""
+import pytest
+import torch
+
+from clipcap.bundle import load_bundle
+from clipcap.decoding import DecodingError, DecodingOptions, TopP, generate
+from clipcap.images import preprocess
+from clipcap.runtimes.torch_runtime import TorchRuntime
+from conftest import random_images
+from reference import paper_beam, paper_greedy
+
+
+@pytest.fixture(scope="module", params=["tiny_bundle", "tiny_transformer_bundle"])
+def setup(request):
+    bundle = load_bundle(request.getfixturevalue(request.param))
+    runtime = TorchRuntime(bundle.model)
+    clip = bundle.config.clip
+    prefix = runtime.encode(preprocess(random_images(8), clip.image_size, clip.mean, clip.std))
+    return bundle, runtime, prefix, bundle.config.tokenizer.stop_token_ids
+
+
+def test_rows_stop_at_different_steps(setup):
+    _, runtime, prefix, stop = setup
+    lengths = {len(ids) for ids in generate(runtime, prefix, DecodingOptions(), stop, 24)}
+    assert len(lengths) > 1, "the fixture must exercise rows finishing at different steps"
+
+
+def test_greedy_matches_paper_no_cache_reference(setup):
+    bundle, runtime, prefix, stop = setup
+    cached = generate(runtime, prefix, DecodingOptions(), stop, 24)
+    uncached = generate(runtime, prefix, DecodingOptions(use_cache=False), stop, 24)
+    reference = [paper_greedy(bundle.model, prefix[i], stop, 24) for i in range(len(prefix))]
+    assert cached == uncached == reference
+    for ids in cached:  # each row ends at its first stop token, or runs to the limit
+        assert len(ids) == 24 or (ids[-1] in stop and not set(ids[:-1]) & set(stop))
+
+
+def test_batched_equals_one_by_one(setup):
+    _, runtime, prefix, stop = setup
+    for options in (DecodingOptions(), DecodingOptions(strategy="beam", beam_size=3),
+                    DecodingOptions(strategy="nucleus", seed=7)):
+        batched = generate(runtime, prefix, options, stop, 24)
+        if options.strategy == "nucleus":  # row i samples with seed + i
+            single = [generate(runtime, prefix[i:i + 1], options.replace(seed=7 + i), stop, 24)[0]
+                      for i in range(len(prefix))]
+        else:
+            single = [generate(runtime, prefix[i:i + 1], options, stop, 24)[0] for i in range(len(prefix))]
+        assert batched == single, options.strategy
+
+
+def test_beam_matches_paper_generate_beam(setup):
+    bundle, runtime, prefix, stop = setup
+    ours = generate(runtime, prefix, DecodingOptions(strategy="beam"), stop, 24)
+    reference = [paper_beam(bundle.model, prefix[i], stop, 24) for i in range(len(prefix))]
+    assert ours == reference
+    assert ours == generate(runtime, prefix, DecodingOptions(strategy="beam", use_cache=False), stop, 24)
+
+
+def test_beam_of_one_is_greedy(setup):
+    _, runtime, prefix, stop = setup
+    assert generate(runtime, prefix, DecodingOptions(strategy="beam", beam_size=1), stop, 24) == \
+        generate(runtime, prefix, DecodingOptions(), stop, 24)
+
+
+def test_nucleus_is_reproducible_and_seed_dependent(setup):
+    _, runtime, prefix, stop = setup
+    options = DecodingOptions(strategy="nucleus", top_p=0.95, temperature=1.5, seed=1)
+    first = generate(runtime, prefix, options, stop, 24)
+    assert first == generate(runtime, prefix, options, stop, 24)
+    others = [generate(runtime, prefix, options.replace(seed=s), stop, 24) for s in (2, 3, 4)]
+    assert any(other != first for other in others)
+    # A tiny top_p keeps only the most likely token: sampling becomes greedy.
+    assert generate(runtime, prefix, options.replace(top_p=1e-6, temperature=1.0), stop, 24) == \
+        generate(runtime, prefix, DecodingOptions(), stop, 24)
+
+
+def test_ignore_stop_generates_exactly_max_tokens(setup):
+    _, runtime, prefix, stop = setup
+    out = generate(runtime, prefix, DecodingOptions(ignore_stop=True), stop, 9)
+    assert all(len(ids) == 9 for ids in out)
+
+
+def test_top_p_on_made_up_logits():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = TopP(0.7)(probs.log()).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5 + 0.3 reaches it
+    assert TopP(0.5)(probs.log()).isfinite().tolist() == [[True, False, False, False]]
+    shuffled = probs[:, [2, 0, 3, 1]]
+    assert TopP(0.7)(shuffled.log()).isfinite().tolist() == [[False, True, False, True]]
+
+
+@pytest.mark.parametrize("options, message", [
+    (DecodingOptions(strategy="topk"), "decoding must be one of"),
+    (DecodingOptions(max_tokens=0), "max_tokens"),
+    (DecodingOptions(max_tokens=41), "max_tokens"),
+    (DecodingOptions(beam_size=17), "beam_size"),
+    (DecodingOptions(top_p=0.0), "top_p"),
+    (DecodingOptions(temperature=-1.0), "temperature"),
+    (DecodingOptions(seed=-3), "seed"),
+    (DecodingOptions(max_tokens=True), "max_tokens"),
+])
+def test_option_bounds(options, message):
+    with pytest.raises(DecodingError, match=message):
+        options.validate(token_limit=40)
+
+
+def test_request_options():
+    defaults = DecodingOptions(max_tokens=20)
+    options = DecodingOptions.from_request({"decoding": "beam", "beam_size": 3}, defaults)
+    assert (options.strategy, options.beam_size, options.max_tokens) == ("beam", 3, 20)
+    with pytest.raises(DecodingError, match="unknown option"):
+        DecodingOptions.from_request({"url": "http://example.com"}, defaults)
