@@ -16,6 +16,9 @@ import torch
 from clipcap.runtimes.base import Runtime
 
 STRATEGIES = ("greedy", "beam", "nucleus")
+# Options a client may set per request (JSON keys, form fields) -> the DecodingOptions field each sets.
+REQUEST_OPTIONS = {"decoding": "strategy", "max_tokens": "max_tokens", "beam_size": "beam_size",
+                   "top_p": "top_p", "temperature": "temperature", "seed": "seed"}
 
 
 class DecodingError(ValueError):
@@ -60,13 +63,11 @@ class DecodingOptions:
 
     @classmethod
     def from_request(cls, data: dict, defaults: "DecodingOptions") -> "DecodingOptions":
-        """Options a client may set per request (JSON); unknown keys are refused."""
-        public = {"decoding": "strategy", "max_tokens": "max_tokens", "beam_size": "beam_size",
-                  "top_p": "top_p", "temperature": "temperature", "seed": "seed"}
-        unknown = sorted(set(data) - set(public))
+        """Options a client may set per request (`REQUEST_OPTIONS` keys); unknown keys are refused."""
+        unknown = sorted(set(data) - set(REQUEST_OPTIONS))
         if unknown:
-            raise DecodingError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(public))}")
-        return defaults.replace(**{public[key]: value for key, value in data.items()})
+            raise DecodingError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(REQUEST_OPTIONS))}")
+        return defaults.replace(**{REQUEST_OPTIONS[key]: value for key, value in data.items()})
 
 
 def _is_int(value: Any) -> bool:

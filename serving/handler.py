@@ -1,0 +1,42 @@
+"""TorchServe handler for ClipCap: four thin stages over `clipcap.serving`, where all request logic lives.
+
+Custom metrics (declared in serving/metrics.yaml, so the prometheus endpoint shows them):
+ClipcapBatchSize (histogram), ClipcapTokensGenerated (counter) and
+Clipcap{Preprocess,Encode,Decode}Seconds (histograms of per-batch stage time).
+"""
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.torch_handler.base_handler import BaseHandler
+
+from clipcap.serving import BatchStats, CaptionService
+
+
+class ClipCapHandler(BaseHandler):
+    def initialize(self, context):
+        properties = context.system_properties
+        self.service = CaptionService.from_archive(properties["model_dir"], context.model_yaml_config,
+                                                   properties.get("gpu_id"))
+        self.initialized = True
+
+    def preprocess(self, data):
+        headers = [self.context.get_all_request_header(index) for index in range(len(data))]
+        return self.service.parse_batch(data, headers)
+
+    def inference(self, requests):
+        replies, stats = self.service.caption_batch(requests)
+        self._record(stats)
+        return replies
+
+    def postprocess(self, replies):
+        for index, reply in enumerate(replies):
+            self.context.set_response_status(reply.status, reply.phrase, idx=index)
+            self.context.set_response_content_type(index, "application/json")
+        return [reply.body for reply in replies]
+
+    def _record(self, stats: BatchStats) -> None:
+        metrics = self.context.metrics
+        metrics.add_metric("ClipcapBatchSize", stats.batch_size, "count", metric_type=MetricTypes.HISTOGRAM)
+        if stats.captioned:
+            metrics.add_counter("ClipcapTokensGenerated", stats.tokens)
+            for stage, milliseconds in stats.timings_ms.items():
+                metrics.add_time(f"Clipcap{stage.capitalize()}Seconds", milliseconds / 1e3, unit="s",
+                                 metric_type=MetricTypes.HISTOGRAM)

@@ -1,0 +1,341 @@
+"""Serving without TorchServe: request parsing and limits, batched captioning, the handler, clipcap.mar."""
+import base64
+import importlib.util
+import json
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipcap.captioner import Captioner
+from clipcap.config import BundleError
+from clipcap.serving import (ArchiveConfig, CaptionService, ImageRequest, ServingConfig, ServingConfigError,
+                             ServingError, build_archive)
+from conftest import png_bytes, random_images
+
+SERVING = Path(__file__).resolve().parent.parent / "serving"
+IMAGES = random_images(4)
+PNGS = [png_bytes(image) for image in IMAGES]
+RAW = {"Content-Type": "image/png"}
+JSON = {"Content-Type": "application/json"}
+FORM = {"Content-Type": "multipart/form-data; boundary=x"}
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_bundle):
+    return Captioner.from_path(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def service(captioner):
+    return CaptionService(captioner, ServingConfig())
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _truncated_png() -> bytes:
+    return PNGS[0][: len(PNGS[0]) // 2]
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+def test_config_defaults_and_shipped_yaml():
+    assert ServingConfig.from_dict(None) == ServingConfig()
+    shipped = yaml.safe_load((SERVING / "model-config.yaml").read_text())
+    config = ServingConfig.from_dict(shipped["handler"])
+    assert (config.backend, config.device, config.defaults) == ("torch", "auto", {"decoding": "greedy"})
+
+
+@pytest.mark.parametrize("section, fragment", [
+    ({"colour": "red"}, "unknown field(s) handler.colour"),
+    ({"max_tokens": "many"}, "handler.max_tokens' must be int"),
+    ({"max_tokens": 0}, "handler.max_tokens must be >= 1"),
+    ({"backend": "nope"}, "handler.backend 'nope' is not a backend"),
+    ({"device": "gpu"}, "handler.device must be auto, cpu, cuda or cuda:N"),
+    ({"defaults": {"beam": 3}}, "handler.defaults has unknown key(s) beam"),
+    ({"max_body_bytes": -1}, "handler.max_body_bytes must be >= 1"),
+    ([1, 2], "must be a JSON object"),
+])
+def test_bad_config_names_the_key(section, fragment):
+    with pytest.raises(ServingConfigError, match="model-config.yaml") as error:
+        ServingConfig.from_dict(section)
+    assert fragment in str(error.value)
+
+
+def test_out_of_range_defaults_refused_at_load(captioner):
+    with pytest.raises(ServingConfigError, match="handler.defaults: beam_size must be an integer in 1..16"):
+        CaptionService(captioner, ServingConfig(defaults={"decoding": "beam", "beam_size": 100}))
+
+
+def test_max_tokens_caps_requests_and_defaults(captioner):
+    service = CaptionService(captioner, ServingConfig(max_tokens=5))
+    assert service.defaults.max_tokens == 5  # the bundle's 24 would exceed the cap
+    with pytest.raises(ServingError, match=r"max_tokens must be an integer in 1\.\.5"):
+        service.parse({"body": {"image": _b64(PNGS[0]), "max_tokens": 6}}, JSON)
+    replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(PNGS[0])}], [RAW]))
+    assert 1 <= len(replies[0].body["token_ids"]) <= 5
+
+
+# -- parsing: every accepted form ----------------------------------------------------------------
+
+@pytest.mark.parametrize("row, headers", [
+    ({"body": bytearray(PNGS[1])}, RAW),
+    ({"body": bytearray(PNGS[1])}, {}),  # curl -T sends no content type
+    ({"body": bytearray(PNGS[1])}, {"content-type": "application/octet-stream"}),
+    ({"body": {"image": _b64(PNGS[1])}}, JSON),  # TorchServe already decoded the JSON
+    ({"body": bytearray(json.dumps({"image": _b64(PNGS[1])}).encode())}, JSON),  # ... or could not
+    ({"data": bytearray(PNGS[1])}, FORM),
+])
+def test_accepted_forms_give_the_same_image(service, row, headers):
+    request = service.parse(row, headers)
+    assert isinstance(request, ImageRequest)
+    assert request.image.tobytes() == IMAGES[1].tobytes()
+    assert request.options == service.defaults
+
+
+def test_options_from_json_and_form_fields(service):
+    from_json = service.parse({"body": {"image": _b64(PNGS[0]), "decoding": "beam", "beam_size": 3}}, JSON)
+    form = {"file": bytearray(PNGS[0]), "decoding": bytearray(b"beam"), "beam_size": bytearray(b"3")}
+    from_form = service.parse(form, FORM)
+    assert from_json.options == from_form.options == service.defaults.replace(strategy="beam", beam_size=3)
+
+
+def test_jpeg_and_webp_accepted(service):
+    for fmt, content_type in (("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
+        request = service.parse({"body": bytearray(png_bytes(IMAGES[0], fmt))}, {"Content-Type": content_type})
+        assert request.image.size == IMAGES[0].size
+
+
+# -- parsing: every refusal ----------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("empty body", {"body": bytearray()}, RAW, 400, "empty request"),
+    ("no parts", {}, {}, 400, "empty request"),
+    ("not an image", {"body": bytearray(b"hello, world")}, RAW, 400, "not a recognised image"),
+    ("truncated image", {"body": bytearray(_truncated_png())}, RAW, 400, "corrupt or truncated image"),
+    ("gif", {"body": bytearray(png_bytes(IMAGES[0], "GIF"))}, {"Content-Type": "image/gif"}, 400,
+     "format GIF not accepted"),
+    ("bad base64", {"body": {"image": "not*base64!"}}, JSON, 400, "not valid base64"),
+    ("bad JSON", {"body": bytearray(b'{"image": ')}, JSON, 400, "not valid JSON"),
+    ("JSON list", {"body": [1, 2]}, JSON, 400, "must be an object"),
+    ("JSON without image", {"body": {"decoding": "beam"}}, JSON, 400, 'needs "image"'),
+    ("JSON image not a string", {"body": {"image": 5}}, JSON, 400, 'needs "image"'),
+    ("beam size out of range", {"body": {"image": _b64(PNGS[0]), "decoding": "beam", "beam_size": 100}}, JSON,
+     400, "beam_size must be an integer in 1..16"),
+    ("max_tokens out of range", {"body": {"image": _b64(PNGS[0]), "max_tokens": 10_000}}, JSON, 400,
+     "max_tokens must be an integer in 1..24"),
+    ("top_p wrong type", {"body": {"image": _b64(PNGS[0]), "top_p": "high"}}, JSON, 400, "top_p must be in"),
+    ("unknown strategy", {"body": {"image": _b64(PNGS[0]), "decoding": "best"}}, JSON, 400, "decoding must be"),
+    ("unknown option", {"body": {"image": _b64(PNGS[0]), "url": "http://example.com/a.png"}}, JSON, 400,
+     "unknown option(s): url"),
+    ("text body", {"body": "hello"}, {"Content-Type": "text/plain"}, 415, "content type 'text/plain'"),
+    ("url-encoded form", {"image": "x"}, {"Content-Type": "application/x-www-form-urlencoded"}, 415,
+     "not accepted"),
+    ("two image parts", {"a": bytearray(PNGS[0]), "b": bytearray(PNGS[1])}, FORM, 400, "exactly one image part"),
+    ("form option not text", {"data": bytearray(PNGS[0]), "beam_size": bytearray(b"\xff\xfe")}, FORM, 400,
+     "form field 'beam_size' is not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("name, row, headers, status, fragment", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_refused_with_clear_message(service, name, row, headers, status, fragment):
+    with pytest.raises(ServingError) as error:
+        service.parse(row, headers)
+    assert error.value.status == status
+    assert fragment in error.value.message
+    reply = error.value.reply()
+    assert reply.status == status and reply.body["code"] == status and fragment in reply.body["message"]
+
+
+def test_size_and_pixel_limits(captioner):
+    small = CaptionService(captioner, ServingConfig(max_body_bytes=len(PNGS[0]) - 1, max_image_pixels=47 * 47))
+    for row, headers in (({"body": bytearray(PNGS[0])}, RAW), ({"body": {"image": _b64(PNGS[0])}}, JSON),
+                         ({"data": bytearray(PNGS[0])}, FORM)):
+        with pytest.raises(ServingError, match="over the limit of") as error:
+            small.parse(row, headers)
+        assert error.value.status == 413
+    roomy = CaptionService(captioner, ServingConfig(max_image_pixels=47 * 47))
+    with pytest.raises(ServingError, match="48x48 = 2304 pixels, over the limit of 2209 pixels") as error:
+        roomy.parse({"body": bytearray(PNGS[0])}, RAW)
+    assert error.value.status == 400
+
+
+# -- batched captioning ---------------------------------------------------------------------------
+
+def test_batch_captions_match_library_and_bad_rows_fail_alone(service, captioner):
+    rows = [{"body": bytearray(PNGS[0])}, {"body": bytearray(b"junk")},
+            {"body": {"image": _b64(PNGS[2]), "decoding": "beam", "beam_size": 3}},
+            {"body": bytearray(PNGS[3])}, {"body": bytearray(b'{"image"')}]
+    headers = [RAW, RAW, JSON, RAW, JSON]
+    replies, stats = service.caption_batch(service.parse_batch(rows, headers))
+    assert [r.status for r in replies] == [200, 400, 200, 200, 400]
+    greedy = captioner.caption_images([IMAGES[0], IMAGES[3]], service.defaults).captions  # one batched decode
+    beam = captioner.caption_images([IMAGES[2]], service.defaults.replace(strategy="beam", beam_size=3)).captions
+    for reply, expected in zip([replies[0], replies[3], replies[2]], greedy + beam):
+        assert reply.body["caption"] == expected.caption
+        assert reply.body["token_ids"] == expected.token_ids
+        assert set(reply.body["timings_ms"]) == {"preprocess", "encode", "decode"}
+    assert "not a recognised image" in replies[1].body["message"]
+    assert (stats.batch_size, stats.captioned) == (5, 3)
+    assert stats.tokens == sum(len(c.token_ids) for c in greedy + beam)
+    assert all(stats.timings_ms[stage] > 0 for stage in ("preprocess", "encode", "decode"))
+
+
+def test_failing_group_answers_500_others_succeed(service, monkeypatch):
+    real = service.captioner.caption_images
+
+    def fail_on_beam(images, options):
+        if options.strategy == "beam":
+            raise RuntimeError("simulated backend failure")
+        return real(images, options)
+
+    monkeypatch.setattr(service.captioner, "caption_images", fail_on_beam)
+    rows = [{"body": bytearray(PNGS[0])}, {"body": {"image": _b64(PNGS[1]), "decoding": "beam"}}]
+    replies, stats = service.caption_batch(service.parse_batch(rows, [RAW, JSON]))
+    assert [r.status for r in replies] == [200, 500]
+    assert "internal error" in replies[1].body["message"] and stats.captioned == 1
+
+
+def test_unexpected_parse_error_costs_one_request(service, monkeypatch):
+    real = service.parse
+
+    def parse(row, headers):
+        if row.get("body") == b"boom":
+            raise RuntimeError("simulated bug")
+        return real(row, headers)
+
+    monkeypatch.setattr(service, "parse", parse)
+    parsed = service.parse_batch([{"body": bytearray(b"boom")}, {"body": bytearray(PNGS[0])}], [RAW, RAW])
+    assert isinstance(parsed[0], ServingError) and parsed[0].status == 500
+    assert isinstance(parsed[1], ImageRequest)
+
+
+def test_seeded_nucleus_does_not_depend_on_the_batch(service, captioner):
+    body = {"image": _b64(PNGS[1]), "decoding": "nucleus", "seed": 7, "top_p": 0.8, "temperature": 2.0}
+    replies, _ = service.caption_batch(service.parse_batch([{"body": dict(body)}] * 3, [JSON] * 3))
+    options = service.defaults.replace(strategy="nucleus", seed=7, top_p=0.8, temperature=2.0)
+    alone = captioner.caption_images([IMAGES[1]], options).captions[0]
+    assert [r.body["token_ids"] for r in replies] == [alone.token_ids] * 3
+
+
+def test_onnxruntime_export_bundle_serves_the_same_greedy_tokens(tiny_export, tmp_path, service):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[export]')")
+    shutil.copytree(tiny_export, tmp_path / "bundle")  # as build_archive lays out an export bundle
+    onnx = CaptionService.from_archive(tmp_path, {"handler": {"backend": "onnxruntime", "device": "cpu"}})
+    rows, headers = [{"body": bytearray(png)} for png in PNGS], [RAW] * len(PNGS)
+    expected, _ = service.caption_batch(service.parse_batch(rows, headers))
+    replies, _ = onnx.caption_batch(onnx.parse_batch(rows, headers))
+    assert [r.body["token_ids"] for r in replies] == [r.body["token_ids"] for r in expected]
+
+
+# -- the TorchServe handler, driven with TorchServe's own Context but no server ---------------------
+
+@pytest.fixture(scope="module")
+def handler_setup(tiny_bundle, tmp_path_factory):
+    pytest.importorskip("ts", reason="torchserve is not installed (pip install -e '.[serve]')")
+    from ts.context import Context
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    model_dir = tmp_path_factory.mktemp("mar")
+    shutil.copytree(tiny_bundle, model_dir / "bundle")  # the layout build_archive gives the unpacked archive
+    spec = importlib.util.spec_from_file_location("clipcap_handler", SERVING / "handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    metrics = MetricsCacheYamlImpl(str(SERVING / "metrics.yaml"))
+    metrics.initialize_cache()
+    metrics.model_name = "clipcap"
+    model_config = yaml.safe_load((SERVING / "model-config.yaml").read_text())
+    context = Context("clipcap", str(model_dir), {"model": {"modelName": "clipcap"}}, 8, None, "0.12.0",
+                      metrics=metrics, model_yaml_config=model_config)
+    handler = module.ClipCapHandler()
+    handler.initialize(context)
+    return handler, context, module
+
+
+def _run_batch(handler, context, rows, headers):
+    from ts.context import RequestProcessor
+
+    context.request_processor = [RequestProcessor(h) for h in headers]
+    context.request_ids = {i: f"request-{i}" for i in range(len(rows))}
+    context.metrics.set_request_ids(context.request_ids)
+    return handler.handle(rows, context)
+
+
+def test_handler_answers_each_request_with_its_own_status(handler_setup, captioner, caplog):
+    handler, context, _ = handler_setup
+    declared = {kind: set(names) for kind, names in context.metrics.cache.items()}
+    rows = [{"body": bytearray(PNGS[0])}, {"body": bytearray()}, {"body": "hi"},
+            {"data": bytearray(PNGS[1]), "decoding": bytearray(b"beam")}]
+    headers = [RAW, RAW, {"Content-Type": "text/plain"}, FORM]
+    with caplog.at_level(logging.INFO):
+        bodies = _run_batch(handler, context, rows, headers)
+    assert [context.get_response_status(i)[0] for i in range(4)] == [200, 400, 415, 200]
+    assert context.get_response_status(2)[1] == "Unsupported Media Type"
+    assert all(context.get_response_content_type(i) == "application/json" for i in range(4))
+    expected = captioner.caption_images([IMAGES[0]], handler.service.defaults).captions[0]
+    assert bodies[0]["token_ids"] == expected.token_ids and bodies[0]["caption"] == expected.caption
+    assert bodies[1]["code"] == 400 and "empty request" in bodies[1]["message"]
+    # Every metric the handler emits is declared in serving/metrics.yaml (or prometheus would drop it).
+    assert {kind: set(names) for kind, names in context.metrics.cache.items()} == declared
+    # TorchServe's metric log lines: [METRICS]Name.Unit:value|#dimensions|...
+    emitted = {line[len("[METRICS]"):].split(".")[0]: float(line.split(":", 1)[1].split("|")[0])
+               for line in (r.getMessage() for r in caplog.records) if line.startswith("[METRICS]Clipcap")}
+    assert emitted["ClipcapBatchSize"] == 4
+    assert emitted["ClipcapTokensGenerated"] == len(bodies[0]["token_ids"]) + len(bodies[3]["token_ids"])
+    assert all(emitted[f"Clipcap{stage}Seconds"] > 0 for stage in ("Preprocess", "Encode", "Decode"))
+
+
+def test_handler_refuses_bad_config(handler_setup):
+    _, context, module = handler_setup
+    context.model_yaml_config = {"handler": {"backend": "nope"}}
+    try:
+        with pytest.raises(ServingConfigError, match="handler.backend 'nope'"):
+            module.ClipCapHandler().initialize(context)
+    finally:
+        context.model_yaml_config = yaml.safe_load((SERVING / "model-config.yaml").read_text())
+
+
+# -- the archive and the server config --------------------------------------------------------------
+
+def test_build_archive_packs_bundle_handler_and_config(tiny_bundle, tmp_path):
+    out = build_archive(ArchiveConfig(bundle=tiny_bundle, handler=SERVING / "handler.py",
+                                      model_config=SERVING / "model-config.yaml", out=tmp_path / "store" / "cc.mar",
+                                      backend="torch", device_type="gpu"))
+    with zipfile.ZipFile(out) as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        packed = yaml.safe_load(archive.read("model-config.yaml"))
+    assert {"handler.py", "model-config.yaml", "bundle/clipcap.json", "bundle/model.safetensors",
+            "bundle/tokenizer.json"} <= names
+    assert manifest["model"] == {**manifest["model"], "modelName": "cc", "handler": "handler.py",
+                                 "configFile": "model-config.yaml"}
+    assert packed["deviceType"] == "gpu" and packed["handler"]["backend"] == "torch"
+    assert packed["batchSize"] == yaml.safe_load((SERVING / "model-config.yaml").read_text())["batchSize"]
+
+
+def test_build_archive_refuses_bad_inputs(tiny_bundle, tmp_path):
+    config = dict(handler=SERVING / "handler.py", model_config=SERVING / "model-config.yaml")
+    with pytest.raises(BundleError, match="bundle directory not found"):
+        build_archive(ArchiveConfig(bundle=tmp_path / "missing", **config))
+    with pytest.raises(ValueError, match="must be NAME.mar"):
+        build_archive(ArchiveConfig(bundle=tiny_bundle, out=tmp_path / "clip cap.mar", **config))
+    with pytest.raises(ServingConfigError, match="handler.backend 'nope'"):
+        build_archive(ArchiveConfig(bundle=tiny_bundle, out=tmp_path / "x.mar", backend="nope", **config))
+    assert not list(tmp_path.glob("*.mar"))
+
+
+def test_server_config_is_safe_and_fits_the_largest_request():
+    properties = dict(line.split("=", 1) for line in (SERVING / "config.properties").read_text().splitlines()
+                      if line and not line.startswith("#"))
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert properties[key].startswith("http://127.0.0.1:")
+    assert properties["disable_token_authorization"] == "false"
+    assert properties["metrics_mode"] == "prometheus"
+    handler = ServingConfig.from_dict(yaml.safe_load((SERVING / "model-config.yaml").read_text())["handler"])
+    largest_json = 4 * -(-handler.max_body_bytes // 3) + 1024  # base64 of the largest image + JSON and options
+    assert int(properties["max_request_size"]) >= largest_json

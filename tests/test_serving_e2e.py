@@ -1,0 +1,332 @@
+"""End to end: clipcap.mar on a real TorchServe (real Java) on free loopback ports, token auth on.
+
+One session-scoped server serves every test; the last test stops it and checks that no process is
+left behind. The demo bundle (models/shapes-demo) and samples/ are used when present, else the
+tiny test bundle and random images.
+"""
+import asyncio
+import base64
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clipcap.captioner import Captioner
+from clipcap.images import decode_image
+from clipcap.serving import ArchiveConfig, build_archive
+from conftest import png_bytes, random_images
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_BUNDLE, SAMPLES = ROOT / "models" / "shapes-demo", ROOT / "samples"
+START_TIMEOUT_S = 180  # Java start + a worker importing torch and loading the model, on a busy 2-core machine
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 11+ (make setup installs it)"),
+    pytest.mark.skipif(not (Path(sys.executable).parent / "torchserve").exists(),
+                       reason="torchserve is not installed (pip install -e '.[serve]')"),
+]
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class TorchServe:
+    """TorchServe started the documented way (torchserve --start) from serving/config.properties, with
+    ports and paths moved into a private directory so it cannot collide with another server."""
+
+    def __init__(self, root: Path, mar: Path):
+        self.root = root
+        self.inference, self.management, self.metrics, grpc_inference, grpc_management = _free_ports(5)
+        overrides = {"inference_address": f"http://127.0.0.1:{self.inference}",
+                     "management_address": f"http://127.0.0.1:{self.management}",
+                     "metrics_address": f"http://127.0.0.1:{self.metrics}",
+                     "grpc_inference_port": str(grpc_inference), "grpc_management_port": str(grpc_management),
+                     "model_store": str(mar.parent), "metrics_config": str(ROOT / "serving" / "metrics.yaml")}
+        lines = [line for line in (ROOT / "serving" / "config.properties").read_text().splitlines()
+                 if line.split("=", 1)[0] not in overrides]
+        (root / "config.properties").write_text("\n".join(lines + [f"{k}={v}" for k, v in overrides.items()]) + "\n")
+        (root / "tmp").mkdir()
+        # TMPDIR holds TorchServe's pid file, TEMP the workers' sockets: both private to this server.
+        self.env = {**os.environ, "TMPDIR": str(root / "tmp"), "TEMP": str(root / "tmp"), "OMP_NUM_THREADS": "2"}
+        self.model = mar.stem
+        self.processes = []
+
+    def _torchserve(self, *args: str) -> None:
+        subprocess.run([sys.executable, "-m", "ts.model_server", *args], cwd=self.root, env=self.env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+    def start(self) -> None:
+        import psutil
+
+        self._torchserve("--start", "--ncs", "--ts-config", "config.properties",
+                         "--models", f"{self.model}={self.model}.mar")
+        java = psutil.Process(int((self.root / "tmp" / ".model_server.pid").read_text()))
+        self.processes = [java]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not java.is_running():
+                pytest.fail(f"TorchServe exited during start-up:\n{self.log_tail()}")
+            if self._worker_ready():
+                self.processes += java.children(recursive=True)  # the Python workers
+                return
+            time.sleep(1)
+        pytest.fail(f"TorchServe not ready after {START_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def _worker_ready(self) -> bool:
+        if not (self.root / "key_file.json").exists():
+            return False
+        try:
+            status, body = self.get(self.management, f"/models/{self.model}", key="management")
+        except OSError:  # the key file is written before the ports open
+            return False
+        return status == 200 and any(w["status"] == "READY" for w in json.loads(body)[0]["workers"])
+
+    def stop(self) -> list:
+        """torchserve --stop; returns the processes still alive a minute later (killed, so none leak)."""
+        import psutil
+
+        if not self.processes:
+            return []
+        self._torchserve("--stop")
+        _, alive = psutil.wait_procs(self.processes, timeout=60)
+        for process in alive:
+            process.kill()
+        self.processes = []
+        return alive
+
+    def key(self, kind: str) -> str:
+        return json.loads((self.root / "key_file.json").read_text())[kind]["key"]
+
+    def request(self, port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                key: str | None = "inference") -> tuple[int, bytes]:
+        headers = dict(headers or {})
+        if key:
+            headers["Authorization"] = f"Bearer {self.key(key)}"
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def get(self, port: int, path: str, key: str | None = "inference") -> tuple[int, bytes]:
+        return self.request(port, "GET", path, key=key)
+
+    def predict(self, body: bytes, headers: dict | None = None, key: str | None = "inference") -> tuple[int, dict]:
+        status, data = self.request(self.inference, "POST", f"/predictions/{self.model}", body, headers, key)
+        return status, json.loads(data) if data else {}
+
+    def log_tail(self, lines: int = 40) -> str:
+        logs = sorted((self.root / "logs").glob("*.log"))
+        return "\n".join("\n".join(log.read_text(errors="replace").splitlines()[-lines:]) for log in logs)
+
+
+@pytest.fixture(scope="session")
+def served(request, tmp_path_factory):
+    demo = (DEMO_BUNDLE / "clipcap.json").exists()
+    bundle = DEMO_BUNDLE if demo else request.getfixturevalue("tiny_bundle")
+    images = {p.name: p.read_bytes() for p in sorted(SAMPLES.glob("*.png"))} if demo else {}
+    if not images:
+        images = {f"random-{i}.png": png_bytes(image) for i, image in enumerate(random_images(6))}
+    root = tmp_path_factory.mktemp("torchserve")
+    mar = build_archive(ArchiveConfig(bundle=bundle, handler=ROOT / "serving" / "handler.py",
+                                      model_config=ROOT / "serving" / "model-config.yaml",
+                                      out=root / "model_store" / "clipcap.mar"))
+    server = TorchServe(root, mar)
+    request.addfinalizer(server.stop)
+    server.start()
+    return server, bundle, images
+
+
+def test_captions_equal_the_library(served):
+    server, bundle, images = served
+    captioner = Captioner.from_path(bundle)
+    references_file = SAMPLES / "captions.json"
+    references = json.loads(references_file.read_text()) if bundle == DEMO_BUNDLE and references_file.exists() else {}
+    for name, data in images.items():
+        status, body = server.predict(data, {"Content-Type": "image/png"})
+        expected = captioner.caption_images([decode_image(data)]).captions[0]
+        assert status == 200, body
+        assert (body["caption"], body["token_ids"]) == (expected.caption, expected.token_ids), name
+        assert set(body["timings_ms"]) == {"preprocess", "encode", "decode"}
+        if name in references:
+            assert body["caption"] in references[name], f"{name}: {body['caption']!r} not in {references[name]}"
+
+
+def test_json_and_multipart_requests_with_options(served):
+    server, bundle, images = served
+    name, data = next(iter(images.items()))
+    options = {"decoding": "beam", "beam_size": 3, "max_tokens": 12}
+    captioner = Captioner.from_path(bundle)
+    beam = captioner.default_options().replace(strategy="beam", beam_size=3, max_tokens=12)
+    expected = captioner.caption_images([decode_image(data)], beam).captions[0]
+    status, body = server.predict(json.dumps({"image": base64.b64encode(data).decode(), **options}).encode(),
+                                  {"Content-Type": "application/json"})
+    assert status == 200 and body["token_ids"] == expected.token_ids
+    boundary = "clipcap-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+             for key, value in options.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="data"; filename="{name}"\r\n'
+                 f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+    status, body = server.predict(b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                                  {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and body["token_ids"] == expected.token_ids
+
+
+def test_ping_and_custom_metrics(served):
+    server, _, _ = served
+    status, body = server.get(server.inference, "/ping")
+    assert status == 200 and json.loads(body)["status"] == "Healthy"
+    status, body = server.get(server.metrics, "/metrics", key=None)
+    text = body.decode()
+    assert status == 200
+    for name in ("ClipcapBatchSize_count", "ClipcapTokensGenerated", "ClipcapPreprocessSeconds_sum",
+                 "ClipcapEncodeSeconds_sum", "ClipcapDecodeSeconds_sum"):
+        assert _metric(text, name) > 0, f"{name} missing from the metrics endpoint"
+
+
+def test_token_authorization(served):
+    server, _, images = served
+    image = next(iter(images.values()))
+    # TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException (not 401).
+    for key_header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {server.key('management')}"}):
+        status, body = server.predict(image, {"Content-Type": "image/png", **key_header}, key=None)
+        assert status == 400 and body["type"] == "InvalidKeyException", body
+    assert server.get(server.inference, "/ping", key=None)[0] == 400
+    assert server.get(server.management, "/models", key=None)[0] == 400
+    assert server.get(server.management, "/models", key="inference")[0] == 400
+    status, body = server.get(server.management, "/models", key="management")
+    assert status == 200 and json.loads(body)["models"][0]["modelName"] == server.model
+
+
+def _bomb() -> bytes:
+    """20000x20000 pixels in ~50 kB: 1-bit PNG of zeros."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _json(body: dict) -> tuple[bytes, dict]:
+    return json.dumps(body).encode(), {"Content-Type": "application/json"}
+
+
+def test_bad_inputs_answer_4xx_and_the_worker_keeps_serving(served):
+    server, _, images = served
+    good = next(iter(images.values()))
+    b64 = base64.b64encode(good).decode()
+    cases = [
+        ("empty body", b"", {"Content-Type": "image/png"}, 400, "empty request"),
+        ("not an image", b"hello, world", {"Content-Type": "application/octet-stream"}, 400, "not a recognised image"),
+        ("truncated image", good[: len(good) // 2], {"Content-Type": "image/png"}, 400, "truncated"),
+        ("decompression bomb", _bomb(), {"Content-Type": "image/png"}, 400, "over the limit of 36000000 pixels"),
+        ("bad base64", *_json({"image": "not*base64!"}), 400, "not valid base64"),
+        ("bad JSON", b'{"image": ', {"Content-Type": "application/json"}, 400, "not valid JSON"),
+        ("beam size out of range", *_json({"image": b64, "decoding": "beam", "beam_size": 1000}), 400, "beam_size"),
+        ("max_tokens out of range", *_json({"image": b64, "max_tokens": 100000}), 400, "max_tokens"),
+        ("unknown option", *_json({"image": b64, "url": "http://example.com/cat.jpg"}), 400, "unknown option"),
+        ("wrong content type", b"hello", {"Content-Type": "text/plain"}, 415, "not accepted"),
+        ("over-size image", b"\0" * (9 * 2**20), {"Content-Type": "image/png"}, 413, "over the limit of 8388608"),
+    ]
+    for name, body, headers, expected_status, fragment in cases:
+        status, reply = server.predict(body, headers)
+        assert status == expected_status, f"{name}: {status} {reply}"
+        assert fragment in reply["message"], f"{name}: {reply}"
+        assert server.predict(good, {"Content-Type": "image/png"})[0] == 200, f"worker broken after: {name}"
+    # Over max_request_size (16 MiB) TorchServe itself refuses, from the headers: a client that sends
+    # "Expect: 100-continue" (curl does for large bodies) gets the 413 before uploading the body.
+    connection = http.client.HTTPConnection("127.0.0.1", server.inference, timeout=30)
+    connection.putrequest("POST", f"/predictions/{server.model}")
+    for header, value in (("Content-Type", "image/png"), ("Content-Length", str(17 * 2**20)),
+                          ("Expect", "100-continue"), ("Authorization", f"Bearer {server.key('inference')}")):
+        connection.putheader(header, value)
+    connection.endheaders()
+    assert connection.getresponse().status == 413
+    connection.close()
+    assert server.predict(good, {"Content-Type": "image/png"})[0] == 200
+
+
+async def _load(server, bodies: list[tuple[bytes, str]], clients: int, total: int) -> list[tuple[int, int]]:
+    """`total` requests from `clients` concurrent clients -> (request index, status) per request."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{server.inference}/predictions/{server.model}"
+    results, next_index = [], iter(range(total))
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.key('inference')}"}) as session:
+        async def client():
+            for index in next_index:
+                data, content_type = bodies[index % len(bodies)]
+                async with session.post(url, data=data, headers={"Content-Type": content_type}) as response:
+                    await response.read()
+                    results.append((index, response.status))
+
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), timeout=150)
+    return results
+
+
+def test_bad_and_good_requests_in_the_same_batches(served):
+    server, _, images = served
+    good = list(images.values())[0]
+    bodies = [(good, "image/png"), (b"junk", "image/png")]
+    results = asyncio.run(_load(server, bodies, clients=8, total=48))
+    assert sorted(status for index, status in results if index % 2 == 0) == [200] * 24
+    assert sorted(status for index, status in results if index % 2 == 1) == [400] * 24
+
+
+def test_concurrent_load_zero_failures_and_batching(served):
+    server, _, images = served
+    before = server.get(server.metrics, "/metrics", key=None)[1].decode()
+    bodies = [(data, "image/png") for data in images.values()]
+    start = time.perf_counter()
+    results = asyncio.run(_load(server, bodies, clients=8, total=504))
+    seconds = time.perf_counter() - start
+    after = server.get(server.metrics, "/metrics", key=None)[1].decode()
+    assert len(results) == 504 and all(status == 200 for _, status in results)
+    batches = _metric(after, "ClipcapBatchSize_count") - _metric(before, "ClipcapBatchSize_count")
+    shared = _shared_batches(after) - _shared_batches(before)
+    print(f"\n504 requests, 8 clients: {504 / seconds:.0f} req/s, {batches:.0f} batches, "
+          f"{shared:.0f} of them with more than one request")
+    assert shared > 0, "no batch held more than one request"
+
+
+def _metric(text: str, prefix: str, contains: str = "") -> float:
+    """Sum of the Prometheus samples whose line starts with `prefix` (and contains `contains`)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix) and contains in line)
+
+
+def _shared_batches(text: str) -> float:
+    """Batches of more than one request: all batches minus those in the histogram's le=1 bucket."""
+    return _metric(text, "ClipcapBatchSize_count") - _metric(text, "ClipcapBatchSize_bucket{", 'le="1.0"')
+
+
+def test_stop_leaves_no_process_behind(served):
+    import psutil
+
+    server, _, _ = served
+    tracked = list(server.processes)
+    assert len(tracked) >= 2, "expected the Java frontend and at least one Python worker"
+    assert server.stop() == [], "processes still alive a minute after torchserve --stop"
+    assert not any(p.is_running() for p in tracked)
+    leftovers = [p.pid for p in psutil.process_iter(["cmdline"])
+                 if str(server.root) in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
