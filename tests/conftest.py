@@ -99,3 +99,37 @@ def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format)
     return buffer.getvalue()
+
+
+# Export fixtures (issue 4): each bundle is exported once per test session.
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_bundle):
+    from clipcap.onnx_export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("export") / "tiny-onnx"
+    export_bundle(tiny_bundle, ExportOptions(out=out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_size_bundle(tmp_path_factory, tiny_tokenizer):
+    """ViT-B-32 + GPT-2 small with random weights and a tiny BPE (ids far below GPT-2's 50257)."""
+    from clipcap.bundle import save_bundle
+    from clipcap.model import resolve_clip_config
+
+    torch.manual_seed(0)
+    tokens = TokenizerConfig(eos_token_id=tiny_tokenizer.eos_token_id, stop_token_ids=tiny_tokenizer.stop_token_ids())
+    model = ClipCapModel(ClipCapConfig(clip=resolve_clip_config("ViT-B-32"), tokenizer=tokens).validate())
+    return save_bundle(model.eval(), tiny_tokenizer, tmp_path_factory.mktemp("bundle") / "full-size")
+
+
+@pytest.fixture(scope="session")
+def full_size_export(tmp_path_factory, full_size_bundle):
+    """~1.2 GB of ONNX and ~2.5 minutes on 2 CPU cores, once per session."""
+    from clipcap.onnx_export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("export") / "full-size-onnx"
+    export_bundle(full_size_bundle, ExportOptions(out=out))
+    return out

@@ -9,6 +9,8 @@ from clipcap.runtimes.base import Runtime
 # name -> "module:class"; the class has `from_path(path, device)`.
 RUNTIMES = {
     "torch": "clipcap.runtimes.torch_runtime:TorchRuntime",
+    "onnxruntime": "clipcap.runtimes.onnx_runtime:OnnxRuntime",
+    "tensorrt": "clipcap.runtimes.tensorrt_runtime:TensorRTRuntime",
 }
 
 

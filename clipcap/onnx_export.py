@@ -1,0 +1,289 @@
+"""Model bundle -> export bundle: encoder.onnx, mapper.onnx, decoder.onnx, token table, export.json.
+
+Each graph is exported with torch.onnx's dynamo exporter (torch.export underneath) from a small
+wrapper module whose inputs and outputs are exactly the spec's (clipcap.export_specs), then checked
+with `onnx.checker` and run in onnxruntime against the PyTorch module at several shapes, past
+length 0 included. The decoder wrapper rebuilds transformers' DynamicCache from flat past tensors,
+so GPT-2's own attention code is what gets exported, not a re-implementation.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipcap.bundle import Bundle, load_bundle
+from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
+from clipcap.export_specs import PARITY_SIZES, GraphSpec, graph_specs
+
+MANIFEST_FILE = "export.json"
+TOKEN_TABLE_FILE = "token_embeddings.safetensors"
+TOKEN_TABLE_KEY = "wte"  # (vocab_size, n_embd): GPT-2's input embedding, indexed by the runtimes
+EXPORT_FORMAT_VERSION = 1
+TWO_GIB = 2**31  # protobuf's limit: bigger graphs keep their weights in a `.onnx.data` file
+
+
+class ExportError(RuntimeError):
+    """An export failed a check (onnx.checker, parity); the message names the graph and the numbers."""
+
+
+@dataclass
+class ExportOptions:
+    out: Path  # the export bundle directory (created)
+    check_parity: bool = True  # run each graph in onnxruntime against PyTorch and record the diffs
+    parity_tokens: int = 8  # greedy tokens compared end to end (torch vs onnxruntime) after export
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported modules: inputs and outputs exactly as the specs declare them.
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(pixel_values)  # (B, 3, H, W) -> (B, P, E)
+
+
+class MapperGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.model.prefix(clip_embeddings)  # (B, D) -> (B, P, E)
+
+
+class DecoderStepGraph(nn.Module):
+    """One GPT-2 step: flat past tensors in, last-position logits and flat presents out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.gpt = model.gpt
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past_key_values):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.gpt.config)
+        for layer in range(len(past_key_values) // 2):  # (B, H, past, D) each; past may be 0
+            cache.update(past_key_values[2 * layer], past_key_values[2 * layer + 1], layer)
+        out = self.gpt.transformer(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=cache, use_cache=True)
+        logits = self.gpt.lm_head(out.last_hidden_state[:, -1])  # (B, V): see decoder_spec
+        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (logits, *presents)
+
+
+GRAPH_MODULES = {"encoder": EncoderGraph, "mapper": MapperGraph, "decoder": DecoderStepGraph}
+
+
+# ---------------------------------------------------------------------------------------------
+# Export, checks and parity.
+
+
+def export_bundle(bundle_path: str | Path, options: ExportOptions) -> dict:
+    """Write the export bundle for the model bundle at `bundle_path`; returns the manifest."""
+    from tqdm import tqdm
+
+    bundle = load_bundle(bundle_path)
+    out = Path(options.out)
+    if out.resolve() == Path(bundle_path).resolve():
+        raise BundleError(f"{out}: write the export bundle to its own directory, not into the model bundle")
+    out.mkdir(parents=True, exist_ok=True)
+    specs = graph_specs(bundle.config)
+    manifest = {"format_version": EXPORT_FORMAT_VERSION, "precision": "fp32", "opset": specs["decoder"].opset,
+                "decoder_logits": "last_position", "token_embeddings": TOKEN_TABLE_FILE, "graphs": {},
+                "exported_with": _versions()}
+    for name, spec in (progress := tqdm(specs.items(), desc="export", unit="graph")):
+        progress.set_postfix_str(name)
+        module = GRAPH_MODULES[name](bundle.model).eval()
+        start = time.perf_counter()
+        export_graph(module, spec, out / spec.file)
+        entry = {"file": spec.file, "inputs": spec.input_names, "outputs": spec.output_names,
+                 "export_seconds": round(time.perf_counter() - start, 1)}
+        if options.check_parity:
+            entry["parity"] = check_graph_parity(module, spec, out / spec.file)
+        manifest["graphs"][name] = entry
+    write_token_table(bundle, out / TOKEN_TABLE_FILE)
+    shutil.copyfile(Path(bundle_path) / CONFIG_FILE, out / CONFIG_FILE)
+    shutil.copyfile(Path(bundle_path) / bundle.config.tokenizer.file, out / bundle.config.tokenizer.file)
+    write_manifest(out, manifest)
+    if options.check_parity:
+        manifest["greedy_parity"] = check_greedy_parity(bundle, out, options.parity_tokens)
+        write_manifest(out, manifest)
+    return manifest
+
+
+def export_graph(module: nn.Module, spec: GraphSpec, path: Path) -> None:
+    """torch.onnx.export (dynamo) with the spec's names and dynamic axes, then onnx.checker."""
+    import onnx
+
+    examples = spec.example_inputs()
+    external = sum(p.numel() * p.element_size() for p in module.parameters()) > TWO_GIB * 0.9
+    with torch.no_grad(), warnings.catch_warnings():
+        # Our Dims carry the spec's names already; the exporter warns when it sees them twice.
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
+        program = torch.onnx.export(
+            module, tuple(examples.values()), dynamo=True, opset_version=spec.opset,
+            input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=_dynamic_shapes(module, spec), external_data=external, verbose=False,
+        )
+    program.save(str(path), external_data=external)
+    onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GiB too
+
+
+def _dynamic_shapes(module: nn.Module, spec: GraphSpec) -> tuple:
+    """The spec's symbolic axes as torch.export Dims, shaped like `module.forward`'s parameters.
+
+    One Dim object per symbolic name, so equal names are one dimension (batch everywhere, past in
+    every cache tensor); a `*args` parameter takes the remaining inputs as one tuple.
+    """
+    from torch.export import Dim
+
+    dims: dict[str, Dim] = {}
+
+    declared = spec.dynamic_axes()
+
+    def axes(tensor):
+        return {axis: dims.setdefault(name, Dim(name)) for axis, name in declared[tensor.name].items()}
+
+    shapes, position = [], 0
+    for parameter in inspect.signature(module.forward).parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes.append(tuple(axes(t) for t in spec.inputs[position:]))
+            position = len(spec.inputs)
+        else:
+            shapes.append(axes(spec.inputs[position]))
+            position += 1
+    return tuple(shapes)
+
+
+def open_session(path: Path):
+    """An onnxruntime CPU session with every graph optimisation on (default thread count)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: the exporter's graphs trigger harmless warnings
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def graph_max_diff(module: nn.Module, spec: GraphSpec, session, sizes: dict[str, int]) -> float:
+    inputs = spec.example_inputs(sizes, seed=1)
+    expected = module(*inputs.values())
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    actual = session.run(spec.output_names, {name: t.numpy() for name, t in inputs.items()})
+    diffs = []
+    for name, want, got in zip(spec.output_names, expected, actual):
+        if tuple(want.shape) != got.shape:
+            raise ExportError(f"{spec.file}: output {name} has shape {got.shape}, PyTorch {tuple(want.shape)} "
+                              f"(sizes {sizes})")
+        diffs.append(float((want - torch.from_numpy(got)).abs().max()) if want.numel() else 0.0)
+    return max(diffs)
+
+
+def check_graph_parity(module: nn.Module, spec: GraphSpec, path: Path) -> dict:
+    """Max abs diff vs PyTorch at each of PARITY_SIZES (the dims a graph lacks are ignored)."""
+    session = open_session(path)
+    cases = {}
+    for sizes in PARITY_SIZES:
+        used = {dim: size for dim, size in sizes.items() if any(dim in t.shape for t in spec.inputs)}
+        key = ",".join(f"{dim}={size}" for dim, size in used.items())
+        if key not in cases:
+            cases[key] = graph_max_diff(module, spec, session, used)
+    worst = max(cases.values())
+    if worst > spec.atol:
+        raise ExportError(f"{spec.file}: max abs diff vs PyTorch {worst:.3g} exceeds the bound {spec.atol:g} "
+                          f"(per shape: {cases})")
+    return {"max_abs_diff": worst, "atol": spec.atol, "cases": cases}
+
+
+def check_greedy_parity(bundle: Bundle, out: Path, max_tokens: int) -> dict:
+    """Greedy tokens from the exported bundle (onnxruntime) vs the PyTorch runtime, random pixels, batch 3."""
+    from clipcap.decoding import DecodingOptions, generate
+    from clipcap.runtimes.onnx_runtime import OnnxRuntime
+    from clipcap.runtimes.torch_runtime import TorchRuntime
+
+    clip = bundle.config.clip
+    pixels = torch.randn(3, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(0))
+    options = DecodingOptions(max_tokens=max_tokens)
+    stops = bundle.config.tokenizer.stop_token_ids
+    results = []
+    for runtime in (TorchRuntime(bundle.model), OnnxRuntime.from_path(out)):
+        results.append(generate(runtime, runtime.encode(pixels), options, stops, max_tokens))
+    if results[0] != results[1]:
+        raise ExportError(f"{out}: greedy tokens differ between PyTorch {results[0]} and onnxruntime {results[1]}")
+    return {"images": len(pixels), "max_tokens": max_tokens, "identical": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# The rest of the export bundle.
+
+
+def write_token_table(bundle: Bundle, path: Path) -> None:
+    """GPT-2's input embedding table; the runtimes index it for each next token (no graph call)."""
+    from safetensors.torch import save_file
+
+    table = bundle.model.gpt.transformer.wte.weight.detach().float().contiguous()
+    save_file({TOKEN_TABLE_KEY: table}, str(path))
+
+
+def load_token_table(path: Path) -> torch.Tensor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise BundleError(f"{path}: token embedding table not found")
+    try:
+        return load_file(str(path))[TOKEN_TABLE_KEY]
+    except (SafetensorError, OSError, KeyError) as error:
+        raise BundleError(f"{path}: not a token table written by the exporter ({error})") from None
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    (Path(out) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load_manifest(path: str | Path, config: ClipCapConfig) -> dict:
+    """The export bundle's manifest, checked against `config` (every graph file present)."""
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise BundleError(f"{path}: not an export bundle (no {MANIFEST_FILE}); "
+                          f"make one with: python export/to_onnx.py MODEL_BUNDLE --out {path}")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{manifest_file}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise BundleError(f"{manifest_file}: unsupported export format (this library reads version "
+                          f"{EXPORT_FORMAT_VERSION})")
+    graphs = manifest.get("graphs", {})
+    for name, spec in graph_specs(config).items():
+        entry = graphs.get(name)
+        if not isinstance(entry, dict) or not (path / str(entry.get("file", ""))).is_file():
+            raise BundleError(f"{manifest_file}: graph {name!r} missing or its file is not in {path}")
+        if entry.get("inputs") != spec.input_names or entry.get("outputs") != spec.output_names:
+            raise BundleError(f"{manifest_file}: graph {name!r} inputs/outputs do not match {CONFIG_FILE} "
+                              f"(exported from another model?)")
+    return manifest
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+

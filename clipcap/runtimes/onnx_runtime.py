@@ -1,0 +1,155 @@
+"""The onnxruntime backend: an export bundle's graphs behind the `Runtime` protocol.
+
+Every graph runs through IOBinding with torch tensors as the buffers (inputs bound in place, outputs
+preallocated from the spec's shapes), so the KV cache stays a list of torch tensors on the runtime's
+device: `select` is an index_select there, and the same code serves the CPU and CUDA providers.
+Measured on CPU against plain `session.run`: 4-14% faster per step at GPT-2 small (the growing
+presents are written in place, not copied out), ~0.2 ms slower per step on the 3-layer demo model
+(the Python binding calls); one path is kept, the one the real model and the GPU need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipcap.config import ClipCapConfig
+from clipcap.export_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
+
+# torch dtype -> the numpy type onnxruntime's binding API takes as the element type.
+_ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+@dataclass
+class OrtCache:
+    past: list[torch.Tensor]  # the decoder's past inputs in spec order, each (B, H, past, D)
+
+    @property
+    def length(self) -> int:
+        return self.past[0].shape[2]
+
+
+def execution_providers(device: str, engine_cache: Path | None = None) -> tuple[list, torch.device]:
+    """onnxruntime providers for `device`: cpu | cuda[:N] (CUDA EP) | tensorrt[:N] (TensorRT EP, then CUDA EP).
+
+    `engine_cache`: where the TensorRT EP keeps the engines it builds (else it rebuilds them per session).
+    Raises RuntimeUnavailable naming what to install when the provider or the GPU is missing.
+    """
+    import onnxruntime as ort
+
+    from clipcap.runtimes import RuntimeUnavailable
+
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return ["CPUExecutionProvider"], torch.device("cpu")
+    if kind not in ("cuda", "tensorrt") or (index and not index.isdigit()):
+        raise RuntimeUnavailable(f"onnxruntime backend: unknown device {device!r}; use cpu, cuda[:N] or tensorrt[:N]")
+    device_id = int(index or 0)
+    available = ort.get_available_providers()
+    wanted = ["CUDAExecutionProvider"] + (["TensorrtExecutionProvider"] if kind == "tensorrt" else [])
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise RuntimeUnavailable(f"onnxruntime {ort.__version__} here has no {', '.join(missing)} "
+                                 f"(available: {', '.join(available)}); install onnxruntime-gpu "
+                                 f"(pip uninstall onnxruntime && pip install onnxruntime-gpu) on a machine with a CUDA GPU")
+    if not torch.cuda.is_available():
+        raise RuntimeUnavailable(f"device {device!r} asked for, but torch sees no CUDA GPU on this machine")
+    # onnxruntime computes on torch's current stream, so its kernels are ordered with the torch ops
+    # that fill its inputs (positions, selected cache rows) and read its outputs.
+    stream = {"device_id": device_id, "user_compute_stream": str(torch.cuda.current_stream(device_id).cuda_stream)}
+    providers = [("CUDAExecutionProvider", dict(stream)), "CPUExecutionProvider"]
+    if kind == "tensorrt":
+        options = dict(stream)
+        if engine_cache is not None:
+            options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(engine_cache))
+        providers.insert(0, ("TensorrtExecutionProvider", options))
+    return providers, torch.device("cuda", device_id)
+
+
+class OnnxRuntime:
+    def __init__(self, path: Path, config: ClipCapConfig, manifest: dict, device: str = "cpu",
+                 threads: int | None = None):
+        """`threads`: intra-op threads per session; None follows torch.get_num_threads()."""
+        import onnxruntime as ort
+
+        from clipcap.onnx_export import load_token_table
+
+        providers, self.device = execution_providers(device, engine_cache=path / "ort-tensorrt-cache")
+        self.config = config
+        self.manifest = manifest
+        self.specs = graph_specs(config)
+        self.past_names, self.present_names = kv_names(self.specs["decoder"])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
+        options.log_severity_level = 3  # errors only: exported graphs trigger harmless shape warnings
+        self.sessions = {name: ort.InferenceSession(str(path / manifest["graphs"][name]["file"]), options,
+                                                    providers=providers)
+                         for name in self.specs}
+        self.token_table = load_token_table(path / manifest["token_embeddings"]).to(self.device)
+
+    @classmethod
+    def from_path(cls, path: Path, device: str = "cpu", threads: int | None = None) -> "OnnxRuntime":
+        from clipcap.bundle import load_config
+        from clipcap.onnx_export import load_manifest
+
+        path = Path(path)
+        config = load_config(path)
+        return cls(path, config, load_manifest(path, config), device, threads)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        spec = self.specs["encoder"]
+        return self._run(spec, {"pixel_values": pixels}, {BATCH: pixels.shape[0]})["prefix_embeds"]
+
+    def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
+        spec = self.specs["mapper"]
+        sizes = {BATCH: clip_embeddings.shape[0]}
+        return self._run(spec, {"clip_embeddings": clip_embeddings}, sizes)["prefix_embeds"]
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.token_table[token_ids.to(self.device)]  # (B, T) -> (B, T, E)
+
+    def new_cache(self, batch_size: int) -> OrtCache:
+        spec = self.specs["decoder"]
+        return OrtCache([torch.empty(spec.shape(spec.tensor(name), {BATCH: batch_size, PAST: 0}), device=self.device)
+                         for name in self.past_names])
+
+    def step(self, embeds: torch.Tensor, cache: OrtCache) -> tuple[torch.Tensor, OrtCache]:
+        batch, length, _ = embeds.shape
+        past = cache.length
+        inputs = {
+            "inputs_embeds": embeds,
+            # Rows are never padded (finished rows leave the batch), so every position is attended.
+            "attention_mask": torch.ones(batch, past + length, dtype=torch.int64, device=self.device),
+            "position_ids": torch.arange(past, past + length, device=self.device).expand(batch, length),
+            **dict(zip(self.past_names, cache.past)),
+        }
+        outputs = self._run(self.specs["decoder"], inputs, {BATCH: batch, SEQUENCE: length, PAST: past})
+        return outputs["logits"], OrtCache([outputs[name] for name in self.present_names])
+
+    def select(self, cache: OrtCache, index: torch.Tensor) -> OrtCache:
+        index = index.to(self.device)
+        return OrtCache([t.index_select(0, index) for t in cache.past])
+
+    def _run(self, spec: GraphSpec, inputs: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Bind torch tensors as inputs and freshly allocated torch tensors as outputs, then run."""
+        binding = self.sessions[spec.name].io_binding()  # per call: sessions may be shared across threads
+        device_type, device_id = self.device.type, self.device.index or 0
+        kept = []  # contiguous copies must outlive the run
+        for tensor_spec in spec.inputs:
+            tensor = inputs[tensor_spec.name].to(self.device, tensor_spec.dtype).contiguous()
+            kept.append(tensor)
+            binding.bind_input(tensor_spec.name, device_type, device_id, _ELEMENT_TYPES[tensor.dtype],
+                               tuple(tensor.shape), tensor.data_ptr())
+        outputs = {}
+        for tensor_spec in spec.outputs:
+            tensor = torch.empty(spec.shape(tensor_spec, sizes), dtype=tensor_spec.dtype, device=self.device)
+            outputs[tensor_spec.name] = tensor
+            binding.bind_output(tensor_spec.name, device_type, device_id, _ELEMENT_TYPES[tensor.dtype],
+                                tuple(tensor.shape), tensor.data_ptr())
+        binding.synchronize_inputs()
+        self.sessions[spec.name].run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return outputs

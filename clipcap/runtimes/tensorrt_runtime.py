@@ -1,0 +1,219 @@
+"""The TensorRT backend: engines from export/to_tensorrt.py behind the `Runtime` protocol.
+
+Buffers are torch CUDA tensors allocated once, at the largest shape each optimisation profile
+allows, and handed to TensorRT with `set_tensor_address`; a call uses a contiguous view of the
+size it needs. The KV cache never leaves the GPU: each past/present tensor has two buffers, a step
+reads the past from one and writes the present into the other (double buffering), and `select` is
+an index_select from one into the other. Every call runs `execute_async_v3` on torch's current CUDA
+stream, so it is ordered with the torch ops around it without extra synchronisation.
+
+One decoding at a time per runtime: the cache buffers belong to the runtime, as an execution
+context does. Not verified on hardware here (no GPU, no tensorrt package): see export/README.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clipcap.config import BundleError, ClipCapConfig
+from clipcap.export_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
+
+
+@dataclass
+class TrtCache:
+    past: list[torch.Tensor]  # views into buffer set `slot`, each (B, H, past, D), spec order
+    slot: int  # which of the two KV buffer sets holds `past`; the next write goes to the other
+
+    @property
+    def length(self) -> int:
+        return self.past[0].shape[2]
+
+
+class _Engine:
+    """One deserialized engine: an execution context and I/O buffers per optimisation profile."""
+
+    def __init__(self, trt, runtime, engine_file: Path, spec: GraphSpec, profiles: list, device: torch.device,
+                 skip: tuple[str, ...] = ()):
+        self.spec = spec
+        self.profiles = profiles
+        self.device = device
+        self.engine = runtime.deserialize_cuda_engine(engine_file.read_bytes())
+        if self.engine is None:
+            raise BundleError(f"{engine_file}: TensorRT could not deserialize it (built by another TensorRT "
+                              "version or for another GPU? rebuild with export/to_tensorrt.py)")
+        self.dtypes = {t.name: _torch_dtype(trt, self.engine.get_tensor_dtype(t.name))
+                       for t in spec.inputs + spec.outputs}
+        stream = torch.cuda.current_stream(device).cuda_stream
+        self.contexts, self.buffers = [], []
+        for index, profile in enumerate(profiles):
+            context = self.engine.create_execution_context()
+            context.set_optimization_profile_async(index, stream)
+            self.contexts.append(context)
+            # Flat buffers of the profile's largest size; `skip` names tensors the caller owns (the KV cache).
+            sizes = profile.max_sizes(spec)
+            self.buffers.append({t.name: torch.empty(_numel(spec.shape(t, sizes)), dtype=self.dtypes[t.name],
+                                                     device=device)
+                                 for t in spec.inputs + spec.outputs if t.name not in skip})
+
+    def profile_for(self, shapes: dict[str, tuple[int, ...]], prefer: str | None = None) -> int:
+        """Index of the profile named `prefer` if the shapes fit it, else of the first that fits."""
+        from clipcap.runtimes import RuntimeUnavailable
+
+        order = sorted(range(len(self.profiles)), key=lambda i: self.profiles[i].name != prefer)
+        for index in order:
+            if self.profiles[index].fits(shapes):
+                return index
+        limits = {p.name: {k: v[2] for k, v in p.shapes.items()} for p in self.profiles}
+        raise RuntimeUnavailable(f"{self.spec.name} engine: shapes {shapes} are outside its optimisation "
+                                 f"profiles (max {limits}); rebuild with larger --max-batch / --max-tokens")
+
+    def view(self, profile: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.buffers[profile][name][:_numel(shape)].view(shape)
+
+    def execute(self, profile: int, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        context = self.contexts[profile]
+        for name, tensor in inputs.items():
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        for name, tensor in outputs.items():
+            if tuple(context.get_tensor_shape(name)) != tuple(tensor.shape):
+                raise RuntimeError(f"{self.spec.name} engine: output {name} would be "
+                                   f"{tuple(context.get_tensor_shape(name))}, buffer is {tuple(tensor.shape)}")
+            context.set_tensor_address(name, tensor.data_ptr())
+        if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError(f"{self.spec.name} engine: execute_async_v3 failed (see the TensorRT log)")
+
+
+class TensorRTRuntime:
+    def __init__(self, path: Path, config: ClipCapConfig, record: dict, device: str = "cuda"):
+        from clipcap.onnx_export import load_token_table
+        from clipcap.tensorrt_build import import_tensorrt
+
+        trt = import_tensorrt()
+        self.device = torch.device(device)
+        self.config = config
+        self.specs = graph_specs(config)
+        self.past_names, self.present_names = kv_names(self.specs["decoder"])
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.trt_runtime = runtime = trt.Runtime(self.logger)  # must outlive its engines
+        with torch.cuda.device(self.device):
+            # The decoder binds the caller's embeddings and the runtime's KV buffers directly.
+            caller_owned = ("inputs_embeds", *self.past_names, *self.present_names)
+            self.engines = {name: _Engine(trt, runtime, path / entry["file"], self.specs[name], entry["profiles"],
+                                          self.device, skip=caller_owned if name == "decoder" else ())
+                            for name, entry in record["engines"].items()}
+            self.token_table = load_token_table(path / record["token_embeddings"]).to(self.device)
+            self.kv_buffers = self._allocate_kv()
+            # Every step attends to every position (rows are never padded): one ones-buffer serves all.
+            decoder = self.engines["decoder"]
+            for buffers in decoder.buffers:
+                buffers["attention_mask"].fill_(1)
+
+    @classmethod
+    def from_path(cls, path: Path, device: str = "cuda") -> "TensorRTRuntime":
+        from clipcap.bundle import load_config
+        from clipcap.runtimes import RuntimeUnavailable
+        from clipcap.tensorrt_build import import_tensorrt, load_profiles
+
+        import_tensorrt()  # first: its error says what to install
+        if not device.startswith("cuda"):
+            raise RuntimeUnavailable(f"the tensorrt backend runs on a CUDA GPU: use --device cuda, not {device!r}")
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailable("the tensorrt backend needs a CUDA GPU, and torch sees none on this machine")
+        path = Path(path)
+        return cls(path, load_config(path), load_profiles(path), device)
+
+    def _allocate_kv(self) -> list[dict[str, torch.Tensor]]:
+        """Two flat buffers per cache tensor, each big enough for the largest past/present any profile allows."""
+        decoder = self.engines["decoder"]
+        spec = decoder.spec
+        largest = max(_numel(spec.shape(t, p.max_sizes(spec))) for p in decoder.profiles
+                      for t in spec.outputs if t.name in self.present_names)
+        dtype = decoder.dtypes[self.present_names[0]]
+        return [{name: torch.empty(largest, dtype=dtype, device=self.device) for name in self.past_names}
+                for _ in range(2)]
+
+    def _kv_views(self, slot: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
+        from clipcap.runtimes import RuntimeUnavailable
+
+        if _numel(shape) > self.kv_buffers[slot][self.past_names[0]].numel():
+            raise RuntimeUnavailable(f"KV cache of shape {shape} exceeds what the engines were built for; "
+                                     "rebuild with larger --max-batch / --max-beam / --max-tokens")
+        return [self.kv_buffers[slot][name][:_numel(shape)].view(shape) for name in self.past_names]
+
+    def _run_single(self, graph: str, input_name: str, value: torch.Tensor) -> torch.Tensor:
+        engine = self.engines[graph]
+        spec = engine.spec
+        sizes = {BATCH: value.shape[0]}
+        shape = spec.shape(spec.inputs[0], sizes)
+        profile = engine.profile_for({input_name: shape})
+        source = engine.view(profile, input_name, shape)
+        source.copy_(value)  # host -> device (or a device copy): the engine reads its own buffer
+        output = spec.outputs[0]
+        target = engine.view(profile, output.name, spec.shape(output, sizes))
+        engine.execute(profile, {input_name: source}, {output.name: target})
+        return target.float().clone()  # the buffer is reused by the next call
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run_single("encoder", "pixel_values", pixels)
+
+    def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
+        return self._run_single("mapper", "clip_embeddings", clip_embeddings)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.token_table[token_ids.to(self.device)]  # (B, T) -> (B, T, E)
+
+    def _kv_shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        """(B, H, past, D) of every past tensor for `sizes` (a present has past + new tokens: pass that)."""
+        spec = self.specs["decoder"]
+        return spec.shape(spec.tensor(self.past_names[0]), sizes)
+
+    def new_cache(self, batch_size: int) -> TrtCache:
+        return TrtCache(self._kv_views(0, self._kv_shape({BATCH: batch_size, PAST: 0})), slot=0)
+
+    def step(self, embeds: torch.Tensor, cache: TrtCache) -> tuple[torch.Tensor, TrtCache]:
+        engine = self.engines["decoder"]
+        spec = engine.spec
+        batch, length, _ = embeds.shape
+        past = cache.length
+        sizes = {BATCH: batch, SEQUENCE: length, PAST: past}
+        shapes = {t.name: spec.shape(t, sizes) for t in spec.inputs}
+        profile = engine.profile_for(shapes, prefer="prefix" if past == 0 else "token")  # see compute_profiles
+        inputs = {
+            "inputs_embeds": embeds.to(self.device, engine.dtypes["inputs_embeds"]).contiguous(),
+            "attention_mask": engine.view(profile, "attention_mask", shapes["attention_mask"]),
+            "position_ids": engine.view(profile, "position_ids", shapes["position_ids"]),
+            **dict(zip(self.past_names, cache.past)),
+        }
+        torch.arange(past, past + length, device=self.device, out=inputs["position_ids"][0])
+        inputs["position_ids"][1:] = inputs["position_ids"][0]
+        next_slot = 1 - cache.slot
+        presents = self._kv_views(next_slot, self._kv_shape({BATCH: batch, PAST: past + length}))
+        logits = engine.view(profile, "logits", spec.shape(spec.tensor("logits"), sizes))
+        engine.execute(profile, inputs, {"logits": logits, **dict(zip(self.present_names, presents))})
+        return logits.float().clone(), TrtCache(presents, next_slot)
+
+    def select(self, cache: TrtCache, index: torch.Tensor) -> TrtCache:
+        index = index.to(self.device)
+        shape = (index.numel(), *cache.past[0].shape[1:])
+        next_slot = 1 - cache.slot
+        targets = self._kv_views(next_slot, shape)
+        for source, target in zip(cache.past, targets):
+            torch.index_select(source, 0, index, out=target)
+        return TrtCache(targets, next_slot)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64, trt.int32: torch.int32}
+    if dtype not in table:
+        raise BundleError(f"engine tensor type {dtype} is not one this runtime binds")
+    return table[dtype]

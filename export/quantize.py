@@ -1,0 +1,66 @@
+"""Dynamic int8 quantisation of an export bundle's decoder (optionally its encoder) for CPU serving.
+
+    python export/quantize.py build/shapes-onnx                      # -> build/shapes-onnx-int8
+    python export/quantize.py build/shapes-onnx --data build/demo/data/eval/captions.jsonl --limit 200
+    clipcap caption build/shapes-onnx-int8 IMAGE... --backend onnxruntime
+
+Writes a sibling export bundle (unchanged files hard-linked) and, given images or a caption
+dataset, reports greedy agreement with the fp32 bundle and the caption-metric delta; the report is
+also saved as quantization.json in the int8 bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clipcap.cli import USER_ERRORS
+from clipcap.quantize import AgreementConfig, QuantizeConfig, measure_agreement, quantize_bundle
+from clipcap.training.data import DatasetError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("export_dir", type=Path, help="an fp32 export bundle (export/to_onnx.py)")
+    parser.add_argument("--out", type=Path, help="default: EXPORT_DIR-int8 next to it")
+    parser.add_argument("--encoder", action="store_true", help="quantise the encoder too (moves captions more)")
+    parser.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
+    parser.add_argument("--images", type=Path, nargs="*", default=[], help="images to measure agreement on")
+    parser.add_argument("--data", type=Path, help="caption dataset: agreement and BLEU/CIDEr delta")
+    parser.add_argument("--image-root", type=Path, help="images of --data (default: its folder)")
+    parser.add_argument("--limit", type=int, help="only the first N images of --data")
+    parser.add_argument("--max-tokens", type=int, help="default: the bundle's max_tokens")
+    parser.add_argument("--batch-size", type=int, default=AgreementConfig.batch_size)
+    args = parser.parse_args(argv)
+    config = QuantizeConfig(args.export_dir, args.out, encoder=args.encoder, per_channel=args.per_channel)
+    agreement = AgreementConfig(args.export_dir, config.out_dir, images=args.images, data=args.data,
+                                image_root=args.image_root, limit=args.limit, batch_size=args.batch_size,
+                                max_tokens=args.max_tokens)
+    try:
+        measure = bool(args.images or args.data)
+        if measure:
+            agreement.check_inputs()  # before writing anything
+        out = quantize_bundle(config)
+        print(f"wrote {out}")
+        if not measure:
+            print("no --images or --data given: agreement with fp32 not measured")
+            return 0
+        result = measure_agreement(agreement)
+    except (*USER_ERRORS, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report = result.to_dict()
+    (out / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"greedy captions identical to fp32: {result.caption_agreement:.1%} of {result.images} images; "
+          f"tokens agreeing (common prefix): {result.token_agreement:.1%}")
+    for name, delta in result.metric_delta.items():
+        print(f"{name:<8} fp32 {result.metrics_fp32[name] * 100:6.2f}  int8 {result.metrics_candidate[name] * 100:6.2f}"
+              f"  delta {delta * 100:+6.2f}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""ONNX export: specs, graphs (onnx.checker, dynamic axes), parity with PyTorch, the export bundle."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from clipcap.bundle import load_bundle, load_config
+from clipcap.config import BundleError
+from clipcap.export_specs import BATCH, PAST, SEQUENCE, decoder_spec, graph_specs, kv_names
+from clipcap.onnx_export import (GRAPH_MODULES, MANIFEST_FILE, TOKEN_TABLE_FILE, graph_max_diff, load_manifest,
+                                 load_token_table, open_session)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decoder_spec_follows_optimum_names(tiny_bundle):
+    config = load_config(tiny_bundle)
+    spec = decoder_spec(config)
+    past, present = kv_names(spec)
+    layers = config.gpt2.n_layer
+    assert spec.input_names[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert past == [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    assert present == [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    axes = spec.dynamic_axes()
+    assert axes["past_key_values.0.key"] == {0: "batch_size", 2: "past_sequence_length"}
+    assert axes["present.1.value"] == {0: "batch_size", 2: "total_sequence_length"}
+    assert axes["logits"] == {0: "batch_size"}  # last position only
+
+
+def test_example_inputs_follow_sizes(tiny_bundle):
+    spec = decoder_spec(load_config(tiny_bundle))
+    inputs = spec.example_inputs({BATCH: 3, SEQUENCE: 2, PAST: 4})
+    assert inputs["inputs_embeds"].shape == (3, 2, 64)
+    assert inputs["attention_mask"].shape == (3, 6) and bool((inputs["attention_mask"] == 1).all())
+    assert inputs["position_ids"].tolist() == [[4, 5]] * 3
+    assert inputs["past_key_values.1.value"].shape == (3, 1, 4, 64)
+    assert spec.example_inputs({BATCH: 1, SEQUENCE: 4, PAST: 0})["past_key_values.0.key"].shape == (1, 1, 0, 64)
+
+
+def test_export_bundle_contents(tiny_export, tiny_bundle):
+    manifest = json.loads((tiny_export / MANIFEST_FILE).read_text())
+    config = load_config(tiny_export)
+    assert config == load_config(tiny_bundle)
+    assert manifest["precision"] == "fp32" and manifest["decoder_logits"] == "last_position"
+    assert manifest["greedy_parity"]["identical"] is True
+    for name, spec in graph_specs(config).items():
+        entry = manifest["graphs"][name]
+        assert entry["parity"]["max_abs_diff"] <= spec.atol
+        onnx.checker.check_model(str(tiny_export / entry["file"]), full_check=True)
+    assert any("past_sequence_length=0" in case for case in manifest["graphs"]["decoder"]["parity"]["cases"])
+    table = load_token_table(tiny_export / TOKEN_TABLE_FILE)
+    assert torch.equal(table, load_bundle(tiny_bundle).model.gpt.transformer.wte.weight)
+    assert load_manifest(tiny_export, config)["graphs"].keys() == {"encoder", "mapper", "decoder"}
+
+
+def test_graph_axes_stay_symbolic(tiny_export):
+    """Exported with batch 2, seq 3, past 5: none of these may be baked into the graph."""
+    decoder = onnx.load(str(tiny_export / "decoder.onnx"), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in decoder.graph.input}
+    assert dims["inputs_embeds"][:2] == ["batch_size", "sequence_length"]
+    assert dims["past_key_values.0.key"][0] == "batch_size" and dims["past_key_values.0.key"][2] == "past_sequence_length"
+    encoder = onnx.load(str(tiny_export / "encoder.onnx"), load_external_data=False)
+    assert encoder.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch_size"
+
+
+@pytest.mark.parametrize("sizes", [
+    {BATCH: 1, SEQUENCE: 4, PAST: 0},  # the prefix step
+    {BATCH: 8, SEQUENCE: 1, PAST: 4},  # a token step at batch 8
+    {BATCH: 5, SEQUENCE: 27, PAST: 0},  # a whole no-cache sequence
+    {BATCH: 2, SEQUENCE: 1, PAST: 40},  # a long past
+])
+def test_decoder_parity_at_shapes_not_traced(tiny_export, tiny_bundle, sizes):
+    model = load_bundle(tiny_bundle).model
+    spec = graph_specs(model.config)["decoder"]
+    session = open_session(tiny_export / spec.file)
+    assert graph_max_diff(GRAPH_MODULES["decoder"](model).eval(), spec, session, sizes) <= spec.atol
+
+
+def test_to_onnx_script_transformer_mapper(tiny_transformer_bundle, tmp_path):
+    """The script end to end, on the transformer mapper with L2-normalised prefixes."""
+    out = tmp_path / "onnx"
+    result = subprocess.run([sys.executable, str(ROOT / "export" / "to_onnx.py"), str(tiny_transformer_bundle),
+                             "--out", str(out), "--threads", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "greedy tokens identical to PyTorch" in result.stdout
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    specs = graph_specs(load_config(out))
+    assert all(manifest["graphs"][n]["parity"]["max_abs_diff"] <= specs[n].atol for n in specs)
+
+
+def test_manifest_errors_are_clear(tiny_export, tiny_bundle, tmp_path):
+    config = load_config(tiny_export)
+    with pytest.raises(BundleError, match="not an export bundle .*to_onnx.py"):
+        load_manifest(tiny_bundle, config)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_export, broken)
+    manifest = json.loads((tiny_export / MANIFEST_FILE).read_text())
+    manifest["graphs"]["decoder"]["file"] = "gone.onnx"
+    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="graph 'decoder' missing"):
+        load_manifest(broken, config)
+    (broken / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_manifest(broken, config)
+    other = config.__class__.from_dict({**config.to_dict(), "gpt2": {**config.to_dict()["gpt2"], "n_layer": 3}})
+    with pytest.raises(BundleError, match="do not match"):
+        load_manifest(tiny_export, other)
+
+
+@pytest.mark.slow
+def test_full_size_graph_parity(full_size_export):
+    """ViT-B-32 + GPT-2 small: the bounds the specs state hold, past 0 and batch 8 included."""
+    manifest = json.loads((full_size_export / MANIFEST_FILE).read_text())
+    specs = graph_specs(load_config(full_size_export))
+    for name, spec in specs.items():
+        parity = manifest["graphs"][name]["parity"]
+        assert parity["max_abs_diff"] <= spec.atol, (name, parity)
+    assert manifest["greedy_parity"]["identical"] is True
+    decoder = onnx.load(str(full_size_export / "decoder.onnx"), load_external_data=False)
+    assert len(decoder.graph.input) == 3 + 2 * 12 and len(decoder.graph.output) == 1 + 2 * 12
