@@ -1,0 +1,73 @@
+"""Latency and throughput per stage, backend and batch size: every backend side by side in one run.
+
+    python benchmarks/latency.py --make-full-size build/bench/full-size      # ViT-B-32 + GPT-2 small, random
+    python benchmarks/latency.py build/bench/full-size/model build/bench/full-size/onnx \\
+        build/bench/full-size/onnx-int8 --batch-sizes 1,8 --tokens 20,67 --out build/bench/latency
+
+Each path is a model bundle or an export bundle (fp32 ONNX, int8 ONNX, TensorRT); each backend takes
+the one it needs (torch, torch-nocache: the model bundle; onnxruntime: fp32; onnxruntime-int8: int8;
+tensorrt: engines), and a backend with no bundle or no hardware is reported unavailable with the
+reason. Generation is fixed length (the stop token is ignored) so backends do identical work.
+Writes latency.json, latency.md, latency_vs_batch.png and per_token_decode.png to --out and prints
+the Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from clipcap.benchmarking import BACKENDS, LatencyConfig, make_full_size_bundles, run_latency, write_latency_outputs
+from clipcap.cli import USER_ERRORS
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = LatencyConfig(paths=[])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", type=Path, nargs="*", help="model bundle and/or export bundles")
+    parser.add_argument("--make-full-size", type=Path, metavar="DIR",
+                        help="build (once) ViT-B-32 + GPT-2 small with random weights, its ONNX export and int8 "
+                             "sibling in DIR/model, DIR/onnx, DIR/onnx-int8, and benchmark them")
+    parser.add_argument("--backends", default=",".join(defaults.backends), help=f"of {', '.join(BACKENDS)}")
+    parser.add_argument("--batch-sizes", type=_int_list, default=defaults.batch_sizes)
+    parser.add_argument("--tokens", type=_int_list, default=defaults.tokens, help="tokens per caption (fixed)")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="iterations per cell, not counted")
+    parser.add_argument("--iters", type=int, default=defaults.iters, help="measured iterations per cell")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="a backend stops measuring a cell after this much measured time (no-cache at long "
+                             "captions), never before --min-iters")
+    parser.add_argument("--min-iters", type=int, default=defaults.min_iters)
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="torch threads; onnxruntime intra-op threads follow")
+    parser.add_argument("--out", type=Path, default=Path("build/bench/latency"), help="output directory")
+    args = parser.parse_args(argv)
+    paths = list(args.paths)
+    if args.make_full_size:
+        paths += list(make_full_size_bundles(args.make_full_size).values())
+    if not paths:
+        parser.error("give at least one bundle path, or --make-full-size DIR")
+    config = LatencyConfig(paths=paths, backends=[b for b in args.backends.split(",") if b],
+                           batch_sizes=args.batch_sizes, tokens=args.tokens, device=args.device, warmup=args.warmup,
+                           iters=args.iters, time_budget_s=args.time_budget, min_iters=args.min_iters,
+                           threads=args.threads)
+    try:
+        report = run_latency(config.validate())
+    except (*USER_ERRORS, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    written = write_latency_outputs(report, args.out)
+    print((args.out / "latency.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
