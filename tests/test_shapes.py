@@ -178,4 +178,7 @@ def test_cli_writes_dataset(tmp_path):
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert [r["image"] for r in rows] == [f"images/{i:06d}.png" for i in range(4)]
     assert all((tmp_path / r["image"]).is_file() and r["caption"] == r["captions"][0] for r in rows)
-    assert pairs == [{"image": r["image"], "caption": c} for r in rows for c in r["captions"]]
+    canonical = [json.loads(line) for line in (tmp_path / "canonical.jsonl").read_text().splitlines()]
+    assert pairs == [{"image": r["image"], "caption": c, "group": r["group"]} for r in rows for c in r["captions"]]
+    assert canonical == [{"image": r["image"], "caption": r["caption"], "group": r["group"]} for r in rows]
+    assert [r["group"] for r in rows] == ["one-object", "two-object"] * 2

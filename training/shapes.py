@@ -13,6 +13,7 @@ Library use::
 CLI::
 
     python training/shapes.py --out DIR --n 2000 --seed 0
+    python training/shapes.py --out samples --n 8 --seed 77 --samples
 """
 
 from __future__ import annotations
@@ -257,17 +258,42 @@ class WriteConfig:
     seed: int = 0
 
 
+def group(sample: ShapeSample) -> str:
+    """The evaluation group: exact match is reported separately for one- and two-object images."""
+    return "one-object" if sample.relation is None else "two-object"
+
+
 def write_dataset(cfg: WriteConfig) -> None:
-    """PNGs under out/images, captions.jsonl (all refs + canonical) and pairs.jsonl (one row per ref)."""
+    """PNGs under out/images and three caption files, all readable by clipcap.training.data:
+
+    - captions.jsonl: every reference of an image (+ the canonical one and its group): for evaluation;
+    - canonical.jsonl: the canonical caption only (left/upper object first): training targets;
+    - pairs.jsonl: one row per reference, both orders: training without the canonical order.
+    """
     (cfg.out / "images").mkdir(parents=True, exist_ok=True)
-    with open(cfg.out / "captions.jsonl", "w") as fc, open(cfg.out / "pairs.jsonl", "w") as fp:
+    with (open(cfg.out / "captions.jsonl", "w") as fc, open(cfg.out / "pairs.jsonl", "w") as fp,
+          open(cfg.out / "canonical.jsonl", "w") as fk):
         for i in tqdm(range(cfg.n), desc="writing shapes"):
             sample = generate_one(cfg.seed, i)
             rel = f"images/{i:06d}.png"
             sample.image.save(cfg.out / rel)
-            fc.write(json.dumps({"image": rel, "captions": sample.captions, "caption": sample.caption}) + "\n")
+            fc.write(json.dumps({"image": rel, "captions": sample.captions, "caption": sample.caption,
+                                 "group": group(sample)}) + "\n")
+            fk.write(json.dumps({"image": rel, "caption": sample.caption, "group": group(sample)}) + "\n")
             for caption in sample.captions:
-                fp.write(json.dumps({"image": rel, "caption": caption}) + "\n")
+                fp.write(json.dumps({"image": rel, "caption": caption, "group": group(sample)}) + "\n")
+
+
+def write_samples(cfg: WriteConfig) -> None:
+    """A handful of images for demos: out/shapes-NN.png and out/captions.json ({file: references})."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    references = {}
+    for i in range(cfg.n):
+        sample = generate_one(cfg.seed, i)
+        name = f"shapes-{i:02d}.png"
+        sample.image.save(cfg.out / name)
+        references[name] = sample.captions
+    (cfg.out / "captions.json").write_text(json.dumps(references, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -275,8 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n", type=int, default=WriteConfig.n)
     parser.add_argument("--seed", type=int, default=WriteConfig.seed)
+    parser.add_argument("--samples", action="store_true", help="demo layout: NAME.png + captions.json")
     args = parser.parse_args(argv)
-    write_dataset(WriteConfig(out=args.out, n=args.n, seed=args.seed))
+    config = WriteConfig(out=args.out, n=args.n, seed=args.seed)
+    if args.samples:
+        write_samples(config)
+    else:
+        write_dataset(config)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""Train a ClipCap model on a feature directory (from extract_features.py); write a model bundle.
+
+    # the paper's MLP variant (GPT-2 fine-tuned), paper defaults
+    python training/train.py --features build/features/coco-train --gpt2 gpt2 --out build/runs/mlp
+    # the Transformer variant (GPT-2 frozen, only the mapper trained)
+    python training/train.py --features build/features/coco-train --gpt2 gpt2 --mapper transformer \
+        --mapper-layers 8 --normalize-prefix --out build/runs/transformer
+    # continue an interrupted run
+    python training/train.py --out build/runs/mlp --resume build/runs/mlp/checkpoints/epoch-003.pt
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clipcap.training.trainer import TrainConfig, train
+
+
+def main(argv: list[str] | None = None) -> None:
+    d = TrainConfig
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", type=Path, help="feature directory (required unless --resume)")
+    parser.add_argument("--out", type=Path, required=True, help="bundle + metrics.json + loss.png + checkpoints/")
+    parser.add_argument("--val-features", type=Path, help="separate validation feature directory")
+    parser.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                        help="images held out for validation when no --val-features")
+    model = parser.add_argument_group("model")
+    model.add_argument("--mapper", choices=("mlp", "transformer"), default=d.mapper)
+    model.add_argument("--prefix-length", type=int, default=d.prefix_length)
+    model.add_argument("--clip-length", type=int, default=d.clip_length)
+    model.add_argument("--mapper-layers", type=int, default=d.mapper_layers)
+    model.add_argument("--normalize-prefix", action="store_true")
+    model.add_argument("--gpt2", help="pretrained GPT-2: hub name or local dir (default: random init, dims below)")
+    model.add_argument("--gpt2-layers", type=int, default=d.gpt2_layers)
+    model.add_argument("--gpt2-embd", type=int, default=d.gpt2_embd)
+    model.add_argument("--gpt2-heads", type=int, default=d.gpt2_heads)
+    model.add_argument("--gpt2-positions", type=int, default=d.gpt2_positions)
+    model.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: GPT-2's, or a BPE trained on the captions)")
+    model.add_argument("--bpe-vocab-size", type=int, default=d.bpe_vocab_size)
+    model.add_argument("--train-clip", action="store_true", help="also update the CLIP tower with the caption loss")
+    model.add_argument("--train-clip-layers", type=int,
+                       help="with --train-clip: only the last N ViT blocks (+ final norm, projection) learn")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=d.epochs)
+    optim.add_argument("--batch-size", type=int, default=d.batch_size)
+    optim.add_argument("--lr", type=float, default=d.lr)
+    optim.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    optim.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    optim.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA too")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    parser.add_argument("--resume", type=Path, help="checkpoint to continue from (its settings are used)")
+    args = parser.parse_args(argv)
+    if args.features is None and args.resume is None:
+        parser.error("--features is required (unless --resume)")
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k != "features"},
+                         features=args.features or Path())
+    result = train(config)
+    print(f"model bundle written to {result.bundle}")
+
+
+if __name__ == "__main__":
+    main()
