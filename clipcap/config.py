@@ -119,7 +119,7 @@ class ClipCapConfig:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = CONFIG_FILE) -> "ClipCapConfig":
-        return _from_dict(cls, data, where, prefix="").validate(where)
+        return dataclass_from_dict(cls, data, where, prefix="").validate(where)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -141,7 +141,7 @@ def _check(ok: bool, where: str, field_name: str, message: str) -> None:
         raise BundleError(f"{where}: field '{field_name}' {message}")
 
 
-def _from_dict(cls, data: Any, where: str, prefix: str):
+def dataclass_from_dict(cls, data: Any, where: str, prefix: str):
     """Build dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type."""
     section = prefix.rstrip(".") or "top level"
     if not isinstance(data, dict):
@@ -154,7 +154,7 @@ def _from_dict(cls, data: Any, where: str, prefix: str):
     for name, value in data.items():
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
-            values[name] = _from_dict(type(default), value, where, prefix + name + ".")
+            values[name] = dataclass_from_dict(type(default), value, where, prefix + name + ".")
         else:
             values[name] = _coerce(value, default, where, prefix + name, fields[name].type)
     return cls(**values)

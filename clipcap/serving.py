@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from clipcap.config import BundleError, _from_dict
+from clipcap.config import BundleError, dataclass_from_dict
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
 from clipcap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
@@ -68,7 +68,7 @@ class ServingConfig:
     @classmethod
     def from_dict(cls, data: Any) -> "ServingConfig":
         try:
-            config = _from_dict(cls, data if data is not None else {}, MODEL_CONFIG_FILE, prefix="handler.")
+            config = dataclass_from_dict(cls, data if data is not None else {}, MODEL_CONFIG_FILE, prefix="handler.")
         except BundleError as error:
             raise ServingConfigError(str(error)) from None
         return config.validate()
