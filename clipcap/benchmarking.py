@@ -850,6 +850,16 @@ def _pyplot():
     return plt
 
 
+def _save_figure(figure, path: Path) -> Path:
+    """Lay out, write as PNG and free a matplotlib figure (pyplot keeps every open figure alive)."""
+    plt = _pyplot()
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_latency(report: dict, path: Path) -> Path:
     """End-to-end p50 latency (bars to p90) and captions/s against batch size, a panel per caption length."""
     plt = _pyplot()
@@ -878,10 +888,7 @@ def plot_latency(report: dict, path: Path) -> Path:
         axes[0, column].set_title(f"{tokens} tokens per caption (fixed length)")
     figure.suptitle(f"{report['machine']['cpu']} ({report['settings']['device']}, "
                     f"{report['settings']['threads']['torch_intra_op']} thread(s))")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path)
 
 
 def plot_per_token(report: dict, path: Path) -> Path:
@@ -901,10 +908,7 @@ def plot_per_token(report: dict, path: Path) -> Path:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)
     figure.suptitle("Per-token decode: flat with a KV cache, growing without (the paper's decoding)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path)
 
 
 def write_latency_outputs(report: dict, out: Path) -> list[Path]:
@@ -1162,10 +1166,7 @@ def plot_serving(report: dict, path: Path) -> Path:
         axis.legend(fontsize=8)
     latency.set_yscale("log")
     figure.suptitle(f"TorchServe on {report['machine']['cpu']} ({report['machine']['logical_cores']} cores)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path)
 
 
 def write_serving_outputs(report: dict, out: Path) -> list[Path]:
