@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the embedded demo model, models/shapes-demo, from nothing (no downloads):
-#   1. a tiny CLIP trained contrastively on shapes, with hard negatives   (training/pretrain_clip.py)
+#   1. a tiny CLIP (ViT, fixed 2-D sin-cos positions) trained contrastively on shapes, with hard negatives
+#      (training/pretrain_clip.py)
 #   2. shapes data: 20,000 training images (seed 0), 2,000 held-out (seed 2026)  (training/shapes.py)
 #   3. CLIP features of the training images                               (training/extract_features.py)
 #   4. ClipCap: MLP mapper (prefix 4) + 3-layer GPT-2 + BPE, CLIP tower fine-tuned  (train.py --train-clip)
@@ -35,7 +36,7 @@ stage features "$PY" training/extract_features.py --data "$WORK/data/train/canon
 stage train "$PY" training/train.py --features "$WORK/features/train" --out "$WORK/run" \
   --train-clip --mapper mlp --prefix-length 4 \
   --gpt2-layers 3 --gpt2-embd 128 --gpt2-heads 2 --gpt2-positions 64 --bpe-vocab-size 512 \
-  --epochs "${EPOCHS:-8}" --batch-size 64 --lr 5e-4 --warmup-steps 300 --threads "$THREADS" --seed 0
+  --epochs "${EPOCHS:-6}" --batch-size 64 --lr 5e-4 --warmup-steps 300 --threads "$THREADS" --seed 0
 stage evaluate "$PY" training/evaluate.py "$WORK/run" --data "$WORK/data/eval/captions.jsonl" --out "$WORK/eval"
 
 mkdir -p "$DEST"

@@ -59,8 +59,6 @@ def test_one_object_captions_meet_the_bar(accuracy):
     assert accuracy["one-object"]["accuracy"] >= 0.95, accuracy
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, see models/shapes-demo/MODEL_CARD.md: two-object exact match "
-                   "is ~51% (bar 80%); the relation's axis is at chance")
 def test_two_object_captions_meet_the_bar(accuracy):
     assert accuracy["two-object"]["accuracy"] >= 0.80, accuracy
 

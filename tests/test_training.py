@@ -4,6 +4,7 @@ A few hundred generated shapes images and a tiny random CLIP tower; no downloads
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,10 +13,12 @@ from safetensors.torch import save_model
 
 from clipcap.bundle import load_bundle
 from clipcap.config import BundleError
+from clipcap.model import ClipCapModel
 from clipcap.training import features as features_module
 from clipcap.training.data import DatasetError, read_dataset
 from clipcap.training.features import ClipSource, ExtractConfig, extract_features, load_clip_tower, load_features
-from clipcap.training.trainer import Trainer, TrainConfig, caption_loss, pad_batch, train
+from clipcap.training.trainer import Trainer, TrainConfig, caption_loss, pad_batch, train, trainable_parameters
+from conftest import TINY_CLIP as CONFTEST_CLIP, tiny_config
 from training import shapes
 
 N_IMAGES = 240
@@ -267,3 +270,14 @@ def test_train_clip_updates_the_tower_and_is_recorded(feature_dir, tmp_path):
     assert bundle.config.train_clip is True
     cached = load_features(feature_dir).clip_weights()
     assert any(not torch.equal(bundle.model.clip.state_dict()[k], v) for k, v in cached.items())
+
+
+def test_train_clip_keeps_a_fixed_sin_cos_position_embedding_fixed(tiny_tokenizer):
+    """The demo CLIP uses open_clip's fixed 2-D sin-cos positions; --train-clip must not start training them."""
+    config = tiny_config(tiny_tokenizer)
+    sin_cos = {**CONFTEST_CLIP, "vision_cfg": {**CONFTEST_CLIP["vision_cfg"], "pos_embed_type": "sin_cos_2d"}}
+    model = ClipCapModel(dataclasses.replace(config, clip=dataclasses.replace(config.clip, model_config=sin_cos)))
+    trainable = {id(p) for p in trainable_parameters(model, TrainConfig(features=None, out=None, train_clip=True))}
+    assert id(model.clip.positional_embedding) not in trainable
+    assert not model.clip.positional_embedding.requires_grad
+    assert id(model.clip.conv1.weight) in trainable and id(model.clip.class_embedding) in trainable

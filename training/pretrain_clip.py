@@ -4,7 +4,10 @@ The model is ``open_clip.model.CLIP(**cfg)`` with cfg read from
 training/configs/shapes-clip.json. Plain contrastive training learns which
 objects are in an image but not where they are, so the batches add hard
 negative captions (relation flipped, objects swapped, other size) and mask
-captions that are also correct for another image in the batch.
+captions that are also correct for another image in the batch. The hard
+negatives only teach relations to a tower that can read positions: the
+config's fixed 2-D sin-cos positional embedding gives it that (learned
+positional embeddings left relations at chance; see the demo model card).
 
 Outputs in --out: open_clip_config.json (the CLIP(**cfg) dict),
 preprocess_cfg.json, clip.safetensors, clip_visual.safetensors, metrics.json
@@ -176,9 +179,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # As in open_clip's trainer: no weight decay on params with fewer than two
-    # dims (gains, biases, class embedding, logit scale).
+    # dims (gains, biases, class embedding, logit scale). Fixed buffers-as-parameters (a sin-cos
+    # positional embedding) have requires_grad off and stay out.
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in (p for p in model.parameters() if p.requires_grad):
         (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)

@@ -159,7 +159,11 @@ def build_model(cfg: TrainConfig, config: ClipCapConfig, features: FeatureSet) -
 
 
 def trainable_parameters(model: ClipCapModel, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """Mapper always; GPT-2 unless the transformer variant freezes it; CLIP only with train_clip."""
+    """Mapper always; GPT-2 unless the transformer variant freezes it; CLIP only with train_clip.
+
+    Parameters the architecture itself fixes (open_clip's sin-cos positional embedding) stay fixed.
+    """
+    fixed = [p for p in model.parameters() if not p.requires_grad]
     model.requires_grad_(False)
     model.clip_project.requires_grad_(True)
     if cfg.mapper != "transformer":
@@ -175,6 +179,8 @@ def trainable_parameters(model: ClipCapModel, cfg: TrainConfig) -> list[torch.nn
             module.requires_grad_(True)
         if model.clip.proj is not None:
             model.clip.proj.requires_grad_(True)
+    for p in fixed:
+        p.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 
