@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipcap.bundle import load_config, load_tokenizer
+from clipcap.formats.model_bundle import load_config, load_tokenizer
 from clipcap.config import BundleError, ClipCapConfig
 from clipcap.decoding import DecodingOptions, generate
 from clipcap.images import preprocess

@@ -100,7 +100,7 @@ def cmd_caption_embeddings(args: argparse.Namespace) -> int:
 
 
 def cmd_import_original(args: argparse.Namespace) -> int:
-    from clipcap.bundle import import_original, save_bundle
+    from clipcap.formats.model_bundle import import_original, save_bundle
 
     bundle = import_original(args.checkpoint, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                              tokenizer=args.tokenizer, normalize_prefix=args.normalize_prefix)

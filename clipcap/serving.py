@@ -327,7 +327,7 @@ def build_archive(config: ArchiveConfig) -> Path:
     import yaml
 
     from clipcap import __version__
-    from clipcap.bundle import load_config
+    from clipcap.formats.model_bundle import load_config
 
     load_config(config.bundle)  # a broken bundle fails here, not in a TorchServe worker
     for path in (config.handler, config.model_config):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from clipcap.config import ClipCapConfig
-from clipcap.export_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
+from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
 
 # torch dtype -> the numpy type onnxruntime's binding API takes as the element type.
 _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -74,7 +74,7 @@ class OnnxRuntime:
         """`threads`: intra-op threads per session; None follows torch.get_num_threads()."""
         import onnxruntime as ort
 
-        from clipcap.onnx_export import load_token_table
+        from clipcap.export.onnx import load_token_table
 
         providers, self.device = execution_providers(device, engine_cache=path / "ort-tensorrt-cache")
         self.config = config
@@ -92,8 +92,8 @@ class OnnxRuntime:
 
     @classmethod
     def from_path(cls, path: Path, device: str = "cpu", threads: int | None = None) -> "OnnxRuntime":
-        from clipcap.bundle import load_config
-        from clipcap.onnx_export import load_manifest
+        from clipcap.formats.model_bundle import load_config
+        from clipcap.export.onnx import load_manifest
 
         path = Path(path)
         config = load_config(path)

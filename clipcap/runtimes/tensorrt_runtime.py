@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from clipcap.config import BundleError, ClipCapConfig
-from clipcap.export_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
+from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
 
 
 @dataclass
@@ -88,8 +88,8 @@ class _Engine:
 
 class TensorRTRuntime:
     def __init__(self, path: Path, config: ClipCapConfig, record: dict, device: str = "cuda"):
-        from clipcap.onnx_export import load_token_table
-        from clipcap.tensorrt_build import import_tensorrt
+        from clipcap.export.onnx import load_token_table
+        from clipcap.export.tensorrt import import_tensorrt
 
         trt = import_tensorrt()
         self.device = torch.device(device)
@@ -113,9 +113,9 @@ class TensorRTRuntime:
 
     @classmethod
     def from_path(cls, path: Path, device: str = "cuda") -> "TensorRTRuntime":
-        from clipcap.bundle import load_config
+        from clipcap.formats.model_bundle import load_config
         from clipcap.runtimes import RuntimeUnavailable
-        from clipcap.tensorrt_build import import_tensorrt, load_profiles
+        from clipcap.export.tensorrt import import_tensorrt, load_profiles
 
         import_tensorrt()  # first: its error says what to install
         if not device.startswith("cuda"):

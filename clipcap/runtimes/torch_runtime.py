@@ -20,7 +20,7 @@ class TorchRuntime:
 
     @classmethod
     def from_path(cls, path: Path, device: str = "cpu") -> "TorchRuntime":
-        from clipcap.bundle import load_bundle
+        from clipcap.formats.model_bundle import load_bundle
 
         return cls(load_bundle(path).model, device)
 

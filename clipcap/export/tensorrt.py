@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
-from clipcap.export_specs import BATCH, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs
+from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs
 
 PROFILES_FILE = "profiles.json"
 TIMING_CACHE_FILE = "timing.cache"
@@ -146,8 +146,8 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
     """Build and serialize one engine per graph; returns what profiles.json records."""
     from tqdm import tqdm
 
-    from clipcap.bundle import load_config
-    from clipcap.onnx_export import ExportError, load_manifest
+    from clipcap.formats.model_bundle import load_config
+    from clipcap.export.onnx import ExportError, load_manifest
 
     trt = import_tensorrt()
     _require_cuda()

@@ -11,7 +11,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from training import shapes
+from clipcap.training import shapes
 
 N = 200
 CAPTION_ONE = re.compile(r"^a (small|large) (\w+) (circle|square|triangle)\.$")

@@ -1,7 +1,7 @@
 """Model bundle -> export bundle: encoder.onnx, mapper.onnx, decoder.onnx, token table, export.json.
 
 Each graph is exported with torch.onnx's dynamo exporter (torch.export underneath) from a small
-wrapper module whose inputs and outputs are exactly the spec's (clipcap.export_specs), then checked
+wrapper module whose inputs and outputs are exactly the spec's (clipcap.formats.graph_specs), then checked
 with `onnx.checker` and run in onnxruntime against the PyTorch module at several shapes, past
 length 0 included. The decoder wrapper rebuilds transformers' DynamicCache from flat past tensors,
 so GPT-2's own attention code is what gets exported, not a re-implementation.
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipcap.bundle import Bundle, load_bundle
+from clipcap.formats.model_bundle import Bundle, load_bundle
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
-from clipcap.export_specs import PARITY_SIZES, GraphSpec, graph_specs
+from clipcap.formats.graph_specs import PARITY_SIZES, GraphSpec, graph_specs
 
 MANIFEST_FILE = "export.json"
 TOKEN_TABLE_FILE = "token_embeddings.safetensors"

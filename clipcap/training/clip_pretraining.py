@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +35,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-if __package__ in (None, ""):
-    # Run as a script, only training/ is on sys.path; the repo root is needed
-    # for `training.shapes` to resolve as it does when imported.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from training import shapes  # noqa: E402
+from clipcap.training import shapes
 
 DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes-clip.json"
 # Fixed so that held-out metrics are comparable across training seeds.

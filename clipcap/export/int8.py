@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipcap.config import BundleError
-from clipcap.onnx_export import MANIFEST_FILE, write_manifest
+from clipcap.export.onnx import MANIFEST_FILE, write_manifest
 
 INT8_PRECISION = "int8-dynamic"
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from training import pretrain_clip, shapes
+from clipcap.training import clip_pretraining as pretrain_clip, shapes
 
 TINY_CFG = {
     "embed_dim": 32,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipcap.bundle import load_bundle
+from clipcap.formats.model_bundle import load_bundle
 from clipcap.captioner import Captioner
 from clipcap.cli import main
 from clipcap.config import BundleError
