@@ -67,9 +67,8 @@ BUNDLE_HOW_TO = {
 def bundle_kind(path: Path) -> str | None:
     """model | onnx-fp32 | onnx-int8 | tensorrt, read from the files in `path`; None if none fits."""
     from clipcap.formats.model_bundle import WEIGHTS_FILE
-    from clipcap.export.onnx import MANIFEST_FILE
-    from clipcap.export.int8 import INT8_PRECISION
-    from clipcap.export.tensorrt import PROFILES_FILE
+    from clipcap.formats.export_bundle import INT8_PRECISION, MANIFEST_FILE
+    from clipcap.formats.tensorrt_profiles import PROFILES_FILE
 
     if (path / PROFILES_FILE).is_file():
         return "tensorrt"
@@ -139,7 +138,7 @@ def _missing_hardware(backend: BenchBackend, device: str) -> str | None:
 
     if backend.runtime != "tensorrt":
         return None
-    from clipcap.export.tensorrt import import_tensorrt
+    from clipcap.runtimes.tensorrt_runtime import import_tensorrt
 
     try:
         import_tensorrt()
@@ -721,7 +720,8 @@ def make_full_size_bundles(out: Path, int8: bool = True) -> dict[str, Path]:
     from clipcap.formats.model_bundle import save_bundle
     from clipcap.config import TokenizerConfig
     from clipcap.model import ClipCapModel, resolve_clip_config
-    from clipcap.export.onnx import MANIFEST_FILE, ExportOptions, export_bundle
+    from clipcap.export.onnx import ExportOptions, export_bundle
+    from clipcap.formats.export_bundle import MANIFEST_FILE
     from clipcap.export.int8 import QuantizeConfig, quantize_bundle
     from clipcap.tokenizer import train_bpe
 

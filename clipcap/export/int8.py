@@ -1,23 +1,20 @@
-"""Dynamic int8 quantisation of an export bundle for CPU serving, and how far it moves the captions.
+"""Dynamic int8 quantisation of an export bundle for CPU serving.
 
 `quantize_bundle` writes a *sibling* export bundle: the same files (hard-linked where possible) with
 `decoder.int8.onnx` (and, on request, `encoder.int8.onnx`) named in its export.json. A sibling
 bundle keeps the runtime and `Captioner.from_path` unchanged: int8 is just another directory to
-serve. `compare_captions` measures greedy agreement with the fp32 bundle and, given references,
-the caption-metric delta (clipcap.training.evaluation's scorer).
+serve. How far it moves the captions is measured by clipcap.training.agreement.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from clipcap.config import BundleError
-from clipcap.export.onnx import MANIFEST_FILE, write_manifest
-
-INT8_PRECISION = "int8-dynamic"
+from clipcap.formats.export_bundle import INT8_PRECISION, MANIFEST_FILE, int8_graph_file, write_manifest
 
 
 @dataclass
@@ -55,7 +52,7 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
             _link_or_copy(item, out / item.name)
     for name in tqdm(graphs, desc="quantize", unit="graph"):
         entry = manifest["graphs"][name]
-        target = entry["file"].replace(".onnx", ".int8.onnx")
+        target = int8_graph_file(entry["file"])
         # Weights int8 (signed, as VNNI/AVX-512 kernels want them); activations quantised per call.
         quantize_dynamic(source / entry["file"], out / target, weight_type=QuantType.QInt8,
                          per_channel=config.per_channel,
@@ -76,112 +73,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)  # the encoder alone is ~480 MB at ViT-B-32: don't duplicate it
     except OSError:
         shutil.copyfile(source, target)
-
-
-@dataclass
-class Agreement:
-    images: int
-    caption_agreement: float  # share of images whose greedy token sequences are identical
-    token_agreement: float  # sum of common-prefix lengths / sum of reference lengths
-    metrics_fp32: dict[str, float] = field(default_factory=dict)  # with references only
-    metrics_candidate: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def metric_delta(self) -> dict[str, float]:
-        return {k: self.metrics_candidate[k] - v for k, v in self.metrics_fp32.items() if k in self.metrics_candidate}
-
-    def to_dict(self) -> dict:
-        return {"images": self.images, "caption_agreement": self.caption_agreement,
-                "token_agreement": self.token_agreement, "metrics_fp32": self.metrics_fp32,
-                "metrics_candidate": self.metrics_candidate, "metric_delta": self.metric_delta, "notes": self.notes}
-
-
-def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> tuple[float, float]:
-    """(caption agreement, token agreement) of two lists of token sequences, as in `Agreement`."""
-    if len(reference) != len(candidate) or not reference:
-        raise ValueError("need two equally long, non-empty lists of token sequences")
-    same = sum(r == c for r, c in zip(reference, candidate))
-    common = 0
-    for r, c in zip(reference, candidate):
-        prefix = 0
-        while prefix < min(len(r), len(c)) and r[prefix] == c[prefix]:
-            prefix += 1
-        common += prefix
-    return same / len(reference), common / max(1, sum(map(len, reference)))
-
-
-def compare_captions(reference, candidate, pixels_batches, options=None,
-                     references: list[list[str]] | None = None, keys: list[str] | None = None) -> Agreement:
-    """Greedy captions of two `Captioner`s over batches of pixels; with `references` (one list of
-    reference captions per image, in order), also their caption scores.
-    """
-    ref_captions, cand_captions = [], []
-    for pixels in pixels_batches:
-        ref_captions += reference.caption_pixels(pixels, options).captions
-        cand_captions += candidate.caption_pixels(pixels, options).captions
-    caption_rate, token_rate = token_agreement([c.token_ids for c in ref_captions],
-                                               [c.token_ids for c in cand_captions])
-    result = Agreement(len(ref_captions), caption_rate, token_rate)
-    if references is not None:
-        keys = keys or [str(i) for i in range(len(references))]
-        try:
-            from clipcap.training.evaluation import score_predictions
-        except ImportError:  # the training extra is not installed: agreement alone still says a lot
-            result.notes.append("caption metrics skipped: clipcap.training.evaluation is not importable")
-            return result
-        for captions, target in ((ref_captions, result.metrics_fp32), (cand_captions, result.metrics_candidate)):
-            rows = [{"image": k, "prediction": c.caption, "references": r} for k, c, r in zip(keys, captions, references)]
-            scores, _, notes = score_predictions(rows, spice=False)
-            target.update(scores)
-    return result
-
-
-@dataclass
-class AgreementConfig:
-    reference: Path  # the fp32 export bundle
-    candidate: Path  # the int8 sibling
-    images: list[Path] = field(default_factory=list)  # image files: agreement only
-    data: Path | None = None  # a caption dataset (clipcap.training.data formats): agreement + metric delta
-    image_root: Path | None = None  # None: the data file's directory
-    limit: int | None = None  # only the first N images of `data`
-    batch_size: int = 16
-    max_tokens: int | None = None  # None: the bundle's max_tokens
-
-    def check_inputs(self) -> None:
-        """Exactly one of images / data, and every image file present; raises with the first problem."""
-        if bool(self.images) == (self.data is not None):
-            raise BundleError("compare on either image files or a caption dataset (exactly one of them)")
-        if self.data is not None:
-            from clipcap.training.data import read_dataset
-
-            read_dataset(self.data)  # DatasetError names the file and what is wrong with it
-        missing = [str(f) for f in self.images if not Path(f).is_file()]
-        if missing:
-            raise BundleError(f"image file(s) not found: {', '.join(missing[:3])}")
-
-
-def measure_agreement(config: AgreementConfig) -> Agreement:
-    """Greedy captions of both bundles (onnxruntime, CPU) on image files or on a caption dataset."""
-    from tqdm import tqdm
-
-    from clipcap.captioner import Captioner
-    from clipcap.decoding import DecodingOptions
-    from clipcap.images import load_image_file
-
-    config.check_inputs()
-    files, references, keys = list(config.images), None, None
-    if config.data is not None:
-        from clipcap.training.data import read_dataset
-
-        records = read_dataset(config.data).records[: config.limit]
-        root = config.image_root or Path(config.data).parent
-        files = [root / r.image for r in records]
-        references, keys = [r.captions for r in records], [r.image for r in records]
-    reference = Captioner.from_path(config.reference, backend="onnxruntime")
-    candidate = Captioner.from_path(config.candidate, backend="onnxruntime")
-    options = DecodingOptions(max_tokens=config.max_tokens or reference.config.max_tokens)
-    starts = range(0, len(files), config.batch_size)
-    batches = (reference.preprocess([load_image_file(f) for f in files[start: start + config.batch_size]])
-               for start in tqdm(starts, desc="int8 vs fp32", unit="batch"))
-    return compare_captions(reference, candidate, batches, options, references, keys)

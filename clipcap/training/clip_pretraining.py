@@ -1,7 +1,7 @@
 """Contrastive pretraining of a tiny open_clip CLIP on synthetic shapes.
 
-The model is ``open_clip.model.CLIP(**cfg)`` with cfg read from
-training/configs/shapes-clip.json. Plain contrastive training learns which
+The model is ``open_clip.model.CLIP(**cfg)`` with cfg read from a JSON file
+(the demo's: training/configs/shapes-clip.json). Plain contrastive training learns which
 objects are in an image but not where they are, so the batches add hard
 negative captions (relation flipped, objects swapped, other size) and mask
 captions that are also correct for another image in the batch. The hard
@@ -9,16 +9,16 @@ negatives only teach relations to a tower that can read positions: the
 config's fixed 2-D sin-cos positional embedding gives it that (learned
 positional embeddings left relations at chance; see the demo model card).
 
-Outputs in --out: open_clip_config.json (the CLIP(**cfg) dict),
-preprocess_cfg.json, clip.safetensors, clip_visual.safetensors, metrics.json
-and loss.png.
+Images become model input through clipcap.images.preprocess, the captioner's
+own preprocessing, so the tower is trained on what it is later given.
 
-    python training/pretrain_clip.py --out build/demo/clip --steps 2000
+Outputs in `out`: open_clip_config.json (the CLIP(**cfg) dict),
+preprocess_cfg.json, clip.safetensors, clip_visual.safetensors, metrics.json
+and loss.png. The script is training/pretrain_clip.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -35,19 +35,22 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from clipcap.images import preprocess as preprocess_images
 from clipcap.training import shapes
 
-DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes-clip.json"
 # Fixed so that held-out metrics are comparable across training seeds.
 EVAL_SEED = 1_000_003
 
 
 @dataclass
 class PreprocessConfig:
-    """How images become model input.
+    """How images become model input: clipcap.images.preprocess's settings.
 
     open_clip's CLIP() takes no preprocessing arguments, so this lives apart
-    from the model cfg and is written to preprocess_cfg.json. It matches
+    from the model cfg and is written to preprocess_cfg.json (read by
+    training/extract_features.py into the bundle's `clip` section).
+    interpolation and resize_mode record what clipcap.images does (shorter side
+    to image_size, bicubic, centre crop), which is also
     ``open_clip.transform.image_transform(image_size, is_train=False)``.
     """
 
@@ -59,37 +62,41 @@ class PreprocessConfig:
 
 
 @dataclass
-class TrainConfig:
-    out: Path
-    model_config: Path = DEFAULT_MODEL_CONFIG
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    seed: int = 0
-    hard_negatives: bool = True
-    n_images: int = 20000
-    n_eval: int = 1024
-    log_every: int = 10
-    threads: int = 2
-
-
-def resize_uint8(image: Image.Image, size: int) -> np.ndarray:
-    """(3, size, size) uint8; same pixels as torchvision's Resize on a PIL image."""
-    return np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
-
-
-def normalize(pixels: torch.Tensor, pre: PreprocessConfig) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> normalised float input."""
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    return (pixels.float() / 255.0 - mean) / std
+class ClipPretrainConfig:
+    out: Path  # the output directory (created)
+    model_config: Path  # open_clip CLIP(**cfg) JSON
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 128  # images per step (texts: as many positives, plus their hard negatives)
+    lr: float = 5e-4  # peak AdamW learning rate
+    weight_decay: float = 0.1  # on weights with two or more dims only
+    warmup_steps: int = 100  # linear warmup, then cosine decay to zero
+    seed: int = 0  # model init, the training images and the batches
+    hard_negatives: bool = True  # add relation-flipped / objects-swapped / other-size captions
+    n_images: int = 20000  # training images, generated once and kept in memory
+    n_eval: int = 1024  # held-out images for metrics.json
+    log_every: int = 10  # steps per loss-log entry
+    threads: int = 2  # torch CPU threads
 
 
 def preprocess(images: list[Image.Image], pre: PreprocessConfig) -> torch.Tensor:
-    """Model input for a list of PIL images."""
-    return normalize(torch.from_numpy(np.stack([resize_uint8(im, pre.image_size) for im in images])), pre)
+    """Model input for a list of PIL images: clipcap.images.preprocess, as the captioner does it."""
+    return preprocess_images(images, pre.image_size, list(pre.mean), list(pre.std))
+
+
+def resize_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """(3, size, size) uint8: the image cropped and resized as clipcap.images.preprocess does it.
+
+    With mean 0 and std 1/255 its normalisation returns the 8-bit pixels of its resize, so
+    rounding recovers them exactly; the pool keeps them at a quarter of float32's memory.
+    """
+    pixels = preprocess_images([image], size, [0.0, 0.0, 0.0], [1 / 255] * 3)[0]
+    return pixels.round().to(torch.uint8).numpy()
+
+
+def normalize(pixels: torch.Tensor, pre: PreprocessConfig) -> torch.Tensor:
+    """uint8 (B, 3, S, S) from `resize_uint8` -> model input, by clipcap.images.preprocess (whose
+    crop and resize leave an image already S x S unchanged)."""
+    return preprocess([Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels], pre)
 
 
 @dataclass
@@ -164,7 +171,7 @@ def contrastive_loss(
     return (image_to_text + text_to_image) / 2
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: ClipPretrainConfig) -> float:
     """Linear warmup, then cosine decay to zero."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -172,7 +179,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: ClipPretrainConfig) -> torch.optim.Optimizer:
     # As in open_clip's trainer: no weight decay on params with fewer than two
     # dims (gains, biases, class embedding, logit scale). Fixed buffers-as-parameters (a sin-cos
     # positional embedding) have requires_grad off and stay out.
@@ -252,7 +259,7 @@ def plot_loss(log: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: ClipPretrainConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -307,44 +314,3 @@ def train(cfg: TrainConfig) -> dict:
     (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_loss(log, cfg.out / "loss.png")
     return metrics
-
-
-def main(argv: list[str] | None = None) -> dict:
-    d = TrainConfig
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--config", type=Path, default=d.model_config, help="open_clip CLIP(**cfg) JSON")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=d.hard_negatives)
-    parser.add_argument("--n-images", type=int, default=d.n_images, help="training images generated in memory")
-    parser.add_argument("--n-eval", type=int, default=d.n_eval, help="held-out images for metrics.json")
-    parser.add_argument("--log-every", type=int, default=d.log_every)
-    parser.add_argument("--threads", type=int, default=d.threads)
-    args = parser.parse_args(argv)
-    cfg = TrainConfig(
-        out=args.out,
-        model_config=args.config,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=min(args.warmup_steps, args.steps),
-        seed=args.seed,
-        hard_negatives=args.hard_negatives,
-        n_images=args.n_images,
-        n_eval=args.n_eval,
-        log_every=args.log_every,
-        threads=args.threads,
-    )
-    metrics = train(cfg)
-    print(json.dumps(metrics["eval"], indent=2))
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

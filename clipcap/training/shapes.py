@@ -7,18 +7,14 @@ the spec and should not be tuned.
 
 Library use::
 
-    from training.shapes import generate, hard_negatives
+    from clipcap.training.shapes import generate, hard_negatives
     samples = generate(1000, seed=0)
 
-CLI::
-
-    python training/shapes.py --out DIR --n 2000 --seed 0
-    python training/shapes.py --out samples --n 8 --seed 77 --samples
+Written to disk by training/shapes.py (`write_dataset`, `write_samples`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -253,9 +249,9 @@ def generate(n: int, seed: int) -> list[ShapeSample]:
 
 @dataclass
 class WriteConfig:
-    out: Path
-    n: int = 2000
-    seed: int = 0
+    out: Path  # the directory written (created)
+    n: int = 2000  # images
+    seed: int = 0  # image i depends only on (seed, i)
 
 
 def group(sample: ShapeSample) -> str:
@@ -294,21 +290,3 @@ def write_samples(cfg: WriteConfig) -> None:
         sample.image.save(cfg.out / name)
         references[name] = sample.captions
     (cfg.out / "captions.json").write_text(json.dumps(references, indent=2) + "\n")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n", type=int, default=WriteConfig.n)
-    parser.add_argument("--seed", type=int, default=WriteConfig.seed)
-    parser.add_argument("--samples", action="store_true", help="demo layout: NAME.png + captions.json")
-    args = parser.parse_args(argv)
-    config = WriteConfig(out=args.out, n=args.n, seed=args.seed)
-    if args.samples:
-        write_samples(config)
-    else:
-        write_dataset(config)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,9 +9,9 @@ import pytest
 
 from clipcap.captioner import Captioner
 from clipcap.config import BundleError
-from clipcap.export.onnx import MANIFEST_FILE
-from clipcap.export.int8 import (AgreementConfig, QuantizeConfig, compare_captions, measure_agreement,
-                              quantize_bundle, token_agreement)
+from clipcap.export.int8 import QuantizeConfig, quantize_bundle
+from clipcap.formats.export_bundle import MANIFEST_FILE
+from clipcap.training.agreement import AgreementConfig, compare_captions, measure_agreement, token_agreement
 from conftest import CAPTIONS, random_images
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,8 @@ from clipcap.decoding import DecodingOptions, generate
 from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, graph_specs
 from clipcap.runtimes import RuntimeUnavailable
 from clipcap.runtimes.torch_runtime import TorchRuntime
-from clipcap.export.tensorrt import Profile, TensorRTBuildConfig, build_engines, compute_profiles, convert_graph_fp16
+from clipcap.export.tensorrt import TensorRTBuildConfig, build_engines, compute_profiles, convert_graph_fp16
+from clipcap.formats.tensorrt_profiles import Profile
 from conftest import random_images
 
 ROOT = Path(__file__).resolve().parents[2]

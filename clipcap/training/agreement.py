@@ -1,0 +1,121 @@
+"""How far a candidate bundle (an int8 sibling) moves the captions of a reference bundle (its fp32 source).
+
+`compare_captions` measures greedy agreement of two `Captioner`s and, given references, the
+caption-metric delta (clipcap.training.evaluation's scorer); `measure_agreement` runs it on image
+files or on a caption dataset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipcap.config import BundleError
+
+
+@dataclass
+class Agreement:
+    images: int
+    caption_agreement: float  # share of images whose greedy token sequences are identical
+    token_agreement: float  # sum of common-prefix lengths / sum of reference lengths
+    metrics_fp32: dict[str, float] = field(default_factory=dict)  # with references only
+    metrics_candidate: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metric_delta(self) -> dict[str, float]:
+        return {k: self.metrics_candidate[k] - v for k, v in self.metrics_fp32.items() if k in self.metrics_candidate}
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "caption_agreement": self.caption_agreement,
+                "token_agreement": self.token_agreement, "metrics_fp32": self.metrics_fp32,
+                "metrics_candidate": self.metrics_candidate, "metric_delta": self.metric_delta, "notes": self.notes}
+
+
+def token_agreement(reference: list[list[int]], candidate: list[list[int]]) -> tuple[float, float]:
+    """(caption agreement, token agreement) of two lists of token sequences, as in `Agreement`."""
+    if len(reference) != len(candidate) or not reference:
+        raise ValueError("need two equally long, non-empty lists of token sequences")
+    same = sum(r == c for r, c in zip(reference, candidate))
+    common = 0
+    for r, c in zip(reference, candidate):
+        prefix = 0
+        while prefix < min(len(r), len(c)) and r[prefix] == c[prefix]:
+            prefix += 1
+        common += prefix
+    return same / len(reference), common / max(1, sum(map(len, reference)))
+
+
+def compare_captions(reference, candidate, pixels_batches, options=None,
+                     references: list[list[str]] | None = None, keys: list[str] | None = None) -> Agreement:
+    """Greedy captions of two `Captioner`s over batches of pixels; with `references` (one list of
+    reference captions per image, in order), also their caption scores.
+    """
+    ref_captions, cand_captions = [], []
+    for pixels in pixels_batches:
+        ref_captions += reference.caption_pixels(pixels, options).captions
+        cand_captions += candidate.caption_pixels(pixels, options).captions
+    caption_rate, token_rate = token_agreement([c.token_ids for c in ref_captions],
+                                               [c.token_ids for c in cand_captions])
+    result = Agreement(len(ref_captions), caption_rate, token_rate)
+    if references is not None:
+        keys = keys or [str(i) for i in range(len(references))]
+        try:
+            from clipcap.training.evaluation import score_predictions
+        except ImportError:  # the training extra is not installed: agreement alone still says a lot
+            result.notes.append("caption metrics skipped: clipcap.training.evaluation is not importable")
+            return result
+        for captions, target in ((ref_captions, result.metrics_fp32), (cand_captions, result.metrics_candidate)):
+            rows = [{"image": k, "prediction": c.caption, "references": r} for k, c, r in zip(keys, captions, references)]
+            scores, _, notes = score_predictions(rows, spice=False)
+            target.update(scores)
+    return result
+
+
+@dataclass
+class AgreementConfig:
+    reference: Path  # the fp32 export bundle
+    candidate: Path  # the int8 sibling
+    images: list[Path] = field(default_factory=list)  # image files: agreement only
+    data: Path | None = None  # a caption dataset (clipcap.training.data formats): agreement + metric delta
+    image_root: Path | None = None  # None: the data file's directory
+    limit: int | None = None  # only the first N images of `data`
+    batch_size: int = 16
+    max_tokens: int | None = None  # None: the bundle's max_tokens
+
+    def check_inputs(self) -> None:
+        """Exactly one of images / data, and every image file present; raises with the first problem."""
+        if bool(self.images) == (self.data is not None):
+            raise BundleError("compare on either image files or a caption dataset (exactly one of them)")
+        if self.data is not None:
+            from clipcap.training.data import read_dataset
+
+            read_dataset(self.data)  # DatasetError names the file and what is wrong with it
+        missing = [str(f) for f in self.images if not Path(f).is_file()]
+        if missing:
+            raise BundleError(f"image file(s) not found: {', '.join(missing[:3])}")
+
+
+def measure_agreement(config: AgreementConfig) -> Agreement:
+    """Greedy captions of both bundles (onnxruntime, CPU) on image files or on a caption dataset."""
+    from tqdm import tqdm
+
+    from clipcap.captioner import Captioner
+    from clipcap.decoding import DecodingOptions
+    from clipcap.images import load_image_file
+
+    config.check_inputs()
+    files, references, keys = list(config.images), None, None
+    if config.data is not None:
+        from clipcap.training.data import read_dataset
+
+        records = read_dataset(config.data).records[: config.limit]
+        root = config.image_root or Path(config.data).parent
+        files = [root / r.image for r in records]
+        references, keys = [r.captions for r in records], [r.image for r in records]
+    reference = Captioner.from_path(config.reference, backend="onnxruntime")
+    candidate = Captioner.from_path(config.candidate, backend="onnxruntime")
+    options = DecodingOptions(max_tokens=config.max_tokens or reference.config.max_tokens)
+    starts = range(0, len(files), config.batch_size)
+    batches = (reference.preprocess([load_image_file(f) for f in files[start: start + config.batch_size]])
+               for start in tqdm(starts, desc="int8 vs fp32", unit="batch"))
+    return compare_captions(reference, candidate, batches, options, references, keys)
