@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from clipcap.config import BundleError
-from clipcap.runtimes import RuntimeUnavailable
 from clipcap.export.tensorrt import TensorRTBuildConfig, build_engines, compute_profiles
 from clipcap.formats.model_bundle import load_config
+from clipcap.runtimes import RuntimeUnavailable
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from clipcap.captioner import Captioner
-from clipcap.training.metrics import exact_match
 from clipcap.training import shapes
+from clipcap.training.metrics import exact_match
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "shapes-demo"
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from clipcap.formats.model_bundle import load_bundle, load_config
 from clipcap.captioner import Captioner
 from clipcap.cli import main
 from clipcap.config import BundleError
 from clipcap.decoding import DecodingOptions, generate
+from clipcap.export.tensorrt import TensorRTBuildConfig, build_engines, compute_profiles, convert_graph_fp16
 from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, graph_specs
+from clipcap.formats.model_bundle import load_bundle, load_config
+from clipcap.formats.tensorrt_profiles import Profile
 from clipcap.runtimes import RuntimeUnavailable
 from clipcap.runtimes.torch_runtime import TorchRuntime
-from clipcap.export.tensorrt import TensorRTBuildConfig, build_engines, compute_profiles, convert_graph_fp16
-from clipcap.formats.tensorrt_profiles import Profile
 from conftest import random_images
 
 ROOT = Path(__file__).resolve().parents[2]

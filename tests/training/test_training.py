@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from clipcap.formats.model_bundle import load_bundle
 from clipcap.config import BundleError
+from clipcap.formats.model_bundle import load_bundle
 from clipcap.model import ClipCapModel
 from clipcap.training import features as features_module
 from clipcap.training.data import DatasetError, read_dataset
