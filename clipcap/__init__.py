@@ -10,13 +10,13 @@ __version__ = "0.1.0"
 
 
 def load_bundle(path):
-    from clipcap.bundle import load_bundle as _load
+    from clipcap.formats.model_bundle import load_bundle as _load
 
     return _load(path)
 
 
 def save_bundle(model, tokenizer, path):
-    from clipcap.bundle import save_bundle as _save
+    from clipcap.formats.model_bundle import save_bundle as _save
 
     return _save(model, tokenizer, path)
 

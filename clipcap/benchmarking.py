@@ -66,10 +66,9 @@ BUNDLE_HOW_TO = {
 
 def bundle_kind(path: Path) -> str | None:
     """model | onnx-fp32 | onnx-int8 | tensorrt, read from the files in `path`; None if none fits."""
-    from clipcap.bundle import WEIGHTS_FILE
-    from clipcap.onnx_export import MANIFEST_FILE
-    from clipcap.quantize import INT8_PRECISION
-    from clipcap.tensorrt_build import PROFILES_FILE
+    from clipcap.formats.model_bundle import WEIGHTS_FILE
+    from clipcap.formats.export_bundle import INT8_PRECISION, MANIFEST_FILE
+    from clipcap.formats.tensorrt_profiles import PROFILES_FILE
 
     if (path / PROFILES_FILE).is_file():
         return "tensorrt"
@@ -139,7 +138,7 @@ def _missing_hardware(backend: BenchBackend, device: str) -> str | None:
 
     if backend.runtime != "tensorrt":
         return None
-    from clipcap.tensorrt_build import import_tensorrt
+    from clipcap.runtimes.tensorrt_runtime import import_tensorrt
 
     try:
         import_tensorrt()
@@ -165,7 +164,7 @@ def open_backends(names: list[str], paths: list[Path], device: str) -> tuple[dic
     Returns (open backends, {name: why it is unavailable}); an unavailable backend never stops the others.
     Backends sharing a runtime and a bundle (torch, torch-nocache) share one loaded model.
     """
-    from clipcap.bundle import load_tokenizer
+    from clipcap.formats.model_bundle import load_tokenizer
     from clipcap.captioner import Captioner
     from clipcap.runtimes import RuntimeUnavailable, open_runtime
 
@@ -718,11 +717,12 @@ def make_full_size_bundles(out: Path, int8: bool = True) -> dict[str, Path]:
     Steps whose output already exists are skipped, so a second call costs nothing. Random weights
     time exactly like trained ones: the same shapes do the same arithmetic.
     """
-    from clipcap.bundle import save_bundle
+    from clipcap.formats.model_bundle import save_bundle
     from clipcap.config import TokenizerConfig
     from clipcap.model import ClipCapModel, resolve_clip_config
-    from clipcap.onnx_export import MANIFEST_FILE, ExportOptions, export_bundle
-    from clipcap.quantize import QuantizeConfig, quantize_bundle
+    from clipcap.export.onnx import ExportOptions, export_bundle
+    from clipcap.formats.export_bundle import MANIFEST_FILE
+    from clipcap.export.int8 import QuantizeConfig, quantize_bundle
     from clipcap.tokenizer import train_bpe
 
     out = Path(out)

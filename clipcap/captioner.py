@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipcap.bundle import load_config, load_tokenizer
 from clipcap.config import BundleError, ClipCapConfig
 from clipcap.decoding import DecodingOptions, generate
+from clipcap.formats.model_bundle import load_config, load_tokenizer
 from clipcap.images import preprocess
 from clipcap.runtimes import Runtime, open_runtime
 from clipcap.tokenizer import CaptionTokenizer
@@ -36,10 +36,11 @@ class Captioner:
         self.config = config
 
     @classmethod
-    def from_path(cls, path: str | Path, backend: str = "torch", device: str = "cpu") -> "Captioner":
-        """Open a model bundle or an export bundle with the named backend."""
+    def from_path(cls, path: str | Path, backend: str | None = None, device: str = "cpu") -> "Captioner":
+        """Open any bundle (model, export, int8 sibling, TensorRT); `backend` overrides the one its kind
+        needs (clipcap.formats.detect). Each file is read once."""
         config = load_config(path)
-        return cls(open_runtime(path, backend, device), load_tokenizer(path, config), config)
+        return cls(open_runtime(path, backend, device, config), load_tokenizer(path, config), config)
 
     @property
     def token_limit(self) -> int:

@@ -25,7 +25,8 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-cache", action="store_true", help="the paper's decoding: recompute every step")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--backend", choices=sorted(RUNTIMES), default="torch")
+    parser.add_argument("--backend", choices=sorted(RUNTIMES), default=None,
+                        help="default: the one the bundle's kind needs (model: torch, export: onnxruntime, ...)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text lines")
 
@@ -100,7 +101,8 @@ def cmd_caption_embeddings(args: argparse.Namespace) -> int:
 
 
 def cmd_import_original(args: argparse.Namespace) -> int:
-    from clipcap.bundle import import_original, save_bundle
+    from clipcap.formats.model_bundle import save_bundle
+    from clipcap.formats.original import import_original
 
     bundle = import_original(args.checkpoint, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                              tokenizer=args.tokenizer, normalize_prefix=args.normalize_prefix)

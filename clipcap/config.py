@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipcap.mappers import MAPPERS
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "clipcap.json"
 
@@ -50,8 +52,6 @@ class MapperConfig:
     mlp_ratio: float = 2.0  # transformer only: hidden width of its ReLU MLP / embedding width
 
     def validate(self, where: str) -> None:
-        from clipcap.mappers import MAPPERS  # the registry is the single list of mapper types
-
         _check(self.type in MAPPERS, where, "mapper.type", f"unknown mapper {self.type!r}; known: {sorted(MAPPERS)}")
         for name in ("prefix_length", "clip_length", "num_layers", "num_heads"):
             _check(getattr(self, name) > 0, where, f"mapper.{name}", "must be > 0")

@@ -5,11 +5,14 @@ so the released checkpoints load with `load_state_dict` and no renaming table.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipcap.config import MapperConfig
+if TYPE_CHECKING:  # annotations only: clipcap.config validates `mapper.type` against MAPPERS below
+    from clipcap.config import MapperConfig
 
 
 class MLPMapper(nn.Module):
@@ -115,7 +118,8 @@ class TransformerMapper(nn.Module):
         return out[:, self.clip_length:]  # (B, P, E)
 
 
-# The registry: `mapper.type` in clipcap.json names one of these.
+# The registry, the one list of mapper types: `mapper.type` in clipcap.json names one of these
+# (clipcap.config validates against it, training/train.py offers its keys).
 MAPPERS: dict[str, type[nn.Module]] = {"mlp": MLPMapper, "transformer": TransformerMapper}
 
 

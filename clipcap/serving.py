@@ -3,8 +3,8 @@
 A TorchServe batch arrives as one row per HTTP request. Each row is checked on its own (content
 type, body size, image, decoding options), so a bad request gets its own 4xx answer and never
 fails the others; the good rows are captioned together, one batched decode per distinct set of
-decoding options. `build_archive` packs a bundle, the handler and `model-config.yaml` into a
-`.mar` with torch-model-archiver.
+decoding options. The handler's settings (`ServingConfig`) are clipcap.serving_config's;
+clipcap.export.mar packs a bundle, the handler and `model-config.yaml` into a `.mar`.
 
 Requests (TorchServe's own parsing already split multipart forms and decoded JSON):
 - raw image bytes as the body (Content-Type image/*, application/octet-stream or none);
@@ -19,76 +19,27 @@ import dataclasses
 import http
 import json
 import logging
-import os
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from clipcap.config import BundleError, dataclass_from_dict
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
-from clipcap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from clipcap.images import ImageError, decode_image
+from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError
 
 if TYPE_CHECKING:
     from clipcap.captioner import Captioner
 
 logger = logging.getLogger(__name__)
 
-MODEL_CONFIG_FILE = "model-config.yaml"
 JSON_TYPE = "application/json"
 MULTIPART_TYPE = "multipart/form-data"
 RAW_TYPES = ("application/octet-stream", "")  # plus every image/*: the bytes, not the header, decide the format
 HOW_TO_SEND = ('send the image as the raw body (Content-Type: image/png, image/jpeg, ...), as a multipart/form-data '
                'file part, or as JSON {"image": "<base64>"}')
-
-
-class ServingConfigError(ValueError):
-    """The `handler:` section of model-config.yaml is invalid; the message names the key."""
-
-
-@dataclass
-class ServingConfig:
-    """The `handler:` section of model-config.yaml. Every key is optional."""
-
-    bundle: str = "bundle"  # the model or export bundle's folder inside the archive (build_archive puts it there)
-    backend: str = "torch"  # a name in clipcap.runtimes.RUNTIMES: torch, onnxruntime, tensorrt
-    device: str = "auto"  # auto: the GPU TorchServe gave this worker, else cpu; or cpu, cuda, cuda:N
-    defaults: dict = field(default_factory=dict)  # decoding when a request sets none, in request keys
-    max_tokens: int | None = None  # the most tokens a request may ask for; None: the bundle's max_tokens
-    max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height, read from the header before decoding
-    max_body_bytes: int = 8 * 1024 * 1024  # image bytes (after base64); TorchServe's max_request_size caps HTTP
-
-    @classmethod
-    def from_dict(cls, data: Any) -> "ServingConfig":
-        try:
-            config = dataclass_from_dict(cls, data if data is not None else {}, MODEL_CONFIG_FILE, prefix="handler.")
-        except BundleError as error:
-            raise ServingConfigError(str(error)) from None
-        return config.validate()
-
-    def validate(self) -> "ServingConfig":
-        from clipcap.runtimes import RUNTIMES
-
-        def check(ok: bool, key: str, message: str) -> None:
-            if not ok:
-                raise ServingConfigError(f"{MODEL_CONFIG_FILE}: handler.{key} {message}")
-
-        check(self.backend in RUNTIMES, "backend", f"{self.backend!r} is not a backend; known: {', '.join(RUNTIMES)}")
-        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
-              f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        unknown = sorted(set(self.defaults) - set(REQUEST_OPTIONS))
-        check(not unknown, "defaults", f"has unknown key(s) {', '.join(unknown)}; known: {', '.join(REQUEST_OPTIONS)}")
-        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")
-        check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
-        check(self.max_body_bytes >= 1, "max_body_bytes", "must be >= 1")
-        return self
 
 
 def resolve_device(device: str, gpu_id: int | None) -> str:
@@ -306,55 +257,3 @@ def _group_key(index: int, options: DecodingOptions) -> tuple:
     # A seeded nucleus request samples row i with seed + i; alone in its group it gets exactly its seed.
     own_group = options.strategy == "nucleus" and options.seed is not None
     return dataclasses.astuple(options), index if own_group else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Packing clipcap.mar
-
-
-@dataclass
-class ArchiveConfig:
-    bundle: Path  # a model bundle or an export bundle
-    handler: Path  # the TorchServe handler file
-    model_config: Path  # model-config.yaml: TorchServe's per-model settings + the handler: section
-    out: Path = Path("build/model_store/clipcap.mar")  # the file name (without .mar) is the model name
-    backend: str | None = None  # replaces handler.backend in the packed model-config.yaml
-    device_type: str | None = None  # replaces deviceType (cpu | gpu) in the packed model-config.yaml
-
-
-def build_archive(config: ArchiveConfig) -> Path:
-    """Pack `config.bundle` (as `bundle/`), the handler and model-config.yaml into a .mar; returns its path."""
-    import yaml
-
-    from clipcap import __version__
-    from clipcap.bundle import load_config
-
-    load_config(config.bundle)  # a broken bundle fails here, not in a TorchServe worker
-    for path in (config.handler, config.model_config):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: file not found")
-    if config.out.suffix != ".mar" or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-.]*", config.out.stem):
-        raise ValueError(f"{config.out}: must be NAME.mar, NAME of letters, digits, '_', '-', '.'")
-    settings = yaml.safe_load(config.model_config.read_text()) or {}
-    if not isinstance(settings, dict):
-        raise ServingConfigError(f"{config.model_config}: must be a YAML mapping of TorchServe settings")
-    handler_section = settings["handler"] = settings.get("handler") or {}
-    if config.backend:
-        handler_section["backend"] = config.backend
-    if config.device_type:
-        settings["deviceType"] = config.device_type
-    serving = ServingConfig.from_dict(handler_section)  # refuse a bad config now, not at worker start
-    config.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="clipcap-mar-") as tmp:
-        extra = Path(tmp) / "extra"  # its contents land at the archive root: bundle/...
-        shutil.copytree(config.bundle, extra / serving.bundle)
-        packed_config = Path(tmp) / MODEL_CONFIG_FILE
-        packed_config.write_text(yaml.safe_dump(settings, sort_keys=False))
-        command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", config.out.stem,
-                   "--version", __version__, "--handler", str(config.handler), "--extra-files", str(extra),
-                   "--config-file", str(packed_config), "--export-path", str(config.out.parent), "--force"]
-        # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps parallel builds apart.
-        result = subprocess.run(command, env={**os.environ, "TMPDIR": tmp}, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"torch-model-archiver failed:\n{result.stderr.strip() or result.stdout.strip()}")
-    return config.out

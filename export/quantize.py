@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from clipcap.cli import USER_ERRORS
-from clipcap.quantize import AgreementConfig, QuantizeConfig, measure_agreement, quantize_bundle
+from clipcap.export.int8 import QuantizeConfig, quantize_bundle
+from clipcap.training.agreement import AgreementConfig, measure_agreement
 from clipcap.training.data import DatasetError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from clipcap.config import BundleError
-from clipcap.onnx_export import ExportError, ExportOptions, export_bundle
+from clipcap.export.onnx import ExportError, ExportOptions, export_bundle
 
 
 def main(argv: list[str] | None = None) -> int:

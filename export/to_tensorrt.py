@@ -13,10 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipcap.bundle import load_config
 from clipcap.config import BundleError
+from clipcap.export.tensorrt import TensorRTBuildConfig, build_engines, compute_profiles
+from clipcap.formats.model_bundle import load_config
 from clipcap.runtimes import RuntimeUnavailable
-from clipcap.tensorrt_build import TensorRTBuildConfig, build_engines, compute_profiles
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Pack a model bundle or an export bundle into a TorchServe archive (default build/model_store/clipcap.mar).
 
     python serving/build_mar.py --bundle models/shapes-demo
-    python serving/build_mar.py --bundle build/export/shapes-demo --backend onnxruntime
+    python serving/build_mar.py --bundle build/export/shapes-demo
 
 The archive holds the bundle (as bundle/), serving/handler.py and serving/model-config.yaml, with
 --backend / --device-type written into the packed copy of model-config.yaml.
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipcap.serving import ArchiveConfig, build_archive
+from clipcap.export.mar import ArchiveConfig, build_archive
 
 HERE = Path(__file__).resolve().parent
 

@@ -71,14 +71,14 @@ def tiny_model(tokenizer: CaptionTokenizer, mapper: str = "mlp", seed: int = 0, 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_tokenizer):
-    from clipcap.bundle import save_bundle
+    from clipcap.formats.model_bundle import save_bundle
 
     return save_bundle(tiny_model(tiny_tokenizer), tiny_tokenizer, tmp_path_factory.mktemp("bundle") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_transformer_bundle(tmp_path_factory, tiny_tokenizer):
-    from clipcap.bundle import save_bundle
+    from clipcap.formats.model_bundle import save_bundle
 
     model = tiny_model(tiny_tokenizer, "transformer", normalize_prefix=True)
     return save_bundle(model, tiny_tokenizer, tmp_path_factory.mktemp("bundle") / "tiny-transformer")
@@ -106,7 +106,7 @@ def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory, tiny_bundle):
-    from clipcap.onnx_export import ExportOptions, export_bundle
+    from clipcap.export.onnx import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("export") / "tiny-onnx"
     export_bundle(tiny_bundle, ExportOptions(out=out))
@@ -116,7 +116,7 @@ def tiny_export(tmp_path_factory, tiny_bundle):
 @pytest.fixture(scope="session")
 def full_size_bundle(tmp_path_factory, tiny_tokenizer):
     """ViT-B-32 + GPT-2 small with random weights and a tiny BPE (ids far below GPT-2's 50257)."""
-    from clipcap.bundle import save_bundle
+    from clipcap.formats.model_bundle import save_bundle
     from clipcap.model import resolve_clip_config
 
     torch.manual_seed(0)
@@ -128,7 +128,7 @@ def full_size_bundle(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def full_size_export(tmp_path_factory, full_size_bundle):
     """~1.2 GB of ONNX and ~2.5 minutes on 2 CPU cores, once per session."""
-    from clipcap.onnx_export import ExportOptions, export_bundle
+    from clipcap.export.onnx import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("export") / "full-size-onnx"
     export_bundle(full_size_bundle, ExportOptions(out=out))

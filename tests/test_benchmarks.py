@@ -31,7 +31,7 @@ CACHED = ("torch", "onnxruntime", "onnxruntime-int8")
 
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_export, tmp_path_factory):
-    from clipcap.quantize import QuantizeConfig, quantize_bundle
+    from clipcap.export.int8 import QuantizeConfig, quantize_bundle
 
     return quantize_bundle(QuantizeConfig(tiny_export, tmp_path_factory.mktemp("int8") / "tiny-onnx-int8"))
 
@@ -45,7 +45,7 @@ def latency_report(tiny_bundle, tiny_export, tiny_int8):
 
 
 def test_timed_runtime_changes_no_token_and_times_every_step(tiny_bundle):
-    from clipcap.bundle import load_bundle
+    from clipcap.formats.model_bundle import load_bundle
     from clipcap.images import preprocess
 
     bundle = load_bundle(tiny_bundle)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from clipcap.bundle import load_bundle
 from clipcap.decoding import DecodingError, DecodingOptions, TopP, generate
+from clipcap.formats.model_bundle import load_bundle
 from clipcap.images import preprocess
 from clipcap.runtimes.torch_runtime import TorchRuntime
 from conftest import random_images

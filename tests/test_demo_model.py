@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from clipcap.captioner import Captioner
+from clipcap.training import shapes
 from clipcap.training.metrics import exact_match
-from training import shapes
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "shapes-demo"
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -34,7 +34,7 @@ def test_bundle_is_small_and_documented():
 
 
 def test_preprocessing_matches_clip_pretraining(captioner):
-    from training.pretrain_clip import PreprocessConfig
+    from clipcap.training.clip_pretraining import PreprocessConfig
 
     clip = captioner.config.clip
     pretraining = PreprocessConfig(image_size=clip.image_size)

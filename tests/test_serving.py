@@ -12,8 +12,7 @@ import yaml
 
 from clipcap.captioner import Captioner
 from clipcap.config import BundleError
-from clipcap.serving import (ArchiveConfig, CaptionService, ImageRequest, ServingConfig, ServingConfigError,
-                             ServingError, build_archive)
+from clipcap.serving import CaptionService, ImageRequest, ServingConfig, ServingConfigError, ServingError
 from conftest import png_bytes, random_images
 
 SERVING = Path(__file__).resolve().parent.parent / "serving"
@@ -48,7 +47,7 @@ def test_config_defaults_and_shipped_yaml():
     assert ServingConfig.from_dict(None) == ServingConfig()
     shipped = yaml.safe_load((SERVING / "model-config.yaml").read_text())
     config = ServingConfig.from_dict(shipped["handler"])
-    assert (config.backend, config.device, config.defaults) == ("torch", "auto", {"decoding": "greedy"})
+    assert (config.backend, config.device, config.defaults) == (None, "auto", {"decoding": "greedy"})
 
 
 @pytest.mark.parametrize("section, fragment", [
@@ -301,33 +300,6 @@ def test_handler_refuses_bad_config(handler_setup):
 
 
 # -- the archive and the server config --------------------------------------------------------------
-
-def test_build_archive_packs_bundle_handler_and_config(tiny_bundle, tmp_path):
-    out = build_archive(ArchiveConfig(bundle=tiny_bundle, handler=SERVING / "handler.py",
-                                      model_config=SERVING / "model-config.yaml", out=tmp_path / "store" / "cc.mar",
-                                      backend="torch", device_type="gpu"))
-    with zipfile.ZipFile(out) as archive:
-        names = set(archive.namelist())
-        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
-        packed = yaml.safe_load(archive.read("model-config.yaml"))
-    assert {"handler.py", "model-config.yaml", "bundle/clipcap.json", "bundle/model.safetensors",
-            "bundle/tokenizer.json"} <= names
-    assert manifest["model"] == {**manifest["model"], "modelName": "cc", "handler": "handler.py",
-                                 "configFile": "model-config.yaml"}
-    assert packed["deviceType"] == "gpu" and packed["handler"]["backend"] == "torch"
-    assert packed["batchSize"] == yaml.safe_load((SERVING / "model-config.yaml").read_text())["batchSize"]
-
-
-def test_build_archive_refuses_bad_inputs(tiny_bundle, tmp_path):
-    config = dict(handler=SERVING / "handler.py", model_config=SERVING / "model-config.yaml")
-    with pytest.raises(BundleError, match="bundle directory not found"):
-        build_archive(ArchiveConfig(bundle=tmp_path / "missing", **config))
-    with pytest.raises(ValueError, match="must be NAME.mar"):
-        build_archive(ArchiveConfig(bundle=tiny_bundle, out=tmp_path / "clip cap.mar", **config))
-    with pytest.raises(ServingConfigError, match="handler.backend 'nope'"):
-        build_archive(ArchiveConfig(bundle=tiny_bundle, out=tmp_path / "x.mar", backend="nope", **config))
-    assert not list(tmp_path.glob("*.mar"))
-
 
 def test_server_config_is_safe_and_fits_the_largest_request():
     properties = dict(line.split("=", 1) for line in (SERVING / "config.properties").read_text().splitlines()

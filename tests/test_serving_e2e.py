@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from clipcap.captioner import Captioner
+from clipcap.export.mar import ArchiveConfig, build_archive
 from clipcap.images import decode_image
-from clipcap.serving import ArchiveConfig, build_archive
 from conftest import png_bytes, random_images
 
 ROOT = Path(__file__).resolve().parent.parent

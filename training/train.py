@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipcap.mappers import MAPPERS
 from clipcap.training.trainer import TrainConfig, train
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction,
                         help="images held out for validation when no --val-features")
     model = parser.add_argument_group("model")
-    model.add_argument("--mapper", choices=("mlp", "transformer"), default=d.mapper)
+    model.add_argument("--mapper", choices=sorted(MAPPERS), default=d.mapper)
     model.add_argument("--prefix-length", type=int, default=d.prefix_length)
     model.add_argument("--clip-length", type=int, default=d.clip_length)
     model.add_argument("--mapper-layers", type=int, default=d.mapper_layers)

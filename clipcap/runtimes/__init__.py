@@ -1,12 +1,18 @@
-"""Backends behind the `Runtime` protocol, by name; each imports its heavy dependency lazily."""
+"""Backends behind the `Runtime` protocol, by name; each imports its heavy dependency lazily.
+
+`open_runtime(path)` picks the backend from the bundle's kind (clipcap.formats.detect); a named
+backend overrides it.
+"""
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
-from clipcap.runtimes.base import Runtime
+from clipcap.config import ClipCapConfig
+from clipcap.formats.detect import detect
+from clipcap.runtimes.base import Runtime, RuntimeUnavailable
 
-# name -> "module:class"; the class has `from_path(path, device)`.
+# name -> "module:class"; the class has `from_path(path, device, config=None)`.
 RUNTIMES = {
     "torch": "clipcap.runtimes.torch_runtime:TorchRuntime",
     "onnxruntime": "clipcap.runtimes.onnx_runtime:OnnxRuntime",
@@ -14,16 +20,17 @@ RUNTIMES = {
 }
 
 
-class RuntimeUnavailable(RuntimeError):
-    """The backend cannot run here (package or device missing); the message says what to install."""
-
-
-def open_runtime(path: str | Path, backend: str = "torch", device: str = "cpu") -> Runtime:
+def open_runtime(path: str | Path, backend: str | None = None, device: str = "cpu",
+                 config: ClipCapConfig | None = None) -> Runtime:
+    """The bundle at `path` behind `backend` (None: the one its kind needs). `config`: the bundle's
+    clipcap.json when the caller has read it already (None: read here)."""
+    if backend is None:
+        backend = detect(path).backend
     if backend not in RUNTIMES:
         raise RuntimeUnavailable(f"unknown backend {backend!r}; known: {', '.join(RUNTIMES)}")
     module_name, class_name = RUNTIMES[backend].split(":")
     runtime_class = getattr(importlib.import_module(module_name), class_name)
-    return runtime_class.from_path(Path(path), device)
+    return runtime_class.from_path(Path(path), device, config=config)
 
 
 __all__ = ["RUNTIMES", "Runtime", "RuntimeUnavailable", "open_runtime"]

@@ -13,6 +13,10 @@ import torch
 from clipcap.config import ClipCapConfig
 
 
+class RuntimeUnavailable(RuntimeError):
+    """The backend cannot run here (package or device missing); the message says what to install."""
+
+
 class Runtime(Protocol):
     config: ClipCapConfig
     device: torch.device

@@ -16,7 +16,10 @@ import numpy as np
 import torch
 
 from clipcap.config import ClipCapConfig
-from clipcap.export_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
+from clipcap.formats.export_bundle import load_manifest, load_token_table
+from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
+from clipcap.formats.model_bundle import load_config
+from clipcap.runtimes.base import RuntimeUnavailable
 
 # torch dtype -> the numpy type onnxruntime's binding API takes as the element type.
 _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -38,8 +41,6 @@ def execution_providers(device: str, engine_cache: Path | None = None) -> tuple[
     Raises RuntimeUnavailable naming what to install when the provider or the GPU is missing.
     """
     import onnxruntime as ort
-
-    from clipcap.runtimes import RuntimeUnavailable
 
     kind, _, index = device.partition(":")
     if kind == "cpu" and not index:
@@ -74,8 +75,6 @@ class OnnxRuntime:
         """`threads`: intra-op threads per session; None follows torch.get_num_threads()."""
         import onnxruntime as ort
 
-        from clipcap.onnx_export import load_token_table
-
         providers, self.device = execution_providers(device, engine_cache=path / "ort-tensorrt-cache")
         self.config = config
         self.manifest = manifest
@@ -91,12 +90,10 @@ class OnnxRuntime:
         self.token_table = load_token_table(path / manifest["token_embeddings"]).to(self.device)
 
     @classmethod
-    def from_path(cls, path: Path, device: str = "cpu", threads: int | None = None) -> "OnnxRuntime":
-        from clipcap.bundle import load_config
-        from clipcap.onnx_export import load_manifest
-
+    def from_path(cls, path: Path, device: str = "cpu", threads: int | None = None,
+                  config: ClipCapConfig | None = None) -> "OnnxRuntime":
         path = Path(path)
-        config = load_config(path)
+        config = config or load_config(path)
         return cls(path, config, load_manifest(path, config), device, threads)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

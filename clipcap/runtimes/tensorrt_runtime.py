@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 
 from clipcap.config import BundleError, ClipCapConfig
-from clipcap.export_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
+from clipcap.formats.export_bundle import load_token_table
+from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
+from clipcap.formats.model_bundle import load_config
+from clipcap.formats.tensorrt_profiles import load_profiles
+from clipcap.runtimes.base import RuntimeUnavailable
 
 
 @dataclass
@@ -59,8 +63,6 @@ class _Engine:
 
     def profile_for(self, shapes: dict[str, tuple[int, ...]], prefer: str | None = None) -> int:
         """Index of the profile named `prefer` if the shapes fit it, else of the first that fits."""
-        from clipcap.runtimes import RuntimeUnavailable
-
         order = sorted(range(len(self.profiles)), key=lambda i: self.profiles[i].name != prefer)
         for index in order:
             if self.profiles[index].fits(shapes):
@@ -88,9 +90,6 @@ class _Engine:
 
 class TensorRTRuntime:
     def __init__(self, path: Path, config: ClipCapConfig, record: dict, device: str = "cuda"):
-        from clipcap.onnx_export import load_token_table
-        from clipcap.tensorrt_build import import_tensorrt
-
         trt = import_tensorrt()
         self.device = torch.device(device)
         self.config = config
@@ -112,18 +111,14 @@ class TensorRTRuntime:
                 buffers["attention_mask"].fill_(1)
 
     @classmethod
-    def from_path(cls, path: Path, device: str = "cuda") -> "TensorRTRuntime":
-        from clipcap.bundle import load_config
-        from clipcap.runtimes import RuntimeUnavailable
-        from clipcap.tensorrt_build import import_tensorrt, load_profiles
-
+    def from_path(cls, path: Path, device: str = "cuda", config: ClipCapConfig | None = None) -> "TensorRTRuntime":
         import_tensorrt()  # first: its error says what to install
         if not device.startswith("cuda"):
             raise RuntimeUnavailable(f"the tensorrt backend runs on a CUDA GPU: use --device cuda, not {device!r}")
         if not torch.cuda.is_available():
             raise RuntimeUnavailable("the tensorrt backend needs a CUDA GPU, and torch sees none on this machine")
         path = Path(path)
-        return cls(path, load_config(path), load_profiles(path), device)
+        return cls(path, config or load_config(path), load_profiles(path), device)
 
     def _allocate_kv(self) -> list[dict[str, torch.Tensor]]:
         """Two flat buffers per cache tensor, each big enough for the largest past/present any profile allows."""
@@ -136,8 +131,6 @@ class TensorRTRuntime:
                 for _ in range(2)]
 
     def _kv_views(self, slot: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
-        from clipcap.runtimes import RuntimeUnavailable
-
         if _numel(shape) > self.kv_buffers[slot][self.past_names[0]].numel():
             raise RuntimeUnavailable(f"KV cache of shape {shape} exceeds what the engines were built for; "
                                      "rebuild with larger --max-batch / --max-beam / --max-tokens")
@@ -217,3 +210,14 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
     if dtype not in table:
         raise BundleError(f"engine tensor type {dtype} is not one this runtime binds")
     return table[dtype]
+
+
+def import_tensorrt():
+    """The tensorrt module, or RuntimeUnavailable saying how to get it."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise RuntimeUnavailable(
+            "the tensorrt Python package is not installed: pip install tensorrt (TensorRT 10 or 11; its wheels "
+            "come from NVIDIA's index, pypi.nvidia.com) on a machine with a CUDA GPU and driver") from None
+    return tensorrt

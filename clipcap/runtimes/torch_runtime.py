@@ -6,12 +6,12 @@ from pathlib import Path
 import torch
 
 from clipcap.config import ClipCapConfig
+from clipcap.formats.model_bundle import load_config, load_model
+from clipcap.runtimes.base import RuntimeUnavailable
 
 
 class TorchRuntime:
     def __init__(self, model, device: str = "cpu"):
-        from clipcap.runtimes import RuntimeUnavailable
-
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeUnavailable("device 'cuda' asked for, but torch sees no CUDA GPU on this machine")
         self.device = torch.device(device)
@@ -19,10 +19,8 @@ class TorchRuntime:
         self.config: ClipCapConfig = model.config
 
     @classmethod
-    def from_path(cls, path: Path, device: str = "cpu") -> "TorchRuntime":
-        from clipcap.bundle import load_bundle
-
-        return cls(load_bundle(path).model, device)
+    def from_path(cls, path: Path, device: str = "cpu", config: ClipCapConfig | None = None) -> "TorchRuntime":
+        return cls(load_model(path, config or load_config(path)), device)
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

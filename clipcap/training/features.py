@@ -48,7 +48,7 @@ class ClipSource:
 
 def load_clip_tower(source: ClipSource) -> tuple[ClipConfig, nn.Module]:
     """The ClipConfig and the open_clip visual tower for `source`, weights loaded with strict checks."""
-    from clipcap.bundle import check_state_dict, load_bundle
+    from clipcap.formats.model_bundle import check_state_dict, load_bundle
     from clipcap.model import build_clip_visual, resolve_clip_config
 
     if source.bundle is not None:

@@ -293,7 +293,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         from tqdm import tqdm
 
-        from clipcap.bundle import save_bundle
+        from clipcap.formats.model_bundle import save_bundle
 
         cfg = self.cfg
         for epoch in range(self.epoch, cfg.epochs):

@@ -1,4 +1,4 @@
-"""Checks training/shapes.py against the data spec by measuring the drawn pixels.
+"""Checks clipcap.training.shapes (and its script, training/shapes.py) against the data spec by measuring the drawn pixels.
 
 Held-out data is drawn by other code from the same spec, so these tests look at
 the images themselves rather than at the generator's own metadata.
@@ -11,7 +11,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from training import shapes
+from clipcap.training import shapes
+from training import shapes as shapes_script
 
 N = 200
 CAPTION_ONE = re.compile(r"^a (small|large) (\w+) (circle|square|triangle)\.$")
@@ -173,7 +174,7 @@ def test_deterministic_and_independent_of_n():
 
 
 def test_cli_writes_dataset(tmp_path):
-    shapes.main(["--out", str(tmp_path), "--n", "4", "--seed", "0"])
+    shapes_script.main(["--out", str(tmp_path), "--n", "4", "--seed", "0"])
     rows = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert [r["image"] for r in rows] == [f"images/{i:06d}.png" for i in range(4)]

@@ -9,12 +9,12 @@ import pytest
 
 from clipcap.captioner import Captioner
 from clipcap.config import BundleError
-from clipcap.onnx_export import MANIFEST_FILE
-from clipcap.quantize import (AgreementConfig, QuantizeConfig, compare_captions, measure_agreement,
-                              quantize_bundle, token_agreement)
+from clipcap.export.int8 import QuantizeConfig, quantize_bundle
+from clipcap.formats.export_bundle import MANIFEST_FILE
+from clipcap.training.agreement import AgreementConfig, compare_captions, measure_agreement, token_agreement
 from conftest import CAPTIONS, random_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Measured on the tiny fixture model: 32/32 images (100%) identical. The floor leaves room for
 # another CPU's int8 kernels to round a near-tie the other way.
 AGREEMENT_FLOOR = 0.9

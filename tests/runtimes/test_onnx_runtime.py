@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from clipcap.bundle import load_bundle
 from clipcap.captioner import Captioner
 from clipcap.cli import main
 from clipcap.config import BundleError
 from clipcap.decoding import DecodingOptions, generate
+from clipcap.formats.model_bundle import load_bundle
 from clipcap.runtimes import RuntimeUnavailable, open_runtime
 from clipcap.runtimes.onnx_runtime import OnnxRuntime, execution_providers
 from clipcap.runtimes.torch_runtime import TorchRuntime

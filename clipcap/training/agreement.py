@@ -1,81 +1,15 @@
-"""Dynamic int8 quantisation of an export bundle for CPU serving, and how far it moves the captions.
+"""How far a candidate bundle (an int8 sibling) moves the captions of a reference bundle (its fp32 source).
 
-`quantize_bundle` writes a *sibling* export bundle: the same files (hard-linked where possible) with
-`decoder.int8.onnx` (and, on request, `encoder.int8.onnx`) named in its export.json. A sibling
-bundle keeps the runtime and `Captioner.from_path` unchanged: int8 is just another directory to
-serve. `compare_captions` measures greedy agreement with the fp32 bundle and, given references,
-the caption-metric delta (clipcap.training.evaluation's scorer).
+`compare_captions` measures greedy agreement of two `Captioner`s and, given references, the
+caption-metric delta (clipcap.training.evaluation's scorer); `measure_agreement` runs it on image
+files or on a caption dataset.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipcap.config import BundleError
-from clipcap.onnx_export import MANIFEST_FILE, write_manifest
-
-INT8_PRECISION = "int8-dynamic"
-
-
-@dataclass
-class QuantizeConfig:
-    export_dir: Path  # an fp32 export bundle (export/to_onnx.py)
-    out: Path | None = None  # None: a sibling directory `<export_dir>-int8`
-    encoder: bool = False  # also quantise the encoder (the CLIP ViT moves more than the decoder: measure first)
-    per_channel: bool = False  # per-output-channel weight scales: slower to build, sometimes closer to fp32
-
-    @property
-    def out_dir(self) -> Path:
-        return self.out or self.export_dir.with_name(self.export_dir.name + "-int8")
-
-
-def quantize_bundle(config: QuantizeConfig) -> Path:
-    """Write the int8 sibling bundle; returns its directory."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from tqdm import tqdm
-
-    source, out = Path(config.export_dir), config.out_dir
-    manifest_file = source / MANIFEST_FILE
-    if not manifest_file.is_file():
-        raise BundleError(f"{source}: not an export bundle (no {MANIFEST_FILE}); run export/to_onnx.py first")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("precision") != "fp32":
-        raise BundleError(f"{source}: precision is {manifest.get('precision')!r}; quantise an fp32 export bundle")
-    if out.resolve() == source.resolve():
-        raise BundleError(f"{out}: the int8 bundle must not overwrite its fp32 source")
-    out.mkdir(parents=True, exist_ok=True)
-    graphs = ["decoder"] + (["encoder"] if config.encoder else [])
-    sources = [manifest["graphs"][name]["file"] for name in graphs]
-    quantized_files = set(sources) | {f + ".data" for f in sources}  # .data: weights of graphs past 2 GiB
-    for item in source.iterdir():
-        if item.is_file() and item.name not in quantized_files | {MANIFEST_FILE}:
-            _link_or_copy(item, out / item.name)
-    for name in tqdm(graphs, desc="quantize", unit="graph"):
-        entry = manifest["graphs"][name]
-        target = entry["file"].replace(".onnx", ".int8.onnx")
-        # Weights int8 (signed, as VNNI/AVX-512 kernels want them); activations quantised per call.
-        quantize_dynamic(source / entry["file"], out / target, weight_type=QuantType.QInt8,
-                         per_channel=config.per_channel,
-                         use_external_data_format=(source / (entry["file"] + ".data")).exists())
-        entry.update(file=target, quantization={"method": "onnxruntime quantize_dynamic", "weights": "int8",
-                                                "per_channel": config.per_channel})
-        entry.pop("parity", None)  # fp32 parity bounds do not apply; compare_captions measures int8
-    manifest.pop("greedy_parity", None)
-    manifest.update(precision=INT8_PRECISION, quantized_from=str(source))
-    write_manifest(out, manifest)
-    return out
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    if target.exists():
-        target.unlink()
-    try:
-        os.link(source, target)  # the encoder alone is ~480 MB at ViT-B-32: don't duplicate it
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 @dataclass

@@ -9,13 +9,13 @@ import onnx
 import pytest
 import torch
 
-from clipcap.bundle import load_bundle, load_config
 from clipcap.config import BundleError
-from clipcap.export_specs import BATCH, PAST, SEQUENCE, decoder_spec, graph_specs, kv_names
-from clipcap.onnx_export import (GRAPH_MODULES, MANIFEST_FILE, TOKEN_TABLE_FILE, graph_max_diff, load_manifest,
-                                 load_token_table, open_session)
+from clipcap.export.onnx import GRAPH_MODULES, graph_max_diff, open_session
+from clipcap.formats.export_bundle import MANIFEST_FILE, TOKEN_TABLE_FILE, load_manifest, load_token_table
+from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, decoder_spec, graph_specs, kv_names
+from clipcap.formats.model_bundle import load_bundle, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_decoder_spec_follows_optimum_names(tiny_bundle):

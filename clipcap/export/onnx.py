@@ -1,7 +1,7 @@
 """Model bundle -> export bundle: encoder.onnx, mapper.onnx, decoder.onnx, token table, export.json.
 
 Each graph is exported with torch.onnx's dynamo exporter (torch.export underneath) from a small
-wrapper module whose inputs and outputs are exactly the spec's (clipcap.export_specs), then checked
+wrapper module whose inputs and outputs are exactly the spec's (clipcap.formats.graph_specs), then checked
 with `onnx.checker` and run in onnxruntime against the PyTorch module at several shapes, past
 length 0 included. The decoder wrapper rebuilds transformers' DynamicCache from flat past tensors,
 so GPT-2's own attention code is what gets exported, not a re-implementation.
@@ -9,7 +9,6 @@ so GPT-2's own attention code is what gets exported, not a re-implementation.
 from __future__ import annotations
 
 import inspect
-import json
 import shutil
 import time
 import warnings
@@ -19,14 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipcap.bundle import Bundle, load_bundle
-from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
-from clipcap.export_specs import PARITY_SIZES, GraphSpec, graph_specs
+from clipcap.config import CONFIG_FILE, BundleError
+from clipcap.formats.export_bundle import (EXPORT_FORMAT_VERSION, TOKEN_TABLE_FILE, write_manifest,
+                                           write_token_table)
+from clipcap.formats.graph_specs import PARITY_SIZES, GraphSpec, graph_specs
+from clipcap.formats.model_bundle import Bundle, load_bundle
 
-MANIFEST_FILE = "export.json"
-TOKEN_TABLE_FILE = "token_embeddings.safetensors"
-TOKEN_TABLE_KEY = "wte"  # (vocab_size, n_embd): GPT-2's input embedding, indexed by the runtimes
-EXPORT_FORMAT_VERSION = 1
 TWO_GIB = 2**31  # protobuf's limit: bigger graphs keep their weights in a `.onnx.data` file
 
 
@@ -224,59 +221,6 @@ def check_greedy_parity(bundle: Bundle, out: Path, max_tokens: int) -> dict:
     if results[0] != results[1]:
         raise ExportError(f"{out}: greedy tokens differ between PyTorch {results[0]} and onnxruntime {results[1]}")
     return {"images": len(pixels), "max_tokens": max_tokens, "identical": True}
-
-
-# ---------------------------------------------------------------------------------------------
-# The rest of the export bundle.
-
-
-def write_token_table(bundle: Bundle, path: Path) -> None:
-    """GPT-2's input embedding table; the runtimes index it for each next token (no graph call)."""
-    from safetensors.torch import save_file
-
-    table = bundle.model.gpt.transformer.wte.weight.detach().float().contiguous()
-    save_file({TOKEN_TABLE_KEY: table}, str(path))
-
-
-def load_token_table(path: Path) -> torch.Tensor:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise BundleError(f"{path}: token embedding table not found")
-    try:
-        return load_file(str(path))[TOKEN_TABLE_KEY]
-    except (SafetensorError, OSError, KeyError) as error:
-        raise BundleError(f"{path}: not a token table written by the exporter ({error})") from None
-
-
-def write_manifest(out: Path, manifest: dict) -> None:
-    (Path(out) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def load_manifest(path: str | Path, config: ClipCapConfig) -> dict:
-    """The export bundle's manifest, checked against `config` (every graph file present)."""
-    path = Path(path)
-    manifest_file = path / MANIFEST_FILE
-    if not manifest_file.is_file():
-        raise BundleError(f"{path}: not an export bundle (no {MANIFEST_FILE}); "
-                          f"make one with: python export/to_onnx.py MODEL_BUNDLE --out {path}")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{manifest_file}: not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise BundleError(f"{manifest_file}: unsupported export format (this library reads version "
-                          f"{EXPORT_FORMAT_VERSION})")
-    graphs = manifest.get("graphs", {})
-    for name, spec in graph_specs(config).items():
-        entry = graphs.get(name)
-        if not isinstance(entry, dict) or not (path / str(entry.get("file", ""))).is_file():
-            raise BundleError(f"{manifest_file}: graph {name!r} missing or its file is not in {path}")
-        if entry.get("inputs") != spec.input_names or entry.get("outputs") != spec.output_names:
-            raise BundleError(f"{manifest_file}: graph {name!r} inputs/outputs do not match {CONFIG_FILE} "
-                              f"(exported from another model?)")
-    return manifest
 
 
 def _versions() -> dict:

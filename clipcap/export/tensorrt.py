@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
-from clipcap.export_specs import BATCH, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs
+from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs
+from clipcap.formats.tensorrt_profiles import PROFILES_FILE, TRT_FORMAT_VERSION, Profile
+from clipcap.runtimes.tensorrt_runtime import import_tensorrt
 
-PROFILES_FILE = "profiles.json"
 TIMING_CACHE_FILE = "timing.cache"
-TRT_FORMAT_VERSION = 1
 FP16_KEPT_FP32 = ["LayerNormalization"]  # fp16 LayerNorm over 768 channels overflows; TensorRT warns the same
 
 
@@ -35,34 +35,6 @@ class TensorRTBuildConfig:
     opt_batch: int | None = None  # the batch kernels are tuned for; None: max_batch
     workspace_gib: float = 4.0  # builder scratch memory limit
     timing_cache: Path | None = None  # None: out/timing.cache; reused across builds and graphs
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> (min, opt, max)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shapes": {k: {"min": list(a), "opt": list(b), "max": list(c)}
-                                              for k, (a, b, c) in self.shapes.items()}}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Profile":
-        return cls(data["name"], {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"]))
-                                  for k, v in data["shapes"].items()})
-
-    def fits(self, shapes: dict[str, tuple[int, ...]]) -> bool:
-        return all(all(lo <= s <= hi for lo, s, hi in zip(self.shapes[name][0], shape, self.shapes[name][2]))
-                   for name, shape in shapes.items())
-
-    def max_sizes(self, spec: GraphSpec) -> dict[str, int]:
-        """The largest value of every symbolic dimension this profile allows (to size buffers once)."""
-        sizes: dict[str, int] = {}
-        for tensor in spec.inputs:
-            for axis, dim in enumerate(tensor.shape):
-                if isinstance(dim, str):
-                    sizes[dim] = max(sizes.get(dim, 0), self.shapes[tensor.name][2][axis])
-        return sizes
 
 
 def compute_profiles(config: ClipCapConfig, max_batch: int, max_tokens: int | None = None, max_beam: int = 5,
@@ -108,19 +80,6 @@ def compute_profiles(config: ClipCapConfig, max_batch: int, max_tokens: int | No
     }
 
 
-def import_tensorrt():
-    """The tensorrt module, or RuntimeUnavailable saying how to get it."""
-    from clipcap.runtimes import RuntimeUnavailable
-
-    try:
-        import tensorrt
-    except ImportError:
-        raise RuntimeUnavailable(
-            "the tensorrt Python package is not installed: pip install tensorrt (TensorRT 10 or 11; its wheels "
-            "come from NVIDIA's index, pypi.nvidia.com) on a machine with a CUDA GPU and driver") from None
-    return tensorrt
-
-
 def network_flags(trt) -> int:
     """Strongly typed networks: implicit in TensorRT 11, a creation flag in TensorRT 10."""
     if int(trt.__version__.split(".")[0]) >= 11:
@@ -146,8 +105,9 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
     """Build and serialize one engine per graph; returns what profiles.json records."""
     from tqdm import tqdm
 
-    from clipcap.bundle import load_config
-    from clipcap.onnx_export import ExportError, load_manifest
+    from clipcap.export.onnx import ExportError
+    from clipcap.formats.export_bundle import load_manifest
+    from clipcap.formats.model_bundle import load_config
 
     trt = import_tensorrt()
     _require_cuda()
@@ -200,23 +160,6 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
               "max_tokens": config.max_tokens or bundle_config.max_tokens, "max_beam": config.max_beam,
               "token_embeddings": manifest["token_embeddings"], "timing_cache": str(cache_file), "engines": engines}
     (out / PROFILES_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return record
-
-
-def load_profiles(path: Path) -> dict:
-    """profiles.json of a TensorRT bundle, with each engine's profiles as `Profile`s."""
-    profiles_file = Path(path) / PROFILES_FILE
-    if not profiles_file.is_file():
-        raise BundleError(f"{path}: not a TensorRT bundle (no {PROFILES_FILE}); build one with: "
-                          f"python export/to_tensorrt.py EXPORT_DIR --out {path}")
-    try:
-        record = json.loads(profiles_file.read_text())
-        if record.get("format_version") != TRT_FORMAT_VERSION:
-            raise BundleError(f"{profiles_file}: unsupported format (this library reads version {TRT_FORMAT_VERSION})")
-        for entry in record["engines"].values():
-            entry["profiles"] = [Profile.from_dict(p) for p in entry["profiles"]]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise BundleError(f"{profiles_file}: malformed ({error!r})") from None
     return record
 
 

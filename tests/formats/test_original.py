@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from clipcap.bundle import import_original, load_bundle, save_bundle
+from clipcap.formats.model_bundle import load_bundle, save_bundle
+from clipcap.formats.original import import_original
 from clipcap.config import BundleError
 from clipcap.images import preprocess
 from clipcap.decoding import DecodingOptions, generate
@@ -30,7 +31,7 @@ def test_import_decodes_like_the_paper(request, tmp_path, tiny_tokenizer, monkey
     import json
     clip_json.write_text(json.dumps(TINY_CLIP))
     # The paper's GPT-2 tokenizer comes from the hub; here the test's own tokenizer stands in for it.
-    monkeypatch.setattr("clipcap.bundle.CaptionTokenizer.from_pretrained", lambda name: tiny_tokenizer)
+    monkeypatch.setattr("clipcap.formats.original.CaptionTokenizer.from_pretrained", lambda name: tiny_tokenizer)
     bundle = import_original(tmp_path / "weights.pt", clip_model=str(clip_json), clip_pretrained="none",
                              tokenizer="gpt2", normalize_prefix=source.config.normalize_prefix)
     mapper, expected = bundle.config.mapper, source.config.mapper

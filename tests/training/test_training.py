@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from clipcap.bundle import load_bundle
 from clipcap.config import BundleError
+from clipcap.formats.model_bundle import load_bundle
 from clipcap.model import ClipCapModel
 from clipcap.training import features as features_module
 from clipcap.training.data import DatasetError, read_dataset
 from clipcap.training.features import ClipSource, ExtractConfig, extract_features, load_clip_tower, load_features
 from clipcap.training.trainer import Trainer, TrainConfig, caption_loss, pad_batch, train, trainable_parameters
 from conftest import TINY_CLIP as CONFTEST_CLIP, tiny_config
-from training import shapes
+from clipcap.training import shapes
 
 N_IMAGES = 240
 TINY_CLIP = {

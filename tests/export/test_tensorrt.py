@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from clipcap.bundle import load_bundle, load_config
 from clipcap.captioner import Captioner
 from clipcap.cli import main
 from clipcap.config import BundleError
 from clipcap.decoding import DecodingOptions, generate
-from clipcap.export_specs import BATCH, PAST, SEQUENCE, graph_specs
+from clipcap.export.tensorrt import TensorRTBuildConfig, build_engines, compute_profiles, convert_graph_fp16
+from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, graph_specs
+from clipcap.formats.model_bundle import load_bundle, load_config
+from clipcap.formats.tensorrt_profiles import Profile
 from clipcap.runtimes import RuntimeUnavailable
 from clipcap.runtimes.torch_runtime import TorchRuntime
-from clipcap.tensorrt_build import Profile, TensorRTBuildConfig, build_engines, compute_profiles, convert_graph_fp16
 from conftest import random_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 _MISSING = [what for what, present in (("the tensorrt package", HAS_TENSORRT), ("a CUDA GPU", torch.cuda.is_available()))
             if not present]

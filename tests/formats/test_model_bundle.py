@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clipcap.bundle import load_bundle, save_bundle
 from clipcap.config import BundleError
+from clipcap.formats.model_bundle import load_bundle, save_bundle
 from conftest import random_images
 
 

@@ -1,4 +1,4 @@
-"""Fast checks of training/pretrain_clip.py on a tiny CLIP config."""
+"""Fast checks of clipcap.training.clip_pretraining (and its script) on a tiny CLIP config."""
 
 import json
 import math
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from training import pretrain_clip, shapes
+from clipcap.training import clip_pretraining, shapes
+from training import pretrain_clip
 
 TINY_CFG = {
     "embed_dim": 32,
@@ -21,7 +22,7 @@ TINY_CFG = {
 
 @pytest.fixture(scope="module")
 def pool():
-    return pretrain_clip.build_pool(shapes.generate(16, seed=0), image_size=32)
+    return clip_pretraining.build_pool(shapes.generate(16, seed=0), image_size=32)
 
 
 def test_main_writes_loadable_outputs(tmp_path):
@@ -50,10 +51,10 @@ def test_main_writes_loadable_outputs(tmp_path):
 
 
 def test_hard_negatives_add_text_candidates(pool):
-    pre = pretrain_clip.PreprocessConfig(image_size=32)
+    pre = clip_pretraining.PreprocessConfig(image_size=32)
     indices = np.arange(8)
-    plain = pretrain_clip.build_batch(pool, indices, np.random.default_rng(0), False, pre)
-    hard = pretrain_clip.build_batch(pool, indices, np.random.default_rng(0), True, pre)
+    plain = clip_pretraining.build_batch(pool, indices, np.random.default_rng(0), False, pre)
+    hard = clip_pretraining.build_batch(pool, indices, np.random.default_rng(0), True, pre)
     assert len(plain.texts) == 8 and plain.correct.shape == (8, 8)
     # 4 two-object images x 2 negatives + 4 one-object images x 1 (other size)
     assert len(hard.texts) == 8 + 4 * 2 + 4
@@ -70,8 +71,8 @@ def test_duplicate_captions_are_masked():
     features = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     scale = torch.tensor(10.0)
     correct = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
-    masked = pretrain_clip.contrastive_loss(features, features, scale, correct)
-    unmasked = pretrain_clip.contrastive_loss(features, features, scale, torch.eye(3, dtype=torch.bool))
+    masked = clip_pretraining.contrastive_loss(features, features, scale, correct)
+    unmasked = clip_pretraining.contrastive_loss(features, features, scale, torch.eye(3, dtype=torch.bool))
     assert math.isfinite(masked.item()) and masked.item() < unmasked.item()
     # Masking exactly removes the duplicate from both softmax denominators.
     logits = scale * features @ features.T
@@ -84,6 +85,6 @@ def test_duplicate_captions_are_masked():
 
 def test_preprocess_matches_open_clip_transform():
     image = shapes.generate(1, seed=5)[0].image
-    pre = pretrain_clip.PreprocessConfig(image_size=32)
+    pre = clip_pretraining.PreprocessConfig(image_size=32)
     reference = open_clip.transform.image_transform(32, is_train=False, mean=pre.mean, std=pre.std)(image)
-    assert torch.allclose(pretrain_clip.preprocess([image], pre)[0], reference, atol=1e-5)
+    assert torch.allclose(clip_pretraining.preprocess([image], pre)[0], reference, atol=1e-5)

@@ -1,0 +1,46 @@
+"""Which kind of bundle a directory holds, told by the files each kind alone has (nothing is parsed).
+
+Every kind carries `clipcap.json` and the tokenizer; the kind decides the runtime that opens it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipcap.config import CONFIG_FILE, BundleError
+from clipcap.formats.export_bundle import MANIFEST_FILE, int8_graph_file
+from clipcap.formats.model_bundle import WEIGHTS_FILE
+from clipcap.formats.tensorrt_profiles import PROFILES_FILE
+
+
+@dataclass(frozen=True)
+class BundleKind:
+    name: str  # model | onnx-fp32 | onnx-int8 | tensorrt
+    marker: str  # the file only this kind has (checked in KINDS order)
+    backend: str  # the runtime that opens it (a name in clipcap.runtimes.RUNTIMES)
+    how_to_build: str  # the command that makes one
+
+
+# Most specific first: an int8 sibling also has export.json, every kind has clipcap.json.
+KINDS = (
+    BundleKind("tensorrt", PROFILES_FILE, "tensorrt",
+               "python export/to_tensorrt.py FP32_EXPORT_DIR --out DIR (CUDA GPU)"),
+    BundleKind("onnx-int8", int8_graph_file("decoder.onnx"), "onnxruntime",
+               "python export/quantize.py FP32_EXPORT_DIR"),
+    BundleKind("onnx-fp32", MANIFEST_FILE, "onnxruntime", "python export/to_onnx.py MODEL_BUNDLE --out DIR"),
+    BundleKind("model", WEIGHTS_FILE, "torch",
+               "python training/train.py ... --out DIR, or clipcap import-original CKPT.pt --out DIR"),
+)
+
+
+def detect(path: str | Path) -> BundleKind:
+    """The kind of bundle in `path`, or BundleError naming the files looked for and how to make each kind."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: bundle directory not found")
+    for kind in KINDS:
+        if (path / kind.marker).is_file():
+            return kind
+    found = "has" if (path / CONFIG_FILE).is_file() else f"has no {CONFIG_FILE} and"
+    raise BundleError(f"{path}: not a bundle: it {found} none of {', '.join(k.marker for k in KINDS)}. Make one: "
+                      + "; ".join(f"{k.name}: {k.how_to_build}" for k in KINDS))

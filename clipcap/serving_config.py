@@ -1,0 +1,57 @@
+"""The `handler:` section of TorchServe's model-config.yaml: what clipcap.serving runs with and what
+clipcap.export.mar checks before it packs an archive.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from clipcap.config import BundleError, dataclass_from_dict
+from clipcap.decoding import REQUEST_OPTIONS
+from clipcap.images import DEFAULT_MAX_PIXELS
+
+MODEL_CONFIG_FILE = "model-config.yaml"
+
+
+class ServingConfigError(ValueError):
+    """The `handler:` section of model-config.yaml is invalid; the message names the key."""
+
+
+@dataclass
+class ServingConfig:
+    """The `handler:` section of model-config.yaml. Every key is optional."""
+
+    bundle: str = "bundle"  # the model or export bundle's folder inside the archive (build_archive puts it there)
+    backend: str | None = None  # None: the one the bundle's kind needs; or torch, onnxruntime, tensorrt
+    device: str = "auto"  # auto: the GPU TorchServe gave this worker, else cpu; or cpu, cuda, cuda:N
+    defaults: dict = field(default_factory=dict)  # decoding when a request sets none, in request keys
+    max_tokens: int | None = None  # the most tokens a request may ask for; None: the bundle's max_tokens
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height, read from the header before decoding
+    max_body_bytes: int = 8 * 1024 * 1024  # image bytes (after base64); TorchServe's max_request_size caps HTTP
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ServingConfig":
+        try:
+            config = dataclass_from_dict(cls, data if data is not None else {}, MODEL_CONFIG_FILE, prefix="handler.")
+        except BundleError as error:
+            raise ServingConfigError(str(error)) from None
+        return config.validate()
+
+    def validate(self) -> "ServingConfig":
+        from clipcap.runtimes import RUNTIMES
+
+        def check(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ServingConfigError(f"{MODEL_CONFIG_FILE}: handler.{key} {message}")
+
+        check(self.backend is None or self.backend in RUNTIMES, "backend",
+              f"{self.backend!r} is not a backend; known: {', '.join(RUNTIMES)}")
+        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
+              f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        unknown = sorted(set(self.defaults) - set(REQUEST_OPTIONS))
+        check(not unknown, "defaults", f"has unknown key(s) {', '.join(unknown)}; known: {', '.join(REQUEST_OPTIONS)}")
+        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        check(self.max_body_bytes >= 1, "max_body_bytes", "must be >= 1")
+        return self
