@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -54,36 +55,40 @@ class Captioner:
         clip = self.config.clip
         return preprocess(images, clip.image_size, clip.mean, clip.std)
 
-    def caption_images(self, images: list[Image.Image], options: DecodingOptions | None = None) -> CaptionBatch:
+    def caption_images(self, images: list[Image.Image], options: DecodingOptions | None = None,
+                       seeds: Sequence[int] | None = None) -> CaptionBatch:
+        """`seeds`: nucleus, one per image (see `generate`); None: image i samples with options.seed + i."""
         start = time.perf_counter()
         pixels = self.preprocess(images)
         preprocess_ms = (time.perf_counter() - start) * 1e3
-        batch = self.caption_pixels(pixels, options)
+        batch = self.caption_pixels(pixels, options, seeds)
         batch.timings_ms = {"preprocess": preprocess_ms, **batch.timings_ms}
         return batch
 
-    def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions | None = None) -> CaptionBatch:
+    def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions | None = None,
+                       seeds: Sequence[int] | None = None) -> CaptionBatch:
         start = time.perf_counter()
         prefix = self.runtime.encode(pixels)
         encode_ms = (time.perf_counter() - start) * 1e3
-        batch = self._decode(prefix, options)
+        batch = self._decode(prefix, options, seeds)
         batch.timings_ms = {"encode": encode_ms, **batch.timings_ms}
         return batch
 
     def caption_embeddings(self, embeddings: np.ndarray | torch.Tensor,
-                           options: DecodingOptions | None = None) -> CaptionBatch:
+                           options: DecodingOptions | None = None, seeds: Sequence[int] | None = None) -> CaptionBatch:
         """Captions for precomputed CLIP embeddings, shape (N, prefix_size)."""
         embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
         if embeddings.ndim != 2 or embeddings.shape[1] != self.config.clip.embed_dim:
             raise BundleError(f"embeddings must have shape (N, {self.config.clip.embed_dim}) for this bundle, "
                               f"got {tuple(embeddings.shape)}")
-        return self._decode(self.runtime.map_embeddings(embeddings), options)
+        return self._decode(self.runtime.map_embeddings(embeddings), options, seeds)
 
-    def _decode(self, prefix: torch.Tensor, options: DecodingOptions | None) -> CaptionBatch:
+    def _decode(self, prefix: torch.Tensor, options: DecodingOptions | None,
+                seeds: Sequence[int] | None = None) -> CaptionBatch:
         options = (options or self.default_options()).validate(self.token_limit)
         max_tokens = options.max_tokens or self.config.max_tokens
         start = time.perf_counter()
-        token_lists = generate(self.runtime, prefix, options, self.config.tokenizer.stop_token_ids, max_tokens)
+        token_lists = generate(self.runtime, prefix, options, self.config.tokenizer.stop_token_ids, max_tokens, seeds)
         decode_ms = (time.perf_counter() - start) * 1e3
         captions = [Caption(self.tokenizer.decode(ids), ids) for ids in token_lists]
         return CaptionBatch(captions, {"decode": decode_ms})

@@ -42,6 +42,11 @@ def _chunks(items: list, size: int):
         yield start, items[start:start + size]
 
 
+def _seeds(options: DecodingOptions, indices) -> list[int] | None:
+    """Item i of the whole command line samples with seed + i, however the items are split into batches."""
+    return None if options.seed is None else [options.seed + i for i in indices]
+
+
 def _print_results(results: list[dict], key: str, as_json: bool) -> None:
     if as_json:
         print(json.dumps(results, indent=2))
@@ -61,17 +66,19 @@ def _open(args: argparse.Namespace):
 def cmd_caption(args: argparse.Namespace) -> int:
     captioner = _open(args)
     options = _options(args).validate(captioner.token_limit)
-    images, names, failed = [], [], 0
-    for name in args.images:
+    images, names, positions, failed = [], [], [], 0
+    for position, name in enumerate(args.images):
         try:
             images.append(load_image_file(name))
             names.append(name)
+            positions.append(position)  # on the command line: a skipped file does not shift the seeds
         except ImageError as error:  # report, skip, and caption the others
             print(f"error: {error}", file=sys.stderr)
             failed += 1
     results = []
     for start, chunk in _chunks(images, args.batch_size):
-        for name, caption in zip(names[start:], captioner.caption_images(chunk, options).captions):
+        seeds = _seeds(options, positions[start:start + len(chunk)])
+        for name, caption in zip(names[start:], captioner.caption_images(chunk, options, seeds).captions):
             results.append({"image": name, "caption": caption.caption, "token_ids": caption.token_ids})
     _print_results(results, "image", args.json)
     return 2 if failed else 0
@@ -93,7 +100,8 @@ def cmd_caption_embeddings(args: argparse.Namespace) -> int:
         raise BundleError(f"{path}: holds a scalar, expected an array of shape (N, D)")
     results = []
     for start in range(0, len(embeddings), args.batch_size):
-        batch = captioner.caption_embeddings(embeddings[start:start + args.batch_size], options)
+        rows = embeddings[start:start + args.batch_size]
+        batch = captioner.caption_embeddings(rows, options, _seeds(options, range(start, start + len(rows))))
         for index, caption in enumerate(batch.captions, start):
             results.append({"index": index, "caption": caption.caption, "token_ids": caption.token_ids})
     _print_results(results, "index", args.json)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ class DecodingOptions:
     beam_size: int = 5  # beam: the paper's default
     top_p: float = 0.9  # nucleus: smallest token set whose probability reaches top_p
     temperature: float = 1.0  # beam and nucleus: logits / temperature
-    seed: int | None = None  # nucleus: row i of a call samples from a generator seeded seed + i
+    seed: int | None = None  # nucleus: row i of a call samples with seed + i, unless the call passes `seeds`
     use_cache: bool = True  # False: the paper's full recomputation (reference and baseline)
     ignore_stop: bool = False  # benchmarks: generate exactly max_tokens so backends do equal work
 
@@ -110,10 +110,12 @@ class TopP:
 
 
 def generate(runtime: Runtime, prefix: torch.Tensor, options: DecodingOptions, stop_token_ids: list[int],
-             max_tokens: int) -> list[list[int]]:
+             max_tokens: int, seeds: Sequence[int] | None = None) -> list[list[int]]:
     """(B, P, E) prefix embeddings -> B token-id lists, each ending with its stop token if one came.
 
-    `max_tokens` is the resolved limit (options.max_tokens or the bundle default).
+    `max_tokens` is the resolved limit (options.max_tokens or the bundle default). `seeds`: nucleus
+    only, one seed per row (a caller that splits a longer list into batches passes each row's own
+    seed, so captions do not depend on the split); None: row i samples with `options.seed + i`.
     """
     if not options.use_cache:
         runtime = NoCacheRuntime(runtime)
@@ -121,19 +123,34 @@ def generate(runtime: Runtime, prefix: torch.Tensor, options: DecodingOptions, s
     if options.strategy == "beam":
         return _beam_search(runtime, prefix, stop, max_tokens, options.beam_size, options.temperature)
     if options.strategy == "nucleus":
-        return _token_loop(runtime, prefix, stop, max_tokens, _nucleus_chooser(options, prefix.shape[0]))
+        choose = _nucleus_chooser(options, row_seeds(options, prefix.shape[0], seeds))
+        return _token_loop(runtime, prefix, stop, max_tokens, choose)
     return _token_loop(runtime, prefix, stop, max_tokens, _greedy_chooser)
+
+
+def row_seeds(options: DecodingOptions, batch_size: int, seeds: Sequence[int] | None = None) -> list[int]:
+    """The seed each row samples with: `seeds` when given (checked), else options.seed + row index
+    (a random base when options.seed is None)."""
+    if seeds is None:
+        base = options.seed if options.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        return [base + row for row in range(batch_size)]
+    seeds = list(seeds)
+    if len(seeds) != batch_size:
+        raise DecodingError(f"seeds: one per row expected, got {len(seeds)} for {batch_size} rows")
+    bad = [seed for seed in seeds if not (_is_int(seed) and 0 <= seed < 2**63)]
+    if bad:
+        raise DecodingError(f"seeds must be non-negative integers below 2**63, got {bad[0]!r}")
+    return seeds
 
 
 def _greedy_chooser(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def _nucleus_chooser(options: DecodingOptions, batch_size: int) -> Callable:
+def _nucleus_chooser(options: DecodingOptions, seeds: list[int]) -> Callable:
     processors = [Temperature(options.temperature), TopP(options.top_p)]
-    seed = options.seed if options.seed is not None else int(torch.randint(0, 2**62, ()).item())
     # One generator per input row: a row's caption depends on its seed, not on what else is in the batch.
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(batch_size)]
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 
     def choose(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         for process in processors:

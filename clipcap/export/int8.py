@@ -60,7 +60,7 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
         entry.update(file=target, quantization={"method": "onnxruntime quantize_dynamic", "weights": "int8",
                                                 "per_channel": config.per_channel})
         entry.pop("parity", None)  # fp32 parity bounds do not apply; compare_captions measures int8
-    manifest.pop("greedy_parity", None)
+    manifest.pop("decoding_parity", None)
     manifest.update(precision=INT8_PRECISION, quantized_from=str(source))
     write_manifest(out, manifest)
     return out

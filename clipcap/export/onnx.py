@@ -35,7 +35,7 @@ class ExportError(RuntimeError):
 class ExportOptions:
     out: Path  # the export bundle directory (created)
     check_parity: bool = True  # run each graph in onnxruntime against PyTorch and record the diffs
-    parity_tokens: int = 8  # greedy tokens compared end to end (torch vs onnxruntime) after export
+    parity_images: int = 4  # images decoded greedy and beam to max_tokens, torch vs onnxruntime, after export
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def export_bundle(bundle_path: str | Path, options: ExportOptions) -> dict:
     shutil.copyfile(Path(bundle_path) / bundle.config.tokenizer.file, out / bundle.config.tokenizer.file)
     write_manifest(out, manifest)
     if options.check_parity:
-        manifest["greedy_parity"] = check_greedy_parity(bundle, out, options.parity_tokens)
+        manifest["decoding_parity"] = check_decoding_parity(bundle, out, options.parity_images)
         write_manifest(out, manifest)
     return manifest
 
@@ -205,22 +205,30 @@ def check_graph_parity(module: nn.Module, spec: GraphSpec, path: Path) -> dict:
     return {"max_abs_diff": worst, "atol": spec.atol, "cases": cases}
 
 
-def check_greedy_parity(bundle: Bundle, out: Path, max_tokens: int) -> dict:
-    """Greedy tokens from the exported bundle (onnxruntime) vs the PyTorch runtime, random pixels, batch 3."""
+def check_decoding_parity(bundle: Bundle, out: Path, images: int) -> dict:
+    """Greedy and beam tokens from the exported bundle (onnxruntime) vs the PyTorch runtime: `images`
+    random-pixel images in one batch, each decoded to the bundle's max_tokens (or its stop token).
+    Any token difference fails the export.
+    """
     from clipcap.decoding import DecodingOptions, generate
     from clipcap.runtimes.onnx_runtime import OnnxRuntime
     from clipcap.runtimes.torch_runtime import TorchRuntime
 
-    clip = bundle.config.clip
-    pixels = torch.randn(3, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(0))
-    options = DecodingOptions(max_tokens=max_tokens)
+    clip, max_tokens = bundle.config.clip, bundle.config.max_tokens
+    pixels = torch.randn(images, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(0))
     stops = bundle.config.tokenizer.stop_token_ids
-    results = []
-    for runtime in (TorchRuntime(bundle.model), OnnxRuntime.from_path(out)):
-        results.append(generate(runtime, runtime.encode(pixels), options, stops, max_tokens))
-    if results[0] != results[1]:
-        raise ExportError(f"{out}: greedy tokens differ between PyTorch {results[0]} and onnxruntime {results[1]}")
-    return {"images": len(pixels), "max_tokens": max_tokens, "identical": True}
+    runtimes = {"PyTorch": TorchRuntime(bundle.model), "onnxruntime": OnnxRuntime.from_path(out)}
+    prefixes = {name: runtime.encode(pixels) for name, runtime in runtimes.items()}
+    beam = DecodingOptions(strategy="beam", max_tokens=max_tokens)
+    report = {"images": images, "max_tokens": max_tokens, "beam_size": beam.beam_size}
+    for options in (DecodingOptions(max_tokens=max_tokens), beam):
+        torch_tokens, onnx_tokens = (generate(runtime, prefixes[name], options, stops, max_tokens)
+                                     for name, runtime in runtimes.items())
+        if torch_tokens != onnx_tokens:
+            raise ExportError(f"{out}: {options.strategy} tokens differ between PyTorch {torch_tokens} "
+                              f"and onnxruntime {onnx_tokens}")
+        report[options.strategy] = {"identical": True, "tokens_compared": sum(map(len, torch_tokens))}
+    return report
 
 
 def _versions() -> dict:

@@ -1,4 +1,4 @@
-"""Dynamic int8 quantisation: the sibling bundle, its int8 graph, and a floor on greedy agreement."""
+"""Dynamic int8 quantisation: the sibling bundle, its int8 graph, and its logit error within the quantisation bound."""
 import json
 import subprocess
 import sys
@@ -6,18 +6,21 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 
+from clipcap.formats.model_bundle import load_bundle
 from clipcap.captioner import Captioner
 from clipcap.config import BundleError
+from clipcap.decoding import DecodingOptions, generate
 from clipcap.export.int8 import QuantizeConfig, quantize_bundle
 from clipcap.formats.export_bundle import MANIFEST_FILE
-from clipcap.training.agreement import AgreementConfig, compare_captions, measure_agreement, token_agreement
+from clipcap.formats.graph_specs import decoder_spec
+from clipcap.runtimes.onnx_runtime import OnnxRuntime
+from clipcap.runtimes.torch_runtime import TorchRuntime
+from clipcap.training.agreement import AgreementConfig, measure_agreement, token_agreement
 from conftest import CAPTIONS, random_images
 
 ROOT = Path(__file__).resolve().parents[2]
-# Measured on the tiny fixture model: 32/32 images (100%) identical. The floor leaves room for
-# another CPU's int8 kernels to round a near-tie the other way.
-AGREEMENT_FLOOR = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +41,63 @@ def test_sibling_bundle_layout(tiny_export, int8_export):
     assert not (tiny_export / "decoder.int8.onnx").exists()
 
 
-def test_agreement_floor_tiny(tiny_export, int8_export):
-    fp32 = Captioner.from_path(tiny_export, "onnxruntime")
-    int8 = Captioner.from_path(int8_export, "onnxruntime")
-    batches = [fp32.preprocess(random_images(16, seed=seed)) for seed in (0, 1)]
-    result = compare_captions(fp32, int8, batches)
-    assert result.images == 32
-    assert result.caption_agreement >= AGREEMENT_FLOOR, result.to_dict()
-    assert result.token_agreement >= AGREEMENT_FLOOR, result.to_dict()
+def _lm_head_weight_scale(graph) -> float:
+    """The weight scale of the graph's last quantised MatMul (the LM head); the largest, if per channel."""
+    from onnx import numpy_helper
+
+    last = [node for node in graph.node if node.op_type == "MatMulInteger"][-1]
+    name = last.input[1].removesuffix("_quantized") + "_scale"
+    return float(next(numpy_helper.to_array(i) for i in graph.initializer if i.name == name).max())
+
+
+def _teacher_forced(runtime, prefix: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """(steps, V) logits of one row fed `tokens` (its own batch: int8 activation scales are per call)."""
+    logits, cache = runtime.step(prefix, runtime.new_cache(1))
+    rows = [logits.clone()]
+    for token in tokens[:-1]:
+        logits, cache = runtime.step(runtime.embed(torch.tensor([[token]])), cache)
+        rows.append(logits.clone())
+    return torch.cat(rows)
+
+
+def test_int8_logit_error_within_quantisation_bound(tiny_bundle, int8_export):
+    """CPU-independent: a bound on the int8 decoder's logit error derived from its quantisation steps,
+    and top-1 agreement only where the fp32 margin exceeds twice that bound.
+
+    Bound per row and step: the LM head's worst-case error, (s_w * |h|_1 + s_h * max_j |W_j|_1) / 2
+    (weight step s_w, activation step s_h = range of h (0 included) / 255, h the final hidden state),
+    times the number of quantised MatMuls in the graph (each adds at most such a step to the residual
+    stream the LM head reads), plus the fp32 kernel bound. Measured here: the error reaches 3.5 of
+    the 9 steps. The tiny model's fp32 margins are often far smaller than int8's error, so whether
+    its captions agree is the CPU's luck; this test asserts only what the mechanism guarantees.
+    """
+    model = load_bundle(tiny_bundle).model
+    graph = onnx.load(str(int8_export / "decoder.int8.onnx")).graph
+    layers = sum(node.op_type == "MatMulInteger" for node in graph.node)
+    weight_scale = _lm_head_weight_scale(graph)
+    head = model.gpt.lm_head.weight.detach()  # (V, E)
+    int8 = OnnxRuntime.from_path(int8_export)
+    prefix = int8.encode(Captioner.from_path(int8_export, "onnxruntime").preprocess(random_images(12, seed=2)))
+    fp32 = TorchRuntime(model)
+    steps = model.config.max_tokens
+    tokens = generate(fp32, prefix, DecodingOptions(ignore_stop=True), [], steps)
+    checked = 0
+    with torch.no_grad():
+        for row, ids in enumerate(tokens):
+            embeds = torch.cat((prefix[row:row + 1], model.embed_tokens(torch.tensor([ids[:-1]]))), dim=1)
+            hidden = model.gpt.transformer(inputs_embeds=embeds).last_hidden_state[0, prefix.shape[1] - 1:]
+            expected = model.gpt.lm_head(hidden)  # (steps, V), fp32
+            activation_scale = (hidden.clamp(min=0).amax(-1) - hidden.clamp(max=0).amin(-1)) / 255
+            step = (weight_scale * hidden.abs().sum(-1) + activation_scale * head.abs().sum(-1).max()) / 2
+            bound = layers * step + decoder_spec(model.config).atol  # (steps,)
+            got = _teacher_forced(int8, prefix[row:row + 1], ids)
+            error = (got - expected).abs().amax(-1)
+            assert bool((error <= bound).all()), (row, (error / bound).max().item())
+            top = expected.topk(2, dim=-1).values
+            clear = (top[:, 0] - top[:, 1]) > 2 * bound  # no int8 error within the bound can flip these
+            assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear]), row
+            checked += int(clear.sum())
+    assert checked > 0, "no step with a margin above twice the bound: the agreement check would be vacuous"
 
 
 def test_encoder_quantisation_on_request(tiny_export, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clipcap.config import BundleError
-from clipcap.export.onnx import GRAPH_MODULES, graph_max_diff, open_session
+from clipcap.export.onnx import GRAPH_MODULES, ExportError, check_decoding_parity, graph_max_diff, open_session
 from clipcap.formats.export_bundle import MANIFEST_FILE, TOKEN_TABLE_FILE, load_manifest, load_token_table
 from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, decoder_spec, graph_specs, kv_names
 from clipcap.formats.model_bundle import load_bundle, load_config
@@ -47,7 +47,9 @@ def test_export_bundle_contents(tiny_export, tiny_bundle):
     config = load_config(tiny_export)
     assert config == load_config(tiny_bundle)
     assert manifest["precision"] == "fp32" and manifest["decoder_logits"] == "last_position"
-    assert manifest["greedy_parity"]["identical"] is True
+    parity = manifest["decoding_parity"]
+    assert parity["max_tokens"] == config.max_tokens and parity["images"] >= 3
+    assert parity["greedy"]["identical"] is True and parity["beam"]["identical"] is True
     for name, spec in graph_specs(config).items():
         entry = manifest["graphs"][name]
         assert entry["parity"]["max_abs_diff"] <= spec.atol
@@ -56,6 +58,18 @@ def test_export_bundle_contents(tiny_export, tiny_bundle):
     table = load_token_table(tiny_export / TOKEN_TABLE_FILE)
     assert torch.equal(table, load_bundle(tiny_bundle).model.gpt.transformer.wte.weight)
     assert load_manifest(tiny_export, config)["graphs"].keys() == {"encoder", "mapper", "decoder"}
+
+
+def test_decoding_parity_fails_on_a_token_difference(tiny_export, tiny_bundle):
+    """The export's end-to-end check compares tokens, not just graph outputs: a model that no longer
+    matches its graphs fails it."""
+    bundle = load_bundle(tiny_bundle)
+    assert check_decoding_parity(bundle, tiny_export, 3)["beam"]["identical"]
+    weight = bundle.model.gpt.transformer.h[0].mlp.c_fc.weight
+    with torch.no_grad():
+        weight.add_(2.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ExportError, match="tokens differ between PyTorch"):
+        check_decoding_parity(bundle, tiny_export, 3)
 
 
 def test_graph_axes_stay_symbolic(tiny_export):
@@ -87,7 +101,7 @@ def test_to_onnx_script_transformer_mapper(tiny_transformer_bundle, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "export" / "to_onnx.py"), str(tiny_transformer_bundle),
                              "--out", str(out), "--threads", "1"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert "greedy tokens identical to PyTorch" in result.stdout
+    assert "greedy and beam tokens identical to PyTorch" in result.stdout
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     specs = graph_specs(load_config(out))
     assert all(manifest["graphs"][n]["parity"]["max_abs_diff"] <= specs[n].atol for n in specs)
@@ -120,6 +134,6 @@ def test_full_size_graph_parity(full_size_export):
     for name, spec in specs.items():
         parity = manifest["graphs"][name]["parity"]
         assert parity["max_abs_diff"] <= spec.atol, (name, parity)
-    assert manifest["greedy_parity"]["identical"] is True
+    assert manifest["decoding_parity"]["greedy"]["identical"] and manifest["decoding_parity"]["beam"]["identical"]
     decoder = onnx.load(str(full_size_export / "decoder.onnx"), load_external_data=False)
     assert len(decoder.graph.input) == 3 + 2 * 12 and len(decoder.graph.output) == 1 + 2 * 12
