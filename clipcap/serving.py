@@ -1,10 +1,12 @@
 """Serving: everything the TorchServe handler does, written so it runs (and is tested) without TorchServe.
 
-A TorchServe batch arrives as one row per HTTP request. Each row is checked on its own (content
-type, body size, image, decoding options), so a bad request gets its own 4xx answer and never
-fails the others; the good rows are captioned together, one batched decode per distinct set of
-decoding options. The handler's settings (`ServingConfig`) are clipcap.serving_config's;
-clipcap.export.mar packs a bundle, the handler and `model-config.yaml` into a `.mar`.
+A TorchServe batch arrives as one row per HTTP request. Each row is checked and preprocessed on
+its own (content type, body size, decoding options, image decoding, resize/normalise), so a bad
+request gets its own 4xx answer (a bug, its own 500) and never fails the others; the good rows
+are captioned together, one batched decode per distinct set of decoding options. If a batched
+decode raises, its requests are captioned one by one, so only the failing one answers 500. The
+handler's settings (`ServingConfig`) are clipcap.serving_config's; clipcap.export.mar packs a
+bundle, the handler and `model-config.yaml` into a `.mar`.
 
 Requests (TorchServe's own parsing already split multipart forms and decoded JSON):
 - raw image bytes as the body (Content-Type image/*, application/octet-stream or none);
@@ -24,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
+import torch
 
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
 from clipcap.images import ImageError, decode_image
 from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError
 
 if TYPE_CHECKING:
-    from clipcap.captioner import Captioner
+    from clipcap.captioner import CaptionBatch, Captioner
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +81,11 @@ class Reply:
 
 @dataclass
 class ImageRequest:
-    """One request that passed every check."""
+    """One request that passed every check, its image already preprocessed (the decoded image is not kept)."""
 
-    image: Image.Image
+    pixels: torch.Tensor  # (3, S, S) model input
     options: DecodingOptions  # validated against the server's bounds
-    decode_ms: float  # reading and checking this request's image
+    preprocess_ms: float  # reading, checking, decoding and preprocessing this request's image
 
 
 @dataclass
@@ -93,7 +95,7 @@ class BatchStats:
     batch_size: int  # requests in the batch, refused ones included
     captioned: int  # requests that got a caption
     tokens: int  # tokens generated over the batch
-    timings_ms: dict[str, float]  # preprocess / encode / decode, summed over the batch
+    timings_ms: dict[str, float]  # preprocess (per request) / encode / decode (per decode run), summed
 
 
 class CaptionService:
@@ -161,7 +163,8 @@ class CaptionService:
             image = decode_image(bytes(payload), self.config.max_image_pixels)
         except ImageError as error:
             raise ServingError(400, str(error)) from None
-        return ImageRequest(image, options, (time.perf_counter() - start) * 1e3)
+        pixels = self.captioner.preprocess_one(image)  # here: its failure is this request's alone
+        return ImageRequest(pixels, options, (time.perf_counter() - start) * 1e3)
 
     def _from_json(self, body: Any) -> tuple[bytes, dict]:
         if isinstance(body, (bytes, bytearray)):  # TorchServe hands the bytes on when it cannot parse them
@@ -206,28 +209,37 @@ class CaptionService:
                 replies[index] = request.reply()
             else:
                 groups.setdefault(_group_key(index, request.options), []).append(index)
-        totals = {"preprocess": sum(r.decode_ms for r in requests if isinstance(r, ImageRequest)),
+        totals = {"preprocess": sum(r.preprocess_ms for r in requests if isinstance(r, ImageRequest)),
                   "encode": 0.0, "decode": 0.0}
         tokens = captioned = 0
         for indices in groups.values():
-            images, options = [requests[i].image for i in indices], requests[indices[0]].options
-            try:
-                batch = self.captioner.caption_images(images, options)
-            except Exception:  # one group's failure answers 500 for its requests; the others still get captions
-                logger.exception("captioning failed for %d request(s)", len(indices))
-                for i in indices:
-                    replies[i] = ServingError(500, "captioning failed: internal error (logged on the server)").reply()
-                continue
-            for stage in totals:
-                totals[stage] += batch.timings_ms[stage]
-            for i, caption in zip(indices, batch.captions):
-                timings = {"preprocess": requests[i].decode_ms + batch.timings_ms["preprocess"],
-                           "encode": batch.timings_ms["encode"], "decode": batch.timings_ms["decode"]}
-                replies[i] = Reply(200, {"caption": caption.caption, "token_ids": caption.token_ids,
-                                         "timings_ms": {k: round(v, 3) for k, v in timings.items()}})
-                tokens += len(caption.token_ids)
-                captioned += 1
+            for run, batch in self._caption_group(requests, indices):
+                if batch is None:
+                    replies[run[0]] = ServingError(500, "captioning failed: internal error (logged on the server)").reply()
+                    continue
+                totals["encode"] += batch.timings_ms["encode"]
+                totals["decode"] += batch.timings_ms["decode"]
+                for i, caption in zip(run, batch.captions):
+                    timings = {"preprocess": requests[i].preprocess_ms, **batch.timings_ms}
+                    replies[i] = Reply(200, {"caption": caption.caption, "token_ids": caption.token_ids,
+                                             "timings_ms": {k: round(v, 3) for k, v in timings.items()}})
+                    tokens += len(caption.token_ids)
+                    captioned += 1
         return replies, BatchStats(len(requests), captioned, tokens, totals)
+
+    def _caption_group(self, requests: list, indices: list[int]) -> list[tuple[list[int], "CaptionBatch | None"]]:
+        """(request indices, captions) per decode run: one batched run for requests sharing options; if it
+        raises, one run per request, so only the request that fails alone gets None (its 500)."""
+        options = requests[indices[0]].options
+        try:
+            pixels = torch.stack([requests[i].pixels for i in indices])
+            return [(indices, self.captioner.caption_pixels(pixels, options))]
+        except Exception:  # never the worker, never a batch mate
+            if len(indices) == 1:
+                logger.exception("captioning failed for request %d of the batch", indices[0])
+                return [(indices, None)]
+            logger.exception("batched captioning of %d requests failed; captioning them one by one", len(indices))
+        return [run for i in indices for run in self._caption_group(requests, [i])]
 
 
 def _content_type(headers: dict) -> str:

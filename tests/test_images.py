@@ -1,33 +1,229 @@
-"""Image decoding refuses bad input with clear errors; preprocessing matches CLIP's."""
+"""Image decoding and preprocessing, as properties over modes, formats, EXIF orientations and sizes.
+
+Every expected picture is built here with numpy from what the file stores (Pillow's raw decode, no
+conversion) and the EXIF specification, never with the code under test: a valid image must decode
+to exactly its upright 8-bit RGB rendition (alpha over white, 16-bit scaled by 257) and preprocess
+to the same pixels; invalid bytes raise ImageError and nothing else.
+"""
 import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from clipcap.images import ImageError, decode_image, preprocess
+from clipcap.images import ImageError, decode_image, preprocess, preprocess_image, to_rgb
 from conftest import png_bytes, random_images
 
+MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-def test_decodes_png_jpeg_webp():
-    image = random_images(1)[0]
-    for fmt in ("PNG", "JPEG", "WEBP"):
-        assert decode_image(png_bytes(image, fmt)).size == (48, 48)
+# Modes each format can store (Pillow's writers); "P+key" / "P+alpha": palette with a transparent
+# index / a per-index alpha table.
+SAVED_MODES = {
+    "PNG": ["1", "L", "LA", "P", "P+key", "P+alpha", "I;16", "RGB", "RGBA"],
+    "JPEG": ["L", "RGB", "CMYK", "YCbCr"],
+    "WEBP": ["RGB", "RGBA"],
+    "BMP": ["1", "L", "P", "RGB"],
+}
+EXIF_FORMATS = ("PNG", "JPEG", "WEBP")  # BMP has no EXIF
+ORIENTATION = 0x0112
 
 
-def test_palette_and_alpha_become_rgb():
-    image = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
-    assert decode_image(png_bytes(image)).mode == "RGB"
+def oriented(stored: np.ndarray, orientation: int) -> np.ndarray:
+    """What a viewer shows for EXIF Orientation 1-8 (rows are y, columns x), from the EXIF 2.3 table."""
+    return {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],  # mirrored left-right
+        3: lambda a: a[::-1, ::-1],  # rotated 180
+        4: lambda a: a[::-1],  # mirrored top-bottom
+        5: lambda a: a.swapaxes(0, 1),  # mirrored along the main diagonal
+        6: lambda a: np.rot90(a, -1),  # stored rotated 90 counter-clockwise: show it turned clockwise
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # mirrored along the anti-diagonal
+        8: lambda a: np.rot90(a, 1),  # stored rotated 90 clockwise: show it turned counter-clockwise
+    }[orientation](stored)
 
+
+def over_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    colour, alpha = colour.astype(np.float64), alpha.astype(np.float64)[..., None]
+    return np.rint((colour * alpha + 255 * (255 - alpha)) / 255).astype(np.uint8)
+
+
+def rendition(raw: Image.Image) -> np.ndarray:
+    """8-bit RGB of a raw decoded image by the documented rules, written independently of clipcap."""
+    data = np.asarray(raw)
+    grey = lambda g: np.repeat(g[..., None], 3, axis=2).astype(np.uint8)  # noqa: E731
+    if raw.mode == "1":
+        return grey(data.astype(np.uint8) * 255)
+    if raw.mode == "L":
+        return grey(data)
+    if raw.mode == "I;16":
+        return grey(np.rint(data / 257.0))
+    if raw.mode == "LA":
+        return over_white(grey(data[..., 0]), data[..., 1])
+    if raw.mode == "RGBA":
+        return over_white(data[..., :3], data[..., 3])
+    if raw.mode == "CMYK":
+        ink = data.astype(np.float64)
+        return np.rint((255 - ink[..., :3]) * (255 - ink[..., 3:]) / 255).astype(np.uint8)
+    if raw.mode == "P":
+        palette = np.asarray(raw.getpalette("RGB"), dtype=np.uint8).reshape(-1, 3)
+        palette = np.concatenate([palette, np.zeros((256 - len(palette), 3), np.uint8)])
+        transparency = raw.info.get("transparency")
+        alpha = np.full(256, 255, np.uint8)
+        if isinstance(transparency, int):
+            alpha[transparency] = 0
+        elif isinstance(transparency, bytes):
+            alpha[:len(transparency)] = np.frombuffer(transparency, np.uint8)
+        return over_white(palette[data], alpha[data])
+    assert raw.mode == "RGB" and "transparency" not in raw.info, f"test does not render {raw.mode}"
+    return data
+
+
+def stored_image(mode: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    width, height = size
+    byte = lambda *shape: rng.integers(0, 256, (height, width, *shape), dtype=np.uint8)  # noqa: E731
+    if mode == "1":
+        return Image.fromarray(byte() > 127)
+    if mode in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):
+        bands = len(mode) if mode != "YCbCr" else 3
+        return Image.fromarray(byte() if bands == 1 else byte(bands), mode)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    image = Image.fromarray(rng.integers(0, 16, (height, width), dtype=np.uint8), "P")
+    image.putpalette(rng.integers(0, 256, 16 * 3, dtype=np.uint8).tobytes())
+    if mode == "P+key":
+        image.info["transparency"] = int(rng.integers(0, 16))
+    elif mode == "P+alpha":
+        image.info["transparency"] = rng.integers(0, 256, 16, dtype=np.uint8).tobytes()
+    return image
+
+
+def encode(image: Image.Image, fmt: str, orientation: int) -> bytes:
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    if "transparency" in image.info:
+        options["transparency"] = image.info["transparency"]
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[ORIENTATION] = orientation
+        options["exif"] = exif.tobytes()
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+# Sizes from 1x1 to strips of 1:12000; WEBP stops at 16383 pixels a side.
+ordinary = st.tuples(st.integers(1, 40), st.integers(1, 40))
+strips = st.tuples(st.integers(2000, 12000), st.integers(1, 3)).flatmap(
+    lambda wh: st.sampled_from([wh, wh[::-1]]))
+SIZES = st.one_of(ordinary, ordinary, strips)
+
+
+@st.composite
+def valid_images(draw):
+    fmt = draw(st.sampled_from(sorted(SAVED_MODES)))
+    mode = draw(st.sampled_from(SAVED_MODES[fmt]))
+    orientation = draw(st.integers(1, 8)) if fmt in EXIF_FORMATS else 1
+    size = draw(SIZES)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return fmt, mode, orientation, encode(stored_image(mode, size, rng), fmt, orientation)
+
+
+@PROPERTY
+@given(valid_images(), st.sampled_from([32, 224]))
+def test_every_valid_image_decodes_to_its_upright_rgb_rendition(case, image_size):
+    fmt, mode, orientation, data = case
+    raw = Image.open(io.BytesIO(data))  # what the file stores, decoded by Pillow without conversion
+    expected = np.ascontiguousarray(oriented(rendition(raw), orientation))
+    decoded = decode_image(data)
+    assert decoded.mode == "RGB"
+    assert np.array_equal(np.asarray(decoded), expected), (fmt, mode, orientation, raw.mode, raw.size)
+    pixels = preprocess_image(decoded, image_size, MEAN, STD)
+    assert torch.equal(pixels, preprocess_image(Image.fromarray(expected), image_size, MEAN, STD))
+
+
+def test_the_issue_cases_16_bit_png_and_phone_orientation():
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16)[None].repeat(4, axis=0)  # black .. white
+    decoded = np.asarray(decode_image(png_bytes(Image.fromarray(ramp))))
+    assert decoded[0, 0].tolist() == [0, 0, 0] and decoded[0, -1].tolist() == [255, 255, 255]  # not all white
+    # A phone JPEG stored on its side: red left, blue right; Orientation 6 shows red on top.
+    stored = Image.new("RGB", (64, 32), "blue")
+    stored.paste((255, 0, 0), (0, 0, 32, 32))
+    upright = np.asarray(decode_image(encode(stored, "JPEG", 6))).astype(int)
+    assert upright.shape == (64, 32, 3)
+    assert upright[8, 16, 0] > 200 > upright[56, 16, 0]  # red above, blue below
+
+
+@PROPERTY
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.integers(1, 30))
+def test_high_bit_depth_modes_scale_by_their_range(seed, width, height):
+    grey = np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+    expected = np.repeat(grey[..., None], 3, axis=2)
+    sixteen = grey.astype(np.uint16) * 257  # 8-bit g stored as 16-bit: 255 -> 65535
+    for image in (Image.fromarray(sixteen), Image.fromarray(sixteen.astype(">u2")),
+                  Image.fromarray(sixteen.astype(np.int32), "I"), Image.fromarray(grey / np.float32(255), "F")):
+        assert np.array_equal(np.asarray(to_rgb(image)), expected), image.mode
+
+
+def test_out_of_range_high_bit_depth_clips():
+    values = np.array([[-5, 70000]], dtype=np.int32)
+    assert np.asarray(to_rgb(Image.fromarray(values, "I")))[0, :, 0].tolist() == [0, 255]
+    floats = np.array([[-0.5, 2.0, np.nan]], dtype=np.float32)
+    assert np.asarray(to_rgb(Image.fromarray(floats, "F")))[0, :, 0].tolist() == [0, 255, 0]
+
+
+# -- invalid bytes ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data, message", [
     (b"", "empty image"),
     (b"this is not an image", "not a recognised image"),
     (png_bytes(random_images(1)[0])[:200], "corrupt or truncated"),
     (png_bytes(Image.new("RGB", (4, 4)), "GIF"), "format GIF not accepted"),
+    (png_bytes(Image.new("RGB", (4, 4)), "TIFF"), "format TIFF not accepted"),
 ])
 def test_bad_bytes(data, message):
     with pytest.raises(ImageError, match=message):
+        decode_image(data)
+
+
+@PROPERTY
+@given(valid_images(), st.data())
+def test_truncated_images_are_refused_or_unchanged(case, data):
+    """A cut file raises ImageError, or (cut only after the pixel data) decodes to the same picture."""
+    _, _, _, encoded = case
+    cut = encoded[:data.draw(st.integers(0, len(encoded) - 1))]
+    try:
+        decoded = decode_image(cut)
+    except ImageError:
+        return
+    assert np.array_equal(np.asarray(decoded), np.asarray(decode_image(encoded)))
+
+
+@PROPERTY
+@given(valid_images(), st.lists(st.tuples(st.integers(0), st.integers(0, 255)), min_size=1, max_size=8))
+def test_corrupted_images_raise_image_error_or_decode(case, edits):
+    """Bytes changed anywhere (header, EXIF, pixel data) give ImageError or an RGB image, nothing else."""
+    _, _, _, encoded = case
+    corrupted = bytearray(encoded)
+    for position, value in edits:
+        corrupted[position % len(corrupted)] = value
+    try:
+        assert decode_image(bytes(corrupted), max_pixels=1_000_000).mode == "RGB"
+    except ImageError:
+        pass
+
+
+@PROPERTY
+@given(st.binary(max_size=2000))
+def test_random_bytes_raise_image_error(data):
+    with pytest.raises(ImageError):
         decode_image(data)
 
 
@@ -42,8 +238,83 @@ def test_decompression_bomb_refused_before_decoding():
         decode_image(buffer.getvalue())
 
 
+# -- preprocessing ---------------------------------------------------------------------------------
+
 def test_preprocess_shape_and_normalisation():
     white = Image.new("RGB", (64, 40), (255, 255, 255))
     pixels = preprocess([white], 32, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     assert pixels.shape == (1, 3, 32, 32)
     assert np.allclose(pixels.numpy(), 2.0, atol=1e-3)  # (1 - 0.5) / 0.25
+
+
+def resize_then_crop(image: Image.Image, image_size: int) -> np.ndarray:
+    """The previous preprocessing (whole image resized, then cropped), as 8-bit RGB."""
+    width, height = image.size
+    scale = image_size / min(width, height)
+    resized = image.resize((max(image_size, round(width * scale)), max(image_size, round(height * scale))),
+                           Image.Resampling.BICUBIC)
+    left, top = (resized.width - image_size) // 2, (resized.height - image_size) // 2
+    return np.asarray(resized.crop((left, top, left + image_size, top + image_size)), dtype=np.float32)
+
+
+@PROPERTY
+@given(st.integers(1, 400), st.integers(1, 400), st.sampled_from([32, 224]), st.integers(0, 2**32 - 1))
+def test_crop_first_matches_resize_then_crop(width, height, image_size, seed):
+    """Within 2 of 255 levels: Pillow takes the resample box in float32, which may move each of its two
+    passes' rounding by one level (the measured maximum is 1)."""
+    if max(width, height) / min(width, height) > 20:
+        width = min(width, 20 * height)
+        height = min(height, 20 * width)
+    image = random_images(1, seed % 1000, 1)[0].resize((width, height))  # smooth colour ...
+    noise = np.random.default_rng(seed).integers(-20, 21, (height, width, 3))  # ... with grain
+    image = Image.fromarray(np.clip(np.asarray(image, dtype=int) + noise, 0, 255).astype(np.uint8))
+    got = preprocess_image(image, image_size, [0, 0, 0], [1, 1, 1]).numpy().transpose(1, 2, 0) * 255
+    assert np.abs(got - resize_then_crop(image, image_size)).max() <= 2 + 1e-3
+
+
+def test_extreme_strip_gets_the_caption_of_its_centre():
+    """The documented rule: an extreme aspect ratio is not refused; its centre square is what counts."""
+    strip = np.zeros((4, 200_000, 3), np.uint8)  # black, white only around the centre
+    strip[:, 100_000 - 12: 100_000 + 12] = 255
+    decoded = decode_image(png_bytes(Image.fromarray(strip)))
+    pixels = preprocess_image(decoded, 32, [0.5] * 3, [0.5] * 3)
+    assert torch.allclose(pixels, torch.ones_like(pixels))
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import gc, sys
+    from PIL import Image
+    from clipcap.images import preprocess_image
+    def status(key):
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+    width, height, size = map(int, sys.argv[1:4])
+    strip = Image.effect_noise((width, height), 64).convert("RGB")
+    preprocess_image(Image.new("RGB", (40, 30)), size, [0.5] * 3, [0.5] * 3)  # load code pages first
+    gc.collect()
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset the peak (VmHWM) to the current RSS
+    preprocess_image(strip, size, [0.5] * 3, [0.5] * 3)
+    print(status("VmHWM") - before)
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_preprocessing_memory_is_bounded_on_an_extreme_strip():
+    """Measured peak RSS growth of preprocessing a 200,000x3 strip against the docstring's bound.
+
+    Resizing it whole made a 2,133,333x32 intermediate (273 MB); the bound here is ~0.5 MB.
+    """
+    width, height, size = 200_000, 3, 32
+    side = min(width, height)
+    margin = 2 * max(1, side / size) + 2
+    bound = 4 * ((side + 2 * margin) ** 2 + size * (side + 2 * margin)) + 8 * 4 * 3 * size ** 2
+    allocator_slack = 4 * 2 ** 20  # page granularity and malloc arenas; far below the old 273 MB
+    root = Path(__file__).resolve().parent.parent  # this checkout's clipcap, whatever is installed
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(width), str(height), str(size)], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    growth = int(result.stdout.strip())
+    print(f"\npeak RSS growth while preprocessing a {width}x{height} strip: {growth / 2**10:.0f} KiB "
+          f"(bound {bound / 2**10:.0f} KiB + {allocator_slack / 2**20:.0f} MiB slack)")
+    assert growth <= bound + allocator_slack

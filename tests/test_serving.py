@@ -8,7 +8,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from PIL import Image
 
 from clipcap.captioner import Captioner
 from clipcap.config import BundleError
@@ -90,10 +92,10 @@ def test_max_tokens_caps_requests_and_defaults(captioner):
     ({"body": bytearray(json.dumps({"image": _b64(PNGS[1])}).encode())}, JSON),  # ... or could not
     ({"data": bytearray(PNGS[1])}, FORM),
 ])
-def test_accepted_forms_give_the_same_image(service, row, headers):
+def test_accepted_forms_give_the_same_image(service, captioner, row, headers):
     request = service.parse(row, headers)
     assert isinstance(request, ImageRequest)
-    assert request.image.tobytes() == IMAGES[1].tobytes()
+    assert torch.equal(request.pixels, captioner.preprocess_one(IMAGES[1]))
     assert request.options == service.defaults
 
 
@@ -107,7 +109,7 @@ def test_options_from_json_and_form_fields(service):
 def test_jpeg_and_webp_accepted(service):
     for fmt, content_type in (("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
         request = service.parse({"body": bytearray(png_bytes(IMAGES[0], fmt))}, {"Content-Type": content_type})
-        assert request.image.size == IMAGES[0].size
+        assert request.pixels.shape == (3, 32, 32)
 
 
 # -- parsing: every refusal ----------------------------------------------------------------------
@@ -186,18 +188,84 @@ def test_batch_captions_match_library_and_bad_rows_fail_alone(service, captioner
 
 
 def test_failing_group_answers_500_others_succeed(service, monkeypatch):
-    real = service.captioner.caption_images
+    real = service.captioner.caption_pixels
 
-    def fail_on_beam(images, options):
+    def fail_on_beam(pixels, options):
         if options.strategy == "beam":
             raise RuntimeError("simulated backend failure")
-        return real(images, options)
+        return real(pixels, options)
 
-    monkeypatch.setattr(service.captioner, "caption_images", fail_on_beam)
+    monkeypatch.setattr(service.captioner, "caption_pixels", fail_on_beam)
     rows = [{"body": bytearray(PNGS[0])}, {"body": {"image": _b64(PNGS[1]), "decoding": "beam"}}]
     replies, stats = service.caption_batch(service.parse_batch(rows, [RAW, JSON]))
     assert [r.status for r in replies] == [200, 500]
     assert "internal error" in replies[1].body["message"] and stats.captioned == 1
+
+
+def _strip_png(width: int = 1_000_000, height: int = 6) -> bytes:
+    """The issue's extreme strip (1,000,000x6 here): resized whole it needed a 5,333,333x32 intermediate."""
+    return png_bytes(Image.new("RGB", (width, height), (200, 40, 40)))
+
+
+def _poisoned_runtime(monkeypatch, captioner, poison: torch.Tensor) -> None:
+    """Fault injection: the runtime raises for any batch holding the poison row (as a bad kernel might)."""
+    real = captioner.runtime.encode
+
+    def encode(pixels):
+        if any(torch.equal(row, poison) for row in pixels):
+            raise RuntimeError("simulated failure for one row")
+        return real(pixels)
+
+    monkeypatch.setattr(captioner.runtime, "encode", encode)
+
+
+def test_a_failing_row_costs_only_its_own_request(service, captioner, monkeypatch):
+    _poisoned_runtime(monkeypatch, captioner, captioner.preprocess_one(IMAGES[2]))
+    rows = [{"body": bytearray(png)} for png in PNGS]
+    replies, stats = service.caption_batch(service.parse_batch(rows, [RAW] * 4))
+    assert [r.status for r in replies] == [200, 200, 500, 200]
+    for i in (0, 1, 3):
+        assert replies[i].body["token_ids"] == captioner.caption_images([IMAGES[i]]).captions[0].token_ids
+    assert "internal error" in replies[2].body["message"] and stats.captioned == 3
+
+
+def test_preprocessing_runs_per_request_and_a_failure_there_is_its_own(service, captioner, monkeypatch):
+    real = captioner.preprocess_one
+
+    def preprocess_one(image):
+        if image.size == (7, 5):
+            raise MemoryError("simulated")
+        return real(image)
+
+    monkeypatch.setattr(captioner, "preprocess_one", preprocess_one)
+    rows = [{"body": bytearray(PNGS[0])}, {"body": bytearray(png_bytes(Image.new("RGB", (7, 5))))},
+            {"body": bytearray(PNGS[1])}]
+    replies, _ = service.caption_batch(service.parse_batch(rows, [RAW] * 3))
+    assert [r.status for r in replies] == [200, 500, 200]
+    expected = captioner.caption_images([IMAGES[0], IMAGES[1]], service.defaults).captions
+    assert [replies[0].body["token_ids"], replies[2].body["token_ids"]] == [c.token_ids for c in expected]
+
+
+def test_one_poison_in_a_batch_of_seven(service, captioner):
+    """Each poison kind inside seven valid requests: the poison gets its own 4xx, the seven their captions."""
+    valid = [{"body": bytearray(PNGS[i % 4])} for i in range(7)]
+    poisons = [({"body": bytearray(PNGS[0][:300])}, RAW, 400), ({"body": bytearray(b"\x89PNG junk")}, RAW, 400),
+               ({"body": {"image": _b64(PNGS[0]), "beam_size": -1}}, JSON, 400),
+               ({"body": "text"}, {"Content-Type": "text/plain"}, 415)]
+    expected = [c.token_ids for c in captioner.caption_images([IMAGES[i % 4] for i in range(7)]).captions]
+    for poison, poison_headers, status in poisons:
+        rows, headers = valid[:3] + [poison] + valid[3:], [RAW] * 3 + [poison_headers] + [RAW] * 4
+        replies, stats = service.caption_batch(service.parse_batch(rows, headers))
+        assert replies[3].status == status and stats.captioned == 7
+        assert [r.body["token_ids"] for r in replies[:3] + replies[4:]] == expected
+
+
+def test_extreme_strip_is_captioned_from_its_centre(service, captioner):
+    """The documented rule for extreme aspect ratios: a 200 with the caption of the centre square."""
+    replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(_strip_png())}], [RAW]))
+    centre = Image.new("RGB", (6, 6), (200, 40, 40))
+    assert replies[0].status == 200
+    assert replies[0].body["token_ids"] == captioner.caption_images([centre], service.defaults).captions[0].token_ids
 
 
 def test_unexpected_parse_error_costs_one_request(service, monkeypatch):

@@ -293,6 +293,84 @@ def test_bad_and_good_requests_in_the_same_batches(served):
     assert sorted(status for index, status in results if index % 2 == 1) == [400] * 24
 
 
+def _strip_png() -> bytes:
+    """An extreme strip, 1,000,000x6 (resized whole for the crop it needed a 37,333,333x224 intermediate)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1_000_000, 6), (30, 120, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def _blocked_batch(server, blocker: tuple[bytes, str], bodies: list[tuple[bytes, str]]) -> list[tuple[int, dict]]:
+    """Send `blocker`, then `bodies` concurrently while the worker is busy with it, so they queue and
+    TorchServe hands them to the worker as one batch (batchSize 8). Returns (status, body) per body."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{server.inference}/predictions/{server.model}"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.key('inference')}"}) as session:
+        async def post(data: bytes, content_type: str) -> tuple[int, dict]:
+            async with session.post(url, data=data, headers={"Content-Type": content_type}) as response:
+                raw = await response.read()
+                try:
+                    return response.status, json.loads(raw or b"{}")
+                except ValueError:  # not one of our answers: keep it for the assertion message
+                    return response.status, {"raw": raw[:300]}
+
+        first = asyncio.ensure_future(post(*blocker))
+        await asyncio.sleep(0.3)  # the blocker leaves the queue alone (maxBatchDelay is 5 ms)
+        replies = await asyncio.wait_for(asyncio.gather(*(post(*body) for body in bodies)), timeout=150)
+        assert (await first)[0] == 200
+    return replies
+
+
+def _batch_sizes(server) -> tuple[float, float]:
+    text = server.get(server.metrics, "/metrics", key=None)[1].decode()
+    return _metric(text, "ClipcapBatchSize_count"), _metric(text, "ClipcapBatchSize_sum")
+
+
+def test_one_poison_in_a_batch_of_seven_valid_requests(served):
+    """Each poison kind inside one TorchServe batch with seven valid requests: the seven get 200 and the
+    library's captions, the poison its own answer. The batch is checked on the ClipcapBatchSize metric."""
+    server, bundle, images = served
+    valid = [list(images.values())[i % len(images)] for i in range(7)]
+    captioner = Captioner.from_path(bundle)
+    expected = [captioner.caption_images([decode_image(data)]).captions[0].token_ids for data in valid]
+    b64 = base64.b64encode(valid[0]).decode()
+    strip = _strip_png()
+    poisons = [
+        ("corrupt image", valid[0][: len(valid[0]) // 2], "image/png", 400),
+        ("bad options", json.dumps({"image": b64, "beam_size": 1000}).encode(), "application/json", 400),
+        ("wrong content type", b"hello", "text/plain", 415),
+        # Not a poison any more: an extreme strip gets the caption of its centre square, not a 500 for all.
+        ("extreme strip", strip, "image/png", 200),
+    ]
+    blocker = (json.dumps({"image": b64, "decoding": "beam", "beam_size": 8}).encode(), "application/json")
+    for name, poison, content_type, status in poisons:
+        for attempt in range(3):  # the batch is TorchServe's scheduling: retried if it split the eight
+            count, total = _batch_sizes(server)
+            bodies = [(data, "image/png") for data in valid[:3]] + [(poison, content_type)] + \
+                     [(data, "image/png") for data in valid[3:]]
+            replies = asyncio.run(_blocked_batch(server, blocker, bodies))
+            poison_reply = replies.pop(3)
+            assert [s for s, _ in replies] == [200] * 7, f"{name}: {replies}"
+            assert [body["token_ids"] for _, body in replies] == expected, name
+            assert poison_reply[0] == status, f"{name}: {poison_reply}"
+            if status == 200:
+                assert poison_reply[1]["token_ids"] == captioner.caption_images([decode_image(strip)]).captions[0].token_ids
+            deadline = time.monotonic() + 30  # the frontend reads the worker's metric log lines asynchronously
+            while _batch_sizes(server)[0] < count + 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            batches, requests = (now - before for now, before in zip(_batch_sizes(server), (count, total)))
+            if (batches, requests) == (2, 9):  # the blocker alone, then the eight together
+                print(f"\n{name}: the eight shared one batch on attempt {attempt + 1}")
+                break
+        else:
+            pytest.fail(f"{name}: the eight requests never shared one batch in 3 rounds")
+
+
 def test_concurrent_load_zero_failures_and_batching(served):
     server, _, images = served
     before = server.get(server.metrics, "/metrics", key=None)[1].decode()
