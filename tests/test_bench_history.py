@@ -117,6 +117,8 @@ def test_check_and_trend_scripts_on_a_history(records, tmp_path):
     with Image.open(pngs[0]) as image:
         assert image.format == "PNG"
     assert baseline["machine"]["fingerprint"] in (tmp_path / "trends" / "index.html").read_text()
+    summary = (tmp_path / "trends" / "summary.md").read_text()
+    assert f"| captions/s torch {CELL} |" in summary and "c0" in summary and "c1" in summary
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ def commit_order(records: list[dict]) -> list[str]:
 
 
 def plot_trends(records: list[dict], out: Path, profile: str = "quick") -> list[Path]:
-    """A PNG per metric family (a panel per metric) and index.html showing them; returns the files written."""
+    """A PNG per metric family (a panel per metric), index.html showing them and summary.md (every value);
+    returns the files written."""
     from clipcap.bench.report import pyplot, save_figure
 
     plt = pyplot()
@@ -61,7 +62,20 @@ def plot_trends(records: list[dict], out: Path, profile: str = "quick") -> list[
         figure.suptitle(f"{title}; bars: 1 standard error measured by each run ({profile} profile)")
         written.append(save_figure(figure, out / f"{stem}.png"))
     written.append(_write_index(records, machines, written, out / "index.html"))
-    return written
+    (out / "summary.md").write_text(summary_markdown(records))
+    return written + [out / "summary.md"]
+
+
+def summary_markdown(records: list[dict]) -> str:
+    """Every metric (rows) of every record (columns: commit, machine, time), value +- its standard error."""
+    lines = ["| metric | " + " | ".join(
+        f"{r['commit']['short']}{'+' if r['commit']['dirty'] else ''} {r['kind']} on {r['machine']['fingerprint']}, "
+        f"{r['created_utc'][:16]}" for r in records) + " |", "|---|" + "---:|" * len(records)]
+    for name in sorted({n for r in records for n in r["metrics"]}):
+        cells = [f"{r['metrics'][name]['value']:.3g} ± {r['metrics'][name]['noise']:.2g}" if name in r["metrics"]
+                 else "" for r in records]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(["`+`: the tree differed from the commit (see each record's note).", "", *lines]) + "\n"
 
 
 def _write_index(records: list[dict], machines: list[str], images: list[Path], path: Path) -> Path:
