@@ -76,6 +76,7 @@ def test_a_record_holds_commit_machine_cells_and_metrics_with_noise(records):
         metric = record["metrics"][name]
         assert metric["value"] > 0 and metric["noise"] >= 0 and metric["better"] in ("higher", "lower")
     assert record["metrics"][f"ratio kv-cache-e2e {CELL}"]["scope"] == "ratio"
+    assert not record["metrics"]["roofline bandwidth torch b8"]["checked"]  # the peaks' error is unknown
     json.dumps(record)  # plain JSON
 
 
@@ -143,6 +144,12 @@ def synthetic(value: float, noise: float, machine: str = "m1", created: str = "2
 def test_compare_weighs_a_change_by_the_noise_and_the_floor(old, new, noise, better, verdict):
     (change,) = compare(synthetic(old, noise, better=better), synthetic(new, noise, better=better), CheckConfig())
     assert change.verdict == verdict and change.noise == pytest.approx(noise * 2 ** 0.5)
+
+
+def test_unchecked_metrics_are_not_judged():
+    old, new = synthetic(10, 0.1), synthetic(1, 0.1)
+    new["metrics"]["m"]["checked"] = False
+    assert compare(old, new) == []
 
 
 def test_absolute_numbers_stay_on_their_machine_ratios_travel():

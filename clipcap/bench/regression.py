@@ -33,12 +33,12 @@ class Change:
 
 
 def compare(old: dict, new: dict, config: CheckConfig = CheckConfig()) -> list[Change]:
-    """Every metric in both records (absolute ones only on the same fingerprint), with its verdict."""
+    """Every checked metric in both records (absolute ones only on the same fingerprint), with its verdict."""
     same_machine = old["machine"]["fingerprint"] == new["machine"]["fingerprint"]
     changes = []
     for name, after in new["metrics"].items():
         before = old["metrics"].get(name)
-        if before is None or (after["scope"] != "ratio" and not same_machine):
+        if before is None or not after.get("checked", True) or (after["scope"] != "ratio" and not same_machine):
             continue
         delta = after["value"] - before["value"]
         noise = math.hypot(before["noise"], after["noise"])
