@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--z", type=float, default=defaults.z, help="standard errors a real change exceeds")
     parser.add_argument("--min-change", type=float, default=defaults.min_change,
                         help="relative change a real change exceeds (drift between runs)")
+    parser.add_argument("--ratios-only", action="store_true",
+                        help="judge only ratios (a shared machine, where absolute numbers move with the neighbours)")
     parser.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a metric regressed")
     args = parser.parse_args(argv)
     machine = args.fingerprint or fingerprint(machine_info())
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if newest is None or previous is None:
             print(f"{kind} ({args.profile}): fewer than two records to compare for machine {machine}")
             continue
-        changes = compare(previous, newest, CheckConfig(z=args.z, min_change=args.min_change))
+        changes = compare(previous, newest, CheckConfig(z=args.z, min_change=args.min_change, ratios_only=args.ratios_only))
         print(changes_markdown(previous, newest, changes))
         regressions += sum(c.verdict == "regression" for c in changes)
     print(f"{regressions} regression(s)")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 class CheckConfig:
     z: float = 3.0  # combined standard errors a change must exceed
     min_change: float = 0.10  # ... and this relative change (drift between runs the within-run noise misses)
+    ratios_only: bool = False  # judge only ratios: on a shared machine absolute numbers move with the neighbours
 
 
 @dataclass
@@ -38,7 +39,8 @@ def compare(old: dict, new: dict, config: CheckConfig = CheckConfig()) -> list[C
     changes = []
     for name, after in new["metrics"].items():
         before = old["metrics"].get(name)
-        if before is None or not after.get("checked", True) or (after["scope"] != "ratio" and not same_machine):
+        absolute_unfit = after["scope"] != "ratio" and (config.ratios_only or not same_machine)
+        if before is None or not after.get("checked", True) or absolute_unfit:
             continue
         delta = after["value"] - before["value"]
         noise = math.hypot(before["noise"], after["noise"])
