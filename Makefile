@@ -1,7 +1,7 @@
 # The README's commands. Every target first runs the idempotent set-up.
 PY := .venv/bin/python
 
-.PHONY: setup test demo demo-model
+.PHONY: setup test demo demo-model bench
 setup:
 	@bash scripts/setup.sh
 
@@ -13,3 +13,8 @@ demo: setup
 
 demo-model: setup
 	@bash scripts/build_demo_model.sh
+
+# The quick benchmark profile (demo model: latency of four backends, TorchServe at two concurrency
+# levels; a few minutes on 2 cores), added to benchmarks/history/. Then: benchmarks/trends.py, benchmarks/check.py.
+bench: setup
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/quick.py --record

@@ -17,8 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipcap.benchmarking import BACKENDS, LatencyConfig, make_full_size_bundles, run_latency, write_latency_outputs
+from clipcap.bench.backends import BACKENDS
+from clipcap.bench.bundles import make_full_size_bundles
+from clipcap.bench.history import record_report
+from clipcap.bench.latency import LatencyConfig, run_latency
+from clipcap.bench.report import write_latency_outputs
 from clipcap.cli import USER_ERRORS
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout whose commit a record names
 
 
 def _int_list(text: str) -> list[int]:
@@ -48,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="torch threads; onnxruntime intra-op threads follow")
     parser.add_argument("--out", type=Path, default=Path("build/bench/latency"), help="output directory")
+    parser.add_argument("--record", metavar="PROFILE",
+                        help="also add the run to benchmarks/history/ under this profile name (e.g. full)")
+    parser.add_argument("--note", default="", help="a remark stored with the record (e.g. 'machine busy')")
     args = parser.parse_args(argv)
     paths = list(args.paths)
     if args.make_full_size:
@@ -65,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     written = write_latency_outputs(report, args.out)
     print((args.out / "latency.md").read_text())
+    if args.record:
+        written.append(record_report(report, args.record, ROOT, note=args.note))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -16,7 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipcap.benchmarking import ServingLoadConfig, read_api_keys, run_serving_load, write_serving_outputs
+from clipcap.bench.history import record_report
+from clipcap.bench.load import ServingLoadConfig, read_api_keys, run_serving_load
+from clipcap.bench.report import write_serving_outputs
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout whose commit a record names
 
 
 def _int_list(text: str) -> list[int]:
@@ -43,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="TorchServe's key_file.json (its inference and management keys are the Bearer tokens)")
     parser.add_argument("--no-token", action="store_true", help="the server runs with --disable-token-auth")
     parser.add_argument("--out", type=Path, default=Path("build/bench/serving"), help="output directory")
+    parser.add_argument("--record", metavar="PROFILE",
+                        help="also add the run to benchmarks/history/ under this profile name (e.g. full)")
+    parser.add_argument("--note", default="", help="a remark stored with the record (e.g. 'machine busy')")
     args = parser.parse_args(argv)
     config = ServingLoadConfig(url=args.url, models=[m for m in args.models.split(",") if m],
                                concurrency=args.concurrency, requests=args.requests, duration_s=args.duration,
@@ -57,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     written = write_serving_outputs(report, args.out)
     print((args.out / "serving.md").read_text())
+    if args.record:
+        written.append(record_report(report, args.record, ROOT, note=args.note))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

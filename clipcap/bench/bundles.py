@@ -1,0 +1,102 @@
+"""Bundles for benchmarking: which kind a path holds, and the full-size model built with random weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from clipcap.config import ClipCapConfig
+
+
+BUNDLE_HOW_TO = {
+    "model": "a model bundle (clipcap.json + model.safetensors); build one with --make-full-size DIR",
+    "onnx-fp32": "an fp32 export bundle: python export/to_onnx.py MODEL_BUNDLE --out DIR",
+    "onnx-int8": "an int8 export bundle: python export/quantize.py FP32_EXPORT_DIR",
+    "tensorrt": "a TensorRT bundle: python export/to_tensorrt.py FP32_EXPORT_DIR --out DIR (CUDA GPU)",
+}
+
+
+def bundle_kind(path: Path) -> str | None:
+    """model | onnx-fp32 | onnx-int8 | tensorrt (clipcap.formats.detect's names); None if none fits."""
+    from clipcap.config import BundleError
+    from clipcap.formats.detect import detect
+
+    try:
+        return detect(path).name
+    except BundleError:
+        return None
+
+# ---------------------------------------------------------------------------------------------
+# The full-size model for speed work: nothing can be downloaded, so random weights.
+
+FULL_SIZE_CAPTIONS = [
+    "a dog runs on the grass.", "two cats sleep on a sofa.", "a man rides a bicycle down the street.",
+    "a plate of food on a wooden table.", "a red bus parked next to a building.", "a bird sits on a branch.",
+]
+
+
+def make_full_size_bundles(out: Path, int8: bool = True) -> dict[str, Path]:
+    """ViT-B-32 + GPT-2 small (random weights, a small BPE tokenizer) as a model bundle, its fp32
+    ONNX export and (with `int8`) the int8 sibling: out/model, out/onnx, out/onnx-int8.
+
+    Steps whose output already exists are skipped, so a second call costs nothing. Random weights
+    time exactly like trained ones: the same shapes do the same arithmetic.
+    """
+    from clipcap.formats.model_bundle import save_bundle
+    from clipcap.config import TokenizerConfig
+    from clipcap.model import ClipCapModel, resolve_clip_config
+    from clipcap.export.int8 import QuantizeConfig, quantize_bundle
+    from clipcap.export.onnx import ExportOptions, export_bundle
+    from clipcap.formats.export_bundle import MANIFEST_FILE
+    from clipcap.tokenizer import train_bpe
+
+    out = Path(out)
+    paths = {"model": out / "model", "onnx-fp32": out / "onnx"}
+    if not (paths["model"] / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        tokenizer = train_bpe(FULL_SIZE_CAPTIONS * 4, vocab_size=300)
+        tokens = TokenizerConfig(eos_token_id=tokenizer.eos_token_id, stop_token_ids=tokenizer.stop_token_ids())
+        model = ClipCapModel(ClipCapConfig(clip=resolve_clip_config("ViT-B-32"), tokenizer=tokens).validate())
+        save_bundle(model.eval(), tokenizer, paths["model"])
+    if not (paths["onnx-fp32"] / MANIFEST_FILE).is_file():
+        export_bundle(paths["model"], ExportOptions(out=paths["onnx-fp32"]))
+    if int8:
+        paths["onnx-int8"] = out / "onnx-int8"
+        if not (paths["onnx-int8"] / MANIFEST_FILE).is_file():
+            quantize_bundle(QuantizeConfig(paths["onnx-fp32"], paths["onnx-int8"]))
+    return paths
+
+
+def source_digest(paths: list[Path], skip: tuple[str, ...] = ("__pycache__",)) -> str:
+    """sha256 over the files under `paths` (sorted, names included), leaving out folders named in `skip`:
+    a cache key for what they build."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for root in paths:
+        files = sorted(Path(root).rglob("*")) if Path(root).is_dir() else [Path(root)]
+        for file in files:
+            if file.is_file() and not set(skip) & set(file.relative_to(root).parts):
+                digest.update(str(file.relative_to(root.parent)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def make_demo_exports(bundle: Path, out: Path, library: Path) -> dict[str, Path]:
+    """`bundle`'s fp32 ONNX export and int8 sibling in out/onnx, out/onnx-int8, rebuilt only when the bundle
+    or the library's code (`library`, the clipcap package) changed since they were built."""
+    import shutil
+
+    from clipcap.export.int8 import QuantizeConfig, quantize_bundle
+    from clipcap.export.onnx import ExportOptions, export_bundle
+
+    out = Path(out)
+    # The benchmark harness itself builds nothing that is exported.
+    key, stamp = source_digest([Path(bundle), Path(library)], ("__pycache__", "bench")), out / "source.sha256"
+    paths = {"onnx-fp32": out / "onnx", "onnx-int8": out / "onnx-int8"}
+    if not stamp.is_file() or stamp.read_text() != key:
+        for path in paths.values():
+            shutil.rmtree(path, ignore_errors=True)
+        export_bundle(Path(bundle), ExportOptions(out=paths["onnx-fp32"]))
+        quantize_bundle(QuantizeConfig(paths["onnx-fp32"], paths["onnx-int8"]))
+        stamp.write_text(key)
+    return paths

@@ -1,0 +1,177 @@
+"""Benchmark history: one small JSON record per run, kept in the repository under benchmarks/history/.
+
+A record holds what a later reader needs to trust a number: the commit (and whether the tree was
+dirty), the date, the machine (a fingerprint of its hardware, plus versions), the settings, every
+cell's p50/p90/p99 and dispersion, and a flat `metrics` table: each tracked number with the noise
+its own run measured (a standard error in the number's unit), which way is better, and whether it
+is a ratio (comparable across machines) or an absolute (comparable on one fingerprint only).
+Records are only ever added, one file each, so the history diffs and merges cleanly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+from clipcap.bench.machine import fingerprint, hardware
+from clipcap.bench.schema import LATENCY_SCHEMA, SERVING_SCHEMA, check_report
+
+RECORD_SCHEMA = "clipcap-bench-record/1"
+HISTORY_DIR = Path("benchmarks/history")  # relative to the repository root
+RATIO_KEYS = {  # short, stable names of `statistics.RATIOS` for metric names
+    ("torch-nocache", "torch", "end_to_end"): "kv-cache-e2e", ("torch-nocache", "torch", "decode"): "kv-cache-decode",
+    ("torch", "onnxruntime", "end_to_end"): "ort-vs-torch-e2e", ("torch", "onnxruntime", "decode"): "ort-vs-torch-decode",
+    ("onnxruntime", "onnxruntime-int8", "decode"): "int8-vs-fp32-decode",
+    ("onnxruntime", "onnxruntime-int8", "end_to_end"): "int8-vs-fp32-e2e",
+    ("onnxruntime", "tensorrt", "end_to_end"): "trt-vs-ort-e2e",
+}
+
+
+def git_state(root: Path) -> dict:
+    """The commit checked out in `root`, whether the tree differs from it (changed or new files that git
+    does not ignore), its date and subject."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": "unknown", "short": "unknown", "dirty": True, "date": None, "subject": "not a git checkout"}
+    return {"sha": sha, "short": sha[:7], "dirty": bool(git("status", "--porcelain")),
+            "date": git("show", "-s", "--format=%cI", "HEAD"), "subject": git("show", "-s", "--format=%s", "HEAD")}
+
+
+def _metric(value: float, noise: float, unit: str, better: str, scope: str, family: str, checked: bool = True) -> dict:
+    """`checked`: False for a number whose noise the run cannot measure (it is drawn, not judged)."""
+    return {"value": value, "noise": noise, "unit": unit, "better": better, "scope": scope, "family": family,
+            "checked": checked}
+
+
+def _relative_error(stats: dict) -> float:
+    """The p50's standard error over the p50."""
+    return stats["p50_se"] / stats["p50"] if stats["p50"] else 0.0
+
+
+def _dispersion(stats: dict) -> dict:
+    return {k: stats[k] for k in ("p50", "p90", "p99", "iqr", "p50_se", "n") if k in stats}
+
+
+def latency_metrics(report: dict) -> tuple[dict, list]:
+    """(metrics, compact cells) of a latency report."""
+    metrics, cells = {}, []
+    errors = {}
+    for cell in report["cells"]:
+        where = f"b{cell['batch_size']} t{cell['tokens']}"
+        stages = cell["stages_ms"]
+        e2e, decode = stages["end_to_end"], stages["decode"]
+        errors[(cell["backend"], cell["batch_size"], cell["tokens"])] = {
+            stage: _relative_error(stats) for stage, stats in stages.items()}
+        throughput = cell["throughput"]["captions_per_s"]
+        metrics[f"captions/s {cell['backend']} {where}"] = _metric(
+            throughput, throughput * _relative_error(e2e), "captions/s", "higher", "machine", "captions_per_s")
+        if "token_step" in stages:
+            # Steps within one caption share its moment's load: the per-caption decode time's error is the honest one.
+            step = stages["token_step"]["p50"]
+            metrics[f"ms/token {cell['backend']} {where}"] = _metric(
+                step, step * _relative_error(decode), "ms", "lower", "machine", "ms_per_token")
+        cells.append({"backend": cell["backend"], "batch_size": cell["batch_size"], "tokens": cell["tokens"],
+                      "iterations": cell["iterations"],
+                      "stages_ms": {stage: _dispersion(stats) for stage, stats in stages.items()}})
+    for ratio in report["ratios"]:
+        key = RATIO_KEYS.get((ratio["slower"], ratio["faster"], ratio["stage"]))
+        if key is None:
+            continue
+        where = (ratio["batch_size"], ratio["tokens"])
+        slower, faster = errors[(ratio["slower"], *where)], errors[(ratio["faster"], *where)]
+        relative = math.hypot(slower[ratio["stage"]], faster[ratio["stage"]])
+        metrics[f"ratio {key} b{where[0]} t{where[1]}"] = _metric(
+            ratio["speedup"], ratio["speedup"] * relative, "x", "higher", "ratio", "ratio")
+    for row in report["roofline"]["rows"]:
+        # The step time's error only: the peaks are one best-of-5 measurement per run, whose own error
+        # (a neighbour during those seconds) is unknown, so these fractions are drawn, not checked.
+        relative = errors[(row["backend"], row["batch_size"], row["tokens"])]["decode"]
+        for fraction in ("bandwidth_fraction", "matmul_fraction"):
+            metrics[f"roofline {fraction.split('_')[0]} {row['backend']} b{row['batch_size']}"] = _metric(
+                row[fraction], row[fraction] * relative, "of peak", "higher", "machine", "roofline", checked=False)
+    return metrics, cells
+
+
+def serving_metrics(report: dict) -> tuple[dict, list]:
+    """(metrics, compact cells) of a serving report."""
+    metrics, cells, errors = {}, [], {}
+    for cell in report["cells"]:
+        where = f"{cell['model']} c{cell['concurrency']}"
+        rate, rounds = cell["requests_per_s"], cell.get("requests_per_s_rounds", [])
+        if len(rounds) >= 2:  # the spread of the rounds' own rates
+            mean = sum(rounds) / len(rounds)
+            noise = math.sqrt(sum((r - mean) ** 2 for r in rounds) / (len(rounds) - 1) / len(rounds))
+        else:
+            noise = rate * _relative_error(cell["latency_ms"])
+        errors[(cell["model"], cell["concurrency"])] = noise / rate if rate else 0.0
+        metrics[f"req/s {where}"] = _metric(rate, noise, "req/s", "higher", "machine", "serving_rps")
+        latency = cell["latency_ms"]
+        metrics[f"p99 ms {where}"] = _metric(latency["p99"], latency.get("p99_se", 0.0), "ms", "lower", "machine",
+                                             "serving_p99")
+        cells.append({"model": cell["model"], "concurrency": cell["concurrency"], "sent": cell["sent"],
+                      "ok": cell["ok"], "statuses": cell["statuses"], "requests_per_s": rate,
+                      "requests_per_s_rounds": rounds, "latency_ms": _dispersion(latency)})
+    first = report["settings"]["models"][0]
+    for cell in report["cells"]:
+        base = next((c for c in report["cells"] if c["model"] == first and c["concurrency"] == cell["concurrency"]),
+                    None)
+        if cell["model"] == first or base is None:
+            continue
+        value = cell["requests_per_s"] / base["requests_per_s"]
+        relative = math.hypot(errors[(cell["model"], cell["concurrency"])], errors[(first, cell["concurrency"])])
+        metrics[f"ratio req/s {cell['model']} vs {first} c{cell['concurrency']}"] = _metric(
+            value, value * relative, "x", "higher", "ratio", "ratio")
+    return metrics, cells
+
+
+def make_record(report: dict, profile: str, root: Path, note: str = "") -> dict:
+    """A history record of a latency or serving report measured with the code checked out in `root`."""
+    check_report(report)
+    kind = {LATENCY_SCHEMA: "latency", SERVING_SCHEMA: "serving"}[report["schema"]]
+    metrics, cells = (latency_metrics if kind == "latency" else serving_metrics)(report)
+    machine = report["machine"]
+    settings = {k: v for k, v in report["settings"].items() if k not in ("paths", "images")}
+    return {"schema": RECORD_SCHEMA, "kind": kind, "profile": profile, "note": note,
+            "created_utc": report["created_utc"], "commit": git_state(root),
+            "machine": {"fingerprint": fingerprint(machine), "hardware": hardware(machine),
+                        "versions": {k: v for k, v in machine["versions"].items() if v}, "os": machine["os"],
+                        "python": machine["python"], "gpu": machine.get("gpu")},
+            "settings": settings, "load_average": report["load_average"], "peaks": report.get("peaks"),
+            "metrics": metrics, "cells": cells}
+
+
+def record_path(record: dict, history: Path) -> Path:
+    created = datetime.fromisoformat(record["created_utc"]).strftime("%Y%m%dT%H%M%SZ")
+    return history / (f"{created}_{record['commit']['short']}_{record['kind']}_{record['profile']}_"
+                      f"{record['machine']['fingerprint']}.json")
+
+
+def write_record(record: dict, history: Path) -> Path:
+    """Add `record` as a new file (never overwrites: an existing name is an error)."""
+    path = record_path(record, history)
+    history.mkdir(parents=True, exist_ok=True)
+    with path.open("x") as file:
+        file.write(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def load_records(history: Path) -> list[dict]:
+    """Every record in `history`, oldest first (by the time it was measured)."""
+    records = []
+    for path in sorted(Path(history).glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("schema") != RECORD_SCHEMA:
+            raise ValueError(f"{path}: not a benchmark record (schema {record.get('schema')!r})")
+        records.append(record)
+    return sorted(records, key=lambda r: r["created_utc"])
+
+
+def record_report(report: dict, profile: str, root: Path, history: Path | None = None, note: str = "") -> Path:
+    """Add `report` (measured with the code in `root`) to the history in `history` (default: root's)."""
+    return write_record(make_record(report, profile, root, note), history or root / HISTORY_DIR)

@@ -1,0 +1,230 @@
+"""A bounded aiohttp load generator against TorchServe on loopback: req/s and latency per model and level.
+
+One request that times out or loses its connection is one failed request, counted in the cell's
+statuses; the run goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from clipcap.bench.latency import synthetic_images
+from clipcap.bench.machine import machine_info
+from clipcap.bench.schema import SERVING_SCHEMA, check_report, jsonable
+from clipcap.bench.statistics import percentiles
+
+
+@dataclass
+class ServingLoadConfig:
+    url: str = "http://127.0.0.1:8080"  # TorchServe's inference address; loopback only
+    models: list[str] = field(default_factory=lambda: ["clipcap"])  # registered model names, compared side by side
+    concurrency: list[int] = field(default_factory=lambda: [1, 8])  # clients sending back to back
+    requests: int = 200  # per model and concurrency level (split over `rounds`)
+    duration_s: float = 60.0  # cap per model and concurrency level: a block stops sending when it is reached
+    rounds: int = 2  # each (model, level) block runs in this many rounds, models alternating between rounds
+    warmup: int = 4  # requests per model sent first and not counted
+    timeout_s: float = 120.0  # per request
+    images: list[Path] = field(default_factory=list)  # image files sent in turn; none: synthetic JPEGs
+    management_url: str | None = None  # TorchServe's management address: each model's batching settings are recorded
+
+    def validate(self) -> "ServingLoadConfig":
+        check_loopback(self.url)
+        if self.management_url is not None:
+            check_loopback(self.management_url)
+        if not self.models or any(not m or "/" in m for m in self.models):
+            raise ValueError(f"models must be TorchServe model names, got {self.models}")
+        if not self.concurrency or min(self.concurrency) < 1 or self.requests < 1 or self.rounds < 1:
+            raise ValueError("concurrency levels, requests and rounds must be >= 1")
+        if self.duration_s <= 0 or self.timeout_s <= 0 or self.warmup < 0:
+            raise ValueError("duration and timeout must be > 0, warmup >= 0")
+        return self
+
+
+def check_loopback(url: str) -> None:
+    """Refuse anything but http(s) to this machine's loopback: a benchmark must not load someone else's server."""
+    import ipaddress
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r}: expected http://127.0.0.1:PORT")
+    host = parts.hostname
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{url!r}: the load generator only targets loopback (127.0.0.1, ::1, localhost), not {host}")
+
+
+def request_bodies(images: list[Path], seed: int = 0) -> list[tuple[bytes, str]]:
+    """(bytes, content type) per image file; with none given, four synthetic 640x480 JPEGs."""
+    import io
+
+    if images:
+        types = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+                 ".bmp": "image/bmp"}
+        missing = [str(p) for p in images if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:3])}")
+        return [(Path(p).read_bytes(), types.get(Path(p).suffix.lower(), "application/octet-stream")) for p in images]
+    bodies = []
+    for image in synthetic_images(4, (640, 480), seed):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        bodies.append((buffer.getvalue(), "image/jpeg"))
+    return bodies
+
+
+async def _block(session, url: str, bodies: list, clients: int, count: int, deadline: float,
+                 timeout_s: float) -> list[dict]:
+    """`count` requests from `clients` concurrent clients (fewer if `deadline` passes): one record each.
+
+    A request that times out (`timeout_s`) or loses its connection is recorded as failed, not raised.
+    """
+    import aiohttp
+
+    records: list[dict] = []
+    indices = iter(range(count))
+
+    async def client() -> None:
+        for index in indices:
+            if time.monotonic() > deadline:
+                return
+            data, content_type = bodies[index % len(bodies)]
+            start = time.perf_counter()
+            try:
+                async with session.post(url, data=data, headers={"Content-Type": content_type}) as response:
+                    body = await response.read()
+                status, error = response.status, body[:300].decode(errors="replace")
+            except asyncio.TimeoutError:  # this request only: counted as failed, the others go on
+                status, error = "timeout", f"no answer within the {timeout_s:g} s request timeout"
+            except aiohttp.ClientError as failure:
+                status, error = "connection-error", repr(failure)[:300]
+            record = {"status": status, "latency_ms": (time.perf_counter() - start) * 1e3}
+            if status == 200:
+                record["handler_ms"] = sum(json.loads(body).get("timings_ms", {}).values())
+            elif len(records) < 3 or all(r["status"] == 200 for r in records):
+                record["error"] = error
+            records.append(record)
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return records
+
+
+SERVER_SETTINGS = ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout", "deviceType")
+
+
+async def _describe_models(session, config: ServingLoadConfig, key: str | None) -> dict:
+    """Each model's batching and worker settings, from TorchServe's management API (GET /models/NAME)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    described = {}
+    for model in config.models:
+        async with session.get(f"{config.management_url.rstrip('/')}/models/{model}", headers=headers) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"management API answered {response.status} for model {model!r}: "
+                                   f"{body[:300].decode(errors='replace')}")
+        entry = json.loads(body)[0]
+        described[model] = {**{k: entry[k] for k in SERVER_SETTINGS if k in entry},
+                            "workers": len(entry.get("workers", []))}
+    return described
+
+
+async def _serving_load(config: ServingLoadConfig, keys: dict[str, str] | None, bodies: list,
+                        progress: bool) -> tuple[dict, dict]:
+    import aiohttp
+    from tqdm import tqdm
+
+    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+    base = config.url.rstrip("/")
+    results: dict[tuple[str, int], dict] = {}
+    server = {}
+    if config.management_url:
+        async with aiohttp.ClientSession(timeout=timeout) as describe_session:
+            server = await _describe_models(describe_session, config, (keys or {}).get("management"))
+    headers = {"Authorization": f"Bearer {keys['inference']}"} if keys else {}
+    # One connection per client at the highest level: a pool smaller than the concurrency would queue in the client.
+    connector = aiohttp.TCPConnector(limit=max(config.concurrency))
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
+        for model in config.models:
+            warmup = await _block(session, f"{base}/predictions/{model}", bodies, 1, config.warmup,
+                                  time.monotonic() + config.timeout_s, config.timeout_s)
+            failed = [r for r in warmup if r["status"] != 200]
+            if failed:
+                raise RuntimeError(f"model {model!r} at {base}: warm-up request answered {failed[0]['status']}: "
+                                   f"{failed[0].get('error', '')} (wrong model name, or a missing/expired token?)")
+        per_round = -(-config.requests // config.rounds)
+        total = len(config.concurrency) * config.rounds * len(config.models)
+        with tqdm(total=total, desc="serving load", unit="block", disable=not progress) as bar:
+            for level in config.concurrency:
+                for round_index in range(config.rounds):
+                    shift = round_index % len(config.models)
+                    for model in config.models[shift:] + config.models[:shift]:
+                        cell = results.setdefault((model, level), {"records": [], "wall_s": 0.0, "rounds": []})
+                        remaining = config.requests - len(cell["records"])
+                        # The duration cap counts this model's own sending time at this level, over its rounds.
+                        deadline = time.monotonic() + config.duration_s - cell["wall_s"]
+                        bar.set_postfix_str(f"{model} x{level}")
+                        start = time.perf_counter()
+                        block = await _block(session, f"{base}/predictions/{model}", bodies, level,
+                                             min(per_round, remaining), deadline, config.timeout_s)
+                        seconds = time.perf_counter() - start
+                        cell["records"] += block
+                        cell["wall_s"] += seconds
+                        # Each round's own rate: their spread is the run's noise on req/s.
+                        cell["rounds"].append(sum(r["status"] == 200 for r in block) / seconds)
+                        bar.update()
+    return results, server
+
+
+def read_api_keys(key_file: Path) -> dict[str, str]:
+    """The "inference" and "management" keys from the key_file.json TorchServe writes at start."""
+    try:
+        keys = json.loads(Path(key_file).read_text())
+        return {kind: keys[kind]["key"] for kind in ("inference", "management")}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{key_file}: not found; TorchServe writes it into the directory it starts in "
+                                "(or pass --no-token for a server started with --disable-token-auth)") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{key_file}: not a TorchServe key file ({error!r})") from None
+
+
+def run_serving_load(config: ServingLoadConfig, keys: dict[str, str] | None, progress: bool = True) -> dict:
+    """Load every model at every concurrency level, models alternating; returns the report (`check_report`).
+
+    `keys` (`read_api_keys`; None: token authorization off) are sent as Bearer headers, never written out.
+    """
+    config.validate()
+    bodies = request_bodies(config.images)
+    load_before = os.getloadavg()
+    results, server = asyncio.run(_serving_load(config, keys, bodies, progress))
+    cells = []
+    for (model, level), result in results.items():
+        records = result["records"]
+        ok = [r for r in records if r["status"] == 200]
+        if not ok:
+            first = records[0] if records else {"status": "none"}
+            raise RuntimeError(f"model {model!r}, concurrency {level}: no request succeeded; first answer "
+                               f"{first['status']}: {first.get('error', '')}")
+        statuses: dict[str, int] = {}
+        for record in records:
+            statuses[str(record["status"])] = statuses.get(str(record["status"]), 0) + 1
+        cells.append({"model": model, "concurrency": level, "sent": len(records), "ok": len(ok), "statuses": statuses,
+                      "wall_s": result["wall_s"], "requests_per_s": len(ok) / result["wall_s"],
+                      "requests_per_s_rounds": result["rounds"],
+                      "latency_ms": percentiles([r["latency_ms"] for r in ok]),
+                      "handler_ms": percentiles([r["handler_ms"] for r in ok]),
+                      "errors": [r["error"] for r in records if "error" in r][:3]})
+    settings = {**jsonable(asdict(config)), "images": [str(p) for p in config.images] or "4 synthetic 640x480 JPEGs",
+                "token_authorization": keys is not None, "server": server}
+    report = {"schema": SERVING_SCHEMA, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_info(), "settings": settings,
+              "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, "cells": cells}
+    check_report(report)
+    return report

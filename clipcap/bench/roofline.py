@@ -1,0 +1,160 @@
+"""Roofline: what a decoder step must move and compute, against what this machine measurably does."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from clipcap.bench.backends import BACKENDS, OpenBackend
+from clipcap.config import GPT2Config
+
+
+@dataclass(frozen=True)
+class StepCost:
+    flops: float  # multiply-adds x 2
+    weight_bytes: float  # every decoder weight read once
+    kv_bytes: float  # KV cache read (past) + written (new positions)
+
+    @property
+    def bytes(self) -> float:
+        return self.weight_bytes + self.kv_bytes
+
+
+def gpt2_parameter_count(gpt2: GPT2Config) -> dict:
+    """Parameters a decoder step reads: transformer blocks, final LayerNorm, LM head (tied to wte)."""
+    e = gpt2.n_embd
+    # c_attn (E x 3E), attn c_proj (E x E), c_fc (E x 4E), mlp c_proj (4E x E): 12 E^2 weights and 9 E
+    # biases; two LayerNorms: 4 E.
+    block = 12 * e * e + 9 * e + 4 * e
+    return {"blocks": gpt2.n_layer * block, "final_norm": 2 * e, "lm_head": e * gpt2.vocab_size}
+
+
+def decode_step_cost(gpt2: GPT2Config, batch: int, past: int, new: int, weight_bytes: float,
+                     kv_dtype_bytes: int = 4) -> StepCost:
+    """One GPT-2 step over `new` positions after `past` cached ones, logits for the last position only.
+
+    `weight_bytes`: the decoder's weights as stored (fp32 ~4 B/parameter, dynamic int8 ~1 B).
+    """
+    e, layers = gpt2.n_embd, gpt2.n_layer
+    total = past + new
+    matmul = 2 * batch * new * layers * 12 * e * e  # QKV, projection, MLP
+    attention = 2 * 2 * batch * layers * new * total * e  # QK^T and AV over every head
+    lm_head = 2 * batch * e * gpt2.vocab_size  # one row of logits per image
+    kv = 2 * layers * batch * (past + new) * e * kv_dtype_bytes  # keys and values: read the past, write the new
+    return StepCost(matmul + attention + lm_head, weight_bytes, kv)
+
+
+def decoder_weight_bytes(backend: OpenBackend) -> float:
+    """Bytes of weights a decoder step reads: the decoder graph on disk (ONNX, int8 included), else
+    GPT-2's parameters at fp32 (torch; TensorRT engines do not expose theirs)."""
+    from clipcap.runtimes.onnx_runtime import OnnxRuntime
+
+    runtime = backend.timed.inner
+    if isinstance(runtime, OnnxRuntime):
+        graph = backend.path / runtime.manifest["graphs"]["decoder"]["file"]
+        data = graph.with_name(graph.name + ".data")
+        return graph.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return 4.0 * sum(gpt2_parameter_count(backend.timed.config.gpt2).values())
+
+
+def roofline(cells: list[dict], gpt2: GPT2Config, prefix_length: int, weight_bytes: dict[str, float],
+             peaks: dict) -> dict:
+    """Per cached backend and batch size (longest caption measured): the token step's cost at mid-caption,
+    and the share of the measured matmul rate and copy bandwidth its p50 time (every token step pooled)
+    reaches; plus the KV-cache speed-up these ceilings allow at all."""
+    longest: dict[tuple[str, int], dict] = {}
+    for cell in cells:
+        key = (cell["backend"], cell["batch_size"])
+        if BACKENDS[cell["backend"]].use_cache and "token_step" in cell["stages_ms"] and \
+                (key not in longest or cell["tokens"] > longest[key]["tokens"]):
+            longest[key] = cell
+    rows = []
+    for (backend, batch), cell in longest.items():
+        token = cell["tokens"] // 2 + 1
+        cost = token_step_cost(gpt2, prefix_length, token, batch, weight_bytes[backend])
+        seconds = cell["stages_ms"]["token_step"]["p50"] / 1e3
+        rows.append({"backend": backend, "batch_size": batch, "tokens": cell["tokens"], "token": token,
+                     "step_ms": seconds * 1e3, "gflop": cost.flops / 1e9, "weight_mb": cost.weight_bytes / 1e6,
+                     "kv_mb": cost.kv_bytes / 1e6, "gflops": cost.flops / seconds / 1e9,
+                     "gbps": cost.bytes / seconds / 1e9,
+                     "matmul_fraction": cost.flops / seconds / 1e9 / peaks["matmul_gflops"],
+                     "bandwidth_fraction": cost.bytes / seconds / 1e9 / peaks["copy_gbps"],
+                     "floor_ms": 1e3 * cost_floor_s(cost, peaks)})
+    fp32 = 4.0 * sum(gpt2_parameter_count(gpt2).values())
+    bounds = [{"batch_size": batch, "tokens": tokens,
+               "speedup": kv_cache_speedup_bound(gpt2, prefix_length, tokens, batch, fp32, peaks)}
+              for batch, tokens in sorted({(c["batch_size"], c["tokens"]) for c in cells})]
+    return {"model": {"n_layer": gpt2.n_layer, "n_embd": gpt2.n_embd, "vocab_size": gpt2.vocab_size,
+                      "parameters_read_per_step": sum(gpt2_parameter_count(gpt2).values()),
+                      "prefix_length": prefix_length},
+            "step_costs_fp32": step_cost_table(gpt2, prefix_length), "rows": rows, "kv_cache_bound": bounds}
+
+
+def cost_floor_s(cost: StepCost, peaks: dict) -> float:
+    """The least time a step can take on this machine: the slower of its compute and its memory traffic."""
+    return max(cost.flops / 1e9 / peaks["matmul_gflops"], cost.bytes / 1e9 / peaks["copy_gbps"])
+
+
+def kv_cache_speedup_bound(gpt2: GPT2Config, prefix_length: int, tokens: int, batch: int, weight_bytes: float,
+                           peaks: dict) -> float:
+    """Decode time without a cache over decode time with one, both at this machine's ceilings (fp32,
+    last-position logits as the runtimes compute): the speed-up a perfect implementation would show."""
+    cached = sum(cost_floor_s(token_step_cost(gpt2, prefix_length, k, batch, weight_bytes), peaks)
+                 for k in range(1, tokens + 1))
+    # Without a cache, the step producing token k runs the whole sequence: prefix + k - 1 positions.
+    recomputed = sum(cost_floor_s(decode_step_cost(gpt2, batch, 0, prefix_length + k - 1, weight_bytes), peaks)
+                     for k in range(1, tokens + 1))
+    return recomputed / cached
+
+
+def token_step_cost(gpt2: GPT2Config, prefix_length: int, token: int, batch: int, weight_bytes: float) -> StepCost:
+    """The step that produces generated token `token` (1: the prefix step, past 0; k >= 2: one new
+    position after prefix_length + k - 2 cached ones)."""
+    if token == 1:
+        return decode_step_cost(gpt2, batch, 0, prefix_length, weight_bytes)
+    return decode_step_cost(gpt2, batch, prefix_length + token - 2, 1, weight_bytes)
+
+
+def step_cost_table(gpt2: GPT2Config, prefix_length: int, tokens: tuple[int, ...] = (1, 5, 30, 60, 67),
+                    batches: tuple[int, ...] = (1, 8), weight_bytes_per_parameter: float = 4.0) -> list[dict]:
+    """What a decoder step must compute and move, by token and batch size (arithmetic, no measurement)."""
+    weights = weight_bytes_per_parameter * sum(gpt2_parameter_count(gpt2).values())
+    rows = []
+    for batch in batches:
+        for token in tokens:
+            cost = token_step_cost(gpt2, prefix_length, token, batch, weights)
+            rows.append({"batch_size": batch, "token": token, "gflop": cost.flops / 1e9,
+                         "weight_mb": cost.weight_bytes / 1e6, "kv_mb": cost.kv_bytes / 1e6,
+                         "flop_per_byte": cost.flops / cost.bytes})
+    return rows
+
+
+def measure_peaks(device: str = "cpu", matmul_size: int = 2048, copy_mb: int = 256, repeats: int = 5) -> dict:
+    """This machine's fp32 matmul rate and memory copy bandwidth at the current thread count (best of
+    `repeats`, the least disturbed by neighbours): the roofline's ceilings."""
+    target = torch.device(device)
+
+    def best_seconds(work: Callable[[], Any]) -> float:
+        work()  # warm-up: allocation, kernel selection
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            if target.type == "cuda":
+                torch.cuda.synchronize(target)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    a = torch.randn(matmul_size, matmul_size, device=target)
+    b = torch.randn(matmul_size, matmul_size, device=target)
+    out = torch.empty_like(a)
+    matmul_s = best_seconds(lambda: torch.matmul(a, b, out=out))
+    source = torch.empty(copy_mb * 2**20 // 4, device=target).normal_()
+    target_buffer = torch.empty_like(source)
+    copy_s = best_seconds(lambda: target_buffer.copy_(source))
+    return {"matmul_gflops": 2 * matmul_size**3 / matmul_s / 1e9, "matmul_size": matmul_size,
+            # A copy reads and writes every byte once.
+            "copy_gbps": 2 * source.numel() * 4 / copy_s / 1e9, "copy_mb": copy_mb,
+            "threads": torch.get_num_threads(), "device": device}

@@ -1,0 +1,60 @@
+"""The JSON schema of latency and serving reports: a check naming the first wrong key, and the writer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+LATENCY_SCHEMA = "clipcap-latency/1"
+SERVING_SCHEMA = "clipcap-serving/1"
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+_LATENCY_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
+                 "peaks": dict, "backends": dict, "cells": list, "ratios": list, "roofline": dict, "targets": list}
+_CELL_KEYS = {"backend": str, "batch_size": int, "tokens": int, "iterations": int, "stages_ms": dict,
+              "throughput": dict, "per_token_ms": list}
+_SERVING_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
+                 "cells": list}
+_SERVING_CELL_KEYS = {"model": str, "concurrency": int, "sent": int, "ok": int, "statuses": dict,
+                      "wall_s": float, "requests_per_s": float, "latency_ms": dict}
+
+
+def check_report(report: dict) -> None:
+    """Raise ValueError naming the first key that is missing or of the wrong type."""
+    schema = report.get("schema")
+    if schema not in (LATENCY_SCHEMA, SERVING_SCHEMA):
+        raise ValueError(f"unknown report schema {schema!r}")
+    latency = schema == LATENCY_SCHEMA
+    _check_keys(report, _LATENCY_KEYS if latency else _SERVING_KEYS, "report")
+    for index, cell in enumerate(report["cells"]):
+        _check_keys(cell, _CELL_KEYS if latency else _SERVING_CELL_KEYS, f"cells[{index}]")
+        stats = cell["stages_ms"].values() if latency else [cell["latency_ms"]]
+        for stat in stats:
+            _check_keys(stat, {"p50": float, "p90": float, "p99": float, "mean": float, "n": int}, f"cells[{index}]")
+        if latency and len(cell["per_token_ms"]) != cell["tokens"] - 1:
+            raise ValueError(f"cells[{index}].per_token_ms: {len(cell['per_token_ms'])} values for "
+                             f"{cell['tokens']} tokens (expected tokens - 1)")
+
+
+def _check_keys(data: dict, keys: dict[str, type], where: str) -> None:
+    for key, kind in keys.items():
+        if key not in data:
+            raise ValueError(f"{where}: missing key {key!r}")
+        if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
+            raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {type(data[key]).__name__}")
+
+
+def write_json(report: dict, path: Path) -> Path:
+    check_report(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path

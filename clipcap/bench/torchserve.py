@@ -1,0 +1,102 @@
+"""A private TorchServe for benchmarks: started the documented way, on free loopback ports, in its own directory.
+
+serving/config.properties is copied with its addresses, model store and metrics file moved, so the
+server cannot collide with another one on this machine (8080-8082 may be taken); token
+authorization stays on and the keys are read from the key file it writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from clipcap.bench.load import read_api_keys
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class LocalTorchServe:
+    """`with LocalTorchServe(...) as server:` starts TorchServe with `models` ({name: .mar file in model_store})
+    and waits until every model has a READY worker; leaving the block stops it and waits for its processes."""
+
+    def __init__(self, root: Path, model_store: Path, models: list[str], repo: Path, threads: int = 1,
+                 start_timeout_s: float = 240.0):
+        self.root, self.models, self.start_timeout_s = Path(root), models, start_timeout_s
+        inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+        self.url, self.management_url = f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}"
+        overrides = {"inference_address": self.url, "management_address": self.management_url,
+                     "metrics_address": f"http://127.0.0.1:{metrics}", "grpc_inference_port": str(grpc_inference),
+                     "grpc_management_port": str(grpc_management), "model_store": str(Path(model_store).resolve()),
+                     "metrics_config": str(repo / "serving" / "metrics.yaml")}
+        lines = [line for line in (repo / "serving" / "config.properties").read_text().splitlines()
+                 if line.split("=", 1)[0] not in overrides]
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "config.properties").write_text("\n".join(lines + [f"{k}={v}" for k, v in overrides.items()]) + "\n")
+        (self.root / "tmp").mkdir(exist_ok=True)
+        (self.root / "key_file.json").unlink(missing_ok=True)
+        # TMPDIR holds TorchServe's pid file, TEMP the workers' sockets: both private to this server.
+        self.env = {**os.environ, "TMPDIR": str(self.root / "tmp"), "TEMP": str(self.root / "tmp"),
+                    "OMP_NUM_THREADS": str(threads)}
+        self.processes: list = []
+
+    def _torchserve(self, *args: str) -> None:
+        subprocess.run([sys.executable, "-m", "ts.model_server", *args], cwd=self.root, env=self.env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+    def keys(self) -> dict[str, str]:
+        return read_api_keys(self.root / "key_file.json")
+
+    def _ready(self, model: str) -> bool:
+        if not (self.root / "key_file.json").exists():
+            return False
+        try:  # the key file may be half written, the port not open yet, the worker not started
+            request = urllib.request.Request(f"{self.management_url}/models/{model}",
+                                             headers={"Authorization": f"Bearer {self.keys()['management']}"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return any(w["status"] == "READY" for w in json.loads(response.read())[0]["workers"])
+        except (OSError, ValueError):
+            return False
+
+    def __enter__(self) -> "LocalTorchServe":
+        import psutil
+
+        self._torchserve("--start", "--ncs", "--ts-config", "config.properties",
+                         "--models", *(f"{m}={m}.mar" for m in self.models))
+        java = psutil.Process(int((self.root / "tmp" / ".model_server.pid").read_text()))
+        self.processes = [java]
+        try:
+            deadline = time.monotonic() + self.start_timeout_s
+            while not all(self._ready(m) for m in self.models):
+                if not java.is_running() or time.monotonic() > deadline:
+                    raise RuntimeError(f"TorchServe did not get {', '.join(self.models)} ready within "
+                                       f"{self.start_timeout_s:.0f} s; see {self.root / 'logs'}")
+                time.sleep(1)
+            self.processes += java.children(recursive=True)  # the Python workers
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import psutil
+
+        if not self.processes:
+            return
+        self._torchserve("--stop")
+        _, alive = psutil.wait_procs(self.processes, timeout=60)
+        for process in alive:  # only this server's own processes
+            process.kill()
+        self.processes = []

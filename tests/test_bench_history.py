@@ -1,0 +1,186 @@
+"""Benchmark history: records from real runs, the regression check against the runs' own noise, the trend plots.
+
+The planted regression is the KV cache turned off in the `torch` backend (what a scratch branch
+breaking the cache would do). On a one-layer decoder of width 256 at batch 8 x 56 tokens the
+recomputing step does ~32x the arithmetic of the cached one (4 prefix + 28 positions on average
+against one), so the KV-cache speed-up, measured side by side within each run, falls from
+several times to ~1. The check judges ratios only here: on this shared machine two runs seconds
+apart were seen to differ 2x in absolute time (the neighbours' load), which no run's own
+iterations can see; ratios from one interleaved run cancel it.
+"""
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from clipcap.bench import backends
+from clipcap.bench.history import RECORD_SCHEMA, load_records, make_record, write_record
+from clipcap.bench.latency import LatencyConfig, run_latency
+from clipcap.bench.machine import fingerprint, machine_info
+from clipcap.bench.regression import CheckConfig, compare, newest_pair
+from clipcap.bench.trends import plot_trends
+from clipcap.config import GPT2Config
+from clipcap.model import ClipCapModel
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CELL = "b8 t56"
+SHARED_MACHINE = CheckConfig(z=3.0, min_change=0.25, ratios_only=True)
+
+
+@pytest.fixture(scope="module")
+def wide_tiny_bundle(tiny_tokenizer, tmp_path_factory):
+    """The tiny model with a one-layer, 256-wide decoder: per-step arithmetic outweighs per-step overhead."""
+    import torch
+
+    from clipcap.formats.model_bundle import save_bundle
+
+    config = tiny_config(tiny_tokenizer)
+    config = dataclasses.replace(config, gpt2=GPT2Config(vocab_size=tiny_tokenizer.vocab_size, n_positions=64,
+                                                         n_embd=256, n_layer=1, n_head=2))
+    torch.manual_seed(0)
+    return save_bundle(ClipCapModel(config.validate()).eval(), tiny_tokenizer,
+                       tmp_path_factory.mktemp("bundle") / "wide-tiny")
+
+
+@pytest.fixture(scope="module")
+def records(wide_tiny_bundle):
+    """Three real runs: the code as it is, the same again, and a build with the KV cache turned off."""
+    config = LatencyConfig(paths=[wide_tiny_bundle], backends=["torch", "torch-nocache"], batch_sizes=[8],
+                           tokens=[56], warmup=1, iters=9, image_size=(64, 48))
+    baseline = make_record(run_latency(config, progress=False), "test", ROOT)
+    rerun = make_record(run_latency(config, progress=False), "test", ROOT)
+    slowed_torch = dataclasses.replace(backends.BACKENDS["torch"], use_cache=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(backends.BACKENDS, "torch", slowed_torch)
+        slowed = make_record(run_latency(config, progress=False), "test", ROOT)
+    return baseline, rerun, slowed
+
+
+def test_a_record_holds_commit_machine_cells_and_metrics_with_noise(records):
+    record = records[0]
+    assert record["schema"] == RECORD_SCHEMA and record["kind"] == "latency"
+    assert len(record["commit"]["sha"]) == 40 and isinstance(record["commit"]["dirty"], bool)
+    assert {r["machine"]["fingerprint"] for r in records} == {fingerprint(machine_info())}  # one machine, one id
+    assert {(c["backend"], c["batch_size"], c["tokens"]) for c in record["cells"]} == {
+        ("torch", 8, 56), ("torch-nocache", 8, 56)}
+    stats = record["cells"][0]["stages_ms"]["end_to_end"]
+    assert stats["n"] == 9 and stats["p50"] <= stats["p90"] <= stats["p99"] and stats["iqr"] >= 0
+    for name in (f"captions/s torch {CELL}", f"ms/token torch {CELL}", f"ratio kv-cache-e2e {CELL}",
+                 "roofline bandwidth torch b8"):
+        metric = record["metrics"][name]
+        assert metric["value"] > 0 and metric["noise"] >= 0 and metric["better"] in ("higher", "lower")
+    assert record["metrics"][f"ratio kv-cache-e2e {CELL}"]["scope"] == "ratio"
+    assert not record["metrics"]["roofline bandwidth torch b8"]["checked"]  # the peaks' error is unknown
+    json.dumps(record)  # plain JSON
+
+
+def test_the_check_flags_the_cache_turned_off(records):
+    baseline, _, slowed = records
+    changes = compare(baseline, slowed, SHARED_MACHINE)
+    verdicts = {c.metric: c.verdict for c in changes}
+    print(*changes, sep="\n")  # shown when an assertion fails
+    assert verdicts[f"ratio kv-cache-e2e {CELL}"] == "regression"
+    assert verdicts[f"ratio kv-cache-decode {CELL}"] == "regression"
+    assert f"captions/s torch {CELL}" not in verdicts  # absolute numbers are not judged with ratios_only
+
+
+def test_an_unchanged_rerun_is_not_flagged(records):
+    baseline, rerun, _ = records
+    changes = compare(baseline, rerun, SHARED_MACHINE)
+    assert changes and [c.metric for c in changes if c.verdict == "regression"] == []
+
+
+def test_check_and_trend_scripts_on_a_history(records, tmp_path):
+    baseline, rerun, slowed = records
+    history = tmp_path / "history"
+    for index, record in enumerate((baseline, slowed)):
+        record = copy.deepcopy(record)
+        record["created_utc"] = f"2026-01-0{index + 1}T00:00:00+00:00"  # distinct, ordered file names
+        record["commit"]["short"] = f"c{index}"
+        write_record(record, history)
+    command = [sys.executable, str(ROOT / "benchmarks" / "check.py"), "--history", str(history), "--profile", "test",
+               "--kinds", "latency", "--fingerprint", baseline["machine"]["fingerprint"], "--min-change", "0.25",
+               "--ratios-only"]
+    result = subprocess.run(command + ["--fail-on-regression"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1 and "**regression**" in result.stdout, result.stdout + result.stderr
+    assert subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120).returncode == 0
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trends.py"), "--history", str(history),
+                             "--profile", "test", "--out", str(tmp_path / "trends")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pngs = sorted((tmp_path / "trends").glob("*.png"))
+    assert {p.stem for p in pngs} == {"captions_per_s", "ms_per_token", "ratios", "roofline"}
+    with Image.open(pngs[0]) as image:
+        assert image.format == "PNG"
+    assert baseline["machine"]["fingerprint"] in (tmp_path / "trends" / "index.html").read_text()
+    summary = (tmp_path / "trends" / "summary.md").read_text()
+    assert f"| captions/s torch {CELL} |" in summary and "c0" in summary and "c1" in summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The check's arithmetic on synthetic records.
+
+
+def synthetic(value: float, noise: float, machine: str = "m1", created: str = "2026-01-01T00:00:00+00:00",
+              scope: str = "machine", better: str = "higher") -> dict:
+    metric = {"value": value, "noise": noise, "unit": "x", "better": better, "scope": scope, "family": "ratio"}
+    return {"schema": RECORD_SCHEMA, "kind": "latency", "profile": "quick", "created_utc": created,
+            "commit": {"short": created[:10], "dirty": False}, "machine": {"fingerprint": machine},
+            "metrics": {"m": metric}}
+
+
+@pytest.mark.parametrize("old, new, noise, better, verdict", [
+    (10.0, 7.0, 0.5, "higher", "regression"),  # -30%, 4.2 combined errors
+    (10.0, 7.0, 1.0, "higher", "within noise"),  # -30% but only 2.1 combined errors
+    (10.0, 9.5, 0.01, "higher", "within noise"),  # 35 errors, but under the 10% floor
+    (10.0, 13.0, 0.5, "higher", "improvement"),
+    (10.0, 13.0, 0.5, "lower", "regression"),  # a time that grew
+])
+def test_compare_weighs_a_change_by_the_noise_and_the_floor(old, new, noise, better, verdict):
+    (change,) = compare(synthetic(old, noise, better=better), synthetic(new, noise, better=better), CheckConfig())
+    assert change.verdict == verdict and change.noise == pytest.approx(noise * 2 ** 0.5)
+
+
+def test_unchecked_metrics_are_not_judged():
+    old, new = synthetic(10, 0.1), synthetic(1, 0.1)
+    new["metrics"]["m"]["checked"] = False
+    assert compare(old, new) == []
+
+
+def test_ratios_only_leaves_absolute_numbers_out():
+    assert compare(synthetic(10, 0.1), synthetic(5, 0.1), CheckConfig(ratios_only=True)) == []
+    (change,) = compare(synthetic(10, 0.1, scope="ratio"), synthetic(5, 0.1, scope="ratio"),
+                        CheckConfig(ratios_only=True))
+    assert change.verdict == "regression"
+
+
+def test_absolute_numbers_stay_on_their_machine_ratios_travel():
+    assert compare(synthetic(10, 0.1, "m1"), synthetic(5, 0.1, "m2")) == []
+    (change,) = compare(synthetic(10, 0.1, "m1", scope="ratio"), synthetic(5, 0.1, "m2", scope="ratio"))
+    assert change.verdict == "regression"
+
+
+def test_newest_pair_and_append_only_files(tmp_path):
+    first = synthetic(1, 0, "m1", "2026-01-01T00:00:00+00:00")
+    other = synthetic(1, 0, "m2", "2026-01-02T00:00:00+00:00", scope="ratio")
+    last = synthetic(1, 0, "m1", "2026-01-03T00:00:00+00:00")
+    assert newest_pair([first, other, last], "m1", "latency", "quick") == (first, last)
+    assert newest_pair([first, other], "m2", "latency", "quick") == (first, other)  # another machine: ratios
+    assert newest_pair([first], "m9", "latency", "quick") == (None, None)
+    for record in (first, last):
+        record["commit"]["short"], record["kind"] = "abc1234", "latency"
+        write_record(record, tmp_path)
+    assert [r["created_utc"] for r in load_records(tmp_path)] == [first["created_utc"], last["created_utc"]]
+    with pytest.raises(FileExistsError):
+        write_record(first, tmp_path)
+
+
+def test_trends_need_records_of_the_profile(tmp_path):
+    with pytest.raises(ValueError, match="no records"):
+        plot_trends([synthetic(1, 0)], tmp_path, profile="full")
