@@ -137,9 +137,11 @@ def import_original(checkpoint: str | Path, clip_model: str = "ViT-B-32", clip_p
     state = {k: v for k, v in state.items() if not LEGACY_GPT2_BUFFERS.search(k)}
     gpt2, mapper, prefix_size = _infer_original_shapes(state, str(checkpoint))
     random_clip = clip_pretrained in (None, "none")
-    weights_file = None if random_clip else _clip_weights_file(clip_model, clip_pretrained)
+    weights_file, quick_gelu = (None, False) if random_clip else _clip_weights_file(clip_model, clip_pretrained)
     tag = None if random_clip else (Path(clip_pretrained).name if Path(clip_pretrained).is_file() else clip_pretrained)
     clip = resolve_clip_config(clip_model, tag)
+    if quick_gelu:  # the tag's weights were trained with QuickGELU (OpenAI's, some LAION ones): the tower must match
+        clip.model_config = {**clip.model_config, "quick_gelu": True}
     if clip.embed_dim != prefix_size:
         raise BundleError(f"{checkpoint}: the mapper expects CLIP embeddings of size {prefix_size}, but "
                           f"{clip_model} produces {clip.embed_dim}; pick the CLIP model it was trained with")
@@ -177,17 +179,17 @@ def _hub_file(repo_id: str, filenames: list[str], flag: str, hint: str) -> str:
             reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
             break
         return hf_hub_download(repo_id, filename)
-    raise BundleError(f"{flag}: {repo_id}/{filenames[-1]} is not in the local Hugging Face cache and cannot be "
+    raise BundleError(f"{flag}: {repo_id}/{filename} is not in the local Hugging Face cache and cannot be "
                       f"fetched from the hub ({reason}); pass {flag} with {hint}")
 
 
-def _clip_weights_file(clip_model: str, pretrained: str) -> str:
-    """A local file of open_clip weights for a tag ('openai') or a path."""
+def _clip_weights_file(clip_model: str, pretrained: str) -> tuple[str, bool]:
+    """A local file of open_clip weights for a tag ('openai') or a path, and whether the tag needs QuickGELU."""
     import open_clip
     from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
     if Path(pretrained).is_file():
-        return pretrained
+        return pretrained, False  # the --clip-model name says it (the -quickgelu configs)
     source = open_clip.get_pretrained_cfg(clip_model, pretrained)
     if not source.get("hf_hub"):  # known tags all have one today; URL-only tags would wait on open_clip's download
         raise BundleError(f"--clip-pretrained: {pretrained!r} is neither a file nor an open_clip hub tag for "
@@ -196,7 +198,7 @@ def _clip_weights_file(clip_model: str, pretrained: str) -> str:
     repo_id, filename = os.path.split(source["hf_hub"])  # open_clip's convention: a trailing '/' = default file
     filename = filename or HF_WEIGHTS_NAME
     names = [HF_SAFE_WEIGHTS_NAME, filename] if filename == HF_WEIGHTS_NAME else [filename]  # safetensors first
-    return _hub_file(repo_id, names, "--clip-pretrained", CLIP_WEIGHTS_HINT)
+    return _hub_file(repo_id, names, "--clip-pretrained", CLIP_WEIGHTS_HINT), bool(source.get("quick_gelu"))
 
 
 def _load_clip_tower(model: ClipCapModel, weights_file: str) -> None:

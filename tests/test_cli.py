@@ -68,7 +68,8 @@ def _paper_checkpoint(bundle_dir, tmp_path, tokenizer):
     (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
     tokenizer.save(tmp_path / "tokenizer.json")
     return ["import-original", str(tmp_path / "w.pt"), "--clip-model", str(tmp_path / "clip.json"),
-            "--tokenizer", str(tmp_path / "tokenizer.json"), "--clip-pretrained", "none", "--out", str(tmp_path / "out")]
+            "--tokenizer", str(tmp_path / "tokenizer.json"), "--clip-pretrained", "none",
+            "--out", str(tmp_path / "out")]
 
 
 def test_import_original_summary_and_random_clip_warning(tiny_transformer_bundle, tiny_tokenizer, tmp_path, capsys):
@@ -85,8 +86,10 @@ def test_import_original_hints_normalize_prefix_for_transformer(tiny_transformer
                                                                 tmp_path, capsys):
     assert main(_paper_checkpoint(tiny_transformer_bundle, tmp_path / "t", tiny_tokenizer)) == 0
     out = capsys.readouterr()
-    assert "unnormalised prefix" in out.out and "warning: transformer mapper imported without --normalize-prefix" in out.err
-    assert main(_paper_checkpoint(tiny_transformer_bundle, tmp_path / "u", tiny_tokenizer) + ["--no-normalize-prefix"]) == 0
+    assert "unnormalised prefix" in out.out
+    assert "warning: transformer mapper imported without --normalize-prefix" in out.err
+    confirmed = _paper_checkpoint(tiny_transformer_bundle, tmp_path / "u", tiny_tokenizer) + ["--no-normalize-prefix"]
+    assert main(confirmed) == 0
     assert "without --normalize-prefix" not in capsys.readouterr().err
     assert main(_paper_checkpoint(tiny_bundle, tmp_path / "m", tiny_tokenizer)) == 0  # MLP checkpoints: no hint
     out = capsys.readouterr()

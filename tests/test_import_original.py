@@ -38,7 +38,8 @@ def test_import_decodes_like_the_paper(request, tmp_path, tiny_tokenizer, fixtur
     # The paper's GPT-2 tokenizer comes from the hub; here the test's own tokenizer.json stands in for it.
     tiny_tokenizer.save(tmp_path / "tokenizer.json")
     bundle = import_original(tmp_path / "weights.pt", clip_model=str(clip_json), clip_pretrained="none",
-                             tokenizer=str(tmp_path / "tokenizer.json"), normalize_prefix=source.config.normalize_prefix)
+                             tokenizer=str(tmp_path / "tokenizer.json"),
+                             normalize_prefix=source.config.normalize_prefix)
     mapper, expected = bundle.config.mapper, source.config.mapper
     assert (mapper.type, mapper.prefix_length) == (expected.type, expected.prefix_length)
     if mapper.type == "transformer":
@@ -97,12 +98,13 @@ def no_network(monkeypatch, tmp_path):
     ("--clip-pretrained", dict(clip_model="ViT-B-32", clip_pretrained="openai", tokenizer="gpt2")),
     ("--tokenizer", dict(clip_model="ViT-B-32", clip_pretrained="none", tokenizer="gpt2")),
 ])
-def test_hub_name_without_network_is_refused_naming_the_flag(tmp_path, full_size_checkpoint, no_network, flag, kwargs):
+def test_hub_name_without_network_is_refused_naming_the_flag(full_size_checkpoint, no_network, flag, kwargs):
     with pytest.raises(BundleError) as error:
         import_original(full_size_checkpoint, **kwargs)
     message = str(error.value)
     assert message.startswith(f"{flag}:") and "not in the local Hugging Face cache" in message
-    assert ("weights file" in message and "'none'" in message) if flag == "--clip-pretrained" else "tokenizer.json" in message
+    hints = ["weights file", "'none'"] if flag == "--clip-pretrained" else ["tokenizer.json"]
+    assert all(hint in message for hint in hints)
     assert 1 <= len(no_network) <= 2  # one short probe (httpx may resolve twice), no retry loop
 
 
@@ -150,5 +152,25 @@ def test_unknown_tag_and_missing_tokenizer_file(tmp_path, full_size_checkpoint, 
     with pytest.raises(BundleError, match="--clip-pretrained: 'nope' is neither a file nor an open_clip hub tag"):
         import_original(full_size_checkpoint, clip_pretrained="nope")
     with pytest.raises(BundleError, match="--tokenizer: .*missing/tokenizer.json: no such file"):
-        import_original(full_size_checkpoint, clip_pretrained="none", tokenizer=str(tmp_path / "missing/tokenizer.json"))
+        import_original(full_size_checkpoint, clip_pretrained="none",
+                        tokenizer=str(tmp_path / "missing/tokenizer.json"))
     assert no_network == []
+
+
+def test_local_clip_weights_file_loads_into_the_tower(tmp_path, tiny_bundle, tiny_tokenizer, no_network):
+    import json
+    import open_clip
+    from safetensors.torch import save_file
+
+    checkpoint = _tiny_checkpoint(tmp_path, tiny_bundle)
+    (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
+    tiny_tokenizer.save(tmp_path / "tokenizer.json")
+    torch.manual_seed(1)
+    full = open_clip.CLIP(**TINY_CLIP)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, tmp_path / "clip.safetensors")
+    bundle = import_original(checkpoint, clip_model=str(tmp_path / "clip.json"),
+                             clip_pretrained=str(tmp_path / "clip.safetensors"),
+                             tokenizer=str(tmp_path / "tokenizer.json"))
+    tower = bundle.model.clip.state_dict()
+    assert all(torch.equal(tower[k], v) for k, v in full.visual.state_dict().items())
+    assert bundle.config.clip.pretrained == "clip.safetensors" and no_network == []
