@@ -109,15 +109,31 @@ def cmd_caption_embeddings(args: argparse.Namespace) -> int:
 
 
 def cmd_import_original(args: argparse.Namespace) -> int:
-    from clipcap.formats.model_bundle import save_bundle
+    from clipcap.formats.model_bundle import WEIGHTS_FILE, save_bundle
     from clipcap.formats.original import import_original
 
-    bundle = import_original(args.checkpoint, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                             tokenizer=args.tokenizer, normalize_prefix=args.normalize_prefix)
+    random_clip = args.clip_pretrained.lower() == "none"
+    bundle = import_original(args.checkpoint, clip_model=args.clip_model,
+                             clip_pretrained=None if random_clip else args.clip_pretrained,
+                             tokenizer=args.tokenizer, normalize_prefix=bool(args.normalize_prefix))
+    config, mapper = bundle.config, bundle.config.mapper
+    if mapper.type == "transformer" and args.normalize_prefix is None:
+        # A warning, not an error: the checkpoint does not record it, and the paper's code trains either way.
+        print("warning: transformer mapper imported without --normalize-prefix. The paper's transformer COCO "
+              "checkpoint was trained with normalised prefixes and captions badly without; pass "
+              "--normalize-prefix for it, or --no-normalize-prefix to confirm this checkpoint was not.",
+              file=sys.stderr)
     out = save_bundle(bundle.model, bundle.tokenizer, args.out)
-    mapper = bundle.config.mapper
-    print(f"wrote {out}: {mapper.type} mapper, prefix_length {mapper.prefix_length}, "
-          f"GPT-2 {bundle.config.gpt2.n_layer} layers x {bundle.config.gpt2.n_embd}")
+    if random_clip:
+        size_mb = (out / WEIGHTS_FILE).stat().st_size / 1e6
+        print(f"warning: --clip-pretrained none: the CLIP image tower in {out / WEIGHTS_FILE} ({size_mb:.0f} MB) "
+              f"is RANDOM weights. Captions of images from this bundle mean nothing; it serves only "
+              f"caption-embeddings with precomputed CLIP embeddings, or tests.", file=sys.stderr)
+    heads = f", {mapper.num_heads} heads x {mapper.num_layers} layers" if mapper.type == "transformer" else ""
+    clip = f"{config.clip.model_name} ({'random weights' if random_clip else config.clip.pretrained + ' weights'})"
+    print(f"wrote {out}: {mapper.type} mapper{heads}, prefix_length {mapper.prefix_length}, "
+          f"{'normalised' if config.normalize_prefix else 'unnormalised'} prefix, CLIP {clip}, "
+          f"GPT-2 {config.gpt2.n_layer} layers x {config.gpt2.n_embd}")
     return 0
 
 
@@ -138,9 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     original = commands.add_parser("import-original", help="bundle a checkpoint of the paper's code")
     original.add_argument("checkpoint", metavar="CKPT.pt")
     original.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name or JSON config")
-    original.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag, or 'none'")
-    original.add_argument("--tokenizer", default="gpt2", help="hub name or local directory")
-    original.add_argument("--normalize-prefix", action="store_true", help="L2-normalise CLIP embeddings")
+    original.add_argument("--clip-pretrained", default="openai",
+                          help="open_clip weights tag (local Hugging Face cache first, then the hub), a local "
+                               "open_clip weights file, or 'none' (random CLIP weights)")
+    original.add_argument("--tokenizer", default="gpt2",
+                          help="hub name (local cache first), a tokenizer.json file, or a folder holding it")
+    original.add_argument("--normalize-prefix", action=argparse.BooleanOptionalAction, default=None,
+                          help="L2-normalise CLIP embeddings (the paper's transformer COCO checkpoint needs it)")
     original.add_argument("--out", required=True)
     original.set_defaults(run=cmd_import_original)
     return parser

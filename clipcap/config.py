@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,49 @@ class ClipConfig:
 
     def validate(self, where: str) -> None:
         _check(self.image_size > 0, where, "clip.image_size", "must be > 0")
-        _check(len(self.mean) == 3 and len(self.std) == 3, where, "clip.mean/std", "need 3 values each")
-        _check(all(s > 0 for s in self.std), where, "clip.std", "must be > 0")
+        _check(len(self.mean) == 3 and all(map(math.isfinite, self.mean)), where, "clip.mean",
+               "needs 3 finite values (one per RGB channel)")
+        _check(len(self.std) == 3 and all(math.isfinite(s) and s > 0 for s in self.std), where, "clip.std",
+               "needs 3 finite values > 0 (one per RGB channel)")
         _check(self.embed_dim > 0, where, "clip.embed_dim", "must be > 0")
+        self._validate_tower(where)
+
+    def _validate_tower(self, where: str) -> None:
+        """The open_clip config must produce what the rest of the bundle expects: `embed_dim`-wide
+        embeddings of `image_size` images. Of the tower's own sizes, the ViT ones that make it unbuildable
+        are checked; the rest of the dict is open_clip's schema."""
+        tower = self.model_config
+        if tower is None:
+            from open_clip import get_model_config  # only bundles without a model_config need the registry
+
+            tower = get_model_config(self.model_name)
+            _check(tower is not None, where, "clip.model_config",
+                   f"is null and clip.model_name {self.model_name!r} is not an open_clip model")
+            name = f"open_clip's {self.model_name}"
+        else:
+            name = "clip.model_config"
+        _check(isinstance(tower.get("embed_dim"), int), where, f"{name}.embed_dim", "must be an integer")
+        _check(isinstance(tower.get("vision_cfg"), dict), where, f"{name}.vision_cfg", "must be an object")
+        _check(tower["embed_dim"] == self.embed_dim, where, "clip.embed_dim",
+               f"is {self.embed_dim} but {name}.embed_dim, the tower's output width, is {tower['embed_dim']}")
+        vision = tower["vision_cfg"]
+        size = vision.get("image_size", 224)  # open_clip's default
+        _check(size in (self.image_size, [self.image_size] * 2), where, "clip.image_size",
+               f"is {self.image_size} but {name}.vision_cfg.image_size is {size}")
+        if isinstance(vision.get("layers", 12), int) and "timm_model_name" not in vision:  # a ViT
+            defaults = {"layers": 12, "width": 768, "patch_size": 16, "head_width": 64}  # open_clip's
+            for key, default in defaults.items():
+                value = vision.get(key, default)
+                _check(isinstance(value, int) and not isinstance(value, bool), where, f"{name}.vision_cfg.{key}",
+                       f"must be an integer, got {value!r}")
+            layers, width, patch, head_width = (vision.get(key, default) for key, default in defaults.items())
+            _check(layers > 0, where, f"{name}.vision_cfg.layers", "must be > 0")
+            _check(0 < patch <= self.image_size, where, f"{name}.vision_cfg.patch_size",
+                   f"must be in 1..clip.image_size ({self.image_size})")
+            _check(0 < head_width <= width, where, f"{name}.vision_cfg.head_width",
+                   f"must be in 1..{name}.vision_cfg.width ({width})")
+            _check(width % (width // head_width) == 0, where, f"{name}.vision_cfg.head_width",
+                   f"gives {width // head_width} heads, which must divide {name}.vision_cfg.width ({width})")
 
 
 @dataclass
@@ -55,7 +96,19 @@ class MapperConfig:
         _check(self.type in MAPPERS, where, "mapper.type", f"unknown mapper {self.type!r}; known: {sorted(MAPPERS)}")
         for name in ("prefix_length", "clip_length", "num_layers", "num_heads"):
             _check(getattr(self, name) > 0, where, f"mapper.{name}", "must be > 0")
-        _check(self.mlp_ratio > 0, where, "mapper.mlp_ratio", "must be > 0")
+        _check(math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0, where, "mapper.mlp_ratio",
+               "must be finite and > 0")
+
+    def validate_width(self, width: int, where: str) -> None:
+        """Checks against the width E of the GPT-2 embeddings the mapper produces (gpt2.n_embd)."""
+        if self.type == "mlp":
+            _check(width * self.prefix_length // 2 > 0, where, "mapper.prefix_length",
+                   f"times gpt2.n_embd ({width}) must be >= 2: the MLP's hidden width is their product / 2")
+        if self.type == "transformer":
+            _check(width % self.num_heads == 0, where, "mapper.num_heads",
+                   f"must divide gpt2.n_embd ({width}), the transformer mapper's width")
+            _check(int(width * self.mlp_ratio) > 0, where, "mapper.mlp_ratio",
+                   f"times gpt2.n_embd ({width}) must be >= 1: it is the width of the mapper's MLP")
 
 
 @dataclass
@@ -83,6 +136,8 @@ class TokenizerConfig:
     stop_token_ids: list[int] = field(default_factory=lambda: [13, 50256])  # '.' (as the paper) and eos
 
     def validate(self, where: str) -> None:
+        _check(bool(self.file) and Path(self.file).name == self.file and self.file not in (".", ".."), where,
+               "tokenizer.file", f"must be a file name inside the bundle, got {self.file!r}")
         _check(bool(self.stop_token_ids), where, "tokenizer.stop_token_ids", "must not be empty")
 
 
@@ -106,12 +161,16 @@ class ClipCapConfig:
         self.mapper.validate(where)
         self.gpt2.validate(where)
         self.tokenizer.validate(where)
+        self.mapper.validate_width(self.gpt2.n_embd, where)
         _check(0 < self.max_tokens, where, "max_tokens", "must be > 0")
         _check(self.mapper.prefix_length + self.max_tokens <= self.gpt2.n_positions, where, "max_tokens",
-               f"prefix_length + max_tokens exceeds gpt2.n_positions ({self.gpt2.n_positions})")
-        for token_id in self.tokenizer.stop_token_ids + [self.tokenizer.eos_token_id]:
-            _check(0 <= token_id < self.gpt2.vocab_size, where, "tokenizer.stop_token_ids",
-                   f"id {token_id} outside the vocabulary (size {self.gpt2.vocab_size})")
+               f"plus mapper.prefix_length ({self.mapper.prefix_length}) exceeds gpt2.n_positions "
+               f"({self.gpt2.n_positions})")
+        ids = [("tokenizer.eos_token_id", self.tokenizer.eos_token_id)]
+        ids += [("tokenizer.stop_token_ids", token_id) for token_id in self.tokenizer.stop_token_ids]
+        for name, token_id in ids:
+            _check(0 <= token_id < self.gpt2.vocab_size, where, name,
+                   f"id {token_id} outside the vocabulary (gpt2.vocab_size {self.gpt2.vocab_size})")
         return self
 
     def to_dict(self) -> dict:

@@ -54,3 +54,43 @@ def test_wrong_embedding_shape_and_options(tiny_bundle, tmp_path, capsys):
     assert "beam_size" in capsys.readouterr().err
     assert main(["caption", str(tmp_path / "missing"), "x.png"]) == 2
     assert "bundle directory not found" in capsys.readouterr().err
+
+
+def _paper_checkpoint(bundle_dir, tmp_path, tokenizer):
+    """A checkpoint in the paper's layout (no CLIP) + the tiny CLIP config and tokenizer.json it needs."""
+    import torch
+    from clipcap.formats.model_bundle import load_bundle
+    from conftest import TINY_CLIP
+
+    model = load_bundle(bundle_dir).model
+    tmp_path.mkdir(exist_ok=True)
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}, tmp_path / "w.pt")
+    (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
+    tokenizer.save(tmp_path / "tokenizer.json")
+    return ["import-original", str(tmp_path / "w.pt"), "--clip-model", str(tmp_path / "clip.json"),
+            "--tokenizer", str(tmp_path / "tokenizer.json"), "--clip-pretrained", "none",
+            "--out", str(tmp_path / "out")]
+
+
+def test_import_original_summary_and_random_clip_warning(tiny_transformer_bundle, tiny_tokenizer, tmp_path, capsys):
+    args = _paper_checkpoint(tiny_transformer_bundle, tmp_path, tiny_tokenizer)
+    assert main(args + ["--normalize-prefix"]) == 0
+    out = capsys.readouterr()
+    assert "transformer mapper, 8 heads x 2 layers, prefix_length 4, normalised prefix, CLIP clip (random weights)" \
+        in out.out
+    assert "warning: --clip-pretrained none" in out.err and "RANDOM" in out.err and "MB)" in out.err
+    assert "--normalize-prefix" not in out.err  # stated explicitly: no hint
+
+
+def test_import_original_hints_normalize_prefix_for_transformer(tiny_transformer_bundle, tiny_bundle, tiny_tokenizer,
+                                                                tmp_path, capsys):
+    assert main(_paper_checkpoint(tiny_transformer_bundle, tmp_path / "t", tiny_tokenizer)) == 0
+    out = capsys.readouterr()
+    assert "unnormalised prefix" in out.out
+    assert "warning: transformer mapper imported without --normalize-prefix" in out.err
+    confirmed = _paper_checkpoint(tiny_transformer_bundle, tmp_path / "u", tiny_tokenizer) + ["--no-normalize-prefix"]
+    assert main(confirmed) == 0
+    assert "without --normalize-prefix" not in capsys.readouterr().err
+    assert main(_paper_checkpoint(tiny_bundle, tmp_path / "m", tiny_tokenizer)) == 0  # MLP checkpoints: no hint
+    out = capsys.readouterr()
+    assert "mlp mapper, prefix_length 4, unnormalised prefix" in out.out and "normalize-prefix" not in out.err

@@ -1,4 +1,10 @@
-"""Checkpoints of the paper's code import, infer their sizes, and decode like the paper."""
+"""Checkpoints of the paper's code import, infer their sizes, and decode like the paper; hub names
+resolve from the local cache and fail at once, naming the flag, when the hub cannot be reached."""
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -25,15 +31,16 @@ def _original_checkpoint(bundle_dir, path):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bundle", "tiny_transformer_bundle"])
-def test_import_decodes_like_the_paper(request, tmp_path, tiny_tokenizer, monkeypatch, fixture):
+def test_import_decodes_like_the_paper(request, tmp_path, tiny_tokenizer, fixture):
     source = _original_checkpoint(request.getfixturevalue(fixture), tmp_path / "weights.pt")
     clip_json = tmp_path / "tiny-clip.json"
     import json
     clip_json.write_text(json.dumps(TINY_CLIP))
-    # The paper's GPT-2 tokenizer comes from the hub; here the test's own tokenizer stands in for it.
-    monkeypatch.setattr("clipcap.formats.original.CaptionTokenizer.from_pretrained", lambda name: tiny_tokenizer)
+    # The paper's GPT-2 tokenizer comes from the hub; here the test's own tokenizer.json stands in for it.
+    tiny_tokenizer.save(tmp_path / "tokenizer.json")
     bundle = import_original(tmp_path / "weights.pt", clip_model=str(clip_json), clip_pretrained="none",
-                             tokenizer="gpt2", normalize_prefix=source.config.normalize_prefix)
+                             tokenizer=str(tmp_path / "tokenizer.json"),
+                             normalize_prefix=source.config.normalize_prefix)
     mapper, expected = bundle.config.mapper, source.config.mapper
     assert (mapper.type, mapper.prefix_length) == (expected.type, expected.prefix_length)
     if mapper.type == "transformer":
@@ -64,3 +71,107 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "y.pt")
     with pytest.raises(BundleError, match="not a ClipCap checkpoint"):
         import_original(tmp_path / "y.pt")
+
+
+def _tiny_checkpoint(tmp_path, bundle_dir) -> str:
+    _original_checkpoint(bundle_dir, tmp_path / "weights.pt")
+    return str(tmp_path / "weights.pt")
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and a machine where every connection attempt fails (and is counted)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+@pytest.mark.parametrize("flag, kwargs", [
+    ("--clip-pretrained", dict(clip_model="ViT-B-32", clip_pretrained="openai", tokenizer="gpt2")),
+    ("--tokenizer", dict(clip_model="ViT-B-32", clip_pretrained="none", tokenizer="gpt2")),
+])
+def test_hub_name_without_network_is_refused_naming_the_flag(full_size_checkpoint, no_network, flag, kwargs):
+    with pytest.raises(BundleError) as error:
+        import_original(full_size_checkpoint, **kwargs)
+    message = str(error.value)
+    assert message.startswith(f"{flag}:") and "not in the local Hugging Face cache" in message
+    hints = ["weights file", "'none'"] if flag == "--clip-pretrained" else ["tokenizer.json"]
+    assert all(hint in message for hint in hints)
+    assert 1 <= len(no_network) <= 2  # one short probe (httpx may resolve twice), no retry loop
+
+
+@pytest.fixture
+def full_size_checkpoint(tmp_path, tiny_tokenizer):
+    """A paper-layout checkpoint whose mapper takes 512-wide embeddings (ViT-B-32's), with a tiny GPT-2."""
+    from conftest import tiny_config
+    from clipcap.model import ClipCapModel
+
+    config = tiny_config(tiny_tokenizer)
+    config.clip.model_config = {**TINY_CLIP, "embed_dim": 512}
+    config.clip.embed_dim = 512
+    torch.manual_seed(0)
+    state = {k: v for k, v in ClipCapModel(config.validate()).state_dict().items() if not k.startswith("clip.")}
+    torch.save(state, tmp_path / "vitb32.pt")
+    return str(tmp_path / "vitb32.pt")
+
+
+def test_cached_hub_files_load_without_network(tmp_path, full_size_checkpoint, tiny_tokenizer, no_network):
+    """'gpt2' resolves from the local cache with the network gone; no request is made for it."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hf-cache" / "models--gpt2" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    tiny_tokenizer.save(snapshot / "tokenizer.json")
+    assert huggingface_hub.constants.HF_HUB_CACHE == str(tmp_path / "hf-cache")
+    bundle = import_original(full_size_checkpoint, clip_pretrained="none", tokenizer="gpt2")
+    assert bundle.tokenizer.vocab_size == tiny_tokenizer.vocab_size and no_network == []
+
+
+def test_cli_offline_defaults_exit_2_with_error_line(tmp_path, full_size_checkpoint):
+    """The command with its default hub names, offline: exit 2 and one `error:` line, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"),
+           "PYTHONPATH": os.getcwd()}
+    run = subprocess.run([sys.executable, "-m", "clipcap.cli", "import-original", full_size_checkpoint,
+                          "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error: --clip-pretrained:") and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_tag_and_missing_tokenizer_file(tmp_path, full_size_checkpoint, no_network):
+    with pytest.raises(BundleError, match="--clip-pretrained: 'nope' is neither a file nor an open_clip hub tag"):
+        import_original(full_size_checkpoint, clip_pretrained="nope")
+    with pytest.raises(BundleError, match="--tokenizer: .*missing/tokenizer.json: no such file"):
+        import_original(full_size_checkpoint, clip_pretrained="none",
+                        tokenizer=str(tmp_path / "missing/tokenizer.json"))
+    assert no_network == []
+
+
+def test_local_clip_weights_file_loads_into_the_tower(tmp_path, tiny_bundle, tiny_tokenizer, no_network):
+    import json
+    import open_clip
+    from safetensors.torch import save_file
+
+    checkpoint = _tiny_checkpoint(tmp_path, tiny_bundle)
+    (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
+    tiny_tokenizer.save(tmp_path / "tokenizer.json")
+    torch.manual_seed(1)
+    full = open_clip.CLIP(**TINY_CLIP)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, tmp_path / "clip.safetensors")
+    bundle = import_original(checkpoint, clip_model=str(tmp_path / "clip.json"),
+                             clip_pretrained=str(tmp_path / "clip.safetensors"),
+                             tokenizer=str(tmp_path / "tokenizer.json"))
+    tower = bundle.model.clip.state_dict()
+    assert all(torch.equal(tower[k], v) for k, v in full.visual.state_dict().items())
+    assert bundle.config.clip.pretrained == "clip.safetensors" and no_network == []
