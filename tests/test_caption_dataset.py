@@ -25,7 +25,8 @@ from clipcap.decoding import DecodingError
 from conftest import png_bytes, random_images
 
 REPO = Path(__file__).resolve().parents[1]
-GOOD = 240  # generated images; a few bad entries are added beside them
+GOOD = 200  # generated images; a few bad entries are added beside them
+BATCH = "32"  # large batches keep the suite fast; batched decoding equals one-by-one (test_decoding)
 BAD = {"a/broken.png": "not a recognised image", "b/truncated.png": "corrupt or truncated image"}
 
 
@@ -64,7 +65,7 @@ def reference(collection, tiny_bundle):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(["caption", str(tiny_bundle), *[str(root / "images" / p) for p in good], "--json",
-                     "--batch-size", "8"])
+                     "--batch-size", BATCH])
     assert code == 0
     return {str(Path(r["image"]).relative_to(root / "images")): (r["caption"], r["token_ids"])
             for r in json.loads(stdout.getvalue())}
@@ -140,7 +141,7 @@ def test_local_folder_matches_caption_command(collection, reference, tiny_bundle
     root, _ = collection
     out = tmp_path / "out"
     assert main(["caption-dataset", str(tiny_bundle), str(root / "images"), "--out", str(out),
-                 "--shard-size", "64", "--batch-size", "8", "--json"]) == 0
+                 "--shard-size", "64", "--batch-size", BATCH, "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     check_against_reference(read_rows(out), reference, lambda i: i, BAD)
     assert manifest["counts"]["rows"] == GOOD + len(BAD) and manifest["counts"]["failed"] == len(BAD)
@@ -151,7 +152,7 @@ def test_local_folder_matches_caption_command(collection, reference, tiny_bundle
 def test_local_list_with_embeddings(collection, reference, tiny_bundle, tmp_path):
     root, good = collection
     manifest = caption_dataset(BulkConfig(bundle=str(tiny_bundle), source=str(root / "list.txt"),
-                                          out=str(tmp_path / "out"), embeddings=True, batch_size=16,
+                                          out=str(tmp_path / "out"), embeddings=True, batch_size=int(BATCH),
                                           progress=False))
     rows = read_rows(tmp_path / "out")
     check_against_reference(rows, reference, lambda i: i.removeprefix("images/"), {"missing.png": "file not found"})
@@ -179,7 +180,7 @@ def test_ray_engine_resumes_a_partial_output_of_tars(collection, reference, tiny
         return next(p for p in list(reference) + list(BAD) if p.rsplit(".", 1)[0] == key)
 
     config = BulkConfig(bundle=str(tiny_bundle), source=str(root / "shards"), out=str(out), shard_size=60,
-                        progress=False)
+                        batch_size=int(BATCH), progress=False)
     caption_dataset(config)
     for path in shard_paths(out)[1:]:
         path.unlink()
@@ -194,8 +195,8 @@ def test_ray_engine_resumes_a_partial_output_of_tars(collection, reference, tiny
 
 
 def test_sigkill_then_resume_captions_only_what_is_missing(collection, reference, tiny_bundle, tmp_path):
-    """The list holds a FIFO at position 150: the run blocks there for ever, after exactly 7 full shards
-    of 20 (rows 0..139; rows 140..147 are captioned but only buffered). It is killed there, the FIFO is
+    """The list holds a FIFO at position 150: the run blocks there for ever (reading the batch 150..159),
+    after exactly 7 full shards of 20 (rows 0..139; rows 140..149 are captioned but only buffered). It is killed there, the FIFO is
     replaced by an image, and the same command finishes the job."""
     root, good = collection
     fifo = tmp_path / "fifo.png"
@@ -204,7 +205,7 @@ def test_sigkill_then_resume_captions_only_what_is_missing(collection, reference
     (tmp_path / "list.txt").write_text("\n".join(listed[:150] + [str(fifo)] + listed[150:]))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "clipcap.cli", "caption-dataset", str(tiny_bundle), str(tmp_path / "list.txt"),
-               "--out", str(out), "--shard-size", "20", "--batch-size", "4"]
+               "--out", str(out), "--shard-size", "20", "--batch-size", "10"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600  # a safety net only: the run blocks at the FIFO, it cannot finish

@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 
 from clipcap.bulk.captioning import caption_rows
 from clipcap.bulk.local import read_all
@@ -51,6 +52,13 @@ class CaptionActor:
         return pa.Table.from_pylist(rows, schema=shard_schema(self.embeddings))
 
 
+def _same_clipcap() -> str:
+    """PYTHONPATH that makes the embedded Ray's workers import the driver's clipcap (a checkout, not an install)."""
+    import clipcap
+
+    return os.pathsep.join(filter(None, [str(Path(clipcap.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+
+
 def caption_refs(refs: list[ImageRef], bundle: str, backend: str, device: str, options: DecodingOptions,
                  batch_size: int, embeddings: bool, address: str | None = None, actors: int = 2,
                  num_gpus: float = 0.0) -> Iterator[list[dict]]:
@@ -64,7 +72,7 @@ def caption_refs(refs: list[ImageRef], bundle: str, backend: str, device: str, o
     elif started:
         ray.init(num_cpus=max(os.cpu_count() or 1, actors + 1), object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
                  include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": _same_clipcap()}})
     try:
         if not refs:
             return
