@@ -21,6 +21,7 @@ from clipcap.bulk.sources import ImageRef
 from clipcap.decoding import DecodingOptions
 
 EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20  # image bytes stream through it; Ray Data applies backpressure
+MAX_BLOCKS = 4096  # above this, blocks hold several batches: a million refs stay a small plan
 
 
 def read_batch(batch):
@@ -77,7 +78,9 @@ def caption_refs(refs: list[ImageRef], bundle: str, backend: str, device: str, o
         if not refs:
             return
         ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's tqdm bar is the one
-        dataset = ray.data.from_items([asdict(ref) for ref in refs])
+        # One block per batch (up to MAX_BLOCKS): results reach the driver, its bar and its shards batch by batch.
+        blocks = min(MAX_BLOCKS, -(-len(refs) // batch_size))
+        dataset = ray.data.from_items([asdict(ref) for ref in refs], override_num_blocks=blocks)
         dataset = dataset.map_batches(read_batch, batch_size=batch_size, batch_format="pyarrow")
         dataset = dataset.map_batches(
             CaptionActor, batch_size=batch_size, batch_format="pyarrow", num_gpus=num_gpus,
