@@ -78,9 +78,9 @@ def caption_dataset(config: BulkConfig) -> dict:
     with tqdm(total=len(pending), unit="img", desc="captioning", disable=not config.progress) as bar:
         for rows in batches:
             writer.add(rows)
-            errors = sum(row["error"] is not None for row in rows)
-            failed += errors
-            captioned += len(rows) - errors
+            bad = sum(row["error"] is not None for row in rows)
+            failed += bad
+            captioned += len(rows) - bad
             bar.update(len(rows))
         writer.close()
     seconds = time.perf_counter() - start
