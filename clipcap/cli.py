@@ -108,6 +108,30 @@ def cmd_caption_embeddings(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption_dataset(args: argparse.Namespace) -> int:
+    from clipcap.bulk import BulkConfig, caption_dataset
+    from clipcap.bulk.shards import OutputError
+    from clipcap.bulk.sources import SourceError
+
+    config = BulkConfig(bundle=args.bundle, source=args.input, out=args.out, options=_options(args),
+                        backend=args.backend, device=args.device, batch_size=args.batch_size,
+                        shard_size=args.shard_size, embeddings=args.embeddings, engine=args.engine,
+                        ray_address=args.ray_address, actors=args.actors, num_gpus=args.num_gpus)
+    try:
+        manifest = caption_dataset(config)
+    except (SourceError, OutputError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        counts, timings = manifest["counts"], manifest["timings"]
+        print(f"{args.out}: {counts['rows']} of {counts['images']} images in {len(manifest['shards'])} shards, "
+              f"{counts['failed']} failed; this run {counts['this_run']['captioned']} captioned, "
+              f"{counts['this_run']['failed']} failed in {timings['seconds']} s ({timings['images_per_second']} images/s)")
+    return 0
+
+
 def cmd_import_original(args: argparse.Namespace) -> int:
     from clipcap.formats.model_bundle import WEIGHTS_FILE, save_bundle
     from clipcap.formats.original import import_original
@@ -150,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_flags(embeddings)
     embeddings.add_argument("embeddings", metavar="EMBEDDINGS.npy")
     embeddings.set_defaults(run=cmd_caption_embeddings)
+
+    dataset = commands.add_parser("caption-dataset", help="caption a collection into Parquet shards (resumable)")
+    _add_decoding_flags(dataset)
+    dataset.add_argument("input", metavar="INPUT", help="folder of images, .txt/.csv/.parquet list, or WebDataset .tar(s)")
+    dataset.add_argument("--out", required=True, help="output folder: part-NNNNN.parquet shards + manifest.json")
+    dataset.add_argument("--shard-size", type=int, default=1000, help="rows per shard (the work a kill can lose)")
+    dataset.add_argument("--embeddings", action="store_true", help="store each CLIP image embedding (torch backend)")
+    dataset.add_argument("--engine", choices=("local", "ray"), default="local")
+    dataset.add_argument("--ray-address", default=None, help="existing Ray cluster; default: an embedded local Ray")
+    dataset.add_argument("--actors", type=int, default=2, help="captioner actors (--engine ray)")
+    dataset.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (--engine ray)")
+    dataset.set_defaults(run=cmd_caption_dataset)
 
     original = commands.add_parser("import-original", help="bundle a checkpoint of the paper's code")
     original.add_argument("checkpoint", metavar="CKPT.pt")

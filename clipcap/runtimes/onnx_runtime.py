@@ -100,6 +100,12 @@ class OnnxRuntime:
         spec = self.specs["encoder"]
         return self._run(spec, {"pixel_values": pixels}, {BATCH: pixels.shape[0]})["prefix_embeds"]
 
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        from clipcap.runtimes import RuntimeUnavailable
+
+        raise RuntimeUnavailable("the onnxruntime backend has no CLIP embedding output (encoder.onnx fuses CLIP and "
+                                 "the mapper); use the torch backend on the model bundle")
+
     def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
         spec = self.specs["mapper"]
         sizes = {BATCH: clip_embeddings.shape[0]}

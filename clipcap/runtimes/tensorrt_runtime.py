@@ -152,6 +152,12 @@ class TensorRTRuntime:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._run_single("encoder", "pixel_values", pixels)
 
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        from clipcap.runtimes import RuntimeUnavailable
+
+        raise RuntimeUnavailable("the tensorrt backend has no CLIP embedding output (encoder.onnx fuses CLIP and "
+                                 "the mapper); use the torch backend on the model bundle")
+
     def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
         return self._run_single("mapper", "clip_embeddings", clip_embeddings)
 

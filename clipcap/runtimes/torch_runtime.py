@@ -27,6 +27,10 @@ class TorchRuntime:
         return self.model.encode(pixels.to(self.device))
 
     @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels.to(self.device))
+
+    @torch.inference_mode()
     def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
         return self.model.prefix(clip_embeddings.to(self.device))
 
