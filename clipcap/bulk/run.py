@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from clipcap.bulk.shards import ShardWriter, check_settings, done_ids, shard_paths, write_manifest
 from clipcap.bulk.sources import list_images
-from clipcap.bundle import load_config
+from clipcap.formats.model_bundle import load_config
 from clipcap.decoding import DecodingError, DecodingOptions
 
 ENGINES = ("local", "ray")
