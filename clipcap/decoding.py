@@ -123,12 +123,12 @@ def generate(runtime: Runtime, prefix: torch.Tensor, options: DecodingOptions, s
     if options.strategy == "beam":
         return _beam_search(runtime, prefix, stop, max_tokens, options.beam_size, options.temperature)
     if options.strategy == "nucleus":
-        choose = _nucleus_chooser(options, row_seeds(options, prefix.shape[0], seeds))
+        choose = _nucleus_chooser(options, _row_seeds(options, prefix.shape[0], seeds))
         return _token_loop(runtime, prefix, stop, max_tokens, choose)
     return _token_loop(runtime, prefix, stop, max_tokens, _greedy_chooser)
 
 
-def row_seeds(options: DecodingOptions, batch_size: int, seeds: Sequence[int] | None = None) -> list[int]:
+def _row_seeds(options: DecodingOptions, batch_size: int, seeds: Sequence[int] | None = None) -> list[int]:
     """The seed each row samples with: `seeds` when given (checked), else options.seed + row index
     (a random base when options.seed is None)."""
     if seeds is None:

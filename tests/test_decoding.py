@@ -74,6 +74,17 @@ def test_nucleus_is_reproducible_and_seed_dependent(setup):
         generate(runtime, prefix, DecodingOptions(), stop, 24)
 
 
+def test_row_seeds_are_checked(setup):
+    _, runtime, prefix, stop = setup
+    nucleus = DecodingOptions(strategy="nucleus", seed=3)
+    with pytest.raises(DecodingError, match="one per row"):
+        generate(runtime, prefix, nucleus, stop, 4, seeds=[1, 2])
+    with pytest.raises(DecodingError, match="seeds must be non-negative"):
+        generate(runtime, prefix[:2], nucleus, stop, 4, seeds=[1, -2])
+    assert generate(runtime, prefix, nucleus, stop, 6) == \
+        generate(runtime, prefix, nucleus, stop, 6, seeds=[3 + i for i in range(len(prefix))])
+
+
 def test_ignore_stop_generates_exactly_max_tokens(setup):
     _, runtime, prefix, stop = setup
     out = generate(runtime, prefix, DecodingOptions(ignore_stop=True), stop, 9)
