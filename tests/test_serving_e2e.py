@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from clipcap.bench.torchserve import free_ports
 from clipcap.captioner import Captioner
 from clipcap.export.mar import ArchiveConfig, build_archive
 from clipcap.images import decode_image
@@ -35,23 +35,13 @@ pytestmark = [
 ]
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 class TorchServe:
     """TorchServe started the documented way (torchserve --start) from serving/config.properties, with
     ports and paths moved into a private directory so it cannot collide with another server."""
 
     def __init__(self, root: Path, mar: Path):
         self.root = root
-        self.inference, self.management, self.metrics, grpc_inference, grpc_management = _free_ports(5)
+        self.inference, self.management, self.metrics, grpc_inference, grpc_management = free_ports(5)
         overrides = {"inference_address": f"http://127.0.0.1:{self.inference}",
                      "management_address": f"http://127.0.0.1:{self.management}",
                      "metrics_address": f"http://127.0.0.1:{self.metrics}",
@@ -92,7 +82,7 @@ class TorchServe:
             return False
         try:
             status, body = self.get(self.management, f"/models/{self.model}", key="management")
-        except OSError:  # the key file is written before the ports open
+        except (OSError, ValueError, KeyError):  # the key file may be half written, and is written before the ports open
             return False
         return status == 200 and any(w["status"] == "READY" for w in json.loads(body)[0]["workers"])
 
