@@ -60,9 +60,9 @@ def _same_clipcap() -> str:
     return os.pathsep.join(filter(None, [str(Path(clipcap.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
 
 
-def caption_refs(refs: list[ImageRef], bundle: str, backend: str, device: str, options: DecodingOptions,
-                 batch_size: int, embeddings: bool, address: str | None = None, actors: int = 2,
-                 num_gpus: float = 0.0) -> Iterator[list[dict]]:
+def caption_refs_on_ray(refs: list[ImageRef], bundle: str, backend: str, device: str, options: DecodingOptions,
+                        batch_size: int, embeddings: bool, address: str | None = None, actors: int = 2,
+                        num_gpus: float = 0.0) -> Iterator[list[dict]]:
     """Rows for `refs` as the actors finish them (not in input order), one list per batch."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray

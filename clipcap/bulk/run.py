@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from clipcap.bulk.local import caption_refs
 from clipcap.bulk.shards import ShardWriter, check_settings, done_ids, shard_paths, write_manifest
 from clipcap.bulk.sources import list_images
 from clipcap.formats.model_bundle import load_config
@@ -64,14 +65,12 @@ def caption_dataset(config: BulkConfig) -> dict:
     arguments = dict(bundle=config.bundle, backend=config.backend, device=config.device, options=options,
                      batch_size=config.batch_size, embeddings=config.embeddings)
     if config.engine == "ray":
-        from clipcap.bulk import ray_engine
+        from clipcap.bulk.ray_engine import caption_refs_on_ray  # Ray is imported only here
 
-        batches = ray_engine.caption_refs(pending, **arguments, address=config.ray_address, actors=config.actors,
-                                          num_gpus=config.num_gpus)
+        batches = caption_refs_on_ray(pending, **arguments, address=config.ray_address, actors=config.actors,
+                               num_gpus=config.num_gpus)
     else:
-        from clipcap.bulk import local
-
-        batches = local.caption_refs(pending, **arguments)
+        batches = caption_refs(pending, **arguments)
     writer = ShardWriter(out, config.shard_size, config.embeddings)
     captioned = failed = 0
     start = time.perf_counter()
