@@ -8,6 +8,8 @@ import onnx
 import pytest
 import torch
 
+from clipcap.captioner import Captioner
+from clipcap.formats.detect import detect
 from clipcap.formats.model_bundle import load_bundle
 from clipcap.decoding import DecodingOptions, generate
 from clipcap.formats.graph_specs import BATCH, CAPACITY, PAST, SEQUENCE, graph_specs
@@ -93,8 +95,9 @@ def test_weight_only_is_batch_invariant(tiny_export, tmp_path, method):
     from clipcap.export.quantize import QuantizeConfig, quantize_bundle
 
     out = quantize_bundle(QuantizeConfig(tiny_export, tmp_path / method, method=method, block_size=32))
+    assert detect(out).name == f"onnx-{method}" and isinstance(Captioner.from_path(out).runtime, OnnxRuntime)
     runtime = OnnxRuntime.from_path(out)
-    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(out / "decoder.onnx".replace(".onnx", f".{method}.onnx"))).graph.node}
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(out / f"decoder.{method}.onnx")).graph.node}
     embeds = torch.randn(6, 5, runtime.config.gpt2.n_embd, generator=torch.Generator().manual_seed(3)) * 3
     together, _ = runtime.step(embeds, runtime.new_cache(6))
     alone = torch.cat([runtime.step(embeds[i:i + 1], runtime.new_cache(1))[0] for i in range(6)])
