@@ -6,10 +6,11 @@
 
 Each path is a model bundle or an export bundle (fp32 ONNX, int8 ONNX, TensorRT); each backend takes
 the one it needs (torch, torch-nocache: the model bundle; onnxruntime: fp32; onnxruntime-int8: int8;
-tensorrt: engines), and a backend with no bundle or no hardware is reported unavailable with the
+onnxruntime-int8-wo / -int4-wo: the weight-only siblings; tensorrt: engines), and a backend with no bundle or no hardware is reported unavailable with the
 reason. Generation is fixed length (the stop token is ignored) so backends do identical work.
 Writes latency.json, latency.md, latency_vs_batch.png and per_token_decode.png to --out and prints
-the Markdown.
+the Markdown. `--peers hf-generate,optimum` then decodes the same prefixes with other CPU systems,
+interleaved with our fp32 onnxruntime bundle (clipcap.bench.peers), into peers.json and peers.md.
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", type=Path, nargs="*", help="model bundle and/or export bundles")
     parser.add_argument("--make-full-size", type=Path, metavar="DIR",
-                        help="build (once) ViT-B-32 + GPT-2 small with random weights, its ONNX export and int8 "
-                             "sibling in DIR/model, DIR/onnx, DIR/onnx-int8, and benchmark them")
+                        help="build (once) ViT-B-32 + GPT-2 small with random weights, its ONNX export and quantised "
+                             "siblings in DIR/model, DIR/onnx, DIR/onnx-int8, DIR/onnx-int8-wo, DIR/onnx-int4-wo, "
+                             "and benchmark them")
     parser.add_argument("--backends", default=",".join(defaults.backends), help=f"of {', '.join(BACKENDS)}")
     parser.add_argument("--batch-sizes", type=_int_list, default=defaults.batch_sizes)
     parser.add_argument("--tokens", type=_int_list, default=defaults.tokens, help="tokens per caption (fixed)")
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", metavar="PROFILE",
                         help="also add the run to benchmarks/history/ under this profile name (e.g. full)")
     parser.add_argument("--note", default="", help="a remark stored with the record (e.g. 'machine busy')")
+    parser.add_argument("--peers", default="", help="also decode with peers, interleaved with our fp32 onnxruntime "
+                        "bundle (clipcap.bench.peers): hf-generate,optimum; writes peers.json and peers.md")
     args = parser.parse_args(argv)
     paths = list(args.paths)
     if args.make_full_size:
@@ -74,10 +78,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     written = write_latency_outputs(report, args.out)
     print((args.out / "latency.md").read_text())
+    if args.peers:
+        written += _run_peers(args, paths)
     if args.record:
         written.append(record_report(report, args.record, ROOT, note=args.note))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _run_peers(args, paths: list[Path]) -> list[Path]:
+    import json
+
+    from clipcap.bench.bundles import bundle_kind
+    from clipcap.bench.peers import PeerConfig, peers_markdown, run_peers
+
+    kinds = {bundle_kind(p): p for p in paths}
+    if "model" not in kinds or "onnx-fp32" not in kinds:
+        print("peers: need a model bundle and an fp32 export bundle among the paths; not run", file=sys.stderr)
+        return []
+    config = PeerConfig(kinds["model"], kinds["onnx-fp32"], peers=args.peers.split(","), batch_sizes=args.batch_sizes,
+                        tokens=max(args.tokens), rounds=max(1, args.iters), threads=args.threads or 1)
+    report = run_peers(config)
+    (args.out / "peers.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "peers.md").write_text(peers_markdown(report))
+    print(peers_markdown(report))
+    return [args.out / "peers.json", args.out / "peers.md"]
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""Dynamic int8 quantisation of an export bundle's decoder (optionally its encoder) for CPU serving.
+"""Quantisation of an export bundle's decoder (optionally its encoder) for CPU serving: int8, int4 weight-only.
 
     python export/quantize.py build/shapes-onnx                      # -> build/shapes-onnx-int8
+    python export/quantize.py build/shapes-onnx --method int4-wo     # -> build/shapes-onnx-int4-wo
     python export/quantize.py build/shapes-onnx --data build/demo/data/eval/captions.jsonl --limit 200
     clipcap caption build/shapes-onnx-int8 IMAGE... --backend onnxruntime
 
 Writes a sibling export bundle (unchanged files hard-linked) and, given images or a caption
 dataset, reports greedy agreement with the fp32 bundle and the caption-metric delta; the report is
-also saved as quantization.json in the int8 bundle.
+also saved as quantization.json in the quantised bundle.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from clipcap.cli import USER_ERRORS
-from clipcap.export.int8 import QuantizeConfig, quantize_bundle
+from clipcap.export.quantize import METHODS, QuantizeConfig, quantize_bundle
 from clipcap.training.agreement import AgreementConfig, measure_agreement
 from clipcap.training.data import DatasetError
 
@@ -24,9 +25,15 @@ from clipcap.training.data import DatasetError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", type=Path, help="an fp32 export bundle (export/to_onnx.py)")
-    parser.add_argument("--out", type=Path, help="default: EXPORT_DIR-int8 next to it")
+    parser.add_argument("--out", type=Path, help="default: EXPORT_DIR-int8 (or -METHOD) next to it")
     parser.add_argument("--encoder", action="store_true", help="quantise the encoder too (moves captions more)")
-    parser.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
+    parser.add_argument("--per-channel", action="store_true", help="int8-dynamic: per-channel weight scales")
+    parser.add_argument("--method", choices=METHODS, default=QuantizeConfig.method,
+                        help="int8-dynamic (int8 weights, per-call activation scale) or weight-only MatMulNBits "
+                             "int8-wo / int4-wo (batch invariant; needs the in-place decoder)")
+    parser.add_argument("--block-size", type=int, default=QuantizeConfig.block_size, help="weight-only: weights per scale")
+    parser.add_argument("--accuracy-level", type=int, default=QuantizeConfig.accuracy_level, choices=(0, 1, 2, 3, 4),
+                        help="weight-only: 4 = int8 activations inside the kernel, 0/1 = fp32")
     parser.add_argument("--images", type=Path, nargs="*", default=[], help="images to measure agreement on")
     parser.add_argument("--data", type=Path, help="caption dataset: agreement and BLEU/CIDEr delta")
     parser.add_argument("--image-root", type=Path, help="images of --data (default: its folder)")
@@ -34,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, help="default: the bundle's max_tokens")
     parser.add_argument("--batch-size", type=int, default=AgreementConfig.batch_size)
     args = parser.parse_args(argv)
-    config = QuantizeConfig(args.export_dir, args.out, encoder=args.encoder, per_channel=args.per_channel)
+    config = QuantizeConfig(args.export_dir, args.out, encoder=args.encoder, per_channel=args.per_channel,
+                            method=args.method, block_size=args.block_size, accuracy_level=args.accuracy_level)
     agreement = AgreementConfig(args.export_dir, config.out_dir, images=args.images, data=args.data,
                                 image_root=args.image_root, limit=args.limit, batch_size=args.batch_size,
                                 max_tokens=args.max_tokens)
@@ -56,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"greedy captions identical to fp32: {result.caption_agreement:.1%} of {result.images} images; "
           f"tokens agreeing (common prefix): {result.token_agreement:.1%}")
     for name, delta in result.metric_delta.items():
-        print(f"{name:<8} fp32 {result.metrics_fp32[name] * 100:6.2f}  int8 {result.metrics_candidate[name] * 100:6.2f}"
+        print(f"{name:<8} fp32 {result.metrics_fp32[name] * 100:6.2f}  "
+              f"{config.method} {result.metrics_candidate[name] * 100:6.2f}"
               f"  delta {delta * 100:+6.2f}")
     for note in result.notes:
         print(f"note: {note}")

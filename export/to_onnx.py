@@ -4,7 +4,8 @@
     clipcap caption build/shapes-onnx IMAGE... --backend onnxruntime
 
 Writes encoder.onnx (pixels -> prefix), mapper.onnx (CLIP embedding -> prefix), decoder.onnx (one
-GPT-2 step with KV cache), token_embeddings.safetensors, the bundle's clipcap.json and tokenizer,
+GPT-2 step with KV cache: by default onnxruntime's fused attention writing a preallocated cache in
+place; `--decoder-cache concat` for TensorRT), token_embeddings.safetensors, the bundle's clipcap.json and tokenizer,
 and export.json with the parity measured here (max abs diff per graph; greedy and beam tokens vs
 PyTorch, to max_tokens: any difference fails the export).
 """
@@ -19,6 +20,7 @@ import torch
 
 from clipcap.config import BundleError
 from clipcap.export.onnx import ExportError, ExportOptions, export_bundle
+from clipcap.formats.graph_specs import DECODER_CACHES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +31,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the onnxruntime-vs-PyTorch checks (not recommended)")
     parser.add_argument("--parity-images", type=int, default=ExportOptions.parity_images,
                         help="images decoded greedy and beam (to max_tokens) by both PyTorch and onnxruntime")
+    parser.add_argument("--decoder-cache", choices=DECODER_CACHES, default=ExportOptions.decoder_cache,
+                        help="in-place: onnxruntime's fused step writing a preallocated cache (CPU/CUDA EP); "
+                             "concat: GPT-2's own attention, portable (TensorRT builds from it)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         manifest = export_bundle(args.bundle, ExportOptions(out=args.out, check_parity=args.check_parity,
-                                                            parity_images=args.parity_images))
+                                                            parity_images=args.parity_images,
+                                                            decoder_cache=args.decoder_cache))
     except (BundleError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -114,6 +114,16 @@ def tiny_export(tmp_path_factory, tiny_bundle):
 
 
 @pytest.fixture(scope="session")
+def tiny_concat_export(tmp_path_factory, tiny_bundle):
+    """The portable decoder (GPT-2's own attention, cache by concatenation): what TensorRT builds from."""
+    from clipcap.export.onnx import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("export") / "tiny-onnx-concat"
+    export_bundle(tiny_bundle, ExportOptions(out=out, decoder_cache="concat"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def full_size_bundle(tmp_path_factory, tiny_tokenizer):
     """ViT-B-32 + GPT-2 small with random weights and a tiny BPE (ids far below GPT-2's 50257)."""
     from clipcap.formats.model_bundle import save_bundle

@@ -27,7 +27,7 @@ CACHED = ("torch", "onnxruntime", "onnxruntime-int8")
 
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_export, tmp_path_factory):
-    from clipcap.export.int8 import QuantizeConfig, quantize_bundle
+    from clipcap.export.quantize import QuantizeConfig, quantize_bundle
 
     return quantize_bundle(QuantizeConfig(tiny_export, tmp_path_factory.mktemp("int8") / "tiny-onnx-int8"))
 

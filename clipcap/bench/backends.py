@@ -32,6 +32,10 @@ BACKENDS = {
     "onnxruntime": BenchBackend("onnxruntime", "onnx-fp32", what="onnxruntime fp32, KV cache, IOBinding"),
     "onnxruntime-int8": BenchBackend("onnxruntime", "onnx-int8",
                                      what="onnxruntime, dynamic int8 decoder (fp32 encoder), KV cache"),
+    "onnxruntime-int8-wo": BenchBackend("onnxruntime", "onnx-int8-wo",
+                                        what="onnxruntime, weight-only int8 decoder (MatMulNBits), in-place KV cache"),
+    "onnxruntime-int4-wo": BenchBackend("onnxruntime", "onnx-int4-wo",
+                                        what="onnxruntime, weight-only int4 decoder (MatMulNBits), in-place KV cache"),
     "tensorrt": BenchBackend("tensorrt", "tensorrt", what="TensorRT engines, KV cache on the GPU"),
 }
 

@@ -12,12 +12,15 @@ BUNDLE_HOW_TO = {
     "model": "a model bundle (clipcap.json + model.safetensors); build one with --make-full-size DIR",
     "onnx-fp32": "an fp32 export bundle: python export/to_onnx.py MODEL_BUNDLE --out DIR",
     "onnx-int8": "an int8 export bundle: python export/quantize.py FP32_EXPORT_DIR",
+    "onnx-int8-wo": "a weight-only int8 bundle: python export/quantize.py FP32_EXPORT_DIR --method int8-wo",
+    "onnx-int4-wo": "a weight-only int4 bundle: python export/quantize.py FP32_EXPORT_DIR --method int4-wo",
     "tensorrt": "a TensorRT bundle: python export/to_tensorrt.py FP32_EXPORT_DIR --out DIR (CUDA GPU)",
 }
 
 
 def bundle_kind(path: Path) -> str | None:
-    """model | onnx-fp32 | onnx-int8 | tensorrt (clipcap.formats.detect's names); None if none fits."""
+    """model | onnx-fp32 | onnx-int8 | onnx-int8-wo | onnx-int4-wo | tensorrt (clipcap.formats.detect's names);
+    None if none fits."""
     from clipcap.config import BundleError
     from clipcap.formats.detect import detect
 
@@ -37,7 +40,8 @@ FULL_SIZE_CAPTIONS = [
 
 def make_full_size_bundles(out: Path, int8: bool = True) -> dict[str, Path]:
     """ViT-B-32 + GPT-2 small (random weights, a small BPE tokenizer) as a model bundle, its fp32
-    ONNX export and (with `int8`) the int8 sibling: out/model, out/onnx, out/onnx-int8.
+    ONNX export and (with `int8`) the quantised siblings: out/model, out/onnx, out/onnx-int8 (dynamic),
+    out/onnx-int8-wo and out/onnx-int4-wo (weight-only, QuantizeConfig's default block and accuracy level).
 
     Steps whose output already exists are skipped, so a second call costs nothing. Random weights
     time exactly like trained ones: the same shapes do the same arithmetic.
@@ -45,7 +49,7 @@ def make_full_size_bundles(out: Path, int8: bool = True) -> dict[str, Path]:
     from clipcap.formats.model_bundle import save_bundle
     from clipcap.config import TokenizerConfig
     from clipcap.model import ClipCapModel, resolve_clip_config
-    from clipcap.export.int8 import QuantizeConfig, quantize_bundle
+    from clipcap.export.quantize import QuantizeConfig, quantize_bundle
     from clipcap.export.onnx import ExportOptions, export_bundle
     from clipcap.formats.export_bundle import MANIFEST_FILE
     from clipcap.tokenizer import train_bpe
@@ -61,9 +65,10 @@ def make_full_size_bundles(out: Path, int8: bool = True) -> dict[str, Path]:
     if not (paths["onnx-fp32"] / MANIFEST_FILE).is_file():
         export_bundle(paths["model"], ExportOptions(out=paths["onnx-fp32"]))
     if int8:
-        paths["onnx-int8"] = out / "onnx-int8"
-        if not (paths["onnx-int8"] / MANIFEST_FILE).is_file():
-            quantize_bundle(QuantizeConfig(paths["onnx-fp32"], paths["onnx-int8"]))
+        for method, kind in (("int8-dynamic", "onnx-int8"), ("int8-wo", "onnx-int8-wo"), ("int4-wo", "onnx-int4-wo")):
+            paths[kind] = out / kind
+            if not (paths[kind] / MANIFEST_FILE).is_file():
+                quantize_bundle(QuantizeConfig(paths["onnx-fp32"], paths[kind], method=method))
     return paths
 
 
@@ -86,7 +91,7 @@ def make_demo_exports(bundle: Path, out: Path, library: Path) -> dict[str, Path]
     or the library's code (`library`, the clipcap package) changed since they were built."""
     import shutil
 
-    from clipcap.export.int8 import QuantizeConfig, quantize_bundle
+    from clipcap.export.quantize import QuantizeConfig, quantize_bundle
     from clipcap.export.onnx import ExportOptions, export_bundle
 
     out = Path(out)

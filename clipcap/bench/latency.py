@@ -31,8 +31,8 @@ FIXED_LENGTH_NOTE = ("fixed-length greedy generation: the stop token is ignored,
 @dataclass
 class LatencyConfig:
     paths: list[Path]  # model bundle and/or export bundles; each backend takes the kind it needs
-    backends: list[str] = field(default_factory=lambda: ["torch", "torch-nocache", "onnxruntime",
-                                                         "onnxruntime-int8", "tensorrt"])
+    backends: list[str] = field(default_factory=lambda: ["torch", "torch-nocache", "onnxruntime", "onnxruntime-int8",
+                                                         "onnxruntime-int8-wo", "onnxruntime-int4-wo", "tensorrt"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     tokens: list[int] = field(default_factory=lambda: [20, 67])  # 67: the paper's entry_length
     device: str = "cpu"  # cpu | cuda[:N]

@@ -4,7 +4,9 @@ Each graph is exported with torch.onnx's dynamo exporter (torch.export underneat
 wrapper module whose inputs and outputs are exactly the spec's (clipcap.formats.graph_specs), then checked
 with `onnx.checker` and run in onnxruntime against the PyTorch module at several shapes, past
 length 0 included. The decoder wrapper rebuilds transformers' DynamicCache from flat past tensors,
-so GPT-2's own attention code is what gets exported, not a re-implementation.
+so GPT-2's own attention code is what gets exported, not a re-implementation. That concat decoder
+is kept for TensorRT (`decoder_cache="concat"`); the default decoder is clipcap.export.inplace_decoder's
+(onnxruntime's fused attention writing a preallocated cache in place, MatMul linears).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from torch import nn
 from clipcap.config import CONFIG_FILE, BundleError
 from clipcap.formats.export_bundle import (EXPORT_FORMAT_VERSION, TOKEN_TABLE_FILE, write_manifest,
                                            write_token_table)
-from clipcap.formats.graph_specs import PARITY_SIZES, GraphSpec, graph_specs
+from clipcap.formats.graph_specs import (CAPACITY, DECODER_CACHES, INPLACE_PARITY_SIZES, PARITY_SIZES, PAST,
+                                          SEQUENCE, GraphSpec, graph_specs)
 from clipcap.formats.model_bundle import Bundle, load_bundle
 
 TWO_GIB = 2**31  # protobuf's limit: bigger graphs keep their weights in a `.onnx.data` file
@@ -36,6 +39,9 @@ class ExportOptions:
     out: Path  # the export bundle directory (created)
     check_parity: bool = True  # run each graph in onnxruntime against PyTorch and record the diffs
     parity_images: int = 4  # images decoded greedy and beam to max_tokens, torch vs onnxruntime, after export
+    # in-place: onnxruntime's fused GPT-2 step, caches written in place (clipcap.export.inplace_decoder);
+    # concat: GPT-2's own attention, the cache grows by concatenation (portable: TensorRT builds from it)
+    decoder_cache: str = "in-place"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,17 +102,30 @@ def export_bundle(bundle_path: str | Path, options: ExportOptions) -> dict:
     if out.resolve() == Path(bundle_path).resolve():
         raise BundleError(f"{out}: write the export bundle to its own directory, not into the model bundle")
     out.mkdir(parents=True, exist_ok=True)
-    specs = graph_specs(bundle.config)
+    if options.decoder_cache not in DECODER_CACHES:
+        raise BundleError(f"decoder_cache must be one of {', '.join(DECODER_CACHES)}, got {options.decoder_cache!r}")
+    specs = graph_specs(bundle.config, options.decoder_cache)
     manifest = {"format_version": EXPORT_FORMAT_VERSION, "precision": "fp32", "opset": specs["decoder"].opset,
-                "decoder_logits": "last_position", "token_embeddings": TOKEN_TABLE_FILE, "graphs": {},
-                "exported_with": _versions()}
+                "decoder_logits": "last_position", "decoder_cache": options.decoder_cache,
+                "token_embeddings": TOKEN_TABLE_FILE, "graphs": {}, "exported_with": _versions()}
+    in_place = options.decoder_cache == "in-place"
     for name, spec in (progress := tqdm(specs.items(), desc="export", unit="graph")):
         progress.set_postfix_str(name)
-        module = GRAPH_MODULES[name](bundle.model).eval()
+        fused = None
         start = time.perf_counter()
-        export_graph(module, spec, out / spec.file)
+        if name == "decoder" and in_place:
+            from clipcap.export.inplace_decoder import InPlaceDecoderStep, export_inplace_decoder
+
+            module = InPlaceDecoderStep(bundle.model).eval()
+            fused = export_inplace_decoder(module, spec, out / spec.file, _dynamic_shapes(module, spec),
+                                           external_data=_needs_external_data(module))
+        else:
+            module = GRAPH_MODULES[name](bundle.model).eval()
+            export_graph(module, spec, out / spec.file)
         entry = {"file": spec.file, "inputs": spec.input_names, "outputs": spec.output_names,
                  "export_seconds": round(time.perf_counter() - start, 1)}
+        if fused is not None:
+            entry["fused_operators"] = fused
         if options.check_parity:
             entry["parity"] = check_graph_parity(module, spec, out / spec.file)
         manifest["graphs"][name] = entry
@@ -125,7 +144,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, path: Path) -> None:
     import onnx
 
     examples = spec.example_inputs()
-    external = sum(p.numel() * p.element_size() for p in module.parameters()) > TWO_GIB * 0.9
+    external = _needs_external_data(module)
     with torch.no_grad(), warnings.catch_warnings():
         # Our Dims carry the spec's names already; the exporter warns when it sees them twice.
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
@@ -136,6 +155,10 @@ def export_graph(module: nn.Module, spec: GraphSpec, path: Path) -> None:
         )
     program.save(str(path), external_data=external)
     onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GiB too
+
+
+def _needs_external_data(module: nn.Module) -> bool:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) > TWO_GIB * 0.9
 
 
 def _dynamic_shapes(module: nn.Module, spec: GraphSpec) -> tuple:
@@ -181,7 +204,11 @@ def graph_max_diff(module: nn.Module, spec: GraphSpec, session, sizes: dict[str,
     expected = expected if isinstance(expected, tuple) else (expected,)
     actual = session.run(spec.output_names, {name: t.numpy() for name, t in inputs.items()})
     diffs = []
-    for name, want, got in zip(spec.output_names, expected, actual):
+    total = sizes.get(PAST, 0) + sizes.get(SEQUENCE, 0)
+    for tensor_spec, want, got in zip(spec.outputs, expected, actual):
+        name = tensor_spec.name
+        if CAPACITY in tensor_spec.shape:  # an in-place cache: positions past the total hold no value yet
+            want, got = want[:, :, :total], got[:, :, :total]
         if tuple(want.shape) != got.shape:
             raise ExportError(f"{spec.file}: output {name} has shape {got.shape}, PyTorch {tuple(want.shape)} "
                               f"(sizes {sizes})")
@@ -193,8 +220,9 @@ def check_graph_parity(module: nn.Module, spec: GraphSpec, path: Path) -> dict:
     """Max abs diff vs PyTorch at each of PARITY_SIZES (the dims a graph lacks are ignored)."""
     session = open_session(path)
     cases = {}
-    for sizes in PARITY_SIZES:
-        used = {dim: size for dim, size in sizes.items() if any(dim in t.shape for t in spec.inputs)}
+    for sizes in INPLACE_PARITY_SIZES if any(CAPACITY in t.shape for t in spec.inputs) else PARITY_SIZES:
+        used = {dim: size for dim, size in sizes.items()
+                if any(dim in t.shape for t in spec.inputs) or (dim == PAST and CAPACITY in sizes)}
         key = ",".join(f"{dim}={size}" for dim, size in used.items())
         if key not in cases:
             cases[key] = graph_max_diff(module, spec, session, used)

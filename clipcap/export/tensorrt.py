@@ -114,6 +114,9 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
     source, out = Path(config.export_dir), Path(config.out)
     bundle_config = load_config(source)
     manifest = load_manifest(source, bundle_config)
+    if manifest.get("decoder_cache", "concat") != "concat":  # TensorRT has no onnxruntime contrib ops
+        raise BundleError(f"{source}: its decoder uses onnxruntime's in-place attention; for TensorRT export with "
+                          f"python export/to_onnx.py MODEL_BUNDLE --out DIR --decoder-cache concat")
     if manifest.get("precision") != "fp32":
         raise BundleError(f"{source}: build TensorRT engines from an fp32 export bundle, not {manifest.get('precision')!r}")
     profiles = compute_profiles(bundle_config, config.max_batch, config.max_tokens, config.max_beam, config.opt_batch)

@@ -8,25 +8,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipcap.config import CONFIG_FILE, BundleError
-from clipcap.formats.export_bundle import MANIFEST_FILE, int8_graph_file
+from clipcap.formats.export_bundle import MANIFEST_FILE, int8_graph_file, weight_only_graph_file
 from clipcap.formats.model_bundle import WEIGHTS_FILE
 from clipcap.formats.tensorrt_profiles import PROFILES_FILE
 
 
 @dataclass(frozen=True)
 class BundleKind:
-    name: str  # model | onnx-fp32 | onnx-int8 | tensorrt
+    name: str  # model | onnx-fp32 | onnx-int8 | onnx-int8-wo | onnx-int4-wo | tensorrt
     marker: str  # the file only this kind has (checked in KINDS order)
     backend: str  # the runtime that opens it (a name in clipcap.runtimes.RUNTIMES)
     how_to_build: str  # the command that makes one
 
 
-# Most specific first: an int8 sibling also has export.json, every kind has clipcap.json.
+# Most specific first: a quantised sibling also has export.json, every kind has clipcap.json.
 KINDS = (
     BundleKind("tensorrt", PROFILES_FILE, "tensorrt",
                "python export/to_tensorrt.py FP32_EXPORT_DIR --out DIR (CUDA GPU)"),
     BundleKind("onnx-int8", int8_graph_file("decoder.onnx"), "onnxruntime",
                "python export/quantize.py FP32_EXPORT_DIR"),
+    BundleKind("onnx-int8-wo", weight_only_graph_file("decoder.onnx", "int8-wo"), "onnxruntime",
+               "python export/quantize.py FP32_EXPORT_DIR --method int8-wo"),
+    BundleKind("onnx-int4-wo", weight_only_graph_file("decoder.onnx", "int4-wo"), "onnxruntime",
+               "python export/quantize.py FP32_EXPORT_DIR --method int4-wo"),
     BundleKind("onnx-fp32", MANIFEST_FILE, "onnxruntime", "python export/to_onnx.py MODEL_BUNDLE --out DIR"),
     BundleKind("model", WEIGHTS_FILE, "torch",
                "python training/train.py ... --out DIR, or clipcap import-original CKPT.pt --out DIR"),

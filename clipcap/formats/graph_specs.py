@@ -19,9 +19,10 @@ BATCH = "batch_size"
 SEQUENCE = "sequence_length"
 PAST = "past_sequence_length"
 TOTAL = "total_sequence_length"
+CAPACITY = "cache_capacity"  # in-place decoder: positions each cache buffer holds (>= past + new)
 
 # Example sizes for tracing: none is 0 or 1, so the exporter cannot specialise a dynamic axis to it.
-EXAMPLE_SIZES = {BATCH: 2, SEQUENCE: 3, PAST: 5}
+EXAMPLE_SIZES = {BATCH: 2, SEQUENCE: 3, PAST: 5, CAPACITY: 11}
 # Sizes the parity check runs: batch 1, the prefix step (past 0), a token step (T=1), odd batches.
 PARITY_SIZES = (
     {BATCH: 2, SEQUENCE: 3, PAST: 5},
@@ -29,6 +30,16 @@ PARITY_SIZES = (
     {BATCH: 3, SEQUENCE: 1, PAST: 7},
     {BATCH: 8, SEQUENCE: 1, PAST: 1},
 )
+# The in-place decoder's: onnxruntime's attention takes several new positions after a past only at
+# batch 1 (the runtime steps one position at a time otherwise); capacity is left over in some cases.
+INPLACE_PARITY_SIZES = (
+    {BATCH: 1, SEQUENCE: 4, PAST: 0, CAPACITY: 4},
+    {BATCH: 2, SEQUENCE: 3, PAST: 0, CAPACITY: 9},
+    {BATCH: 1, SEQUENCE: 3, PAST: 5, CAPACITY: 12},
+    {BATCH: 3, SEQUENCE: 1, PAST: 7, CAPACITY: 8},
+    {BATCH: 8, SEQUENCE: 1, PAST: 1, CAPACITY: 20},
+)
+DECODER_CACHES = ("in-place", "concat")  # the two decoder graph kinds; see decoder_spec / inplace_decoder_spec
 
 
 @dataclass(frozen=True)
@@ -144,8 +155,33 @@ def decoder_spec(config: ClipCapConfig) -> GraphSpec:
     )
 
 
-def graph_specs(config: ClipCapConfig) -> dict[str, GraphSpec]:
-    return {spec.name: spec for spec in (encoder_spec(config), mapper_spec(config), decoder_spec(config))}
+def inplace_decoder_spec(config: ClipCapConfig) -> GraphSpec:
+    """One GPT-2 step whose caches are buffers of CAPACITY positions, written in place (clipcap.inplace_decoder).
+
+    No attention mask (rows are never padded); the positions say where the new keys/values go. The
+    runtime binds each past buffer as its present output too, so presents alias pasts.
+    """
+    g = config.gpt2
+    head_dim = g.n_embd // g.n_head
+    caches = [(layer, kind) for layer in range(g.n_layer) for kind in ("key", "value")]
+    return GraphSpec(
+        name="decoder",
+        inputs=(
+            TensorSpec("inputs_embeds", (BATCH, SEQUENCE, g.n_embd)),
+            TensorSpec("position_ids", (BATCH, SEQUENCE), torch.int64, fill="positions"),
+            *[TensorSpec(f"past_key_values.{layer}.{kind}", (BATCH, g.n_head, CAPACITY, head_dim))
+              for layer, kind in caches],
+        ),
+        outputs=(TensorSpec("logits", (BATCH, g.vocab_size)),
+                 *[TensorSpec(f"present.{layer}.{kind}", (BATCH, g.n_head, CAPACITY, head_dim)) for layer, kind in caches]),
+        atol=1e-4,  # as decoder_spec: the same arithmetic, fused differently
+    )
+
+
+def graph_specs(config: ClipCapConfig, decoder_cache: str = "concat") -> dict[str, GraphSpec]:
+    """The bundle's graphs; `decoder_cache` (the manifest's, "concat" when absent) picks the decoder's kind."""
+    decoder = inplace_decoder_spec(config) if decoder_cache == "in-place" else decoder_spec(config)
+    return {spec.name: spec for spec in (encoder_spec(config), mapper_spec(config), decoder)}
 
 
 def kv_names(spec: GraphSpec) -> tuple[list[str], list[str]]:

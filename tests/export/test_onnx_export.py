@@ -42,15 +42,18 @@ def test_example_inputs_follow_sizes(tiny_bundle):
     assert spec.example_inputs({BATCH: 1, SEQUENCE: 4, PAST: 0})["past_key_values.0.key"].shape == (1, 1, 0, 64)
 
 
-def test_export_bundle_contents(tiny_export, tiny_bundle):
+@pytest.mark.parametrize("kind", ["in-place", "concat"])
+def test_export_bundle_contents(tiny_export, tiny_concat_export, tiny_bundle, kind):
+    tiny_export = tiny_export if kind == "in-place" else tiny_concat_export
     manifest = json.loads((tiny_export / MANIFEST_FILE).read_text())
     config = load_config(tiny_export)
     assert config == load_config(tiny_bundle)
     assert manifest["precision"] == "fp32" and manifest["decoder_logits"] == "last_position"
+    assert manifest["decoder_cache"] == kind
     parity = manifest["decoding_parity"]
     assert parity["max_tokens"] == config.max_tokens and parity["images"] >= 3
     assert parity["greedy"]["identical"] is True and parity["beam"]["identical"] is True
-    for name, spec in graph_specs(config).items():
+    for name, spec in graph_specs(config, kind).items():
         entry = manifest["graphs"][name]
         assert entry["parity"]["max_abs_diff"] <= spec.atol
         onnx.checker.check_model(str(tiny_export / entry["file"]), full_check=True)
@@ -72,8 +75,9 @@ def test_decoding_parity_fails_on_a_token_difference(tiny_export, tiny_bundle):
         check_decoding_parity(bundle, tiny_export, 3)
 
 
-def test_graph_axes_stay_symbolic(tiny_export):
+def test_graph_axes_stay_symbolic(tiny_concat_export):
     """Exported with batch 2, seq 3, past 5: none of these may be baked into the graph."""
+    tiny_export = tiny_concat_export
     decoder = onnx.load(str(tiny_export / "decoder.onnx"), load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in decoder.graph.input}
     assert dims["inputs_embeds"][:2] == ["batch_size", "sequence_length"]
@@ -88,10 +92,10 @@ def test_graph_axes_stay_symbolic(tiny_export):
     {BATCH: 5, SEQUENCE: 27, PAST: 0},  # a whole no-cache sequence
     {BATCH: 2, SEQUENCE: 1, PAST: 40},  # a long past
 ])
-def test_decoder_parity_at_shapes_not_traced(tiny_export, tiny_bundle, sizes):
+def test_decoder_parity_at_shapes_not_traced(tiny_concat_export, tiny_bundle, sizes):
     model = load_bundle(tiny_bundle).model
     spec = graph_specs(model.config)["decoder"]
-    session = open_session(tiny_export / spec.file)
+    session = open_session(tiny_concat_export / spec.file)
     assert graph_max_diff(GRAPH_MODULES["decoder"](model).eval(), spec, session, sizes) <= spec.atol
 
 
@@ -103,7 +107,7 @@ def test_to_onnx_script_transformer_mapper(tiny_transformer_bundle, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "greedy and beam tokens identical to PyTorch" in result.stdout
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    specs = graph_specs(load_config(out))
+    specs = graph_specs(load_config(out), manifest["decoder_cache"])
     assert all(manifest["graphs"][n]["parity"]["max_abs_diff"] <= specs[n].atol for n in specs)
 
 
@@ -130,10 +134,10 @@ def test_manifest_errors_are_clear(tiny_export, tiny_bundle, tmp_path):
 def test_full_size_graph_parity(full_size_export):
     """ViT-B-32 + GPT-2 small: the bounds the specs state hold, past 0 and batch 8 included."""
     manifest = json.loads((full_size_export / MANIFEST_FILE).read_text())
-    specs = graph_specs(load_config(full_size_export))
+    specs = graph_specs(load_config(full_size_export), manifest["decoder_cache"])
     for name, spec in specs.items():
         parity = manifest["graphs"][name]["parity"]
         assert parity["max_abs_diff"] <= spec.atol, (name, parity)
     assert manifest["decoding_parity"]["greedy"]["identical"] and manifest["decoding_parity"]["beam"]["identical"]
     decoder = onnx.load(str(full_size_export / "decoder.onnx"), load_external_data=False)
-    assert len(decoder.graph.input) == 3 + 2 * 12 and len(decoder.graph.output) == 1 + 2 * 12
+    assert len(decoder.graph.input) == 2 + 2 * 12 and len(decoder.graph.output) == 1 + 2 * 12  # in-place: no mask

@@ -105,20 +105,20 @@ def test_profile_limits_refused(tiny_bundle, kwargs, message):
         compute_profiles(load_config(tiny_bundle), **kwargs)
 
 
-def test_fp16_graphs_keep_fp32_io_and_stay_close(tiny_export, tmp_path):
+def test_fp16_graphs_keep_fp32_io_and_stay_close(tiny_concat_export, tmp_path):
     """The graphs a --fp16 build parses. onnxruntime's CPU graph optimiser crashes on the fp16 encoder
     (a known gap of its fp16 CPU kernels), so they run here with optimisations off.
     Measured max abs diff vs fp32: decoder 1.7e-3 (outputs up to 6), encoder 4.1e-3 (outputs up to 12)."""
     import onnxruntime as ort
 
-    specs = graph_specs(load_config(tiny_export))
+    specs = graph_specs(load_config(tiny_concat_export))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for name, spec in specs.items():
         target = tmp_path / f"{name}.fp16.onnx"
-        convert_graph_fp16(tiny_export / spec.file, target)
+        convert_graph_fp16(tiny_concat_export / spec.file, target)
         fp16 = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
-        fp32 = ort.InferenceSession(str(tiny_export / spec.file), options, providers=["CPUExecutionProvider"])
+        fp32 = ort.InferenceSession(str(tiny_concat_export / spec.file), options, providers=["CPUExecutionProvider"])
         assert [i.type for i in fp16.get_inputs()] == [i.type for i in fp32.get_inputs()]
         feeds = {k: v.numpy() for k, v in spec.example_inputs().items()}
         for want, got in zip(fp32.run(None, feeds), fp16.run(None, feeds)):
@@ -126,8 +126,8 @@ def test_fp16_graphs_keep_fp32_io_and_stay_close(tiny_export, tmp_path):
             assert np.abs(want - got).max() <= 2e-2 * max(1.0, np.abs(want).max()), name
 
 
-def test_print_profiles_without_tensorrt(tiny_export):
-    result = subprocess.run([sys.executable, str(ROOT / "export" / "to_tensorrt.py"), str(tiny_export),
+def test_print_profiles_without_tensorrt(tiny_concat_export):
+    result = subprocess.run([sys.executable, str(ROOT / "export" / "to_tensorrt.py"), str(tiny_concat_export),
                              "--print-profiles", "--max-batch", "2", "--max-tokens", "5"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -135,21 +135,21 @@ def test_print_profiles_without_tensorrt(tiny_export):
         in result.stdout
 
 
-def test_script_needs_out(tiny_export):
-    result = subprocess.run([sys.executable, str(ROOT / "export" / "to_tensorrt.py"), str(tiny_export)],
+def test_script_needs_out(tiny_concat_export):
+    result = subprocess.run([sys.executable, str(ROOT / "export" / "to_tensorrt.py"), str(tiny_concat_export)],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "--out is required" in result.stderr
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here: the missing-package message cannot show")
-def test_missing_tensorrt_is_a_clear_error(tiny_export, tmp_path, capsys):
+def test_missing_tensorrt_is_a_clear_error(tiny_concat_export, tmp_path, capsys):
     with pytest.raises(RuntimeUnavailable, match="pip install tensorrt"):
-        build_engines(TensorRTBuildConfig(tiny_export, tmp_path / "trt"))
+        build_engines(TensorRTBuildConfig(tiny_concat_export, tmp_path / "trt"))
     with pytest.raises(RuntimeUnavailable, match="pip install tensorrt"):
-        Captioner.from_path(tiny_export, backend="tensorrt", device="cuda")
-    assert main(["caption", str(tiny_export), "x.png", "--backend", "tensorrt", "--device", "cuda"]) == 2
+        Captioner.from_path(tiny_concat_export, backend="tensorrt", device="cuda")
+    assert main(["caption", str(tiny_concat_export), "x.png", "--backend", "tensorrt", "--device", "cuda"]) == 2
     assert "tensorrt Python package is not installed" in capsys.readouterr().err
-    result = subprocess.run([sys.executable, str(ROOT / "export" / "to_tensorrt.py"), str(tiny_export),
+    result = subprocess.run([sys.executable, str(ROOT / "export" / "to_tensorrt.py"), str(tiny_concat_export),
                              "--out", str(tmp_path / "trt")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "pip install tensorrt" in result.stderr
     assert not (tmp_path / "trt").exists()
@@ -160,9 +160,9 @@ def test_missing_tensorrt_is_a_clear_error(tiny_export, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_engines(tiny_export, tmp_path_factory):
+def tiny_engines(tiny_concat_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "tiny-trt"
-    build_engines(TensorRTBuildConfig(tiny_export, out, max_batch=8, max_tokens=24))
+    build_engines(TensorRTBuildConfig(tiny_concat_export, out, max_batch=8, max_tokens=24))
     return out
 
 
@@ -197,9 +197,9 @@ def test_engines_refuse_shapes_outside_profiles(tiny_engines):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_fp16_engines_caption(tiny_bundle, tiny_export, tmp_path):
+def test_fp16_engines_caption(tiny_bundle, tiny_concat_export, tmp_path):
     out = tmp_path / "fp16"
-    record = build_engines(TensorRTBuildConfig(tiny_export, out, fp16=True, max_batch=4, max_tokens=24))
+    record = build_engines(TensorRTBuildConfig(tiny_concat_export, out, fp16=True, max_batch=4, max_tokens=24))
     assert record["precision"] == "fp16"
     images = random_images(4, seed=3)
     expected = Captioner.from_path(tiny_bundle).caption_images(images).captions

@@ -65,14 +65,17 @@ def test_encode_and_embed_match_torch(captioners):
     assert torch.equal(onnx.runtime.embed(ids), reference.runtime.embed(ids))
 
 
-def test_cache_select_reorders_rows(tiny_export):
-    runtime = OnnxRuntime.from_path(tiny_export)
-    prefix = runtime.encode(Captioner.from_path(tiny_export, "onnxruntime").preprocess(random_images(3)))
+@pytest.mark.parametrize("kind", ["in-place", "concat"])
+def test_cache_select_reorders_rows(tiny_export, tiny_concat_export, kind):
+    export = tiny_export if kind == "in-place" else tiny_concat_export
+    runtime = OnnxRuntime.from_path(export)
+    prefix = runtime.encode(Captioner.from_path(export, "onnxruntime").preprocess(random_images(3)))
     _, cache = runtime.step(prefix, runtime.new_cache(3))
     picked = runtime.select(cache, torch.tensor([2, 0, 2, 1]))
-    assert picked.length == cache.length and picked.past[0].shape[0] == 4
-    assert torch.equal(picked.past[0][0], cache.past[0][2]) and torch.equal(picked.past[0][2], cache.past[0][2])
-    assert torch.equal(picked.past[-1][3], cache.past[-1][1])
+    before, after = (c.buffers if kind == "in-place" else c.past for c in (cache, picked))
+    assert picked.length == cache.length and after[0].shape[0] == 4
+    assert torch.equal(after[0][0], before[0][2]) and torch.equal(after[0][2], before[0][2])
+    assert torch.equal(after[-1][3], before[-1][1])
 
 
 def test_cli_caption_same_as_torch(tiny_bundle, tiny_export, tmp_path, capsys):

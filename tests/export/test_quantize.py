@@ -12,7 +12,7 @@ from clipcap.formats.model_bundle import load_bundle
 from clipcap.captioner import Captioner
 from clipcap.config import BundleError
 from clipcap.decoding import DecodingOptions, generate
-from clipcap.export.int8 import QuantizeConfig, quantize_bundle
+from clipcap.export.quantize import QuantizeConfig, quantize_bundle
 from clipcap.formats.export_bundle import MANIFEST_FILE
 from clipcap.formats.graph_specs import decoder_spec
 from clipcap.runtimes.onnx_runtime import OnnxRuntime

@@ -1,0 +1,117 @@
+"""Quantisation of an export bundle for CPU serving: dynamic int8, weight-only int8/int4.
+
+`quantize_bundle` writes a *sibling* export bundle: the same files (hard-linked where possible) with
+`decoder.int8.onnx` (and, on request, `encoder.int8.onnx`) named in its export.json; weight-only
+methods write `decoder.int8-wo.onnx` / `decoder.int4-wo.onnx` (onnxruntime's MatMulNBits: weights in
+blocks along the input axis, one fp32 scale per block; activations never share a scale across rows,
+so a caption does not depend on its batch mates as it can under dynamic int8). A sibling
+bundle keeps the runtime and `Captioner.from_path` unchanged: int8 is just another directory to
+serve. How far it moves the captions is measured by clipcap.training.agreement.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipcap.config import BundleError
+from clipcap.formats.export_bundle import (INT8_PRECISION, MANIFEST_FILE, WEIGHT_ONLY_BITS, int8_graph_file,
+                                           weight_only_graph_file, write_manifest)
+
+METHODS = (INT8_PRECISION, *WEIGHT_ONLY_BITS)  # the sibling's precision, as export.json names it
+
+
+@dataclass
+class QuantizeConfig:
+    export_dir: Path  # an fp32 export bundle (export/to_onnx.py)
+    out: Path | None = None  # None: a sibling directory `<export_dir>-int8`
+    encoder: bool = False  # also quantise the encoder (the CLIP ViT moves more than the decoder: measure first)
+    per_channel: bool = False  # dynamic int8: per-output-channel weight scales: slower to build, sometimes closer
+    method: str = INT8_PRECISION  # int8-dynamic | int8-wo | int4-wo (weight-only: an in-place decoder's MatMuls)
+    block_size: int = 128  # weight-only: weights per scale (export/README.md has the measurements behind 128)
+    accuracy_level: int = 4  # weight-only: 4 = int8 activations per block inside the kernel (0: fp32, ~3x slower here)
+
+    @property
+    def out_dir(self) -> Path:
+        suffix = "-int8" if self.method == INT8_PRECISION else f"-{self.method}"
+        return self.out or self.export_dir.with_name(self.export_dir.name + suffix)
+
+
+def quantize_bundle(config: QuantizeConfig) -> Path:
+    """Write the quantised sibling bundle; returns its directory."""
+    from tqdm import tqdm
+
+    source, out = Path(config.export_dir), config.out_dir
+    manifest_file = source / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise BundleError(f"{source}: not an export bundle (no {MANIFEST_FILE}); run export/to_onnx.py first")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("precision") != "fp32":
+        raise BundleError(f"{source}: precision is {manifest.get('precision')!r}; quantise an fp32 export bundle")
+    if config.method not in METHODS:
+        raise BundleError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.method in WEIGHT_ONLY_BITS and manifest.get("decoder_cache", "concat") != "in-place":
+        raise BundleError(f"{source}: weight-only quantisation needs the in-place decoder (MatMul linears); "
+                          f"re-export with python export/to_onnx.py MODEL_BUNDLE --out DIR")
+    if out.resolve() == source.resolve():
+        raise BundleError(f"{out}: the quantised bundle must not overwrite its fp32 source")
+    out.mkdir(parents=True, exist_ok=True)
+    graphs = ["decoder"] + (["encoder"] if config.encoder else [])
+    sources = [manifest["graphs"][name]["file"] for name in graphs]
+    quantized_files = set(sources) | {f + ".data" for f in sources}  # .data: weights of graphs past 2 GiB
+    for item in source.iterdir():
+        if item.is_file() and item.name not in quantized_files | {MANIFEST_FILE}:
+            _link_or_copy(item, out / item.name)
+    for name in tqdm(graphs, desc="quantize", unit="graph"):
+        entry = manifest["graphs"][name]
+        external = (source / (entry["file"] + ".data")).exists()
+        if config.method in WEIGHT_ONLY_BITS:
+            target = weight_only_graph_file(entry["file"], config.method)
+            entry["quantization"] = quantize_weight_only(source / entry["file"], out / target, config, external)
+        else:
+            target = int8_graph_file(entry["file"])
+            _quantize_dynamic(source / entry["file"], out / target, config, external)
+            entry["quantization"] = {"method": "onnxruntime quantize_dynamic", "weights": "int8",
+                                     "per_channel": config.per_channel}
+        entry["file"] = target
+        entry.pop("parity", None)  # fp32 parity bounds do not apply; clipcap.training.agreement measures these
+    manifest.pop("decoding_parity", None)
+    manifest.update(precision=config.method, quantized_from=str(source))
+    write_manifest(out, manifest)
+    return out
+
+
+def _quantize_dynamic(source: Path, target: Path, config: QuantizeConfig, external: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Weights int8 (signed, as VNNI/AVX-512 kernels want them); activations quantised per call.
+    quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=config.per_channel,
+                     use_external_data_format=external)
+
+
+def quantize_weight_only(source: Path, target: Path, config: QuantizeConfig, external: bool = False) -> dict:
+    """One ONNX graph: every MatMul with a constant weight (all linears and the LM head) -> MatMulNBits,
+    symmetric blocks of `config.block_size` weights along the input axis, one fp32 scale each."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    bits = WEIGHT_ONLY_BITS[config.method]
+    algorithm = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=True,
+                                             accuracy_level=config.accuracy_level, bits=bits)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=algorithm)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
+    quantized = sum(node.op_type == "MatMulNBits" for node in quantizer.model.model.graph.node)
+    return {"method": "onnxruntime MatMulNBits (weight-only)", "weights": f"int{bits}", "block_size": config.block_size,
+            "accuracy_level": config.accuracy_level, "symmetric": True, "matmuls_quantized": quantized}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if target.exists():
+        target.unlink()
+    try:
+        os.link(source, target)  # the encoder alone is ~480 MB at ViT-B-32: don't duplicate it
+    except OSError:
+        shutil.copyfile(source, target)

@@ -1,0 +1,16 @@
+"""Peers in the benchmark: a peer that cannot run is reported, the others run and match our greedy tokens."""
+import sys
+
+from clipcap.bench.peers import PeerConfig, peer_unavailable, peers_markdown, run_peers
+
+
+def test_missing_peer_is_reported_and_the_rest_runs(tiny_bundle, tiny_export, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optimum.onnxruntime", None)  # import fails as when not installed
+    assert "not importable" in peer_unavailable("optimum")
+    config = PeerConfig(tiny_bundle, tiny_export, peers=["hf-generate", "optimum", "llama.cpp"], batch_sizes=[1, 3],
+                        tokens=6, rounds=1)
+    report = run_peers(config)
+    assert set(report["unavailable"]) == {"optimum", "llama.cpp"}
+    assert [c["batch_size"] for c in report["cells"]] == [1, 3]
+    assert all(c["peer"] == "hf-generate" and c["same_greedy_tokens"] for c in report["cells"])
+    assert "optimum: not run" in peers_markdown(report)
