@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from clipcap.bench.torchserve import free_ports
 from clipcap.captioner import Captioner
@@ -310,7 +311,7 @@ async def _blocked_batch(server, blocker: tuple[bytes, str], bodies: list[tuple[
                     return response.status, {"raw": raw[:300]}
 
         first = asyncio.ensure_future(post(*blocker))
-        await asyncio.sleep(0.3)  # the blocker leaves the queue alone (maxBatchDelay is 5 ms)
+        await asyncio.sleep(0.1)  # the blocker leaves the queue alone (maxBatchDelay is 5 ms)
         replies = await asyncio.wait_for(asyncio.gather(*(post(*body) for body in bodies)), timeout=150)
         assert (await first)[0] == 200
     return replies
@@ -337,7 +338,9 @@ def test_one_poison_in_a_batch_of_seven_valid_requests(served):
         # Not a poison any more: an extreme strip gets the caption of its centre square, not a 500 for all.
         ("extreme strip", strip, "image/png", 200),
     ]
-    blocker = (json.dumps({"image": b64, "decoding": "beam", "beam_size": 8}).encode(), "application/json")
+    # The blocker keeps the worker busy while the eight queue: decoding a 6000x6000 PNG (legal: at the pixel
+    # limit, ~120 KB) takes ~0.6 s on an idle core and slows with the machine, as sending the eight does.
+    blocker = (png_bytes(Image.new("RGB", (6000, 6000), (200, 30, 30))), "image/png")
     for name, poison, content_type, status in poisons:
         for attempt in range(3):  # the batch is TorchServe's scheduling: retried if it split the eight
             count, total = _batch_sizes(server)
