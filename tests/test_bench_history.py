@@ -189,3 +189,20 @@ def test_newest_pair_and_append_only_files(tmp_path):
 def test_trends_need_records_of_the_profile(tmp_path):
     with pytest.raises(ValueError, match="no records"):
         plot_trends([synthetic(1, 0)], tmp_path, profile="full")
+
+
+def test_a_record_of_the_history_does_not_make_the_tree_dirty(tmp_path):
+    """A latency run writes its record just before the serving run reads the tree's state."""
+    from clipcap.bench.history import HISTORY_DIR, git_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "start")
+    (tmp_path / HISTORY_DIR).mkdir(parents=True)
+    (tmp_path / HISTORY_DIR / "record.json").write_text("{}")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "changed.py").write_text("")
+    assert git_state(tmp_path)["dirty"] is True

@@ -31,7 +31,7 @@ RATIO_KEYS = {  # short, stable names of `statistics.RATIOS` for metric names
 
 def git_state(root: Path) -> dict:
     """The commit checked out in `root`, whether the tree differs from it (changed or new files that git
-    does not ignore), its date and subject."""
+    does not ignore; the history's own records do not count: a run writes one), its date and subject."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -39,7 +39,7 @@ def git_state(root: Path) -> dict:
         sha = git("rev-parse", "HEAD")
     except (OSError, subprocess.CalledProcessError):
         return {"sha": "unknown", "short": "unknown", "dirty": True, "date": None, "subject": "not a git checkout"}
-    return {"sha": sha, "short": sha[:7], "dirty": bool(git("status", "--porcelain")),
+    return {"sha": sha, "short": sha[:7], "dirty": bool(git("status", "--porcelain", "--", ".", f":(exclude){HISTORY_DIR}")),
             "date": git("show", "-s", "--format=%cI", "HEAD"), "subject": git("show", "-s", "--format=%s", "HEAD")}
 
 
