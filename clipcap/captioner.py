@@ -46,7 +46,7 @@ class Captioner:
     @property
     def token_limit(self) -> int:
         """The most tokens positions allow after the prefix."""
-        return self.config.gpt2.n_positions - self.config.mapper.prefix_length
+        return self.config.token_limit
 
     def default_options(self) -> DecodingOptions:
         return DecodingOptions(max_tokens=self.config.max_tokens)

@@ -154,6 +154,11 @@ class ClipCapConfig:
     max_tokens: int = 67  # default caption length limit (the paper's entry_length)
     format_version: int = FORMAT_VERSION
 
+    @property
+    def token_limit(self) -> int:
+        """The most tokens GPT-2's positions allow after the prefix."""
+        return self.gpt2.n_positions - self.mapper.prefix_length
+
     def validate(self, where: str = CONFIG_FILE) -> "ClipCapConfig":
         _check(self.format_version == FORMAT_VERSION, where, "format_version",
                f"unsupported version {self.format_version}; this library reads {FORMAT_VERSION}")

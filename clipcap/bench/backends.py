@@ -143,7 +143,7 @@ def open_backends(names: list[str], paths: list[Path], device: str) -> tuple[dic
             continue
         if path is None:
             how_to = BUNDLE_HOW_TO[backend.bundle_kind]
-            unavailable[name] = f"no {backend.bundle_kind} bundle among the paths given; pass {how_to}"
+            unavailable[name] = f"no {backend.bundle_kind} bundle among the paths given; make one: {how_to}"
             continue
         key = (backend.runtime, path)
         try:

@@ -5,25 +5,17 @@ from pathlib import Path
 
 import torch
 
-from clipcap.config import ClipCapConfig
+from clipcap.config import BundleError, ClipCapConfig
+from clipcap.formats.detect import KINDS, detect
 
 
-BUNDLE_HOW_TO = {
-    "model": "a model bundle (clipcap.json + model.safetensors); build one with --make-full-size DIR",
-    "onnx-fp32": "an fp32 export bundle: python export/to_onnx.py MODEL_BUNDLE --out DIR",
-    "onnx-int8": "an int8 export bundle: python export/quantize.py FP32_EXPORT_DIR",
-    "onnx-int8-wo": "a weight-only int8 bundle: python export/quantize.py FP32_EXPORT_DIR --method int8-wo",
-    "onnx-int4-wo": "a weight-only int4 bundle: python export/quantize.py FP32_EXPORT_DIR --method int4-wo",
-    "tensorrt": "a TensorRT bundle: python export/to_tensorrt.py FP32_EXPORT_DIR --out DIR (CUDA GPU)",
-}
+# How to make each kind (clipcap.formats.detect's own commands); a benchmark can also build its model bundle.
+BUNDLE_HOW_TO = {kind.name: kind.how_to_build for kind in KINDS} | {"model": "--make-full-size DIR"}
 
 
 def bundle_kind(path: Path) -> str | None:
     """model | onnx-fp32 | onnx-int8 | onnx-int8-wo | onnx-int4-wo | tensorrt (clipcap.formats.detect's names);
     None if none fits."""
-    from clipcap.config import BundleError
-    from clipcap.formats.detect import detect
-
     try:
         return detect(path).name
     except BundleError:

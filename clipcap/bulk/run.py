@@ -47,8 +47,7 @@ def _validate(config: BulkConfig) -> DecodingOptions:
     if config.embeddings and config.backend not in EMBEDDING_BACKENDS:
         raise DecodingError(f"embeddings need the torch backend: the {config.backend} backend's encoder "
                             f"fuses CLIP and the mapper, so the CLIP embedding is not an output")
-    bundle = load_config(config.bundle)
-    return config.options.validate(bundle.gpt2.n_positions - bundle.mapper.prefix_length)
+    return config.options.validate(load_config(config.bundle).token_limit)
 
 
 def caption_dataset(config: BulkConfig) -> dict:

@@ -43,7 +43,7 @@ def compute_profiles(config: ClipCapConfig, max_batch: int, max_tokens: int | No
     max_tokens = config.max_tokens if max_tokens is None else max_tokens
     opt_batch = max_batch if opt_batch is None else opt_batch
     prefix = config.mapper.prefix_length
-    limit = config.gpt2.n_positions - prefix
+    limit = config.token_limit
     if not 1 <= max_batch:
         raise BundleError(f"max_batch must be >= 1, got {max_batch}")
     if not 1 <= opt_batch <= max_batch:

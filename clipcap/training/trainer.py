@@ -244,11 +244,10 @@ class Trainer:
             self.tokenizer = build_tokenizer(cfg, captions)
             self.config = build_model_config(cfg, train_features, self.tokenizer)
         self.model = build_model(cfg, self.config, train_features).to(self.device)
-        max_tokens = self.config.gpt2.n_positions - self.config.mapper.prefix_length
-        self.train = make_examples(train_features, self.tokenizer, max_tokens)
+        self.train = make_examples(train_features, self.tokenizer, self.config.token_limit)
         self.train_features = train_features
         self.val_features = val_features
-        self.val = make_examples(val_features, self.tokenizer, max_tokens) if val_features else None
+        self.val = make_examples(val_features, self.tokenizer, self.config.token_limit) if val_features else None
         self.optimizer = torch.optim.AdamW(trainable_parameters(self.model, cfg), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.train.rows) / cfg.batch_size)
