@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="build (once) ViT-B-32 + GPT-2 small with random weights, its ONNX export and quantised "
                              "siblings in DIR/model, DIR/onnx, DIR/onnx-int8, DIR/onnx-int8-wo, DIR/onnx-int4-wo, "
                              "and benchmark them")
+    parser.add_argument("--model-only", action="store_true",
+                        help="with --make-full-size: build the model bundle alone (torch backends, e.g. on a GPU)")
     parser.add_argument("--backends", default=",".join(defaults.backends), help=f"of {', '.join(BACKENDS)}")
     parser.add_argument("--batch-sizes", type=_int_list, default=defaults.batch_sizes)
     parser.add_argument("--tokens", type=_int_list, default=defaults.tokens, help="tokens per caption (fixed)")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     paths = list(args.paths)
     if args.make_full_size:
-        paths += list(make_full_size_bundles(args.make_full_size).values())
+        paths += list(make_full_size_bundles(args.make_full_size, exports=not args.model_only).values())
     if not paths:
         parser.error("give at least one bundle path, or --make-full-size DIR")
     config = LatencyConfig(paths=paths, backends=[b for b in args.backends.split(",") if b],

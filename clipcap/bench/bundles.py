@@ -30,10 +30,11 @@ FULL_SIZE_CAPTIONS = [
 ]
 
 
-def make_full_size_bundles(out: Path, int8: bool = True) -> dict[str, Path]:
+def make_full_size_bundles(out: Path, int8: bool = True, exports: bool = True) -> dict[str, Path]:
     """ViT-B-32 + GPT-2 small (random weights, a small BPE tokenizer) as a model bundle, its fp32
     ONNX export and (with `int8`) the quantised siblings: out/model, out/onnx, out/onnx-int8 (dynamic),
     out/onnx-int8-wo and out/onnx-int4-wo (weight-only, QuantizeConfig's default block and accuracy level).
+    `exports=False` builds the model bundle alone (a GPU run of the torch backend needs no ONNX).
 
     Steps whose output already exists are skipped, so a second call costs nothing. Random weights
     time exactly like trained ones: the same shapes do the same arithmetic.
@@ -47,13 +48,16 @@ def make_full_size_bundles(out: Path, int8: bool = True) -> dict[str, Path]:
     from clipcap.tokenizer import train_bpe
 
     out = Path(out)
-    paths = {"model": out / "model", "onnx-fp32": out / "onnx"}
+    paths = {"model": out / "model"}
     if not (paths["model"] / "model.safetensors").is_file():
         torch.manual_seed(0)
         tokenizer = train_bpe(FULL_SIZE_CAPTIONS * 4, vocab_size=300)
         tokens = TokenizerConfig(eos_token_id=tokenizer.eos_token_id, stop_token_ids=tokenizer.stop_token_ids())
         model = ClipCapModel(ClipCapConfig(clip=resolve_clip_config("ViT-B-32"), tokenizer=tokens).validate())
         save_bundle(model.eval(), tokenizer, paths["model"])
+    if not exports:
+        return paths
+    paths["onnx-fp32"] = out / "onnx"
     if not (paths["onnx-fp32"] / MANIFEST_FILE).is_file():
         export_bundle(paths["model"], ExportOptions(out=paths["onnx-fp32"]))
     if int8:
