@@ -21,7 +21,7 @@ from clipcap.config import BundleError, ClipCapConfig
 from clipcap.formats.export_bundle import load_token_table
 from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
 from clipcap.formats.model_bundle import load_config
-from clipcap.formats.tensorrt_profiles import load_profiles
+from clipcap.formats.tensorrt_profiles import TENSORRT_DECODER, load_profiles
 from clipcap.runtimes.base import RuntimeUnavailable
 
 
@@ -93,7 +93,7 @@ class TensorRTRuntime:
         trt = import_tensorrt()
         self.device = torch.device(device)
         self.config = config
-        self.specs = graph_specs(config)
+        self.specs = graph_specs(config, TENSORRT_DECODER)
         self.past_names, self.present_names = kv_names(self.specs["decoder"])
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.trt_runtime = runtime = trt.Runtime(self.logger)  # must outlive its engines
