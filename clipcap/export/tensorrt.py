@@ -120,16 +120,16 @@ def convert_graph_fp16(source: Path, target: Path) -> None:
 def concat_graphs(source: Path, work: Path, model: Path | None = None) -> tuple[Path, Path | None]:
     """(an fp32 export bundle whose decoder TensorRT can parse, the model bundle behind it or None).
 
-    A concat fp32 export is used as it is; a model bundle, or an in-place export (through its
-    `exported_from` or `model`), is exported to `work` with the concat decoder, its parity checked.
+    A concat fp32 export is used as it is; a model bundle, or an in-place export (through `model`, else
+    its `exported_from`), is exported to `work` with the concat decoder, its parity checked.
     """
     kind = detect(source)
     if kind.name == "model":
-        model = model or source
+        model = source
     elif kind.name == "onnx-fp32":
         manifest = load_manifest(source, load_config(source))
         recorded = Path(manifest.exported_from) if manifest.exported_from else None
-        model = model or (recorded if recorded is not None and detect_model(recorded) else None)
+        model = model or (recorded if recorded is not None and _is_model_bundle(recorded) else None)
         if manifest.decoder.portable:
             return source, model
         if model is None:
@@ -145,7 +145,7 @@ def concat_graphs(source: Path, work: Path, model: Path | None = None) -> tuple[
     return graphs, model
 
 
-def detect_model(path: Path) -> bool:
+def _is_model_bundle(path: Path) -> bool:
     try:
         return detect(path).name == "model"
     except BundleError:
@@ -157,7 +157,7 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
     trt = import_tensorrt()  # first: before any export work, say what to install
     _require_cuda()
     source, out = Path(config.source), Path(config.out)
-    if config.model is not None and not detect_model(Path(config.model)):
+    if config.model is not None and not _is_model_bundle(Path(config.model)):
         raise BundleError(f"--model {config.model}: not a model bundle")
     if config.check_parity and not 1 <= config.parity_images <= config.max_batch:
         raise BundleError(f"parity_images must be in 1..max_batch ({config.max_batch}), got {config.parity_images}")

@@ -43,6 +43,20 @@ def test_example_inputs_follow_sizes(tiny_bundle):
     assert spec.example_inputs({BATCH: 1, SEQUENCE: 4, PAST: 0})["past_key_values.0.key"].shape == (1, 1, 0, 64)
 
 
+@pytest.mark.parametrize("kind", DECODER_KINDS.values(), ids=DECODER_KINDS)
+def test_every_decoder_kind_is_complete(tiny_bundle, kind):
+    """Each registry entry names what the exporter, the parity check and the runtime need, and they load."""
+    config = load_config(tiny_bundle)
+    spec = kind.spec(config)
+    assert spec.name == "decoder" and spec.outputs[0].name == "logits"
+    module = kind.export_module_class()(load_bundle(tiny_bundle).model)
+    assert isinstance(module.translations, dict) and callable(module.optimize)
+    assert all(callable(getattr(kind.cache_class(), method)) for method in ("new", "step", "select"))
+    sizes = kind.parity_sizes
+    # The prefix step (past 0), batch 1 and a one-token step are each among the shapes checked.
+    assert any(s[PAST] == 0 for s in sizes) and any(s[BATCH] == 1 for s in sizes) and any(s[SEQUENCE] == 1 for s in sizes)
+
+
 @pytest.mark.parametrize("kind", ["in-place", "concat"])
 def test_export_bundle_contents(tiny_export, tiny_concat_export, tiny_bundle, kind):
     tiny_export = tiny_export if kind == "in-place" else tiny_concat_export
