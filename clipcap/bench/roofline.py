@@ -53,7 +53,7 @@ def decoder_weight_bytes(backend: OpenBackend) -> float:
 
     runtime = backend.timed.inner
     if isinstance(runtime, OnnxRuntime):
-        graph = backend.path / runtime.manifest["graphs"]["decoder"]["file"]
+        graph = backend.path / runtime.manifest.graphs["decoder"].file
         data = graph.with_name(graph.name + ".data")
         return graph.stat().st_size + (data.stat().st_size if data.exists() else 0)
     return 4.0 * sum(gpt2_parameter_count(backend.timed.config.gpt2).values())
