@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import socket
 
 import numpy as np
 import pytest
@@ -143,3 +144,20 @@ def full_size_export(tmp_path_factory, full_size_bundle):
     out = tmp_path_factory.mktemp("export") / "full-size-onnx"
     export_bundle(full_size_bundle, ExportOptions(out=out))
     return out
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and a machine where every connection attempt fails (and is counted)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts

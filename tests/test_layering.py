@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clipcap"
 LAYERS = [
     ("clipcap.mappers",),
     ("clipcap.config",),
+    ("clipcap.hub",),
     ("clipcap.tokenizer", "clipcap.images", "clipcap.model"),
     ("clipcap.formats",),
     ("clipcap.runtimes",),

@@ -1,7 +1,6 @@
 """Checkpoints of the paper's code import, infer their sizes, and decode like the paper; hub names
 resolve from the local cache and fail at once, naming the flag, when the hub cannot be reached."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -76,23 +75,6 @@ def test_not_a_checkpoint(tmp_path):
 def _tiny_checkpoint(tmp_path, bundle_dir) -> str:
     _original_checkpoint(bundle_dir, tmp_path / "weights.pt")
     return str(tmp_path / "weights.pt")
-
-
-@pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    """An empty Hugging Face cache and a machine where every connection attempt fails (and is counted)."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    return attempts
 
 
 @pytest.mark.parametrize("flag, kwargs", [
