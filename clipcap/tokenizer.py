@@ -10,6 +10,8 @@ from pathlib import Path
 from clipcap.config import BundleError
 
 STOP_TEXT = "."  # the paper's stop token: a caption ends at its first full stop
+INCOMPLETE = "\ufffd"  # what decoding makes of an incomplete UTF-8 sequence
+MAX_CHARACTER_BYTES = 4  # the longest UTF-8 character
 
 
 class CaptionTokenizer:
@@ -62,7 +64,15 @@ class CaptionTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, token_ids: list[int]) -> str:
-        return self._tok.decode(token_ids, skip_special_tokens=True).strip()
+        """The caption text. Byte-level BPE splits multi-byte UTF-8 characters (Vietnamese "ữ" is 3 bytes)
+        across tokens, so a caption cut at the token limit can end inside one: the tokens holding that
+        incomplete tail (at most 3) are dropped instead of decoding to U+FFFD."""
+        end = len(token_ids)
+        text = self._tok.decode(token_ids, skip_special_tokens=True)
+        while text.endswith(INCOMPLETE) and len(token_ids) - end < MAX_CHARACTER_BYTES - 1:
+            end -= 1
+            text = self._tok.decode(token_ids[:end], skip_special_tokens=True)
+        return text.strip()
 
 
 def train_bpe(texts: list[str], vocab_size: int = 512, eos_token: str = "<|endoftext|>") -> CaptionTokenizer:

@@ -191,7 +191,7 @@ def _load_images(root: Path, names: list[str], report: ExtractReport) -> list[tu
 
 def _write_captions(out: Path, dataset: Dataset) -> None:
     lines = [json.dumps({"image": r.image, "captions": r.captions, "group": r.group}) for r in dataset.records]
-    (out / CAPTIONS_FILE).write_text("\n".join(lines) + "\n")
+    (out / CAPTIONS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -232,7 +232,7 @@ def load_features(path: str | Path) -> FeatureSet:
             row_of[image] = (len(parts), i)
         parts.append(embeddings)
     records = []
-    for line in (path / CAPTIONS_FILE).read_text().splitlines():
+    for line in (path / CAPTIONS_FILE).read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         if row["image"] in row_of:  # images that failed to load have no embedding and drop out here
             records.append(ImageCaptions(row["image"], row["captions"], row.get("group")))

@@ -241,7 +241,7 @@ class Trainer:
         cfg.out.mkdir(parents=True, exist_ok=True)
         train_features, val_features = split_features(cfg, load_features(cfg.features))
         if checkpoint is not None:
-            (cfg.out / "tokenizer.json").write_text(checkpoint["tokenizer_json"])
+            (cfg.out / "tokenizer.json").write_text(checkpoint["tokenizer_json"], encoding="utf-8")
             self.tokenizer = CaptionTokenizer.from_file(cfg.out / "tokenizer.json")
             self.config = ClipCapConfig.from_dict(checkpoint["model_config"])
         else:
@@ -350,7 +350,7 @@ class Trainer:
             "log": self.log,
             "train_config": self.cfg.to_dict(),
             "model_config": self.config.to_dict(),
-            "tokenizer_json": (self.cfg.out / "tokenizer.json").read_text(),
+            "tokenizer_json": (self.cfg.out / "tokenizer.json").read_text(encoding="utf-8"),
         }
         path = directory / f"epoch-{self.epoch:03d}.pt"
         torch.save(state, path.with_suffix(".tmp"))
