@@ -70,6 +70,18 @@ def tiny_model(tokenizer: CaptionTokenizer, mapper: str = "mlp", seed: int = 0, 
     return model.eval()
 
 
+def write_paper_checkpoint(path, tokenizer: CaptionTokenizer, embed_dim: int = 24):
+    """A checkpoint in the paper code's layout (mapper + GPT-2, no CLIP) of a tiny model whose mapper takes
+    `embed_dim`-wide CLIP embeddings (512: ViT-B-32's)."""
+    config = tiny_config(tokenizer)
+    config.clip.model_config = {**TINY_CLIP, "embed_dim": embed_dim}
+    config.clip.embed_dim = embed_dim
+    torch.manual_seed(0)
+    state = {k: v for k, v in ClipCapModel(config.validate()).state_dict().items() if not k.startswith("clip.")}
+    torch.save(state, path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_tokenizer):
     from clipcap.formats.model_bundle import save_bundle
