@@ -82,6 +82,19 @@ def write_paper_checkpoint(path, tokenizer: CaptionTokenizer, embed_dim: int = 2
     return str(path)
 
 
+def write_gpt2_folder(out, tokenizer: CaptionTokenizer):
+    """A GPT-2-family model folder as the hub has them (config.json, weights, the tokenizer's own files),
+    a tiny random GPT-2 for `tokenizer`: what `train.py --gpt2 FOLDER` takes."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=1,
+                               bos_token_id=eos, eos_token_id=eos)).save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer._tok, eos_token=tokenizer.eos_token).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_tokenizer):
     from clipcap.formats.model_bundle import save_bundle

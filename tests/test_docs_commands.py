@@ -21,7 +21,6 @@ import ast
 import contextlib
 import glob
 import io
-import json
 import os
 import re
 import runpy
@@ -328,8 +327,7 @@ def workdir(tmp_path_factory, tiny_tokenizer):
     from clipcap.formats.model_bundle import load_bundle
     from clipcap.training import shapes
     from clipcap.training.features import ClipSource, ExtractConfig, extract_features
-    from conftest import write_paper_checkpoint
-    from test_other_language import _gpt2_folder
+    from conftest import write_gpt2_folder, write_paper_checkpoint
 
     work = tmp_path_factory.mktemp("docs")
     for name in ("models", "samples", "serving", "training", "export", "scripts", ".venv"):
@@ -344,7 +342,7 @@ def workdir(tmp_path_factory, tiny_tokenizer):
     extract_features(ExtractConfig(data=data / "pairs.jsonl", image_root=data, out=work / "build" / "features",
                                    clip=ClipSource(bundle=demo)))
     write_paper_checkpoint(data / "coco_weights.pt", tiny_tokenizer, embed_dim=512)  # ViT-B-32's width
-    _gpt2_folder(data / "gpt2-vi", tiny_tokenizer)
+    write_gpt2_folder(data / "gpt2-vi", tiny_tokenizer)
     embed_dim = load_bundle(demo).config.clip.embed_dim
     np.save(data / "emb.npy", torch.randn(2, embed_dim, generator=torch.Generator().manual_seed(0)).numpy())
     return work

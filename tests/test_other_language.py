@@ -14,30 +14,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from clipcap.bulk.shards import shard_paths
 from clipcap.captioner import Captioner
 from clipcap.cli import main as clipcap_main
 from clipcap.tokenizer import INCOMPLETE, train_bpe
-from conftest import random_images
+from conftest import random_images, write_gpt2_folder
 from test_tokenizer import VIETNAMESE
 
 ROOT = Path(__file__).resolve().parent.parent
 DIACRITICS = set("ộìòàđơươạủếôểữăềỏ")  # some of the letters VIETNAMESE uses beyond ASCII
-
-
-def _gpt2_folder(out: Path, tokenizer) -> Path:
-    """What a Vietnamese GPT-2 on disk looks like: config.json, weights and its own tokenizer files."""
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    eos = tokenizer.eos_token_id
-    GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=1,
-                               bos_token_id=eos, eos_token_id=eos)).save_pretrained(out)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer._tok, eos_token=tokenizer.eos_token).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +41,7 @@ def vietnamese(tmp_path_factory, tiny_bundle):
     rows = [json.dumps({"image": f"images/{i}.png", "captions": [c] * 5}, ensure_ascii=False)
             for i, c in enumerate(VIETNAMESE)]
     (root / "pairs.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    gpt2 = _gpt2_folder(root / "gpt2-vi", train_bpe(VIETNAMESE * 4, vocab_size=300))
+    gpt2 = write_gpt2_folder(root / "gpt2-vi", train_bpe(VIETNAMESE * 4, vocab_size=300))
     assert extract_features.main(["--data", str(root / "pairs.jsonl"), "--clip-bundle", str(tiny_bundle),
                                   "--out", str(root / "features")]) == 0
     assert train.main(["--features", str(root / "features"), "--gpt2", str(gpt2), "--out", str(root / "model"),
