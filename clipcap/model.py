@@ -91,11 +91,14 @@ def pretrained_clip_tower(model: str, pretrained: str, flag: str = "--clip-pretr
     return config, tower
 
 
-def gpt2_config_from_pretrained(name_or_dir: str) -> GPT2Config:
-    """GPT-2 dimensions from a hub name ('gpt2') or a local directory holding config.json."""
+def gpt2_config_from_folder(folder: str) -> GPT2Config:
+    """The dimensions of the GPT-2-family model in `folder` (its config.json; hub names: clipcap.hub first)."""
     from transformers import AutoConfig
 
-    hf = AutoConfig.from_pretrained(name_or_dir)
+    hf = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if hf.model_type != "gpt2":
+        raise BundleError(f"--gpt2 {folder}: model_type {hf.model_type!r}; ClipCap needs a GPT-2-family model "
+                          "(model_type 'gpt2', any language and vocabulary)")
     return GPT2Config(vocab_size=hf.vocab_size, n_positions=hf.n_positions, n_embd=hf.n_embd,
                       n_layer=hf.n_layer, n_head=hf.n_head)
 

@@ -1,6 +1,6 @@
 """The caption tokenizer: a `tokenizers` JSON file carried inside every bundle.
 
-Real models start from GPT-2's tokenizer (hub name or local dir, via transformers); the bundle then
+Real models start from their GPT-2's tokenizer (its folder, via transformers); the bundle then
 keeps its `tokenizer.json` so loading is offline and needs only the small `tokenizers` package.
 """
 from __future__ import annotations
@@ -32,11 +32,12 @@ class CaptionTokenizer:
             raise BundleError(f"{path}: not a valid tokenizers JSON file ({error})") from None
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> "CaptionTokenizer":
-        """GPT-2's tokenizer from the hub ('gpt2') or a local directory, via transformers."""
+    def from_folder(cls, folder: str | Path) -> "CaptionTokenizer":
+        """A model folder's own tokenizer (tokenizer.json, or GPT-2's vocab.json + merges.txt), via
+        transformers, never from the hub (hub names resolve to a folder first: clipcap.hub)."""
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(name_or_dir)
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         return cls(hf.backend_tokenizer, eos_token=hf.eos_token or "<|endoftext|>")
 
     def save(self, path: str | Path) -> None:

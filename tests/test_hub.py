@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
+from clipcap.config import BundleError
 from clipcap.hub import gpt2_folder
+from clipcap.model import gpt2_config_from_folder
+from clipcap.tokenizer import train_bpe
+from conftest import write_gpt2_folder
 from training import extract_features as extract_script, train as train_script
 
 
@@ -55,3 +60,18 @@ def test_cached_gpt2_resolves_to_its_snapshot_folder_without_a_request(tmp_path,
     assert gpt2_folder("gpt2") == str(snapshot) and no_network == []
     assert gpt2_folder(str(snapshot)) == str(snapshot)
 
+
+
+
+def test_a_gpt2_folder_of_another_family_or_vocabulary_is_refused(tmp_path, tiny_tokenizer):
+    from transformers import BertConfig
+
+    from clipcap.training.trainer import TrainConfig, build_model_config
+
+    BertConfig().save_pretrained(tmp_path / "bert")
+    with pytest.raises(BundleError, match="model_type 'bert'; ClipCap needs a GPT-2-family model"):
+        gpt2_config_from_folder(str(tmp_path / "bert"))
+    small = write_gpt2_folder(tmp_path / "gpt2", train_bpe(["a b c."], vocab_size=260))  # fewer tokens than tiny's
+    config = TrainConfig(features=tmp_path, out=tmp_path / "run", gpt2=str(small))
+    with pytest.raises(BundleError, match="its embedding has 2.. tokens, the tokenizer 300"):
+        build_model_config(config, None, tiny_tokenizer, str(small))  # refused before the features are read

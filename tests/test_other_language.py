@@ -24,6 +24,7 @@ from conftest import random_images, write_gpt2_folder
 from test_tokenizer import VIETNAMESE
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # trains and exports a model (~1 min on 2 quiet cores), then runs TorchServe
 DIACRITICS = set("ộìòàđơươạủếôểữăềỏ")  # some of the letters VIETNAMESE uses beyond ASCII
 
 
@@ -92,7 +93,6 @@ def test_caption_dataset_parquet(vietnamese, expected, tmp_path):
     assert {Path(r["path"]).name: (r["caption"], list(r["token_ids"])) for r in rows} == expected
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 11+ (make setup installs it)")
 @pytest.mark.skipif(not (Path(sys.executable).parent / "torchserve").exists(), reason="torchserve is not installed")
 def test_torchserve_json(vietnamese, expected, tmp_path):

@@ -66,7 +66,7 @@ def _load_tokenizer(name: str) -> CaptionTokenizer:
     if path.is_file():
         return CaptionTokenizer.from_file(path)
     if path.is_dir():
-        return CaptionTokenizer.from_pretrained(name)
+        return CaptionTokenizer.from_folder(name)
     if looks_like_path(name):
         raise BundleError(f"--tokenizer: {name}: no such file or folder; pass {TOKENIZER_HINT}")
     return CaptionTokenizer.from_file(hub_file(name, ["tokenizer.json"], "--tokenizer", TOKENIZER_HINT))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clipcap.config import ClipCapConfig, GPT2Config, MapperConfig, TokenizerConfig
+from clipcap.config import BundleError, ClipCapConfig, GPT2Config, MapperConfig, TokenizerConfig
 from clipcap.hub import gpt2_folder
 from clipcap.images import load_image_file, preprocess
 from clipcap.model import ClipCapModel
@@ -126,16 +126,19 @@ def build_tokenizer(cfg: TrainConfig, captions: list[str], gpt2_dir: str | None)
     if cfg.tokenizer is not None:
         return CaptionTokenizer.from_file(cfg.tokenizer)
     if gpt2_dir is not None:
-        return CaptionTokenizer.from_pretrained(gpt2_dir)
+        return CaptionTokenizer.from_folder(gpt2_dir)
     return train_bpe(captions, vocab_size=cfg.bpe_vocab_size)
 
 
 def build_model_config(cfg: TrainConfig, features: FeatureSet, tokenizer: CaptionTokenizer,
                        gpt2_dir: str | None) -> ClipCapConfig:
-    from clipcap.model import gpt2_config_from_pretrained
+    from clipcap.model import gpt2_config_from_folder
 
     if gpt2_dir is not None:
-        gpt2 = gpt2_config_from_pretrained(gpt2_dir)
+        gpt2 = gpt2_config_from_folder(gpt2_dir)
+        if tokenizer.vocab_size > gpt2.vocab_size:
+            raise BundleError(f"--gpt2 {gpt2_dir}: its embedding has {gpt2.vocab_size} tokens, the tokenizer "
+                              f"{tokenizer.vocab_size}: pass the model's own tokenizer (or none: its folder's)")
     else:
         gpt2 = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=cfg.gpt2_positions, n_embd=cfg.gpt2_embd,
                           n_layer=cfg.gpt2_layers, n_head=cfg.gpt2_heads)
@@ -157,7 +160,7 @@ def build_model(cfg: TrainConfig, config: ClipCapConfig, features: FeatureSet, g
     if gpt2_dir is not None:
         from transformers import GPT2LMHeadModel
 
-        model.gpt.load_state_dict(GPT2LMHeadModel.from_pretrained(gpt2_dir).state_dict())
+        model.gpt.load_state_dict(GPT2LMHeadModel.from_pretrained(gpt2_dir, local_files_only=True).state_dict())
     return model
 
 
