@@ -25,4 +25,5 @@ def test_missing_peer_is_reported_and_the_rest_runs(tiny_bundle, tiny_export, mo
     assert "unknown peer 'llama.cpp'" in report["unavailable"]["llama.cpp"]
     assert [c["batch_size"] for c in report["cells"]] == [1, 3]
     assert all(c["peer"] == "hf-generate" and c["same_greedy_tokens"] for c in report["cells"])
-    assert "optimum: not run" in peers_markdown(report)
+    markdown = peers_markdown(report)
+    assert "optimum: not run" in markdown and f"hf-generate: {PEERS['hf-generate'].what}" in markdown

@@ -107,5 +107,6 @@ def peers_markdown(report: dict) -> str:
              "|---|---:|---:|---:|---:|---|"]
     lines += [f"| {c['peer']} | {c['batch_size']} | {c['ours_ms_per_token']:.1f} | {c['peer_ms_per_token']:.1f} | "
               f"{c['speedup']:.2f}x | {'yes' if c['same_greedy_tokens'] else 'no'} |" for c in report["cells"]]
+    lines += [f"\n{name}: {PEERS[name].what}" for name in dict.fromkeys(c["peer"] for c in report["cells"])]
     lines += [f"\n{name}: not run: {reason}" for name, reason in report["unavailable"].items()]
     return "\n".join(lines) + "\n"
