@@ -15,6 +15,6 @@ demo-model: setup
 	@bash scripts/build_demo_model.sh
 
 # The quick benchmark profile (demo model: latency of four backends, TorchServe at two concurrency
-# levels; a few minutes on 2 cores), added to benchmarks/history/. Then: benchmarks/trends.py, benchmarks/check.py.
+# levels; 51 s on a quiet 2-core machine, benchmarks/README.md), added to benchmarks/history/. Then: benchmarks/trends.py, benchmarks/check.py.
 bench: setup
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/quick.py --record

@@ -9,8 +9,9 @@ the one it needs (torch, torch-nocache: the model bundle; onnxruntime: fp32; onn
 onnxruntime-int8-wo / -int4-wo: the weight-only siblings; tensorrt: engines), and a backend with no bundle or no hardware is reported unavailable with the
 reason. Generation is fixed length (the stop token is ignored) so backends do identical work.
 Writes latency.json, latency.md, latency_vs_batch.png and per_token_decode.png to --out and prints
-the Markdown. `--peers hf-generate,optimum` then decodes the same prefixes with other CPU systems,
-interleaved with our fp32 onnxruntime bundle (clipcap.bench.peers), into peers.json and peers.md.
+the Markdown. `--peers` then decodes the same prefixes with other CPU systems (hf-generate; a peer
+that cannot run, such as optimum, only when named, to say why), interleaved with our fp32
+onnxruntime bundle (clipcap.bench.peers), into peers.json and peers.md.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from clipcap.bench.backends import BACKENDS
 from clipcap.bench.bundles import make_full_size_bundles
 from clipcap.bench.history import record_report
 from clipcap.bench.latency import LatencyConfig, run_latency
+from clipcap.bench.peers import DEFAULT_PEERS, PEERS
 from clipcap.bench.report import write_latency_outputs
 from clipcap.cli import USER_ERRORS
 
@@ -61,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", metavar="PROFILE",
                         help="also add the run to benchmarks/history/ under this profile name (e.g. full)")
     parser.add_argument("--note", default="", help="a remark stored with the record (e.g. 'machine busy')")
-    parser.add_argument("--peers", default="", help="also decode with peers, interleaved with our fp32 onnxruntime "
-                        "bundle (clipcap.bench.peers): hf-generate,optimum; writes peers.json and peers.md")
+    parser.add_argument("--peers", nargs="?", const=",".join(DEFAULT_PEERS), default="",
+                        help="also decode with peers, interleaved with our fp32 onnxruntime bundle (clipcap.bench.peers):"
+                        f" {', '.join(PEERS)}; alone: {', '.join(DEFAULT_PEERS)} (the others cannot run and say why); "
+                        "writes peers.json and peers.md")
     args = parser.parse_args(argv)
     paths = list(args.paths)
     if args.make_full_size:

@@ -49,7 +49,7 @@ def _seeds(options: DecodingOptions, indices) -> list[int] | None:
 
 def _print_results(results: list[dict], key: str, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2, ensure_ascii=False))  # captions in any language, as written
         return
     for result in results:
         print(f"{result[key]}\t{result['caption']}")

@@ -49,13 +49,10 @@ def resolve_clip_config(model: str, pretrained: str | None = None) -> ClipConfig
     )
 
 
-def build_clip_visual(config: ClipConfig, load_pretrained: bool = False) -> nn.Module:
-    """The open_clip image tower; with `load_pretrained`, open_clip loads `config.pretrained` weights."""
+def build_clip_visual(config: ClipConfig) -> nn.Module:
+    """The open_clip image tower of `config`, randomly initialised."""
     import open_clip
 
-    if load_pretrained and config.pretrained:
-        clip = open_clip.create_model(config.model_name, pretrained=config.pretrained)
-        return clip.visual
     cfg = config.model_config or open_clip.get_model_config(config.model_name)
     if cfg is None:
         raise BundleError(f"clip.model_config is empty and {config.model_name!r} is not an open_clip model")
@@ -65,22 +62,54 @@ def build_clip_visual(config: ClipConfig, load_pretrained: bool = False) -> nn.M
     )
 
 
-def gpt2_config_from_pretrained(name_or_dir: str) -> GPT2Config:
-    """GPT-2 dimensions from a hub name ('gpt2') or a local directory holding config.json."""
+def load_clip_checkpoint(tower: nn.Module, config: ClipConfig, weights_file: str, flag: str) -> None:
+    """Load a full open_clip checkpoint (both towers) into `tower`, the image tower built from `config`."""
+    import open_clip
+
+    cfg = config.model_config
+    full = open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"],
+                          quick_gelu=cfg.get("quick_gelu", False))
+    try:
+        open_clip.load_checkpoint(full, weights_file)  # safetensors or torch.load(weights_only=True)
+    except Exception as error:  # unreadable file or weights of another architecture
+        raise BundleError(f"{flag} {weights_file}: not open_clip weights for "
+                          f"{config.model_name} ({str(error).splitlines()[0]})") from None
+    tower.load_state_dict(full.visual.state_dict())
+
+
+def pretrained_clip_tower(model: str, pretrained: str, flag: str = "--clip-pretrained") -> tuple[ClipConfig, nn.Module]:
+    """The image tower of open_clip `model` with weights `pretrained`: a weights file, or a tag ('openai')
+    resolved cache-first by clipcap.hub (offline: a BundleError naming `flag`)."""
+    from clipcap.hub import clip_weights_file
+
+    weights_file, quick_gelu = clip_weights_file(model, pretrained, flag)
+    config = resolve_clip_config(model, Path(pretrained).name if Path(pretrained).is_file() else pretrained)
+    if quick_gelu:  # the tag's weights were trained with QuickGELU (OpenAI's, some LAION ones): the tower must match
+        config.model_config = {**config.model_config, "quick_gelu": True}
+    tower = build_clip_visual(config)
+    load_clip_checkpoint(tower, config, weights_file, flag)
+    return config, tower
+
+
+def gpt2_config_from_folder(folder: str) -> GPT2Config:
+    """The dimensions of the GPT-2-family model in `folder` (its config.json; hub names: clipcap.hub first)."""
     from transformers import AutoConfig
 
-    hf = AutoConfig.from_pretrained(name_or_dir)
+    hf = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if hf.model_type != "gpt2":
+        raise BundleError(f"--gpt2 {folder}: model_type {hf.model_type!r}; ClipCap needs a GPT-2-family model "
+                          "(model_type 'gpt2', any language and vocabulary)")
     return GPT2Config(vocab_size=hf.vocab_size, n_positions=hf.n_positions, n_embd=hf.n_embd,
                       n_layer=hf.n_layer, n_head=hf.n_head)
 
 
 class ClipCapModel(nn.Module):
-    def __init__(self, config: ClipCapConfig, load_pretrained_clip: bool = False):
+    def __init__(self, config: ClipCapConfig):
         super().__init__()
         from transformers import GPT2Config as HFGPT2Config, GPT2LMHeadModel
 
         self.config = config
-        self.clip = build_clip_visual(config.clip, load_pretrained=load_pretrained_clip)
+        self.clip = build_clip_visual(config.clip)
         self.clip_project = build_mapper(config.clip.embed_dim, config.gpt2.n_embd, config.mapper)
         g = config.gpt2
         eos = config.tokenizer.eos_token_id

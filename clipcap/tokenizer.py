@@ -1,6 +1,6 @@
 """The caption tokenizer: a `tokenizers` JSON file carried inside every bundle.
 
-Real models start from GPT-2's tokenizer (hub name or local dir, via transformers); the bundle then
+Real models start from their GPT-2's tokenizer (its folder, via transformers); the bundle then
 keeps its `tokenizer.json` so loading is offline and needs only the small `tokenizers` package.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ from pathlib import Path
 from clipcap.config import BundleError
 
 STOP_TEXT = "."  # the paper's stop token: a caption ends at its first full stop
+INCOMPLETE = "\ufffd"  # what decoding makes of an incomplete UTF-8 sequence
+MAX_CHARACTER_BYTES = 4  # the longest UTF-8 character
 
 
 class CaptionTokenizer:
@@ -30,11 +32,12 @@ class CaptionTokenizer:
             raise BundleError(f"{path}: not a valid tokenizers JSON file ({error})") from None
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> "CaptionTokenizer":
-        """GPT-2's tokenizer from the hub ('gpt2') or a local directory, via transformers."""
+    def from_folder(cls, folder: str | Path) -> "CaptionTokenizer":
+        """A model folder's own tokenizer (tokenizer.json, or GPT-2's vocab.json + merges.txt), via
+        transformers, never from the hub (hub names resolve to a folder first: clipcap.hub)."""
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(name_or_dir)
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         return cls(hf.backend_tokenizer, eos_token=hf.eos_token or "<|endoftext|>")
 
     def save(self, path: str | Path) -> None:
@@ -62,7 +65,15 @@ class CaptionTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, token_ids: list[int]) -> str:
-        return self._tok.decode(token_ids, skip_special_tokens=True).strip()
+        """The caption text. Byte-level BPE splits multi-byte UTF-8 characters (Vietnamese "ữ" is 3 bytes)
+        across tokens, so a caption cut at the token limit can end inside one: the tokens holding that
+        incomplete tail (at most 3) are dropped instead of decoding to U+FFFD."""
+        end = len(token_ids)
+        text = self._tok.decode(token_ids, skip_special_tokens=True)
+        while text.endswith(INCOMPLETE) and len(token_ids) - end < MAX_CHARACTER_BYTES - 1:
+            end -= 1
+            text = self._tok.decode(token_ids[:end], skip_special_tokens=True)
+        return text.strip()
 
 
 def train_bpe(texts: list[str], vocab_size: int = 512, eos_token: str = "<|endoftext|>") -> CaptionTokenizer:

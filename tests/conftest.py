@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import socket
 
 import numpy as np
 import pytest
@@ -67,6 +68,31 @@ def tiny_model(tokenizer: CaptionTokenizer, mapper: str = "mlp", seed: int = 0, 
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+def write_paper_checkpoint(path, tokenizer: CaptionTokenizer, embed_dim: int = 24):
+    """A checkpoint in the paper code's layout (mapper + GPT-2, no CLIP) of a tiny model whose mapper takes
+    `embed_dim`-wide CLIP embeddings (512: ViT-B-32's)."""
+    config = tiny_config(tokenizer)
+    config.clip.model_config = {**TINY_CLIP, "embed_dim": embed_dim}
+    config.clip.embed_dim = embed_dim
+    torch.manual_seed(0)
+    state = {k: v for k, v in ClipCapModel(config.validate()).state_dict().items() if not k.startswith("clip.")}
+    torch.save(state, path)
+    return str(path)
+
+
+def write_gpt2_folder(out, tokenizer: CaptionTokenizer):
+    """A GPT-2-family model folder as the hub has them (config.json, weights, the tokenizer's own files),
+    a tiny random GPT-2 for `tokenizer`: what `train.py --gpt2 FOLDER` takes."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=1,
+                               bos_token_id=eos, eos_token_id=eos)).save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer._tok, eos_token=tokenizer.eos_token).save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -143,3 +169,20 @@ def full_size_export(tmp_path_factory, full_size_bundle):
     out = tmp_path_factory.mktemp("export") / "full-size-onnx"
     export_bundle(full_size_bundle, ExportOptions(out=out))
     return out
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and a machine where every connection attempt fails (and is counted)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts

@@ -38,3 +38,29 @@ def test_median_error_matches_the_normal_theory_on_a_large_sample():
     # estimate it without knowing the distribution. 4000 draws: the estimate's own error is a few percent.
     sample = np.random.default_rng(0).normal(10.0, 2.0, 4000)
     assert percentiles(sample.tolist())["p50_se"] == pytest.approx(np.sqrt(np.pi / 2) * 2.0 / np.sqrt(4000), rel=0.2)
+
+
+def test_ratio_table_is_the_one_source_of_ratios_metrics_and_targets():
+    """Report rows, history metric names and targets all follow `clipcap.bench.ratios.RATIOS` by key:
+    a display name changed in a report neither drops a metric nor turns a target into "not measured"."""
+    from clipcap.bench.backends import BACKENDS
+    from clipcap.bench.ratios import RATIOS
+    from clipcap.bench.statistics import compute_ratios, evaluate_targets
+
+    assert len({r.key for r in RATIOS}) == len(RATIOS) and len({r.name for r in RATIOS}) == len(RATIOS)
+    assert all(r.slower in BACKENDS and r.faster in BACKENDS for r in RATIOS)
+    stats = {stage: {"p50": 1.0} for stage in ("end_to_end", "decode")}
+    cells = [{"backend": b, "batch_size": 1, "tokens": 67, "stages_ms": {s: {"p50": time} for s in stats},
+              "flatness": None} for b, time in (("torch-nocache", 100.0), ("torch", 10.0), ("onnxruntime", 5.0),
+                                                ("onnxruntime-int8", 2.0))]
+    rows = compute_ratios(cells)
+    assert {r["key"] for r in rows} == {r.key for r in RATIOS if r.faster != "tensorrt"}
+    for row in rows:
+        row["name"] = "renamed"
+    targets = evaluate_targets({"ratios": rows, "cells": cells})
+    expected = {f"{r.name} >= {r.target.minimum:g}x" for r in RATIOS if r.target is not None}
+    assert {t["target"] for t in targets} == expected
+    assert all(t["met"] is not None for t in targets)
+    by_title = {t["target"]: t for t in targets}
+    kv = next(r for r in RATIOS if r.key == "kv-cache-e2e")
+    assert by_title[f"{kv.name} >= {kv.target.minimum:g}x"]["measured"] == "10.00x"

@@ -9,12 +9,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clipcap"
 
-# Lowest first (docs: /work/shared/ARCHITECTURE.md's table). A module may import modules of its own
+# Lowest first; this list is where the layering is written down. A module may import modules of its own
 # layer and of the layers below. An entry names a module or a package (and everything in it);
 # "clipcap" is the package's own __init__.
 LAYERS = [
     ("clipcap.mappers",),
     ("clipcap.config",),
+    ("clipcap.hub",),
     ("clipcap.tokenizer", "clipcap.images", "clipcap.model"),
     ("clipcap.formats",),
     ("clipcap.runtimes",),

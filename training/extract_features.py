@@ -10,13 +10,15 @@ Re-running with the same --out resumes: images already embedded are skipped.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from clipcap.training.data import FORMATS
+from clipcap.config import BundleError
+from clipcap.training.data import FORMATS, DatasetError
 from clipcap.training.features import ClipSource, ExtractConfig, extract_features
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     d = ExtractConfig
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True,
@@ -28,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     tower = parser.add_argument_group("CLIP image tower (a bundle's, or an open_clip model)")
     tower.add_argument("--clip-bundle", type=Path, help="use this model bundle's CLIP tower")
     tower.add_argument("--clip-model", help="open_clip architecture name or JSON model config")
-    tower.add_argument("--clip-pretrained", help="open_clip weights tag, e.g. openai")
+    tower.add_argument("--clip-pretrained", help="open_clip weights: a tag, e.g. openai (local Hugging Face cache "
+                       "first), or a weights file")
     tower.add_argument("--clip-weights", type=Path, help="safetensors weights of the visual tower")
     tower.add_argument("--clip-preprocess", type=Path, help="preprocess_cfg.json from training/pretrain_clip.py")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -43,9 +46,14 @@ def main(argv: list[str] | None = None) -> None:
         clip=ClipSource(bundle=args.clip_bundle, model=args.clip_model, pretrained=args.clip_pretrained,
                         weights=args.clip_weights, preprocess=args.clip_preprocess),
     )
-    report = extract_features(config)
-    print(report.summary())
+    try:
+        report = extract_features(config)
+        print(report.summary())
+    except (BundleError, DatasetError) as error:  # a user's input: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,13 +11,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from clipcap.config import BundleError
 from clipcap.mappers import MAPPERS
+from clipcap.training.data import DatasetError
 from clipcap.training.trainer import TrainConfig, train
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     d = TrainConfig
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, help="feature directory (required unless --resume)")
@@ -31,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument("--clip-length", type=int, default=d.clip_length)
     model.add_argument("--mapper-layers", type=int, default=d.mapper_layers)
     model.add_argument("--normalize-prefix", action="store_true")
-    model.add_argument("--gpt2", help="pretrained GPT-2: hub name or local dir (default: random init, dims below)")
+    model.add_argument("--gpt2", help="pretrained GPT-2-family model (any language): a local folder with its config, "
+                       "weights and tokenizer files, or a hub name (local cache first) (default: random init, dims below)")
     model.add_argument("--gpt2-layers", type=int, default=d.gpt2_layers)
     model.add_argument("--gpt2-embd", type=int, default=d.gpt2_embd)
     model.add_argument("--gpt2-heads", type=int, default=d.gpt2_heads)
@@ -59,9 +63,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--features is required (unless --resume)")
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k != "features"},
                          features=args.features or Path())
-    result = train(config)
-    print(f"model bundle written to {result.bundle}")
+    try:
+        result = train(config)
+        print(f"model bundle written to {result.bundle}")
+    except (BundleError, DatasetError) as error:  # a user's input: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,13 +20,7 @@ from clipcap.bench.schema import LATENCY_SCHEMA, SERVING_SCHEMA, check_report
 
 RECORD_SCHEMA = "clipcap-bench-record/1"
 HISTORY_DIR = Path("benchmarks/history")  # relative to the repository root
-RATIO_KEYS = {  # short, stable names of `statistics.RATIOS` for metric names
-    ("torch-nocache", "torch", "end_to_end"): "kv-cache-e2e", ("torch-nocache", "torch", "decode"): "kv-cache-decode",
-    ("torch", "onnxruntime", "end_to_end"): "ort-vs-torch-e2e", ("torch", "onnxruntime", "decode"): "ort-vs-torch-decode",
-    ("onnxruntime", "onnxruntime-int8", "decode"): "int8-vs-fp32-decode",
-    ("onnxruntime", "onnxruntime-int8", "end_to_end"): "int8-vs-fp32-e2e",
-    ("onnxruntime", "tensorrt", "end_to_end"): "trt-vs-ort-e2e",
-}
+
 
 
 def git_state(root: Path) -> dict:
@@ -80,13 +74,10 @@ def latency_metrics(report: dict) -> tuple[dict, list]:
                       "iterations": cell["iterations"],
                       "stages_ms": {stage: _dispersion(stats) for stage, stats in stages.items()}})
     for ratio in report["ratios"]:
-        key = RATIO_KEYS.get((ratio["slower"], ratio["faster"], ratio["stage"]))
-        if key is None:
-            continue
         where = (ratio["batch_size"], ratio["tokens"])
         slower, faster = errors[(ratio["slower"], *where)], errors[(ratio["faster"], *where)]
         relative = math.hypot(slower[ratio["stage"]], faster[ratio["stage"]])
-        metrics[f"ratio {key} b{where[0]} t{where[1]}"] = _metric(
+        metrics[f"ratio {ratio['key']} b{where[0]} t{where[1]}"] = _metric(
             ratio["speedup"], ratio["speedup"] * relative, "x", "higher", "ratio", "ratio")
     for row in report["roofline"]["rows"]:
         # The step time's error only: the peaks are one best-of-5 measurement per run, whose own error

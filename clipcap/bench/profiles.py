@@ -1,4 +1,5 @@
-"""The quick profile: a few minutes on 2 cores, meant for every change; the full profile is benchmarks/latency.py.
+"""The quick profile: 51 s on a quiet 2-core machine (benchmarks/README.md), meant for every change;
+the full profile is benchmarks/latency.py.
 
 Latency: the demo model (`models/shapes-demo`: CLIP ViT at 64 px, 3-layer GPT-2 of width 128) on
 torch, torch-nocache, onnxruntime fp32 and int8, interleaved as in the full profile, small cells.

@@ -22,6 +22,8 @@ _LATENCY_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings":
                  "peaks": dict, "backends": dict, "cells": list, "ratios": list, "roofline": dict, "targets": list}
 _CELL_KEYS = {"backend": str, "batch_size": int, "tokens": int, "iterations": int, "stages_ms": dict,
               "throughput": dict, "per_token_ms": list}
+_RATIO_KEYS = {"key": str, "name": str, "slower": str, "faster": str, "stage": str, "batch_size": int, "tokens": int,
+               "speedup": float}
 _SERVING_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
                  "cells": list}
 _SERVING_CELL_KEYS = {"model": str, "concurrency": int, "sent": int, "ok": int, "statuses": dict,
@@ -43,6 +45,8 @@ def check_report(report: dict) -> None:
         if latency and len(cell["per_token_ms"]) != cell["tokens"] - 1:
             raise ValueError(f"cells[{index}].per_token_ms: {len(cell['per_token_ms'])} values for "
                              f"{cell['tokens']} tokens (expected tokens - 1)")
+    for index, ratio in enumerate(report["ratios"] if latency else []):
+        _check_keys(ratio, _RATIO_KEYS, f"ratios[{index}]")
 
 
 def _check_keys(data: dict, keys: dict[str, type], where: str) -> None:

@@ -1,11 +1,10 @@
 """Statistics of the measured samples: percentiles and dispersion, per-cell summaries, ratios, flatness, targets."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from clipcap.bench.backends import BACKENDS
+from clipcap.bench.ratios import RATIOS
 
 
 PERCENTILES = (50, 90, 99)
@@ -63,25 +62,6 @@ def find_cell(cells: list[dict], backend: str, batch_size: int, tokens: int) -> 
                 None)
 
 
-@dataclass(frozen=True)
-class Ratio:
-    name: str
-    slower: str  # backend in the numerator: the ratio is how many times faster `faster` is
-    faster: str
-    stage: str  # which stage's p50 is compared
-
-
-RATIOS = (
-    Ratio("KV cache vs no-cache (paper's decoding), end to end", "torch-nocache", "torch", "end_to_end"),
-    Ratio("KV cache vs no-cache, decode only", "torch-nocache", "torch", "decode"),
-    Ratio("onnxruntime fp32 vs torch eager, end to end", "torch", "onnxruntime", "end_to_end"),
-    Ratio("onnxruntime fp32 vs torch eager, decode only", "torch", "onnxruntime", "decode"),
-    Ratio("int8 decoder vs fp32 decoder (onnxruntime), decode only", "onnxruntime", "onnxruntime-int8", "decode"),
-    Ratio("int8 decoder vs fp32 decoder (onnxruntime), end to end", "onnxruntime", "onnxruntime-int8", "end_to_end"),
-    Ratio("TensorRT vs onnxruntime fp32, end to end", "onnxruntime", "tensorrt", "end_to_end"),
-)
-
-
 def compute_ratios(cells: list[dict]) -> list[dict]:
     """Every `RATIOS` entry at every (batch size, tokens) where both backends ran: p50 / p50."""
     rows = []
@@ -93,8 +73,8 @@ def compute_ratios(cells: list[dict]) -> list[dict]:
             if slower is None:
                 continue
             value = slower["stages_ms"][ratio.stage]["p50"] / cell["stages_ms"][ratio.stage]["p50"]
-            rows.append({"name": ratio.name, "slower": ratio.slower, "faster": ratio.faster, "stage": ratio.stage,
-                         "batch_size": cell["batch_size"], "tokens": cell["tokens"], "speedup": value})
+            rows.append({"key": ratio.key, "name": ratio.name, "slower": ratio.slower, "faster": ratio.faster,
+                         "stage": ratio.stage, "batch_size": cell["batch_size"], "tokens": cell["tokens"], "speedup": value})
     return rows
 
 
@@ -120,26 +100,22 @@ def flatness(per_token_ms: list[float], first: int = 5, last: int = 60) -> dict 
 # ---------------------------------------------------------------------------------------------
 # Targets: measured and reported, never asserted.
 
-SPEEDUP_TARGETS = (
-    # (ratio name, minimum speed-up, batch size or None for every batch size, tokens or None for every length)
-    ("KV cache vs no-cache (paper's decoding), end to end", 8.0, 1, 67),
-    ("onnxruntime fp32 vs torch eager, end to end", 1.3, None, None),
-    ("int8 decoder vs fp32 decoder (onnxruntime), decode only", 2.0, None, None),
-)
 FLATNESS_TARGET = 0.20  # per-token decode time within ±20% from token 5 to token 60 (cached backends)
 
 
 def evaluate_targets(report: dict) -> list[dict]:
+    """Every ratio's `SpeedupTarget` (clipcap.bench.ratios) and the flatness target, met or missed where measured."""
     rows = []
-    for name, minimum, batch, tokens in SPEEDUP_TARGETS:
-        matching = [r for r in report["ratios"] if r["name"] == name and batch in (None, r["batch_size"])
-                    and tokens in (None, r["tokens"])]
-        for ratio in matching:
-            rows.append({"target": f"{name} >= {minimum:g}x", "where": f"batch {ratio['batch_size']}, "
-                         f"{ratio['tokens']} tokens", "measured": f"{ratio['speedup']:.2f}x",
-                         "met": ratio["speedup"] >= minimum})
+    for ratio in (r for r in RATIOS if r.target is not None):
+        target = ratio.target
+        title = f"{ratio.name} >= {target.minimum:g}x"
+        matching = [r for r in report["ratios"] if r["key"] == ratio.key
+                    and target.batch_size in (None, r["batch_size"]) and target.tokens in (None, r["tokens"])]
+        for row in matching:
+            rows.append({"target": title, "where": f"batch {row['batch_size']}, {row['tokens']} tokens",
+                         "measured": f"{row['speedup']:.2f}x", "met": row["speedup"] >= target.minimum})
         if not matching:
-            rows.append({"target": f"{name} >= {minimum:g}x", "where": f"batch {batch or 'any'}, {tokens or 'any'} "
+            rows.append({"target": title, "where": f"batch {target.batch_size or 'any'}, {target.tokens or 'any'} "
                          "tokens", "measured": "not measured (a backend unavailable or the cell not run)",
                          "met": None})
     for cell in report["cells"]:

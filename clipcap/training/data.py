@@ -78,7 +78,7 @@ def _detect_format(path: Path) -> str:
 
 def _load_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: not valid JSON ({error})") from None
 
@@ -98,7 +98,7 @@ def _read_jsonl(path: Path, report: ReadReport) -> list[ImageCaptions]:
     When a row has both, "captions" (all references) wins; an optional "group" labels the image.
     """
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -118,7 +118,7 @@ def _read_jsonl(path: Path, report: ReadReport) -> list[ImageCaptions]:
 
 def _read_csv(path: Path, report: ReadReport) -> list[ImageCaptions]:
     """A header row naming `image` and `caption` columns, then one pair per row."""
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise DatasetError(f"{path}: CSV needs a header with 'image' and 'caption' columns")

@@ -96,7 +96,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     if dataset.report.skipped_rows:
         notes.append(dataset.report.summary())
     config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / PREDICTIONS_FILE).write_text(json.dumps(predictions, indent=1) + "\n")
+    (config.out / PREDICTIONS_FILE).write_text(json.dumps(predictions, indent=1, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
     summary = {"bundle": str(config.bundle), "data": str(config.data), "backend": config.backend,
                "decoding": dataclasses.asdict(options), "images": len(predictions), "scores": scores,
                "exact_match": accuracy, "notes": notes, "failed_images": failed}

@@ -38,7 +38,7 @@ class ClipSource:
 
     bundle: Path | None = None  # take the tower (and its preprocessing) from this model bundle
     model: str | None = None  # open_clip architecture name ('ViT-B-32') or a JSON model-config file
-    pretrained: str | None = None  # open_clip weights tag ('openai'), loaded by open_clip
+    pretrained: str | None = None  # open_clip weights: a tag ('openai', resolved by clipcap.hub) or a file
     weights: Path | None = None  # a safetensors state dict of the visual tower (e.g. from pretrain_clip.py)
     preprocess: Path | None = None  # pretrain_clip.py's preprocess_cfg.json: image size, mean, std
 
@@ -49,17 +49,20 @@ class ClipSource:
 def load_clip_tower(source: ClipSource) -> tuple[ClipConfig, nn.Module]:
     """The ClipConfig and the open_clip visual tower for `source`, weights loaded with strict checks."""
     from clipcap.formats.model_bundle import check_state_dict, load_bundle
-    from clipcap.model import build_clip_visual, resolve_clip_config
+    from clipcap.model import build_clip_visual, pretrained_clip_tower, resolve_clip_config
 
     if source.bundle is not None:
         bundle = load_bundle(source.bundle)
         return bundle.config.clip, bundle.model.clip
     if source.model is None:
         raise BundleError("no CLIP tower given: name a model bundle, or an open_clip model / JSON config")
-    config = resolve_clip_config(source.model, source.pretrained)
+    if source.pretrained is not None:
+        config, tower = pretrained_clip_tower(source.model, source.pretrained)
+    else:
+        config = resolve_clip_config(source.model)
+        tower = build_clip_visual(config)
     if source.preprocess is not None:
         config = _with_preprocessing(config, source.preprocess)
-    tower = build_clip_visual(config, load_pretrained=source.pretrained is not None)
     if source.weights is not None:
         from safetensors.torch import load_file
 
@@ -188,7 +191,7 @@ def _load_images(root: Path, names: list[str], report: ExtractReport) -> list[tu
 
 def _write_captions(out: Path, dataset: Dataset) -> None:
     lines = [json.dumps({"image": r.image, "captions": r.captions, "group": r.group}) for r in dataset.records]
-    (out / CAPTIONS_FILE).write_text("\n".join(lines) + "\n")
+    (out / CAPTIONS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -229,7 +232,7 @@ def load_features(path: str | Path) -> FeatureSet:
             row_of[image] = (len(parts), i)
         parts.append(embeddings)
     records = []
-    for line in (path / CAPTIONS_FILE).read_text().splitlines():
+    for line in (path / CAPTIONS_FILE).read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         if row["image"] in row_of:  # images that failed to load have no embedding and drop out here
             records.append(ImageCaptions(row["image"], row["captions"], row.get("group")))

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clipcap.config import ClipCapConfig, GPT2Config, MapperConfig, TokenizerConfig
+from clipcap.config import BundleError, ClipCapConfig, GPT2Config, MapperConfig, TokenizerConfig
+from clipcap.hub import gpt2_folder
 from clipcap.images import load_image_file, preprocess
 from clipcap.model import ClipCapModel
 from clipcap.tokenizer import CaptionTokenizer, train_bpe
@@ -47,12 +48,12 @@ class TrainConfig:
     clip_length: int = 10  # transformer mapper only
     mapper_layers: int = 8  # transformer mapper only
     normalize_prefix: bool = False  # L2-normalise CLIP embeddings before the mapper
-    gpt2: str | None = None  # pretrained GPT-2 (hub name or local dir); None: random init, dims below
+    gpt2: str | None = None  # pretrained GPT-2-family model (hub name, cache first, or local dir); None: random init
     gpt2_layers: int = 12
     gpt2_embd: int = 768
     gpt2_heads: int = 12
     gpt2_positions: int = 1024
-    tokenizer: Path | None = None  # tokenizer.json; None: GPT-2's with `gpt2`, else a BPE trained on the captions
+    tokenizer: Path | None = None  # tokenizer.json; None: the pretrained model's own with `gpt2`, else a BPE of the captions
     bpe_vocab_size: int = 512  # for the BPE trained on the captions
     train_clip: bool = False  # update the CLIP tower with the caption loss
     train_clip_layers: int | None = None  # with train_clip, ViT towers: only the last N blocks (+ final norm,
@@ -120,19 +121,24 @@ def pad_batch(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]
     return tokens, mask
 
 
-def build_tokenizer(cfg: TrainConfig, captions: list[str]) -> CaptionTokenizer:
+def build_tokenizer(cfg: TrainConfig, captions: list[str], gpt2_dir: str | None) -> CaptionTokenizer:
+    """`cfg.tokenizer`; else the pretrained GPT-2's own (from its local folder `gpt2_dir`); else a BPE of the captions."""
     if cfg.tokenizer is not None:
         return CaptionTokenizer.from_file(cfg.tokenizer)
-    if cfg.gpt2 is not None:
-        return CaptionTokenizer.from_pretrained(cfg.gpt2)
+    if gpt2_dir is not None:
+        return CaptionTokenizer.from_folder(gpt2_dir)
     return train_bpe(captions, vocab_size=cfg.bpe_vocab_size)
 
 
-def build_model_config(cfg: TrainConfig, features: FeatureSet, tokenizer: CaptionTokenizer) -> ClipCapConfig:
-    from clipcap.model import gpt2_config_from_pretrained
+def build_model_config(cfg: TrainConfig, features: FeatureSet, tokenizer: CaptionTokenizer,
+                       gpt2_dir: str | None) -> ClipCapConfig:
+    from clipcap.model import gpt2_config_from_folder
 
-    if cfg.gpt2 is not None:
-        gpt2 = gpt2_config_from_pretrained(cfg.gpt2)
+    if gpt2_dir is not None:
+        gpt2 = gpt2_config_from_folder(gpt2_dir)
+        if tokenizer.vocab_size > gpt2.vocab_size:
+            raise BundleError(f"--gpt2 {gpt2_dir}: its embedding has {gpt2.vocab_size} tokens, the tokenizer "
+                              f"{tokenizer.vocab_size}: pass the model's own tokenizer (or none: its folder's)")
     else:
         gpt2 = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=cfg.gpt2_positions, n_embd=cfg.gpt2_embd,
                           n_layer=cfg.gpt2_layers, n_head=cfg.gpt2_heads)
@@ -146,15 +152,15 @@ def build_model_config(cfg: TrainConfig, features: FeatureSet, tokenizer: Captio
     ).validate("training config")
 
 
-def build_model(cfg: TrainConfig, config: ClipCapConfig, features: FeatureSet) -> ClipCapModel:
-    """A fresh model: the feature cache's CLIP tower, a new mapper, GPT-2 pretrained or random."""
+def build_model(cfg: TrainConfig, config: ClipCapConfig, features: FeatureSet, gpt2_dir: str | None) -> ClipCapModel:
+    """A fresh model: the feature cache's CLIP tower, a new mapper, GPT-2 pretrained (from `gpt2_dir`) or random."""
     torch.manual_seed(cfg.seed)
     model = ClipCapModel(config)
     model.clip.load_state_dict(features.clip_weights(), strict=True)
-    if cfg.gpt2 is not None:
+    if gpt2_dir is not None:
         from transformers import GPT2LMHeadModel
 
-        model.gpt.load_state_dict(GPT2LMHeadModel.from_pretrained(cfg.gpt2).state_dict())
+        model.gpt.load_state_dict(GPT2LMHeadModel.from_pretrained(gpt2_dir, local_files_only=True).state_dict())
     return model
 
 
@@ -233,17 +239,19 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
+        # A hub name resolves to a local folder first: offline, a BundleError naming --gpt2, before any work.
+        gpt2_dir = gpt2_folder(cfg.gpt2) if cfg.gpt2 is not None else None
         cfg.out.mkdir(parents=True, exist_ok=True)
         train_features, val_features = split_features(cfg, load_features(cfg.features))
         if checkpoint is not None:
-            (cfg.out / "tokenizer.json").write_text(checkpoint["tokenizer_json"])
+            (cfg.out / "tokenizer.json").write_text(checkpoint["tokenizer_json"], encoding="utf-8")
             self.tokenizer = CaptionTokenizer.from_file(cfg.out / "tokenizer.json")
             self.config = ClipCapConfig.from_dict(checkpoint["model_config"])
         else:
             captions = [c for r in train_features.records for c in r.captions]
-            self.tokenizer = build_tokenizer(cfg, captions)
-            self.config = build_model_config(cfg, train_features, self.tokenizer)
-        self.model = build_model(cfg, self.config, train_features).to(self.device)
+            self.tokenizer = build_tokenizer(cfg, captions, gpt2_dir)
+            self.config = build_model_config(cfg, train_features, self.tokenizer, gpt2_dir)
+        self.model = build_model(cfg, self.config, train_features, gpt2_dir).to(self.device)
         self.train = make_examples(train_features, self.tokenizer, self.config.token_limit)
         self.train_features = train_features
         self.val_features = val_features
@@ -345,7 +353,7 @@ class Trainer:
             "log": self.log,
             "train_config": self.cfg.to_dict(),
             "model_config": self.config.to_dict(),
-            "tokenizer_json": (self.cfg.out / "tokenizer.json").read_text(),
+            "tokenizer_json": (self.cfg.out / "tokenizer.json").read_text(encoding="utf-8"),
         }
         path = directory / f"epoch-{self.epoch:03d}.pt"
         torch.save(state, path.with_suffix(".tmp"))

@@ -1,7 +1,6 @@
 """Checkpoints of the paper's code import, infer their sizes, and decode like the paper; hub names
 resolve from the local cache and fail at once, naming the flag, when the hub cannot be reached."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -78,23 +77,6 @@ def _tiny_checkpoint(tmp_path, bundle_dir) -> str:
     return str(tmp_path / "weights.pt")
 
 
-@pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    """An empty Hugging Face cache and a machine where every connection attempt fails (and is counted)."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    return attempts
-
-
 @pytest.mark.parametrize("flag, kwargs", [
     ("--clip-pretrained", dict(clip_model="ViT-B-32", clip_pretrained="openai", tokenizer="gpt2")),
     ("--tokenizer", dict(clip_model="ViT-B-32", clip_pretrained="none", tokenizer="gpt2")),
@@ -112,16 +94,9 @@ def test_hub_name_without_network_is_refused_naming_the_flag(full_size_checkpoin
 @pytest.fixture
 def full_size_checkpoint(tmp_path, tiny_tokenizer):
     """A paper-layout checkpoint whose mapper takes 512-wide embeddings (ViT-B-32's), with a tiny GPT-2."""
-    from conftest import tiny_config
-    from clipcap.model import ClipCapModel
+    from conftest import write_paper_checkpoint
 
-    config = tiny_config(tiny_tokenizer)
-    config.clip.model_config = {**TINY_CLIP, "embed_dim": 512}
-    config.clip.embed_dim = 512
-    torch.manual_seed(0)
-    state = {k: v for k, v in ClipCapModel(config.validate()).state_dict().items() if not k.startswith("clip.")}
-    torch.save(state, tmp_path / "vitb32.pt")
-    return str(tmp_path / "vitb32.pt")
+    return write_paper_checkpoint(tmp_path / "vitb32.pt", tiny_tokenizer, embed_dim=512)
 
 
 def test_cached_hub_files_load_without_network(tmp_path, full_size_checkpoint, tiny_tokenizer, no_network):

@@ -1,0 +1,414 @@
+"""The READMEs' commands are true: every command in a ```bash block of README.md, export/README.md,
+serving/README.md and benchmarks/README.md has an entry in COVERAGE saying how it is checked, and
+the check runs here.
+
+- `Run`: run for real, in document order, in one working folder that holds the repository's inputs
+  (models/, samples/, serving/, the scripts) and a fresh build/; placeholders (BUNDLE, IMAGE...) and
+  sizes are mapped to small inputs by the entry's `replace`. A command that needs a GPU, TensorRT
+  or the hub runs up to the point that says so, and the entry asserts that message and exit code.
+  An identical command in several READMEs is one entry, run once.
+- `Synopsis`: a usage line; every flag it names is in the command's --help.
+- `Elsewhere`: the command cannot run inside the suite (it is the suite: `make test`; it binds
+  TorchServe's fixed ports; it takes minutes on full-size models); the entry names the test that
+  runs what it does, and this file checks that test exists.
+
+A command added to a README without an entry fails `test_every_documented_command_has_a_check`,
+naming the file, line and command. Adding one: copy the command text as that message prints it, and
+place it after the runs that make its inputs (COVERAGE's order is the run order, so select the runs
+together: `-k runs`). The runs take ~2.5 min on 2 loaded cores, mostly the demo model's ONNX export and
+the Java-based caption metrics of evaluate.py and quantize.py --data; the other checks take seconds.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import glob
+import io
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ("README.md", "export/README.md", "serving/README.md", "benchmarks/README.md")
+ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=(\$\(.*\)|\S+)")  # `F=build/x`, `IMGS=$(ls ...)`: context
+SHELL = re.compile(r"[$>|;`]")  # what only a shell can run; everything else runs in this process
+
+
+@dataclass(frozen=True)
+class Command:
+    doc: str
+    line: int
+    text: str  # whitespace collapsed, comments and line continuations removed: COVERAGE's key
+    context: tuple[str, ...]  # the variable assignments above it in its block
+
+
+def _onnxruntime_has(*providers: str) -> bool:
+    import onnxruntime
+
+    return set(providers) <= set(onnxruntime.get_available_providers())
+
+
+def _tensorrt_runs() -> bool:
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+NEEDS = {  # what a command may need that a machine may lack: is it here?
+    "onnxruntime-cuda": lambda: _onnxruntime_has("CUDAExecutionProvider"),
+    "onnxruntime-tensorrt": lambda: _onnxruntime_has("CUDAExecutionProvider", "TensorrtExecutionProvider"),
+    "tensorrt": _tensorrt_runs,
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    replace: tuple[tuple[str, str], ...] = ()  # (documented text, what runs here): placeholders, sizes, outputs
+    exit_code: int = 0
+    expect: str = ""  # in stdout + stderr
+    offline: bool = False  # an empty Hugging Face cache and no network
+    needs: str | None = None  # a NEEDS key: where it is missing, the command must refuse with exit 2 and `refusal`
+    refusal: str = ""
+    refusal_replace: tuple[tuple[str, str], ...] = ()  # where it is missing: inputs the missing part would have made
+    reuse: tuple[str, str] | None = None  # (earlier output, this output): the same work as an earlier Run
+    # entry whose output path differs: this output is linked to that one instead of doing the work again
+
+
+@dataclass(frozen=True)
+class Synopsis:
+    help: str  # the command whose --help must name every flag of the line
+    same_flags_as: str | None = None  # for "[same flags]": the synopsis whose flags this command also takes
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    test: str  # "tests/file.py", "tests/file.py::test_name" or "tests" (the suite): what runs the command's work
+    why: str  # why the command itself is not run by this file
+
+
+MAKE_TEST = Elsewhere("tests", "`make test` is the suite itself (what CI runs); running it from here would recurse")
+SETUP = "runs scripts/setup.sh, which (re)installs the shared venv"
+FIXED_PORTS = "binds TorchServe's fixed ports 8080-8082 from serving/config.properties, shared with other servers"
+E2E = "tests/test_serving_e2e.py"
+FULL_SIZE = "builds ViT-B-32 + GPT-2 small (~2.5 GB, ~5 min) before measuring for minutes"
+IMAGE = ("IMAGE...", "samples/shapes-00.png samples/shapes-01.png")
+TINY_TRAIN = " --epochs 1 --batch-size 8 --gpt2-layers 1 --gpt2-embd 32 --gpt2-heads 1 --mapper-layers 1 --threads 1"
+
+# Command text (as the READMEs write it) -> how it is checked. Runs happen in this order.
+COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
+    # README.md
+    "make demo": Elsewhere(E2E, f"{SETUP}, then scripts/demo.sh, which {FIXED_PORTS}; the e2e test starts "
+                           "TorchServe the same documented way (torchserve --start from config.properties) on free ports"),
+    "make test": MAKE_TEST,
+    "clipcap caption BUNDLE IMAGE... [--decoding greedy|beam|nucleus] [--beam-size N] [--max-tokens N] [--top-p P] "
+    "[--temperature T] [--seed S] [--batch-size N] [--backend torch|onnxruntime|tensorrt] [--device cpu|cuda] "
+    "[--no-cache] [--json]": Synopsis("clipcap caption"),
+    "clipcap caption-embeddings BUNDLE EMBEDDINGS.npy [same flags]": Synopsis("clipcap caption-embeddings", "clipcap caption"),
+    "clipcap caption-dataset BUNDLE INPUT --out OUT [same flags] [--shard-size N] [--embeddings] [--engine local|ray] "
+    "[--ray-address ADDR] [--actors N] [--num-gpus G]": Synopsis("clipcap caption-dataset", "clipcap caption"),
+    "clipcap import-original coco_weights.pt --clip-model ViT-B-32 --clip-pretrained openai --tokenizer gpt2 --out DIR":
+        Run((("coco_weights.pt", "data/coco_weights.pt"), ("DIR", "build/imported")), exit_code=2,
+            expect="error: --clip-pretrained: ", offline=True),
+    "python training/extract_features.py --data pairs.jsonl --image-root IMAGES --clip-model ViT-B-32 "
+    "--clip-pretrained openai --out build/features":
+        Run((("pairs.jsonl", "data/pairs.jsonl"), ("IMAGES", "data"), ("build/features", "build/features-hub")),
+            exit_code=2, expect="error: --clip-pretrained: ", offline=True),
+    "python training/train.py --features build/features --out build/my-model":
+        Run((("build/my-model", "build/my-model" + TINY_TRAIN),), expect="model bundle written to build/my-model"),
+    "python training/train.py --features build/features --out build/my-model --mapper transformer":
+        Run((("build/my-model", "build/my-model-transformer" + TINY_TRAIN),), expect="model bundle written"),
+    "python training/evaluate.py build/my-model --data captions.jsonl --out build/eval":
+        Run((("captions.jsonl", "data/captions.jsonl"),), expect="CIDEr"),
+    "python training/extract_features.py --data vi-pairs.jsonl --image-root IMAGES --clip-model ViT-B-32 "
+    "--clip-pretrained openai --out build/features-vi":
+        Run((("vi-pairs.jsonl", "data/pairs.jsonl"), ("IMAGES", "data")), exit_code=2,
+            expect="error: --clip-pretrained: ", offline=True),
+    "python training/train.py --features build/features-vi --gpt2 GPT2_FOLDER --out build/vi-model":
+        Run((("build/features-vi", "build/features"), ("GPT2_FOLDER", "data/gpt2-vi"),
+             ("build/vi-model", "build/vi-model --epochs 1 --batch-size 8 --threads 1")), expect="model bundle written"),
+    "python export/to_onnx.py models/shapes-demo --out build/shapes-onnx": Run(expect="identical to PyTorch"),
+    "clipcap caption build/shapes-onnx samples/*.png": Run(expect="samples/shapes-00.png\t"),
+    "python export/quantize.py build/shapes-onnx": Run(expect="shapes-onnx-int8"),
+    "python export/to_tensorrt.py build/shapes-onnx --out build/shapes-trt [--fp16]":
+        Run((("[--fp16]", "--fp16"),), needs="tensorrt", refusal="tensorrt"),
+    ".venv/bin/python serving/build_mar.py --bundle models/shapes-demo": Run(expect="clipcap.mar"),
+    ".venv/bin/torchserve --start --ncs --ts-config serving/config.properties --models clipcap=clipcap.mar":
+        Elsewhere(E2E, FIXED_PORTS),
+    "make bench": Elsewhere("tests/test_bench_load.py", f"{SETUP} and records into benchmarks/history/; "
+                            "benchmarks/quick.py then measures for about a minute behind a private TorchServe: "
+                            "benchmarks/quick.py itself is not run by the suite, its latency harness, load generator "
+                            "and history records are (tests/test_bench_latency.py, _load.py, _history.py)"),
+    "python benchmarks/trends.py": Run((("trends.py", "trends.py --out build/trends"),), expect="build/trends"),
+    "python benchmarks/check.py --fail-on-regression": Run(expect="latency"),
+    "python benchmarks/latency.py --make-full-size build/bench/full-size --batch-sizes 1,8 --tokens 20,67 "
+    "--threads 1 --out benchmarks/results": Elsewhere("tests/test_bench_latency.py", FULL_SIZE),
+    "python benchmarks/serving.py --help": Run(expect="--concurrency"),
+    # export/README.md
+    "clipcap caption build/shapes-onnx IMAGE... --backend onnxruntime": Run((IMAGE,), expect="shapes-01.png\t"),
+    "clipcap caption build/shapes-onnx IMAGE... --backend onnxruntime --device cuda":
+        Run((IMAGE,), expect="shapes-01.png\t", needs="onnxruntime-cuda", refusal="error: onnxruntime "),
+    "clipcap caption build/shapes-onnx IMAGE... --backend onnxruntime --device tensorrt":
+        Run((IMAGE,), expect="shapes-01.png\t", needs="onnxruntime-tensorrt", refusal="error: onnxruntime "),
+    "clipcap caption-embeddings build/shapes-onnx EMB.npy --backend onnxruntime":
+        Run((("EMB.npy", "data/emb.npy"),), expect="\n1\t"),
+    "python training/shapes.py --out build/heldout --n 500 --seed 2026": Run((("--n 500", "--n 12"),)),
+    "python export/quantize.py build/shapes-onnx --data build/demo/data/eval/captions.jsonl --limit 500":
+        Run((("build/demo/data/eval/captions.jsonl", "build/heldout/captions.jsonl"), ("--limit 500", "--limit 6")),
+            expect="greedy captions identical to fp32"),
+    "python export/quantize.py build/shapes-onnx --data build/heldout/captions.jsonl --limit 500":
+        Run((("--limit 500", "--limit 6"),), expect="greedy captions identical to fp32"),
+    "clipcap caption build/shapes-onnx-int8 IMAGE... --backend onnxruntime": Run((IMAGE,), expect="shapes-00.png\t"),
+    "python export/to_tensorrt.py build/shapes-onnx --print-profiles": Run(expect="decoder"),
+    "python export/to_tensorrt.py build/shapes-onnx --out build/shapes-trt [--fp16] [--max-batch 8] [--max-tokens 67]":
+        Run((("[--fp16] [--max-batch 8] [--max-tokens 67]", "--fp16 --max-batch 8 --max-tokens 40"),),
+            needs="tensorrt", refusal="tensorrt"),
+    "clipcap caption build/shapes-trt IMAGE... --backend tensorrt --device cuda":
+        Run((IMAGE,), expect="shapes-01.png\t", needs="tensorrt", refusal="error: the tensorrt Python package",
+            refusal_replace=(("build/shapes-trt", "build/shapes-onnx"),)),  # no engines were built: the ONNX bundle
+    "python export/quantize.py build/shapes-onnx --method int4-wo": Run(expect="shapes-onnx-int4-wo"),
+    "python export/quantize.py build/shapes-onnx --method int8-wo --block-size 128 --accuracy-level 4":
+        Run(expect="shapes-onnx-int8-wo"),
+    "clipcap caption build/shapes-onnx-int8 $IMGS --backend onnxruntime --json --batch-size 1 > build/int8-b1.json":
+        Run((("head -300", "head -4"),)),
+    "clipcap caption build/shapes-onnx-int8 $IMGS --backend onnxruntime --json --batch-size 16 > build/int8-b16.json":
+        Run((("head -300", "head -4"),)),
+    # serving/README.md
+    "KEEP_SERVER=1 make demo": Elsewhere(E2E, f"`make demo` ({SETUP}; {FIXED_PORTS}), then leaves TorchServe running"),
+    "CLIPCAP_NO_TOKEN=1 make demo": Elsewhere(E2E, f"`make demo` ({SETUP}; {FIXED_PORTS}) with TorchServe's "
+                                              "--disable-token-auth: the e2e test runs token auth on, not off"),
+    'curl -H "Authorization: Bearer $KEY" -H "Content-Type: image/png" --data-binary @samples/shapes-00.png '
+    "http://127.0.0.1:8080/predictions/clipcap": Elsewhere(f"{E2E}::test_captions_equal_the_library", FIXED_PORTS),
+    'curl -H "Authorization: Bearer $KEY" -T samples/shapes-00.png http://127.0.0.1:8080/predictions/clipcap':
+        Elsewhere(f"{E2E}::test_captions_equal_the_library", FIXED_PORTS),
+    'curl -H "Authorization: Bearer $KEY" -F data=@samples/shapes-00.png -F decoding=beam -F beam_size=3 '
+    "http://127.0.0.1:8080/predictions/clipcap": Elsewhere(f"{E2E}::test_json_and_multipart_requests_with_options",
+                                                           FIXED_PORTS),
+    'curl -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" -d \'{"image": "\'$(base64 -w0 '
+    'samples/shapes-00.png)\'", "decoding": "beam", "beam_size": 3, "max_tokens": 30}\' '
+    "http://127.0.0.1:8080/predictions/clipcap": Elsewhere(f"{E2E}::test_json_and_multipart_requests_with_options",
+                                                           FIXED_PORTS),
+    ".venv/bin/torchserve --stop": Elsewhere(f"{E2E}::test_stop_leaves_no_process_behind", FIXED_PORTS),
+    ".venv/bin/python -m pytest tests/test_serving.py": Elsewhere("tests/test_serving.py", "a part of the suite"),
+    ".venv/bin/python -m pytest tests/export/test_mar.py": Elsewhere("tests/export/test_mar.py", "a part of the suite"),
+    ".venv/bin/python -m pytest tests/test_serving_e2e.py": Elsewhere(E2E, "a part of the suite"),
+    # benchmarks/README.md
+    "make setup": Elsewhere("tests", f"{SETUP}: `make test` runs it before the suite, so CI does"),
+    "python benchmarks/latency.py --make-full-size build/bench/full-size --batch-sizes 1,8 --tokens 20,67 --warmup 1 "
+    "--iters 5 --time-budget 30 --min-iters 2 --threads 1 --out benchmarks/results":
+        Elsewhere("tests/test_bench_latency.py", FULL_SIZE),
+    "python benchmarks/latency.py MODEL_BUNDLE FP32_EXPORT INT8_EXPORT [TRT_BUNDLE] --backends torch,onnxruntime":
+        Run((("MODEL_BUNDLE", "models/shapes-demo"), ("FP32_EXPORT", "build/shapes-onnx"),
+             ("INT8_EXPORT", "build/shapes-onnx-int8"),
+             ("[TRT_BUNDLE] --backends torch,onnxruntime", "--backends torch,onnxruntime --batch-sizes 1 --tokens 4 "
+              "--warmup 0 --iters 1 --out build/latency")), expect="onnxruntime"),
+    'taskset -c 0 python benchmarks/latency.py $F/model $F/onnx $F/onnx-int8 $F/onnx-int8-wo $F/onnx-int4-wo '
+    "--backends torch,onnxruntime,onnxruntime-int8,onnxruntime-int8-wo,onnxruntime-int4-wo --batch-sizes 1,8 "
+    '--tokens 67 --warmup 1 --iters 3 --threads 1 --peers hf-generate,optimum --out benchmarks/results/issue12 '
+    '--record full --note "..."': Elsewhere("tests/test_bench_peers.py", f"{FULL_SIZE}; the harness and peers run "
+                                            "on tiny bundles in tests/test_bench_latency.py and this test"),
+    "python export/to_onnx.py BUNDLE --out build/bench/serve/onnx":
+        Run((("BUNDLE", "models/shapes-demo"),), reuse=("build/shapes-onnx", "build/bench/serve/onnx")),
+    "python serving/build_mar.py --bundle BUNDLE --out build/bench/serve/model_store/clipcap-torch.mar":
+        Run((("BUNDLE", "models/shapes-demo"),), expect="clipcap-torch.mar"),
+    "python serving/build_mar.py --bundle build/bench/serve/onnx --backend onnxruntime "
+    "--out build/bench/serve/model_store/clipcap-onnx.mar": Run(expect="clipcap-onnx.mar"),
+    "OMP_NUM_THREADS=1 .venv/bin/torchserve --start --ncs --ts-config serving/config.properties --model-store "
+    "build/bench/serve/model_store --models clipcap-torch=clipcap-torch.mar clipcap-onnx=clipcap-onnx.mar":
+        Elsewhere(E2E, FIXED_PORTS),
+    "python benchmarks/serving.py --url http://127.0.0.1:8080 --management-url http://127.0.0.1:8081 --models "
+    "clipcap-torch,clipcap-onnx --concurrency 1,8 --requests 400 --duration 60 --key-file key_file.json --images "
+    "samples/*.png --out benchmarks/results": Elsewhere("tests/test_bench_load.py", f"{FIXED_PORTS}; the load "
+                                                         "generator runs against a local server there"),
+    "python benchmarks/latency.py --make-full-size build/bench/full-size --backends torch --batch-sizes 1 --tokens 2 "
+    "--warmup 0 --iters 1 --out build/bench/scratch": Elsewhere("tests/test_full_size.py", FULL_SIZE),
+    "python export/to_tensorrt.py build/bench/full-size/onnx --out build/bench/full-size/trt --max-batch 32 "
+    "--max-tokens 67": Elsewhere("tests/export/test_tensorrt.py", f"needs TensorRT and a CUDA GPU; {FULL_SIZE}"),
+    "python benchmarks/latency.py build/bench/full-size/model build/bench/full-size/onnx build/bench/full-size/trt "
+    "--device cuda --backends torch,torch-nocache,onnxruntime,tensorrt --batch-sizes 1,8,32 --tokens 20,67 "
+    "--out benchmarks/results/gpu": Elsewhere("tests/test_bench_latency.py", f"needs a CUDA GPU; {FULL_SIZE}"),
+    "python benchmarks/bulk.py models/shapes-demo --images 48 --size 128 --batch-size 8 --out "
+    "benchmarks/results/bulk-demo": Elsewhere("tests/test_caption_dataset.py", "starts Ray (2 actors) four times: "
+                                              "both engines run in the bulk captioning tests"),
+    "python benchmarks/bulk.py build/bench/full-size/onnx-int8 --backend onnxruntime --images 16 --size 256 "
+    "--max-tokens 20 --batch-size 8 --out benchmarks/results/bulk-full-int8":
+        Elsewhere("tests/test_caption_dataset.py", f"{FULL_SIZE}; starts Ray"),
+}
+
+
+def _strip_comment(line: str) -> str:
+    quote = None
+    for index, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return line[:index]
+    return line
+
+
+def documented_commands() -> list[Command]:
+    """Every command of every ```bash block in DOCS: continuation lines (a trailing backslash, or a synopsis
+    line that starts with spaces and '[') joined, comments dropped, assignments kept as context."""
+    commands = []
+    for doc in DOCS:
+        in_block, context, pending, start = False, [], "", 0
+        for number, raw in enumerate((ROOT / doc).read_text(encoding="utf-8").splitlines(), start=1):
+            if raw.startswith("```"):
+                in_block, context = raw.strip() == "```bash", []
+                continue
+            line = _strip_comment(raw).rstrip() if in_block else ""
+            if not line.strip():
+                continue
+            if not pending and raw[:1].isspace() and line.lstrip().startswith("[") and commands:
+                last = commands.pop()  # a synopsis wrapped without a backslash
+                commands.append(Command(last.doc, last.line, f"{last.text} {' '.join(line.split())}", last.context))
+                continue
+            start = start if pending else number
+            if line.endswith("\\"):
+                pending += line[:-1] + " "
+                continue
+            text, pending = " ".join((pending + line).split()), ""
+            if ASSIGNMENT.fullmatch(text):
+                context.append(text)
+            else:
+                commands.append(Command(doc, start, text, tuple(context)))
+    return commands
+
+
+COMMANDS = documented_commands()
+
+
+def test_every_documented_command_has_a_check():
+    missing = [f"{c.doc}:{c.line}: {c.text!r}" for c in COMMANDS if c.text not in COVERAGE]
+    assert not missing, ("commands in the READMEs that no test checks; add each to COVERAGE in "
+                         "tests/test_docs_commands.py (Run / Synopsis / Elsewhere):\n  " + "\n  ".join(missing))
+    stale = sorted(set(COVERAGE) - {c.text for c in COMMANDS})
+    assert not stale, "COVERAGE entries whose command no README has any more:\n  " + "\n  ".join(stale)
+
+
+def test_every_elsewhere_names_a_test_that_exists():
+    for command, check in COVERAGE.items():
+        if not isinstance(check, Elsewhere):
+            continue
+        file, _, name = check.test.partition("::")
+        assert (ROOT / file).exists() and check.why, command
+        if name:
+            tree = ast.parse((ROOT / file).read_text(encoding="utf-8"))
+            assert name in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}, check.test
+
+
+@pytest.mark.parametrize("command", [c for c, check in COVERAGE.items() if isinstance(check, Synopsis)])
+def test_synopsis_flags_are_in_the_help(command, capsys):
+    from clipcap.cli import main
+
+    check = COVERAGE[command]
+    with pytest.raises(SystemExit):
+        main([*check.help.split()[1:], "--help"])
+    help_text = capsys.readouterr().out
+    flags = set(re.findall(r"--[a-z][a-z0-9-]*", command))
+    if check.same_flags_as:
+        assert "[same flags]" in command
+        (same,) = [c for c, other in COVERAGE.items() if isinstance(other, Synopsis) and other.help == check.same_flags_as]
+        flags |= set(re.findall(r"--[a-z][a-z0-9-]*", same))
+    assert flags and {flag for flag in flags if flag not in help_text} == set()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_tokenizer):
+    """The repository's inputs (linked), a fresh build/, and data/ with what the placeholders map to."""
+    import numpy as np
+    import torch
+
+    from clipcap.formats.model_bundle import load_bundle
+    from clipcap.training import shapes
+    from clipcap.training.features import ClipSource, ExtractConfig, extract_features
+    from conftest import write_gpt2_folder, write_paper_checkpoint
+
+    work = tmp_path_factory.mktemp("docs")
+    for name in ("models", "samples", "serving", "training", "export", "scripts", ".venv"):
+        (work / name).symlink_to(ROOT / name)
+    (work / "benchmarks").mkdir()  # the scripts only: outputs must not land in the repository's results
+    for script in (ROOT / "benchmarks").glob("*.py"):
+        (work / "benchmarks" / script.name).symlink_to(script)
+    (work / "build").mkdir()
+    data = work / "data"
+    shapes.write_dataset(shapes.WriteConfig(out=data, n=16, seed=5))
+    demo = ROOT / "models" / "shapes-demo"
+    extract_features(ExtractConfig(data=data / "pairs.jsonl", image_root=data, out=work / "build" / "features",
+                                   clip=ClipSource(bundle=demo)))
+    write_paper_checkpoint(data / "coco_weights.pt", tiny_tokenizer, embed_dim=512)  # ViT-B-32's width
+    write_gpt2_folder(data / "gpt2-vi", tiny_tokenizer)
+    embed_dim = load_bundle(demo).config.clip.embed_dim
+    np.save(data / "emb.npy", torch.randn(2, embed_dim, generator=torch.Generator().manual_seed(0)).numpy())
+    return work
+
+
+def _run(text: str, context: tuple[str, ...], work: Path) -> tuple[int, str]:
+    """(exit code, stdout + stderr): in a shell when the command needs one, else the script in this process."""
+    if SHELL.search(text) or not (text.startswith(("python ", ".venv/bin/python ", "clipcap "))):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+        run = subprocess.run(["bash", "-c", "; ".join([*context, text])], cwd=work, env=env, capture_output=True,
+                             text=True, timeout=600)
+        return run.returncode, run.stdout + run.stderr
+    words = [expanded for word in shlex.split(text)
+             for expanded in (sorted(glob.glob(word, root_dir=work)) if "*" in word else [word])]
+    output = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            if words[0] == "clipcap":
+                from clipcap.cli import main
+
+                code = main(words[1:])
+            else:
+                saved, sys.argv = sys.argv, words[1:]
+                try:
+                    runpy.run_path(str(work / words[1]), run_name="__main__")
+                finally:
+                    sys.argv = saved
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    return code or 0, output.getvalue()
+
+
+RUNS = [c for c, check in COVERAGE.items() if isinstance(check, Run)]
+_DONE: dict[tuple[str, tuple[str, ...]], tuple[int, str]] = {}  # (command, context) run here -> (exit code, output)
+CONTEXTS = {c.text: c.context for c in COMMANDS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", RUNS, ids=[f"{i:02d} {c[:70]}" for i, c in enumerate(RUNS)])
+def test_documented_command_runs(command, workdir, request, monkeypatch):
+    check = COVERAGE[command]
+    text, context = command, CONTEXTS.get(command, ())
+    missing = check.needs is not None and not NEEDS[check.needs]()
+    for documented, here in check.replace + (check.refusal_replace if missing else ()):
+        assert documented in text or any(documented in line for line in context), (command, documented)
+        text = text.replace(documented, here)
+        context = tuple(line.replace(documented, here) for line in context)
+    if check.reuse:
+        earlier, output = check.reuse
+        assert text.replace(output, earlier) in RUNS[:RUNS.index(command)], f"{command}: no earlier run to reuse"
+        (workdir / output).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / output).symlink_to(workdir / earlier)
+        return
+    if check.offline:
+        request.getfixturevalue("no_network")
+    monkeypatch.chdir(workdir)
+    if (text, context) not in _DONE:  # two READMEs' commands that map to the same work run once
+        _DONE[text, context] = _run(text, context, workdir)
+    code, output = _DONE[text, context]
+    exit_code, expect = (2, check.refusal) if missing else (check.exit_code, check.expect)
+    assert code == exit_code, f"{text}\nexit {code}:\n{output[-3000:]}"
+    assert expect in output, f"{text}\n{expect!r} not in:\n{output[-3000:]}"
+    assert "Traceback" not in output, output[-3000:]
