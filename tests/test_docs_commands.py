@@ -138,7 +138,7 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python export/to_onnx.py models/shapes-demo --out build/shapes-onnx": Run(expect="identical to PyTorch"),
     "clipcap caption build/shapes-onnx samples/*.png": Run(expect="samples/shapes-00.png\t"),
     "python export/quantize.py build/shapes-onnx": Run(expect="shapes-onnx-int8"),
-    "python export/to_tensorrt.py build/shapes-onnx --out build/shapes-trt [--fp16]":
+    "python export/to_tensorrt.py models/shapes-demo --out build/shapes-trt [--fp16]":
         Run((("[--fp16]", "--fp16"),), needs="tensorrt", refusal="tensorrt"),
     ".venv/bin/python serving/build_mar.py --bundle models/shapes-demo": Run(expect="clipcap.mar"),
     ".venv/bin/torchserve --start --ncs --ts-config serving/config.properties --models clipcap=clipcap.mar":
@@ -167,10 +167,11 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python export/quantize.py build/shapes-onnx --data build/heldout/captions.jsonl --limit 500":
         Run((("--limit 500", "--limit 6"),), expect="greedy captions identical to fp32"),
     "clipcap caption build/shapes-onnx-int8 IMAGE... --backend onnxruntime": Run((IMAGE,), expect="shapes-00.png\t"),
-    "python export/to_tensorrt.py build/shapes-onnx --print-profiles": Run(expect="decoder"),
-    "python export/to_tensorrt.py build/shapes-onnx --out build/shapes-trt [--fp16] [--max-batch 8] [--max-tokens 67]":
+    "python export/to_tensorrt.py models/shapes-demo --print-profiles": Run(expect="decoder"),
+    "python export/to_tensorrt.py models/shapes-demo --out build/shapes-trt [--fp16] [--max-batch 8] [--max-tokens 67]":
         Run((("[--fp16] [--max-batch 8] [--max-tokens 67]", "--fp16 --max-batch 8 --max-tokens 40"),),
             needs="tensorrt", refusal="tensorrt"),
+    "python export/to_tensorrt.py build/shapes-onnx --out build/shapes-trt": Run(needs="tensorrt", refusal="tensorrt"),
     "clipcap caption build/shapes-trt IMAGE... --backend tensorrt --device cuda":
         Run((IMAGE,), expect="shapes-01.png\t", needs="tensorrt", refusal="error: the tensorrt Python package",
             refusal_replace=(("build/shapes-trt", "build/shapes-onnx"),)),  # no engines were built: the ONNX bundle
@@ -230,11 +231,15 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
                                                          "generator runs against a local server there"),
     "python benchmarks/latency.py --make-full-size build/bench/full-size --backends torch --batch-sizes 1 --tokens 2 "
     "--warmup 0 --iters 1 --out build/bench/scratch": Elsewhere("tests/test_full_size.py", FULL_SIZE),
-    "python export/to_tensorrt.py build/bench/full-size/onnx --out build/bench/full-size/trt --max-batch 32 "
+    "python export/to_tensorrt.py build/bench/full-size/model --out build/bench/full-size/trt --max-batch 32 "
     "--max-tokens 67": Elsewhere("tests/export/test_tensorrt.py", f"needs TensorRT and a CUDA GPU; {FULL_SIZE}"),
     "python benchmarks/latency.py build/bench/full-size/model build/bench/full-size/onnx build/bench/full-size/trt "
     "--device cuda --backends torch,torch-nocache,onnxruntime,tensorrt --batch-sizes 1,8,32 --tokens 20,67 "
     "--out benchmarks/results/gpu": Elsewhere("tests/test_bench_latency.py", f"needs a CUDA GPU; {FULL_SIZE}"),
+    "bash scripts/gpu_wheels.sh": Elsewhere("tests/test_gpu_check.py", "downloads ~8 MB of wheels for the GPU "
+                                            "machine's Python 3.12 from the package registry; the check they serve "
+                                            "runs there"),
+    "bash scripts/gpu_check.sh build/gpu-check": Run(expect="skipped"),
     "python benchmarks/bulk.py models/shapes-demo --images 48 --size 128 --batch-size 8 --out "
     "benchmarks/results/bulk-demo": Elsewhere("tests/test_caption_dataset.py", "starts Ray (2 actors) four times: "
                                               "both engines run in the bulk captioning tests"),
