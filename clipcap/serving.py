@@ -14,8 +14,8 @@ Requests (TorchServe's own parsing already split multipart forms; the handler ha
 - application/json: {"image": "<base64>", "decoding": "beam", "beam_size": 3, ...}.
 Query-string parameters, where TorchServe passes them on, are fields like a form's. Every option is
 a JSON scalar, all of them within `max_options_bytes`; a name given twice, an unknown name, deep
-JSON are refused; a message quotes client input only through clipcap.quoting. Each request has an
-id (the client's X-Request-ID, else TorchServe's) in its reply and in every log line about it.
+JSON are refused; a message quotes client input only through clipcap.quoting. Every log line about
+a request names it by TorchServe's request id (the X-Request-ID of its reply) and the client's own.
 URLs are never fetched: an image arrives in the request or not at all.
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ import dataclasses
 import http
 import json
 import logging
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -51,7 +50,6 @@ RAW_TYPES = ("application/octet-stream", "")  # plus every image/*: the bytes, n
 TORCHSERVE_PARAMETERS = ("model_name",)
 # The handler lists every part and field name of a request here: TorchServe's row keeps one per name.
 PART_NAMES = "clipcap-part-names"
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")  # a client's X-Request-ID used as the request's id
 HOW_TO_SEND = ('send the image as the raw body (Content-Type: image/png, image/jpeg, ...), as a multipart/form-data '
                'file part, or as JSON {"image": "<base64>"}')
 
@@ -74,19 +72,18 @@ class ServingError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.request_id = ""  # set by parse_batch
+        self.request_id = ""  # set by parse_batch: the request_label its log lines carry
 
     def reply(self) -> "Reply":
         # The same shape as TorchServe's own errors, so clients parse one format.
         kind = http.HTTPStatus(self.status).phrase.replace(" ", "")
-        return Reply(self.status, {"code": self.status, "type": kind, "message": self.message}, self.request_id)
+        return Reply(self.status, {"code": self.status, "type": kind, "message": self.message})
 
 
 @dataclass
 class Reply:
     status: int  # HTTP status for this request
     body: dict  # JSON response body
-    request_id: str = ""  # the client's X-Request-ID, else the server's id: the handler sends it back
 
     @property
     def phrase(self) -> str:
@@ -100,7 +97,7 @@ class ImageRequest:
     pixels: torch.Tensor  # (3, S, S) model input
     options: DecodingOptions  # validated against the server's bounds
     preprocess_ms: float  # reading, checking, decoding and preprocessing this request's image
-    request_id: str = ""  # set by parse_batch: in the log lines and the reply
+    request_id: str = ""  # set by parse_batch: the request_label its log lines carry
 
 
 @dataclass
@@ -143,10 +140,10 @@ class CaptionService:
     def parse_batch(self, rows: list[dict], headers: list[dict], request_ids: list[str] | None = None,
                     ) -> list[ImageRequest | ServingError]:
         """TorchServe rows (one dict per request: part name -> value), their request headers and the
-        server's request ids; each result carries the request's id (`request_id`)."""
+        server's request ids; each result carries its request's `request_label` for the log lines."""
         parsed: list[ImageRequest | ServingError] = []
         for index, (row, row_headers) in enumerate(zip(rows, headers)):
-            request_id = client_request_id(row_headers) or (request_ids[index] if request_ids else str(index))
+            request_id = request_label(request_ids[index] if request_ids else str(index), row_headers)
             try:
                 result = self.parse(row, row_headers)
             except ServingError as error:
@@ -278,17 +275,14 @@ class CaptionService:
         for indices in groups.values():
             for run, batch in self._caption_group(requests, indices):
                 if batch is None:
-                    error = ServingError(500, "captioning failed: internal error (logged on the server)")
-                    error.request_id = requests[run[0]].request_id
-                    replies[run[0]] = error.reply()
+                    replies[run[0]] = ServingError(500, "captioning failed: internal error (logged on the server)").reply()
                     continue
                 totals["encode"] += batch.timings_ms["encode"]
                 totals["decode"] += batch.timings_ms["decode"]
                 for i, caption in zip(run, batch.captions):
                     timings = {"preprocess": requests[i].preprocess_ms, **batch.timings_ms}
                     replies[i] = Reply(200, {"caption": caption.caption, "token_ids": caption.token_ids,
-                                             "timings_ms": {k: round(v, 3) for k, v in timings.items()}},
-                                       requests[i].request_id)
+                                             "timings_ms": {k: round(v, 3) for k, v in timings.items()}})
                     tokens += len(caption.token_ids)
                     captioned += 1
         return replies, BatchStats(len(requests), captioned, tokens, totals)
@@ -309,10 +303,11 @@ class CaptionService:
         return [run for i in indices for run in self._caption_group(requests, [i])]
 
 
-def client_request_id(headers: dict) -> str | None:
-    """The client's X-Request-ID when it is a plain token (REQUEST_ID_PATTERN); anything else is not used."""
-    value = next((v for k, v in headers.items() if k.lower() == "x-request-id" and isinstance(v, str)), None)
-    return value if value is not None and REQUEST_ID_PATTERN.fullmatch(value) else None
+def request_label(request_id: str, headers: dict) -> str:
+    """How log lines name a request: the server's id (TorchServe answers it as X-Request-ID), and the
+    client's own X-Request-ID, quoted, when it sent one."""
+    client = next((v for k, v in headers.items() if k.lower() == "x-request-id" and isinstance(v, str)), None)
+    return request_id if client is None else f"{request_id} (X-Request-ID {quote(client, 64)})"
 
 
 def _refuse_repeated_parts(headers: dict) -> None:

@@ -52,7 +52,6 @@ class ClipCapHandler(BaseHandler):
         for index, reply in enumerate(replies):
             self.context.set_response_status(reply.status, reply.phrase, idx=index)
             self.context.set_response_content_type(index, "application/json")
-            self.context.set_response_header(index, "X-Request-ID", reply.request_id)
         return [reply.body for reply in replies]
 
     def _record(self, stats: BatchStats) -> None:

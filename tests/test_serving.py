@@ -473,21 +473,29 @@ def test_query_string_parameters_are_fields(service):
         service.parse({"colour": bytearray(b"red"), "body": bytearray(PNGS[0])}, {**RAW, "colour": FIELD})
 
 
-def test_request_ids_in_replies_and_log_lines(service, caplog, monkeypatch):
-    rows = [{"body": bytearray(PNGS[0])}, {"body": bytearray(b"junk")}, {"body": bytearray(PNGS[1])}]
+def test_request_ids_in_log_lines(service, caplog, monkeypatch):
+    """Log lines name a request by the server's id and the client's X-Request-ID, quoted (no forged lines)."""
+    rows = [{"body": bytearray(b"junk")}, {"body": bytearray(b"junk")}, {"body": bytearray(PNGS[1])}]
     headers = [{**RAW, "X-Request-ID": "client-7"}, {**RAW, "x-request-id": "bad id\nforged log line"}, RAW]
     with caplog.at_level(logging.INFO, logger="clipcap.serving"):
-        replies, _ = service.caption_batch(service.parse_batch(rows, headers, ["ts-0", "ts-1", "ts-2"]))
-    assert [r.request_id for r in replies] == ["client-7", "ts-1", "ts-2"]
-    assert any("request ts-1 refused: 400" in record.getMessage() for record in caplog.records)
-    assert not any("forged" in record.getMessage() for record in caplog.records)
+        parsed = service.parse_batch(rows, headers, ["ts-0", "ts-1", "ts-2"])
+    assert [r.request_id for r in parsed] == ["ts-0 (X-Request-ID 'client-7')",
+                                              "ts-1 (X-Request-ID 'bad id\\nforged log line')", "ts-2"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert "request ts-0 (X-Request-ID 'client-7') refused: 400" in messages[0]
+    assert all("\n" not in message for message in messages)
     real = service.captioner.caption_pixels
-    monkeypatch.setattr(service.captioner, "caption_pixels", lambda pixels, options: (_ for _ in ()).throw(
-        RuntimeError("simulated")) if len(pixels) == 1 and options.strategy == "greedy" else real(pixels, options))
+
+    def fail_alone(pixels, options):
+        if len(pixels) == 1:
+            raise RuntimeError("simulated")
+        return real(pixels, options)
+
+    monkeypatch.setattr(service.captioner, "caption_pixels", fail_alone)
     with caplog.at_level(logging.INFO, logger="clipcap.serving"):
-        replies, _ = service.caption_batch(service.parse_batch(rows[:1], headers[:1], ["ts-9"]))
-    assert replies[0].status == 500 and replies[0].request_id == "client-7"
-    assert any("request client-7: captioning failed" in r.getMessage() and r.exc_info for r in caplog.records)
+        replies, _ = service.caption_batch(service.parse_batch(rows[2:], headers[2:], ["ts-9"]))
+    assert replies[0].status == 500
+    assert any("request ts-9: captioning failed" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True) | st.sampled_from(
