@@ -509,6 +509,7 @@ def test_healthcheck_fails_while_no_worker_can_caption(served):
     os.kill(worker, signal.SIGSTOP)
     try:
         assert server.get(server.inference, "/ping")[0] == 200  # the frontend's answer: it cannot tell
+        assert _worker_pids(server) == [worker]  # ... nor can the management API: the stopped worker is READY
         assert _healthcheck(server, 2) == 1
     finally:
         os.kill(worker, signal.SIGCONT)
