@@ -247,7 +247,7 @@ class CaptionService:
         """Every option value a JSON scalar, and all of them within handler.max_options_bytes."""
         size = 0
         for name, value in options.items():
-            if not (value is None or isinstance(value, (str, int, float))):  # bool is an int: refused by validate
+            if not isinstance(value, (str, int, float)):  # null too (max_tokens: null would lift the cap); bool: validate
                 raise ServingError(400, f"option {quote(name)} must be a string or a number, got {quote(value)}")
             size += len(str(name)) + (len(value) if isinstance(value, str) else 24)  # a number fits in 24 characters
         if size > self.config.max_options_bytes:

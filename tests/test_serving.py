@@ -402,6 +402,7 @@ HOSTILE = [  # (name, row, headers, status): what the issue's probe sent, and it
     ("deep nesting in an option", {"body": _json_bytes(decoding=0)[:-1] + b', "top_p": ' + b"[" * 100_000 + b"}"},
      JSON, 400),
     ("nested option", {"body": _json_bytes(top_p={"a": [1, 2]})}, JSON, 400),
+    ("null option", {"body": _json_bytes(max_tokens=None)}, JSON, 400),  # not "the bundle's": past handler.max_tokens
     ("100k unknown keys", {"body": bytearray(json.dumps({**VALID_JSON, **{f"k{i}": 1 for i in range(100_000)}})
                                              .encode())}, JSON, 413),
     ("long unknown key", {"body": _json_bytes(**{"u" * 3000: 1})}, JSON, 400),
