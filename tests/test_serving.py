@@ -441,6 +441,8 @@ def test_unknown_form_field_is_named_as_an_unknown_option(service):
         service.parse({"data": bytearray(PNGS[0]), "other": bytearray(PNGS[1])}, {**FORM, "data": FILE, "other": FILE})
     with pytest.raises(ServingError, match="got 0 file parts"):
         service.parse({"decoding": bytearray(b"beam")}, {**FORM, "decoding": FIELD})
+    with pytest.raises(ServingError, match=r"unknown option\(s\) 'body'"):  # a field's name, not the raw body's key
+        service.parse({"data": bytearray(PNGS[0]), "body": bytearray(b"x")}, {**FORM, "data": FILE, "body": FIELD})
 
 
 @pytest.mark.parametrize("names", [["data", "data"], ["decoding", "data", "decoding"]])
