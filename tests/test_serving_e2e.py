@@ -273,7 +273,7 @@ async def _load(server, bodies: list[tuple[bytes, str]], clients: int, total: in
                     await response.read()
                     results.append((index, response.status))
 
-        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), timeout=150)
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), timeout=600)  # a hang guard
     return results
 
 
