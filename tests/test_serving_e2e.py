@@ -482,7 +482,8 @@ def test_operations_config_heap_and_logs(served):
     """config.properties' vmargs reach Java (bounded heap, serving/log4j2.xml): rotated logs, no line twice."""
     server, _, _ = served
     java = server.processes[0].cmdline()
-    assert "-Xmx1g" in java and f"-Dlog4j.configurationFile={ROOT / 'serving' / 'log4j2.xml'}" in java
+    assert {"-Xmx1g", "-XX:MaxDirectMemorySize=1g"} <= set(java)
+    assert f"-Dlog4j.configurationFile={ROOT / 'serving' / 'log4j2.xml'}" in java
     for log in ("ts_log.log", "model_log.log", "access_log.log"):
         lines = (server.root / "logs" / log).read_text(errors="replace").splitlines()
         assert lines, f"{log} is empty"
