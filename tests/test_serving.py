@@ -525,3 +525,19 @@ def test_any_float_option_gives_a_caption_or_a_clean_refusal(service, strategy, 
     if temperature < 1e-30:  # the greedy limit (nucleus and beam alike; ties aside, which random weights lack)
         greedy = service.parse_batch([{"body": _json_bytes(max_tokens=6)}], [JSON])
         assert tokens == service.caption_batch(greedy)[0][0].body["token_ids"]
+
+
+def test_healthcheck_image_and_refused_connection(tmp_path, capsys):
+    """serving/healthcheck.py without a server: its built-in PNG is an image the service accepts, and a
+    server that does not answer is unhealthy (exit 1). The real checks are in tests/test_serving_e2e.py."""
+    from clipcap.bench.torchserve import free_ports
+    from clipcap.images import decode_image
+
+    spec = importlib.util.spec_from_file_location("clipcap_healthcheck", SERVING / "healthcheck.py")
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    assert decode_image(healthcheck.tiny_png()).size == (8, 8)
+    (port,) = free_ports(1)
+    assert healthcheck.main(["--url", f"http://127.0.0.1:{port}", "--timeout", "2",
+                             "--key-file", str(tmp_path / "absent.json")]) == 1
+    assert "unhealthy: no caption within 2.0 s" in capsys.readouterr().err
