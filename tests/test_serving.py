@@ -4,7 +4,6 @@ import importlib.util
 import json
 import logging
 import shutil
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clipcap.captioner import Captioner
-from clipcap.config import BundleError
 from clipcap.serving import CaptionService, ImageRequest, ServingConfig, ServingConfigError, ServingError
 from conftest import png_bytes, random_images
 
