@@ -198,6 +198,15 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "http://127.0.0.1:8080/predictions/clipcap": Elsewhere(f"{E2E}::test_json_and_multipart_requests_with_options",
                                                            FIXED_PORTS),
     ".venv/bin/torchserve --stop": Elsewhere(f"{E2E}::test_stop_leaves_no_process_behind", FIXED_PORTS),
+    ".venv/bin/python serving/healthcheck.py --key-file key_file.json":
+        Elsewhere(f"{E2E}::test_healthcheck_fails_while_no_worker_can_caption", FIXED_PORTS),
+    ".venv/bin/python benchmarks/serving.py --url http://127.0.0.1:PORT --management-url http://127.0.0.1:MPORT "
+    "--models clipcap --concurrency 1,8,32 --requests 600 --duration 40 --rounds 2 --images samples/*.png "
+    "--key-file key_file.json --out build/bench/serving": Elsewhere("tests/test_bench_load.py", "measures a running "
+                                                                    "TorchServe for minutes; the load generator runs "
+                                                                    "against a local server there"),
+    ".venv/bin/python -m pytest tests/test_decoding_numerics.py tests/test_quoting.py":
+        Elsewhere("tests/test_quoting.py", "a part of the suite"),
     ".venv/bin/python -m pytest tests/test_serving.py": Elsewhere("tests/test_serving.py", "a part of the suite"),
     ".venv/bin/python -m pytest tests/export/test_mar.py": Elsewhere("tests/export/test_mar.py", "a part of the suite"),
     ".venv/bin/python -m pytest tests/test_serving_e2e.py": Elsewhere(E2E, "a part of the suite"),
