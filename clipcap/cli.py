@@ -161,6 +161,32 @@ def cmd_import_original(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_ray(args: argparse.Namespace) -> int:
+    import os
+
+    from clipcap.serving_config import ServingConfigError
+    from clipcap.serving_ray import RayServeConfig, RayServer
+
+    config = RayServeConfig(bundle=args.bundle, model_config=args.model_config, host=args.host, port=args.port,
+                            model_name=args.model_name, replicas=args.replicas, max_replicas=args.max_replicas,
+                            min_replicas=args.min_replicas, gpus_per_replica=args.gpus_per_replica,
+                            token=os.environ.get("CLIPCAP_SERVE_TOKEN"), token_file=args.token_file,
+                            no_auth=args.no_auth, ray_address=args.ray_address)
+    try:
+        with RayServer(config) as server:
+            where = "no token (--no-auth)" if server.token is None else (
+                "the token from $CLIPCAP_SERVE_TOKEN" if config.token else f"the token in {config.token_file}")
+            print(f"serving {args.bundle} at {server.url}/predictions/{config.model_name} and "
+                  f"{server.url}/v2/models/{config.model_name}/infer; Authorization: Bearer <{where}>. Ctrl-C stops.",
+                  flush=True)
+            server.serve_forever()
+    except ServingConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipcap", description="ClipCap captioning: bundles, decoding, import.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--actors", type=int, default=2, help="captioner actors (--engine ray)")
     dataset.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (--engine ray)")
     dataset.set_defaults(run=cmd_caption_dataset)
+
+    ray_serve = commands.add_parser("serve-ray", help="serve a bundle over HTTP on Ray Serve (TorchServe's API + KServe v2)")
+    ray_serve.add_argument("bundle", help="model bundle or export bundle directory")
+    ray_serve.add_argument("--model-config", default="serving/model-config.yaml",
+                           help="batchSize, maxBatchDelay and the handler: section (the TorchServe archive's file)")
+    ray_serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    ray_serve.add_argument("--port", type=int, default=8000)
+    ray_serve.add_argument("--model-name", default="clipcap", help="in /predictions/NAME and /v2/models/NAME")
+    ray_serve.add_argument("--replicas", type=int, default=None, help="default: one per GPU of the cluster, else one")
+    ray_serve.add_argument("--max-replicas", type=int, default=None,
+                           help="autoscale between --min-replicas and this by ongoing requests")
+    ray_serve.add_argument("--min-replicas", type=int, default=1)
+    ray_serve.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 where there are GPUs")
+    ray_serve.add_argument("--token-file", default="serve-ray-token",
+                           help="where the generated bearer token is written (mode 0600); a token in "
+                                "$CLIPCAP_SERVE_TOKEN is used instead of generating one")
+    ray_serve.add_argument("--no-auth", action="store_true", help="no bearer token (local demos only)")
+    ray_serve.add_argument("--ray-address", default=None, help="existing Ray cluster; default: an embedded local Ray")
+    ray_serve.set_defaults(run=cmd_serve_ray)
 
     original = commands.add_parser("import-original", help="bundle a checkpoint of the paper's code")
     original.add_argument("checkpoint", metavar="CKPT.pt")
