@@ -168,6 +168,20 @@ def build_app(config: RayServeConfig, token: str | None, gpus_in_cluster: float 
     return deployment.bind(str(Path(config.bundle).resolve()), settings, front)
 
 
+def application(args: dict):
+    """Ray Serve's application builder, for a Serve config file or a KubeRay RayService
+    (`import_path: clipcap.serving_ray:application`): `args` are RayServeConfig fields (host and port
+    are the Serve config's http_options instead). The token is $CLIPCAP_SERVE_TOKEN (a Kubernetes
+    Secret) unless `no_auth: true`; nothing is written to a file."""
+    import ray
+
+    config = RayServeConfig(**args)
+    token = None if config.no_auth else os.environ.get("CLIPCAP_SERVE_TOKEN")
+    if not config.no_auth and not token:
+        raise ServingConfigError("set CLIPCAP_SERVE_TOKEN (the bearer token clients send), or no_auth: true")
+    return build_app(config, token, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0)
+
+
 def worker_pythonpath() -> str:
     """PYTHONPATH that makes an embedded Ray's workers import this process's clipcap (a checkout or an install)."""
     root = str(Path(clipcap.__file__).resolve().parents[1])

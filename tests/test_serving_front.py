@@ -200,3 +200,26 @@ def test_model_config_batching_and_token_file(tmp_path):
     assert resolve_token(RayServeConfig(bundle="x", token="given", token_file=str(tmp_path / "no"))) == "given"
     assert resolve_token(RayServeConfig(bundle="x", no_auth=True)) is None
     assert not (tmp_path / "no").exists()
+
+
+def test_the_rayservice_manifest_builds_the_application(monkeypatch):
+    """serving/kserve/rayservice.yaml's import_path and args build the app (paths moved to this checkout)."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the serve-ray extra)")
+    import importlib
+
+    import yaml
+    from ray.serve import Application
+
+    manifest = yaml.safe_load(open("serving/kserve/rayservice.yaml"))
+    [app] = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    module, name = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    args = {**app["args"], "bundle": "models/shapes-demo", "model_config": "serving/model-config.yaml"}
+    with pytest.raises(ValueError, match="CLIPCAP_SERVE_TOKEN"):
+        builder(args)
+    monkeypatch.setenv("CLIPCAP_SERVE_TOKEN", "from-a-secret")
+    built = builder(args)
+    assert isinstance(built, Application)
+    deployment = built._bound_deployment
+    assert deployment._deployment_config.autoscaling_config.max_replicas == app["args"]["max_replicas"]
+    assert deployment.init_args[2].token == "from-a-secret"
