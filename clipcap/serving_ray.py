@@ -5,8 +5,8 @@ Each replica holds one `CaptionService` (the TorchServe handler's) and a `Captio
 batched by `@serve.batch` with model-config.yaml's `batchSize` and `maxBatchDelay`, and each batch
 goes through `parse_batch` and `caption_batch` as a TorchServe batch does. Replicas are a fixed
 count (default one per GPU, else one) or autoscaled by ongoing requests. The handler's metrics
-(`ClipcapBatchSize`, ...) are Ray metrics, exported by Ray's Prometheus endpoint with a `ray_`
-prefix. Imported only for `serve-ray` (Ray Serve is the `serve-ray` extra). Without an address
+(`ClipcapBatchSize`, ...) are Ray metrics: Ray's Prometheus endpoint exports them lower-cased with
+a `ray_` prefix (`ray_clipcapbatchsize_bucket`). Imported only for `serve-ray` (Ray Serve is the `serve-ray` extra). Without an address
 an embedded Ray is started on this machine (no dashboard, 127.0.0.1, no usage stats).
 """
 from __future__ import annotations
@@ -53,6 +53,7 @@ class RayServeConfig:
     max_request_bytes: int = 16 * 2**20  # the whole HTTP body, as TorchServe's max_request_size
     max_images_per_request: int = 16  # images in one v2 infer request
     ray_address: str | None = None  # an existing cluster; None: an embedded Ray on this machine
+    metrics_port: int | None = None  # the embedded Ray's Prometheus endpoint; None: a port Ray picks
 
 
 @dataclass
@@ -212,6 +213,7 @@ class RayServer:
                 ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * self.config.cpus_per_replica) + 1),
                          object_store_memory=EMBEDDED_OBJECT_STORE_BYTES, include_dashboard=False,
                          _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                         _metrics_export_port=self.config.metrics_port,
                          runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
         try:
             self.token = resolve_token(self.config)

@@ -36,8 +36,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (BUNDLE / "clipcap.json")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     token_file = tmp_path_factory.mktemp("serve-ray") / "token"
+    port, metrics_port = free_ports(2)
     config = RayServeConfig(bundle=str(BUNDLE), model_config=str(ROOT / "serving" / "model-config.yaml"),
-                            port=free_ports(1)[0], replicas=2, cpus_per_replica=0.5, token_file=str(token_file))
+                            port=port, metrics_port=metrics_port, replicas=2, cpus_per_replica=0.5, token_file=str(token_file))
     with RayServer(config) as running:
         yield running
 
@@ -93,6 +94,17 @@ def test_the_shared_table(server, samples):
         else:
             assert case.fragment in reply["message"], f"{case.name}: {reply}"
             assert _request(server, "POST", "/predictions/clipcap", good)[0] == 200, f"replica broken after {case.name}"
+    # Over max_request_bytes (16 MiB, as TorchServe's max_request_size) the front refuses from the headers:
+    # a client that sends "Expect: 100-continue" gets the 413 before uploading the body.
+    connection = http.client.HTTPConnection("127.0.0.1", server.config.port, timeout=30)
+    connection.putrequest("POST", "/predictions/clipcap")
+    for header, value in (("Content-Type", "image/png"), ("Content-Length", str(17 * 2**20)),
+                          ("Expect", "100-continue"), ("Authorization", f"Bearer {server.token}")):
+        connection.putheader(header, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "over the limit of 16777216" in json.loads(response.read())["message"]
+    connection.close()
 
 
 def test_token_refused_as_torchserve_refuses_it(server, samples):
@@ -178,6 +190,30 @@ def test_requests_spread_over_both_replicas(server, samples):
         per_replica[replica] = per_replica.get(replica, 0) + 1
     print(f"\n64 requests over the replicas: {per_replica}")
     assert len(per_replica) == 2 and min(per_replica.values()) > 0
+
+
+def _metric(text: str, prefix: str, contains: str = "") -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix) and contains in line)
+
+
+def test_handler_metrics_show_shared_batches(server):
+    """The handler's metrics on Ray's Prometheus endpoint (lower-cased, ray_ prefix); after the load above,
+    @serve.batch must have captioned some batches of more than one request."""
+    import urllib.request
+
+    url, deadline = f"http://127.0.0.1:{server.config.metrics_port}/metrics", time.monotonic() + 90
+    batches = shared = 0
+    while time.monotonic() < deadline and not shared:  # Ray exports every few seconds, batches in arrears
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        batches = _metric(text, "ray_clipcapbatchsize_count")
+        shared = batches - _metric(text, "ray_clipcapbatchsize_bucket{", 'le="1.0"')
+        time.sleep(0 if shared else 2)
+    print(f"\n{batches:.0f} batches exported, {shared:.0f} of them with more than one request")
+    assert shared > 0, "no batch of more than one request on Ray's metrics endpoint after 90 s"
+    for name in ("ray_clipcaptokensgenerated_total", "ray_clipcappreprocessseconds_sum", "ray_clipcapencodeseconds_sum",
+                 "ray_clipcapdecodeseconds_sum"):
+        assert _metric(text, name) > 0, name
 
 
 def test_a_replica_killed_under_load_is_replaced_and_costs_only_its_in_flight_requests(server, samples):
