@@ -1,9 +1,12 @@
 """The HTTP front of a caption server other than TorchServe: routes, bearer token, request size, and
 two APIs over one caption function.
 
-- TorchServe's inference API: `POST|PUT /predictions/<model>` (each request made into TorchServe's
-  row by clipcap.http_rows, answered by CaptionService with the same status and error JSON) and
-  `GET /ping`; a missing or wrong token answers what TorchServe 0.12 answers (400 InvalidKeyException).
+- TorchServe's inference API: `POST|PUT /predictions/<model>`, and `POST /invocations` and
+  `POST /<model>/predict`, whose query strings TorchServe passes on as fields (each request made
+  into TorchServe's row by clipcap.http_rows, answered by CaptionService with the same status and
+  error JSON); `GET /ping`; a missing or wrong token answers what TorchServe 0.12 answers (400
+  InvalidKeyException). The request id is the X-Request-ID header (Ray Serve's proxy sets it: the
+  client's own, else a new one), answered in X-Request-ID and named in CaptionService's log lines.
 - The Open Inference Protocol (clipcap.oip): `GET /v2/health/live|ready` (no token: for probes),
   `GET /v2`, `GET /v2/models/<model>[/ready]`, `POST /v2/models/<model>/infer`; its errors are
   `{"error": "..."}`, a missing or wrong token 401.
@@ -18,11 +21,13 @@ import base64
 import hmac
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from clipcap import oip
 from clipcap.http_rows import request_row
+from clipcap.quoting import quote
 from clipcap.serving import Reply, ServingError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +35,7 @@ logger = logging.getLogger(__name__)
 JSON_HEADERS = {"content-type": "application/json"}
 BAD_TOKEN = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"  # TorchServe's words
 
-CaptionFn = Callable[[dict, dict], Awaitable[Reply]]  # (row, headers) of one request -> its reply
+CaptionFn = Callable[[dict, dict, str], Awaitable[Reply]]  # (row, headers, request id) of one request -> its reply
 
 
 @dataclass
@@ -66,11 +71,14 @@ class CaptionFront:
 
     async def answer(self, method: str, path: str, query: str, headers: dict[str, str],
                      body: AsyncIterator[bytes]) -> Answer:
-        answer = await self._route(method, path.rstrip("/") or "/", query, headers, body)
-        answer.headers.update(self.config.headers)
+        request_id = next((v for k, v in headers.items() if k.lower() == "x-request-id"), "") or uuid.uuid4().hex
+        headers = {k: v for k, v in headers.items() if k.lower() != "x-request-id"}  # the id itself, not the client's
+        answer = await self._route(method, path.rstrip("/") or "/", query, headers, body, request_id)
+        answer.headers.update({**self.config.headers, "x-request-id": request_id})
         return answer
 
-    async def _route(self, method: str, path: str, query: str, headers: dict, body: AsyncIterator[bytes]) -> Answer:
+    async def _route(self, method: str, path: str, query: str, headers: dict, body: AsyncIterator[bytes],
+                     request_id: str) -> Answer:
         name = self.config.model_name
         if path in ("/v2/health/live", "/v2/health/ready"):
             return _json(200, {path.rsplit("/", 1)[1]: True})
@@ -84,16 +92,18 @@ class CaptionFront:
             if path == f"/v2/models/{name}/ready" and method == "GET":
                 return _json(200, {"name": name, "ready": True})
             if path == f"/v2/models/{name}/infer" and method == "POST":
-                return await self._infer(headers, body)
-            return _json(404, {"error": f"no such v2 endpoint: {method} {path[:100]}"})
+                return await self._infer(headers, body, request_id)
+            return _json(404, {"error": f"no such v2 endpoint: {method} {quote(path)}"})
         if not self._authorized(headers):
             return _torchserve_error(400, "InvalidKeyException", BAD_TOKEN)
         if path == "/ping" and method == "GET":
             return _json(200, {"status": "Healthy"})
         if path == f"/predictions/{name}" and method in ("POST", "PUT"):
-            return await self._predict(query, headers, body)
+            return await self._predict("", headers, body, request_id)  # TorchServe drops this route's query string
+        if (path == "/invocations" or path == f"/{name}/predict") and method == "POST":
+            return await self._predict(query, headers, body, request_id)
         if path.startswith("/predictions/"):
-            return _torchserve_error(404, "ModelNotFoundException", f"Model not found: {path[13:113]}")
+            return _torchserve_error(404, "ModelNotFoundException", f"Model not found: {quote(path[13:])}")
         return _torchserve_error(404, "ResourceNotFoundException",
                                  "Requested resource is not found, please refer to API document.")
 
@@ -117,24 +127,24 @@ class CaptionFront:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _caption(self, row: dict, headers: dict) -> Reply:
+    async def _caption(self, row: dict, headers: dict, request_id: str) -> Reply:
         try:
-            return await self.caption(row, headers)
+            return await self.caption(row, headers, request_id)
         except Exception:  # the batcher or the replica failed: this request's 500, never the server's end
-            logger.exception("captioning a request failed outside CaptionService")
+            logger.exception("request %s: captioning failed outside CaptionService", request_id)
             return ServingError(500, "internal error while captioning (logged on the server)").reply()
 
-    async def _predict(self, query: str, headers: dict, body: AsyncIterator[bytes]) -> Answer:
+    async def _predict(self, query: str, headers: dict, body: AsyncIterator[bytes], request_id: str) -> Answer:
         try:
             data = await self._read(headers, body)
         except ServingError as error:
             reply = error.reply()
             return _json(reply.status, reply.body)
         row, row_headers = await asyncio.to_thread(request_row, headers, data, query)  # multipart: CPU work
-        reply = await self._caption(row, row_headers)
+        reply = await self._caption(row, row_headers, request_id)
         return _json(reply.status, reply.body)
 
-    async def _infer(self, headers: dict, body: AsyncIterator[bytes]) -> Answer:
+    async def _infer(self, headers: dict, body: AsyncIterator[bytes], request_id: str) -> Answer:
         try:
             data = await self._read(headers, body)
             header_length = next((v for k, v in headers.items() if k.lower() == oip.HEADER_LENGTH.lower()), None)
@@ -143,7 +153,7 @@ class CaptionFront:
             return _json(error.status, {"error": error.message})
         except oip.ProtocolError as error:
             return _json(error.status, {"error": error.message})
-        replies = await asyncio.gather(*(self._caption(*_image_row(image, request.options, index))
+        replies = await asyncio.gather(*(self._caption(*_image_row(image, request.options, index), f"{request_id}/{index}")
                                          for index, image in enumerate(request.images)))
         for index, reply in enumerate(replies):
             if reply.status != 200:  # the request fails as a whole; the first failing image says why

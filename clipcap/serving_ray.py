@@ -113,16 +113,16 @@ class CaptionReplica:
                                          dict(request.headers), request.stream())
         return Response(answer.body, status_code=answer.status, headers=answer.headers)
 
-    async def _caption_one(self, row: dict, headers: dict) -> Reply:
-        return await self._batched((row, headers))
+    async def _caption_one(self, row: dict, headers: dict, request_id: str) -> Reply:
+        return await self._batched((row, headers, request_id))
 
-    async def _caption_rows(self, items: list[tuple[dict, dict]]) -> list[Reply]:
+    async def _caption_rows(self, items: list[tuple[dict, dict, str]]) -> list[Reply]:
         # In a thread: the replica keeps accepting requests, which form the next batch meanwhile.
         return await asyncio.to_thread(self._caption_now, items)
 
-    def _caption_now(self, items: list[tuple[dict, dict]]) -> list[Reply]:
-        rows, headers = [row for row, _ in items], [h for _, h in items]
-        replies, stats = self.service.caption_batch(self.service.parse_batch(rows, headers))
+    def _caption_now(self, items: list[tuple[dict, dict, str]]) -> list[Reply]:
+        rows, headers, ids = (list(column) for column in zip(*items))
+        replies, stats = self.service.caption_batch(self.service.parse_batch(rows, headers, ids))
         self._record(stats)
         return replies
 

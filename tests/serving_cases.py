@@ -27,12 +27,17 @@ class Case:
     method: str = "POST"
 
 
+def form(parts: list[tuple[str, bytes, str | None]]) -> tuple[bytes, dict]:
+    """multipart/form-data from (name, value, filename: a file part, or None: a text field)."""
+    body = b"".join(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+                    + (f'; filename="{filename}"\r\nContent-Type: image/png'.encode() if filename else b"")
+                    + b"\r\n\r\n" + value + b"\r\n" for name, value, filename in parts)
+    return body + f"--{BOUNDARY}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
 def multipart(image: bytes, fields: dict) -> tuple[bytes, dict]:
-    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
-             for key, value in fields.items()]
-    parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="data"; filename="image.png"\r\n'
-                 f"Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n")
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    """Text fields, then the image as the file part "data"."""
+    return form([(key, str(value).encode(), None) for key, value in fields.items()] + [("data", image, "image.png")])
 
 
 def as_json(body: dict) -> tuple[bytes, dict]:
@@ -64,7 +69,19 @@ def cases(good: bytes) -> list[Case]:
         Case("beam size out of range", *as_json({"image": b64, "decoding": "beam", "beam_size": 1000}), 400, "beam_size"),
         Case("max_tokens out of range", *as_json({"image": b64, "max_tokens": 100000}), 400, "max_tokens"),
         Case("unknown option", *as_json({"image": b64, "url": "http://example.com/cat.jpg"}), 400, "unknown option"),
-        Case("multipart with two files", *multipart(good, {"other": "x"}), 400, "exactly one image part"),
+        Case("multipart with two files", *form([("data", good, "a.png"), ("more", good, "b.png")]), 400,
+             "exactly one file part"),
+        Case("multipart file part repeated", *form([("data", good, "a.png"), ("data", good, "b.png")]), 400,
+             "sent more than once"),
+        Case("multipart field repeated", *form([("data", good, "a.png"), ("decoding", b"beam", None),
+                                                ("decoding", b"greedy", None)]), 400, "sent more than once"),
+        Case("multipart unknown field", *form([("data", good, "a.png"), ("note", b"hi", None)]), 400,
+             "unknown option(s) 'note'"),
+        Case("JSON key repeated", f'{{"image": "{b64}", "decoding": "beam", "decoding": "greedy"}}'.encode(),
+             {"Content-Type": "application/json"}, 400, "given more than once"),
+        Case("JSON nested too deeply", b"[" * 100_000, {"Content-Type": "application/json"}, 400, "nested too deeply"),
+        Case("option not a scalar", *as_json({"image": b64, "max_tokens": [1, 2]}), 400, "must be a string or a number"),
+        Case("options over 4 KiB", *as_json({"image": b64, "decoding": "A" * 5000}), 413, "max_options_bytes"),
         Case("wrong content type", b"hello", {"Content-Type": "text/plain"}, 415, "not accepted"),
         Case("over-size image", b"\0" * (9 * 2**20), {"Content-Type": "image/png"}, 413, "over the limit of 8388608"),
     ]

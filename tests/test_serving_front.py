@@ -16,12 +16,12 @@ from clipcap import oip
 from clipcap.captioner import Captioner
 from clipcap.http_rows import request_row
 from clipcap.images import decode_image
-from clipcap.serving import CaptionService
+from clipcap.serving import PART_NAMES, CaptionService
 from clipcap.serving_config import ServingConfig
 from clipcap.serving_front import BAD_TOKEN, CaptionFront, FrontConfig
 from clipcap.serving_ray import BatchSettings, RayServeConfig, resolve_token
 from conftest import png_bytes, random_images
-from serving_cases import OPTIONS, cases, multipart
+from serving_cases import BOUNDARY, cases, multipart
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -30,21 +30,31 @@ field_names = st.text(st.characters(codec="ascii", categories=("L", "N")), min_s
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.dictionaries(field_names, st.binary(max_size=300), max_size=4), st.binary(max_size=2000))
+@given(st.lists(st.tuples(field_names, st.binary(max_size=300)), max_size=5), st.binary(max_size=2000))
 def test_multipart_parts_arrive_as_torchserve_rows(fields, image):
+    """Text fields (repeats included) then a file part: the row keeps each name's last value, the
+    headers carry every name in order and each part's content type, as the TorchServe handler records."""
     body, headers = multipart(image, {})
-    parts = [f'--clipcap-test-boundary\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
-             for name, value in fields.items() if name != "data"]
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+             for name, value in fields]
     row, row_headers = request_row(headers, b"".join(parts) + body)
-    assert row == {**{name: value for name, value in fields.items() if name != "data"}, "data": image}
-    assert row_headers == headers
+    assert row == {**dict(fields), "data": image}
+    assert row_headers[PART_NAMES] == [name for name, _ in fields] + ["data"]
+    assert row_headers["data"] == {"content-type": "image/png"}
+    assert all(row_headers[name] == {"content-type": ""} for name, _ in fields if name != "data")
+    assert row_headers["Content-Type"] == headers["Content-Type"]
 
 
 def test_bodies_and_query_strings_as_torchserve_rows():
-    assert request_row({"Content-Type": "image/png"}, b"\x89PNG") == ({"body": b"\x89PNG"}, {"Content-Type": "image/png"})
-    assert request_row({}, b"", "beam_size=3&seed=")[0] == {"beam_size": b"3", "seed": b"", "body": b""}
+    row, headers = request_row({"Content-Type": "image/png"}, b"\x89PNG")
+    assert row == {"body": b"\x89PNG"} and headers[PART_NAMES] == ["body"]
+    row, headers = request_row({}, b"", "beam_size=3&seed=")
+    assert row == {"beam_size": b"3", "seed": b"", "body": b""}
+    assert headers[PART_NAMES] == ["beam_size", "seed", "body"] and headers["seed"] == {"content-type": ""}
     # a multipart body without a boundary holds no part: CaptionService answers "empty request"
     assert request_row({"content-type": "multipart/form-data"}, b"junk")[0] == {}
+    # a header that names itself like the part list cannot stand in for it
+    assert request_row({PART_NAMES: "x"}, b"data")[1][PART_NAMES] == ["body"]
 
 
 @settings(max_examples=50, deadline=None)
@@ -70,8 +80,8 @@ def images():
 
 
 def _front(service, token=TOKEN, **config) -> CaptionFront:
-    async def caption_one(row, headers):
-        replies, _ = service.caption_batch(service.parse_batch([row], [headers]))
+    async def caption_one(row, headers, request_id):
+        replies, _ = service.caption_batch(service.parse_batch([row], [headers], [request_id]))
         return replies[0]
 
     return CaptionFront(FrontConfig(token=token, **config), caption_one)
@@ -113,6 +123,20 @@ def test_token_and_routes(service, images):
     assert _ask(front, "GET", "/ping")[:2] == (200, b'{"status": "Healthy"}')
     assert json.loads(_ask(front, "POST", "/predictions/other", images[0])[1])["type"] == "ModelNotFoundException"
     assert _ask(front, "GET", "/predictions/clipcap")[0] == 404
+    # /invocations and /<model>/predict pass the query string on as fields; /predictions drops it (TorchServe's routes)
+    beam = _library(service, images[:1], strategy="beam", beam_size=3)[0].token_ids
+    greedy = _library(service, images[:1])[0].token_ids
+    for path, query, expected in [("/invocations", "model_name=clipcap&decoding=beam&beam_size=3", beam),
+                                  ("/clipcap/predict", "decoding=beam&beam_size=3", beam),
+                                  ("/predictions/clipcap", "decoding=beam&beam_size=3", greedy)]:
+        status, body, _ = _ask(front, "POST", path, images[0], {"Content-Type": "image/png"}, query)
+        assert status == 200 and json.loads(body)["token_ids"] == expected, path
+    status, body, _ = _ask(front, "POST", "/clipcap/predict", images[0], {"Content-Type": "image/png"},
+                           "decoding=beam&decoding=greedy")
+    assert status == 400 and "sent more than once" in json.loads(body)["message"]
+    # the request id: the client's X-Request-ID (Ray Serve's proxy sets one when the client does not)
+    assert _ask(front, "GET", "/ping", headers={"X-Request-ID": "client-7"})[2]["x-request-id"] == "client-7"
+    assert len(_ask(front, "GET", "/ping")[2]["x-request-id"]) == 32
     assert _ask(_front(service, token=None), "POST", "/predictions/clipcap", images[0],
                 {"Authorization": "", "Content-Type": "image/png"})[0] == 200
 
