@@ -11,7 +11,6 @@ an embedded Ray is started on this machine (no dashboard, 127.0.0.1, no usage st
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -117,8 +116,11 @@ class CaptionReplica:
         return await self._batched((row, headers, request_id))
 
     async def _caption_rows(self, items: list[tuple[dict, dict, str]]) -> list[Reply]:
-        # In a thread: the replica keeps accepting requests, which form the next batch meanwhile.
-        return await asyncio.to_thread(self._caption_now, items)
+        # On the replica's user-code loop, not in a thread: @serve.batch forms the next batch as soon as one
+        # starts, so while a batch runs in a thread the next forms from a lone arrival plus the wait; with the
+        # loop busy, arrivals queue and the next batch takes them all, as TorchServe's does (measured: 32
+        # concurrent requests in 5 batches here, 8 to 13 from a thread). Ray's health checks run on another loop.
+        return self._caption_now(items)
 
     def _caption_now(self, items: list[tuple[dict, dict, str]]) -> list[Reply]:
         rows, headers, ids = (list(column) for column in zip(*items))

@@ -49,9 +49,10 @@ def _worker_memory_mb(pids: list[int]) -> dict:
 
 
 def _ray_replica_pids() -> list[int]:
-    from ray.util.state import list_actors
+    """The embedded Ray's replica processes: this process's descendants titled ray::ServeReplica:..."""
+    import psutil
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:")]
+    return [p.pid for p in psutil.Process().children(recursive=True) if "ServeReplica:" in " ".join(p.cmdline())]
 
 
 async def _load(config: FrontsConfig, targets: dict[str, tuple[str, str]], bodies: list, progress: bool) -> dict:
