@@ -160,13 +160,14 @@ def write_outputs(report: dict, out: Path) -> list[Path]:
         f"{front} {m['rss_mb']:.0f} / {m['uss_mb']:.0f}" for front, m in report["worker_memory"].items())]
     (out / "fronts.md").write_text("\n".join(lines) + "\n")
     figure, (latency_axis, rate_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for front in FRONTS:
+    for front, colour in zip(FRONTS, ("tab:blue", "tab:orange")):
         cells = sorted((c for c in report["cells"] if c["front"] == front and c["latency_ms"]),
                        key=lambda c: c["concurrency"])
         levels = [c["concurrency"] for c in cells]
         for quantile, style in (("p50", "-o"), ("p99", "--o")):
-            latency_axis.plot(levels, [c["latency_ms"][quantile] for c in cells], style, label=f"{front} {quantile}")
-        rate_axis.plot(levels, [c["requests_per_s"] for c in cells], "-o", label=front)
+            latency_axis.plot(levels, [c["latency_ms"][quantile] for c in cells], style, color=colour,
+                              label=f"{front} {quantile}")
+        rate_axis.plot(levels, [c["requests_per_s"] for c in cells], "-o", color=colour, label=front)
     latency_axis.set(xlabel="closed-loop clients", ylabel="latency (ms)", xscale="log", yscale="log")
     rate_axis.set(xlabel="closed-loop clients", ylabel="req/s", xscale="log")
     for axis in (latency_axis, rate_axis):
