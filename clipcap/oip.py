@@ -75,6 +75,8 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Infe
     if not isinstance(parameters, dict):
         raise ProtocolError(400, '"parameters" must be an object')
     outputs, binary_outputs = _requested_outputs(request.get("outputs"), parameters.get("binary_data_output") is True)
+    if INPUT_NAME in parameters:
+        raise ProtocolError(400, f'"{INPUT_NAME}" is the input tensor, not a parameter')
     options = {key: value for key, value in parameters.items() if key not in RESERVED_PARAMETERS}
     request_id = request.get("id")
     return InferRequest(images, options, request_id if isinstance(request_id, str) else None, outputs, binary_outputs)

@@ -165,10 +165,10 @@ class CaptionFront:
 
 
 def _image_row(image: bytes | str, options: dict, index: int) -> tuple[dict, dict]:
-    """One image of a v2 request as the JSON request form's row; image i of a seeded request samples
-    with seed + i, as item i of the `clipcap caption` command line does."""
+    """One image of a v2 request as a JSON request form's row (so every JSON rule and limit applies);
+    image i of a seeded request samples with seed + i, as item i of `clipcap caption` does."""
     seed = options.get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool):
         options = {**options, "seed": seed + index}
     text = image if isinstance(image, str) else base64.b64encode(image).decode()
-    return {"body": {"image": text, **options}}, dict(JSON_HEADERS)
+    return request_row(dict(JSON_HEADERS), json.dumps({"image": text, **options}).encode())

@@ -184,9 +184,16 @@ def test_v2_infer_one_bad_image_fails_the_request_with_its_index(service, images
                           ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": data[:1]}]}, "shape"),
                           ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [17], "data": data * 9}]}, "limit"),
                           ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": data[:1]}],
-                            "parameters": {"url": "x"}}, "unknown option")]:
+                            "parameters": {"url": "x"}}, "unknown option"),
+                          ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": data[:1]}],
+                            "parameters": {"image": data[0]}}, "not a parameter"),
+                          (["not", "an", "object"], "JSON object")]:
         status, body, _ = _ask(front, "POST", "/v2/models/clipcap/infer", json.dumps(bad).encode())
         assert status == 400 and fragment in json.loads(body)["error"], (bad, body)
+    too_long = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": data[:1]}],
+                "parameters": {"decoding": "A" * 5000}}  # CaptionService's JSON limits apply to each image's row
+    status, body, _ = _ask(front, "POST", "/v2/models/clipcap/infer", json.dumps(too_long).encode())
+    assert status == 413 and "max_options_bytes" in json.loads(body)["error"] and len(body) < 1000
 
 
 def test_v2_infer_with_tritonclient_encoding(service, images):
@@ -247,3 +254,12 @@ def test_the_rayservice_manifest_builds_the_application(monkeypatch):
     deployment = built._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == app["args"]["max_replicas"]
     assert deployment.init_args[2].token == "from-a-secret"
+
+
+def test_serve_ray_command_refuses_a_missing_model_config_before_starting_ray(tmp_path, capsys):
+    from clipcap import cli
+
+    assert cli.main(["serve-ray", "models/shapes-demo", "--model-config", str(tmp_path / "none.yaml"),
+                     "--token-file", str(tmp_path / "token")]) == 2
+    assert "none.yaml: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "token").exists()
