@@ -109,6 +109,16 @@ def load_pixels(data: bytes, image_size: int, mean: list[float], std: list[float
     return preprocess_image(image, image_size, mean, std)
 
 
+def load_pixels_file(path: str | Path, image_size: int, mean: list[float], std: list[float],
+                     formats: Iterable[str] = DEFAULT_FORMATS, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """`load_pixels` of a file; the ImageError names the file."""
+    data = read_image_file(path)
+    try:
+        return load_pixels(data, image_size, mean, std, formats, max_pixels)
+    except ImageError as error:
+        raise ImageError(f"{path}: {error}") from None
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                  formats: Iterable[str] = DEFAULT_FORMATS) -> Image.Image:
     """Bytes -> the whole upright 8-bit sRGB picture (module rules), or ImageError. `load_pixels` is
@@ -119,7 +129,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
 def load_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
                     formats: Iterable[str] = DEFAULT_FORMATS) -> Image.Image:
     """`decode_image` of a file; the ImageError names the file."""
-    return decode_image(read_image_file(path), max_pixels, formats)
+    data = read_image_file(path)
+    try:
+        return decode_image(data, max_pixels, formats)
+    except ImageError as error:
+        raise ImageError(f"{path}: {error}") from None
 
 
 def read_image_file(path: str | Path) -> bytes:
