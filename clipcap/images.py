@@ -57,6 +57,7 @@ DEFAULT_MAX_PIXELS = 36_000_000  # 6000x6000: above any camera a caption needs, 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 PROFILED_MODES = ("L", "CMYK")  # modes whose own ICC profile is applied before they become RGB
+RESAMPLED_MODES = ("RGB", "L")  # resampled as stored and colour-managed after, at the model's input size
 # PIL warns (and only warns) on images between its bomb limit and twice it; `open_image` decides itself.
 # A process-wide filter: warnings.catch_warnings is not thread-safe, and batches decode on threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -105,7 +106,7 @@ def load_pixels(data: bytes, image_size: int, mean: list[float], std: list[float
                 formats: Iterable[str] = DEFAULT_FORMATS, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Bytes -> model input float32 (3, image_size, image_size), decoding no more pixels than needed
     (module docstring), or ImageError; never another exception from the bytes."""
-    image = _decode(open_image(data, formats, max_pixels), shrink_to=image_size)
+    image = decode_upright(open_image(data, formats, max_pixels), shrink_to=image_size)
     return preprocess_image(image, image_size, mean, std)
 
 
@@ -123,7 +124,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                  formats: Iterable[str] = DEFAULT_FORMATS) -> Image.Image:
     """Bytes -> the whole upright 8-bit sRGB picture (module rules), or ImageError. `load_pixels` is
     cheaper for model input: it decodes a JPEG at the scale preprocessing needs."""
-    return to_srgb(_decode(open_image(data, formats, max_pixels), shrink_to=None))
+    image = decode_upright(open_image(data, formats, max_pixels), shrink_to=None)
+    return to_srgb(image, image.info.get("icc_profile"))
 
 
 def load_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -198,8 +200,9 @@ def _format_by_signature(data: bytes) -> str | None:
     return None
 
 
-def _decode(image: Image.Image, shrink_to: int | None) -> Image.Image:
-    """Decode an opened image upright; `shrink_to`: let a scaling decoder stop at that shorter side."""
+def decode_upright(image: Image.Image, shrink_to: int | None = None) -> Image.Image:
+    """Decode an opened image (`open_image`) upright, its mode as stored; `shrink_to`: a decoder that can
+    scale (`ImageFormat.shrinks_on_load`) stops at the smallest scale with both sides >= shrink_to."""
     try:
         if shrink_to is not None and FORMATS[image.format].shrinks_on_load:
             image.draft(None, (shrink_to, shrink_to))  # both sides >= shrink_to: the shorter one is too
@@ -214,9 +217,9 @@ def _decode(image: Image.Image, shrink_to: int | None) -> Image.Image:
     return image
 
 
-def to_srgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit sRGB: its ICC profile applied (module docstring), then `to_rgb`."""
-    profile = image.info.get("icc_profile")
+def to_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
+    """Any PIL image -> 8-bit sRGB: the ICC `profile` (the image's own, or None) applied (module
+    docstring), then `to_rgb`."""
     if not profile:
         return to_rgb(image)
     if image.mode not in PROFILED_MODES:
@@ -274,9 +277,9 @@ def preprocess(images: list[Image.Image], image_size: int, mean: list[float], st
 def preprocess_image(image: Image.Image, image_size: int, mean: list[float], std: list[float]) -> torch.Tensor:
     """CLIP preprocessing of one image: shorter side to `image_size` (bicubic), centre crop, normalise.
 
-    Any mode is accepted (`to_srgb`). Crop before anything else: only the pixels the bicubic filter
-    reads for the centre square are cut out, colour-managed and resampled, at the filter positions of
-    resizing the whole image, so the result equals the resize-then-crop path up to one 8-bit level per
+    Any mode is accepted (`to_srgb`; the image's ICC profile, if any, is applied). Crop before anything
+    else: only the pixels the bicubic filter reads for the centre square are cut out and resampled, at
+    the filter positions of resizing the whole image, so the result equals the resize-then-crop path up to one 8-bit level per
     resampling pass (Pillow takes the box in float32; measured on photo-like and noise images: at most
     1 level, on under 0.02% of samples) while memory no longer grows with the long side. With
     s = min(w, h) and m = 2 * max(1, s / image_size) + 2, preprocessing allocates, beyond the image:
@@ -284,8 +287,12 @@ def preprocess_image(image: Image.Image, image_size: int, mean: list[float], std
     when the mode is not RGB or a profile is embedded); Pillow's horizontal pass, image_size x (s + 2m)
     pixels (4 bytes a pixel in Pillow); and a few float32 arrays of 3 x image_size^2. A 6,000,000x6
     strip costs kilobytes, where resizing it whole made a 64,000,000x64 intermediate (~16 GB).
-    tests/test_images.py measures a strip's peak RSS. Returns float32 (3, image_size, image_size).
+    tests/test_images.py measures a strip's peak RSS. RGB and L images are resampled as stored and
+    converted to sRGB after, on image_size^2 pixels (a third of the colour-management cost of a phone
+    JPEG's 504x378 decode; tests/test_images.py bounds the difference to converting first); other modes
+    become sRGB on the cut-out. Returns float32 (3, image_size, image_size).
     """
+    profile = image.info.get("icc_profile")
     width, height = image.size
     scale = image_size / min(width, height)
     # The size the whole image would be resized to, and CLIP's centre crop of it, in its pixels...
@@ -298,12 +305,14 @@ def preprocess_image(image: Image.Image, image_size: int, mean: list[float], std
     margin_x, margin_y = math.ceil(2 * max(1.0, x_step)) + 1, math.ceil(2 * max(1.0, y_step)) + 1
     region = (max(0, math.floor(box[0]) - margin_x), max(0, math.floor(box[1]) - margin_y),
               min(width, math.ceil(box[2]) + margin_x), min(height, math.ceil(box[3]) + margin_y))
-    cut = to_srgb(image if region == (0, 0, width, height) else image.crop(region))
+    cut = image if region == (0, 0, width, height) else image.crop(region)
+    if cut.mode not in RESAMPLED_MODES:
+        cut, profile = to_srgb(cut, profile), None
     # Resampling the box on the cut-out, not on the whole image: on the whole image Pillow's 8-bit result
     # differed from resize-then-crop by up to 22 levels (a 37x500 noise image upscaled); here by at most 1.
     crop = cut.resize((image_size, image_size), Image.Resampling.BICUBIC,
                       box=(box[0] - region[0], box[1] - region[1], box[2] - region[0], box[3] - region[1]))
-    pixels = np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    pixels = np.asarray(to_srgb(crop, profile), dtype=np.float32).transpose(2, 0, 1) / 255.0
     mean_a = np.asarray(mean, dtype=np.float32)[:, None, None]
     std_a = np.asarray(std, dtype=np.float32)[:, None, None]
     return torch.from_numpy((pixels - mean_a) / std_a)
