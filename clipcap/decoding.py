@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from clipcap.quoting import quote, quote_names
 from clipcap.runtimes.base import Runtime
 
 STRATEGIES = ("greedy", "beam", "nucleus")
@@ -43,19 +44,24 @@ class DecodingOptions:
     MAX_TEMPERATURE = 10.0
 
     def validate(self, token_limit: int) -> "DecodingOptions":
-        """Check every option; `token_limit` is the most tokens the model's positions allow."""
-        if self.strategy not in STRATEGIES:
-            raise DecodingError(f"decoding must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.max_tokens is not None and not (_is_int(self.max_tokens) and 1 <= self.max_tokens <= token_limit):
-            raise DecodingError(f"max_tokens must be an integer in 1..{token_limit}, got {self.max_tokens!r}")
-        if not (_is_int(self.beam_size) and 1 <= self.beam_size <= self.MAX_BEAM_SIZE):
-            raise DecodingError(f"beam_size must be an integer in 1..{self.MAX_BEAM_SIZE}, got {self.beam_size!r}")
-        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise DecodingError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (_is_number(self.temperature) and 0 < self.temperature <= self.MAX_TEMPERATURE):
-            raise DecodingError(f"temperature must be in (0, {self.MAX_TEMPERATURE}], got {self.temperature!r}")
-        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
-            raise DecodingError(f"seed must be a non-negative integer, got {self.seed!r}")
+        """Check every option's type and range; `token_limit` is the most tokens the model's positions allow.
+        A message quotes a bad value only as `quote` does (a short prefix and its size)."""
+        def check(ok: bool, name: str, rule: str, value: Any) -> None:
+            if not ok:
+                raise DecodingError(f"{name} must be {rule}, got {quote(value)}")
+
+        check(isinstance(self.strategy, str) and self.strategy in STRATEGIES, "decoding",
+              f"one of {', '.join(STRATEGIES)}", self.strategy)
+        check(self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= token_limit),
+              "max_tokens", f"an integer in 1..{token_limit}", self.max_tokens)
+        check(_is_int(self.beam_size) and 1 <= self.beam_size <= self.MAX_BEAM_SIZE, "beam_size",
+              f"an integer in 1..{self.MAX_BEAM_SIZE}", self.beam_size)
+        check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        # Any positive temperature decodes stably (scaled_logits): a tiny one is the greedy limit.
+        check(_is_number(self.temperature) and 0 < self.temperature <= self.MAX_TEMPERATURE, "temperature",
+              f"a number in (0, {self.MAX_TEMPERATURE}]", self.temperature)
+        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "seed",
+              "an integer in 0..2**63-1", self.seed)
         return self
 
     def replace(self, **changes: Any) -> "DecodingOptions":
@@ -64,9 +70,9 @@ class DecodingOptions:
     @classmethod
     def from_request(cls, data: dict, defaults: "DecodingOptions") -> "DecodingOptions":
         """Options a client may set per request (`REQUEST_OPTIONS` keys); unknown keys are refused."""
-        unknown = sorted(set(data) - set(REQUEST_OPTIONS))
+        unknown = [key for key in data if key not in REQUEST_OPTIONS]
         if unknown:
-            raise DecodingError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(REQUEST_OPTIONS))}")
+            raise DecodingError(f"unknown option(s) {quote_names(unknown)}; known: {', '.join(REQUEST_OPTIONS)}")
         return defaults.replace(**{REQUEST_OPTIONS[key]: value for key, value in data.items()})
 
 
@@ -78,6 +84,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(rows, V) logits / temperature, in float64 and shifted so each row's maximum is 0.
+
+    Finite for every temperature in (0, MAX_TEMPERATURE], a subnormal one included: the top token
+    scores 0 and the others a negative number or -inf, never nan. So as the temperature shrinks,
+    sampling and beam search reach greedy decoding (ties aside) instead of overflowing.
+    """
+    logits = logits.double()
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+
+
 # ---------------------------------------------------------------------------------------------
 # Logits processors: small callables applied in order, (rows, V) -> (rows, V).
 
@@ -87,7 +104,7 @@ class Temperature:
         self.temperature = temperature
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits / self.temperature
+        return scaled_logits(logits, self.temperature)
 
 
 class TopP:
@@ -139,7 +156,7 @@ def _row_seeds(options: DecodingOptions, batch_size: int, seeds: Sequence[int] |
         raise DecodingError(f"seeds: one per row expected, got {len(seeds)} for {batch_size} rows")
     bad = [seed for seed in seeds if not (_is_int(seed) and 0 <= seed < 2**63)]
     if bad:
-        raise DecodingError(f"seeds must be non-negative integers below 2**63, got {bad[0]!r}")
+        raise DecodingError(f"seeds must be non-negative integers below 2**63, got {quote(bad[0])}")
     return seeds
 
 
@@ -155,7 +172,7 @@ def _nucleus_chooser(options: DecodingOptions, seeds: list[int]) -> Callable:
     def choose(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         for process in processors:
             logits = process(logits)
-        probs = logits.float().softmax(-1).cpu()
+        probs = logits.softmax(-1).cpu()
         picks = [torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(rows.tolist())]
         return torch.cat(picks).to(logits.device)
 
@@ -197,7 +214,7 @@ def _beam_search(runtime: Runtime, prefix: torch.Tensor, stop: torch.Tensor, max
     batch_size, k = prefix.shape[0], beam_size
     device = prefix.device
     logits, cache = runtime.step(prefix, runtime.new_cache(batch_size))
-    logprobs = (logits.float() / temperature).log_softmax(-1)  # (B, V)
+    logprobs = scaled_logits(logits, temperature).log_softmax(-1).float()  # (B, V)
     vocab = logprobs.shape[-1]
     scores, first = logprobs.topk(k, dim=-1)  # (B, K)
     beam_rows = torch.arange(batch_size, device=device).repeat_interleave(k)  # (B*K,)
@@ -211,7 +228,7 @@ def _beam_search(runtime: Runtime, prefix: torch.Tensor, stop: torch.Tensor, max
         if stopped.all():
             break
         logits, cache = runtime.step(runtime.embed(sequences[:, -1:]), cache)
-        logprobs = (logits.float() / temperature).log_softmax(-1)  # (B*K, V)
+        logprobs = scaled_logits(logits, temperature).log_softmax(-1).float()  # (B*K, V)
         logprobs[stopped] = float("-inf")
         logprobs[stopped, 0] = 0.0
         lengths = lengths + (~stopped).float()

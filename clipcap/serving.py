@@ -8,10 +8,14 @@ decode raises, its requests are captioned one by one, so only the failing one an
 handler's settings (`ServingConfig`) are clipcap.serving_config's; clipcap.export.mar packs a
 bundle, the handler and `model-config.yaml` into a `.mar`.
 
-Requests (TorchServe's own parsing already split multipart forms and decoded JSON):
+Requests (TorchServe's own parsing already split multipart forms; the handler has it pass JSON on as bytes):
 - raw image bytes as the body (Content-Type image/*, application/octet-stream or none);
-- multipart/form-data: one image part plus optional text fields named after `REQUEST_OPTIONS`;
+- multipart/form-data: one file part (the image) plus optional text fields named after `REQUEST_OPTIONS`;
 - application/json: {"image": "<base64>", "decoding": "beam", "beam_size": 3, ...}.
+Query-string parameters, where TorchServe passes them on, are fields like a form's. Every option is
+a JSON scalar, all of them within `max_options_bytes`; a name given twice, an unknown name, deep
+JSON are refused; a message quotes client input only through clipcap.quoting. Every log line about
+a request names it by TorchServe's request id (the X-Request-ID of its reply) and the client's own.
 URLs are never fetched: an image arrives in the request or not at all.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ import http
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +35,7 @@ import torch
 
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
 from clipcap.images import ImageError, decode_image
+from clipcap.quoting import quote, quote_names
 from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError
 
 if TYPE_CHECKING:
@@ -40,6 +46,10 @@ logger = logging.getLogger(__name__)
 JSON_TYPE = "application/json"
 MULTIPART_TYPE = "multipart/form-data"
 RAW_TYPES = ("application/octet-stream", "")  # plus every image/*: the bytes, not the header, decide the format
+# TorchServe's own routing parameter, passed to the handler as a field by /invocations?model_name=...
+TORCHSERVE_PARAMETERS = ("model_name",)
+# The handler lists every part and field name of a request here: TorchServe's row keeps one per name.
+PART_NAMES = "clipcap-part-names"
 HOW_TO_SEND = ('send the image as the raw body (Content-Type: image/png, image/jpeg, ...), as a multipart/form-data '
                'file part, or as JSON {"image": "<base64>"}')
 
@@ -62,6 +72,7 @@ class ServingError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.request_id = ""  # set by parse_batch: the request_label its log lines carry
 
     def reply(self) -> "Reply":
         # The same shape as TorchServe's own errors, so clients parse one format.
@@ -86,6 +97,7 @@ class ImageRequest:
     pixels: torch.Tensor  # (3, S, S) model input
     options: DecodingOptions  # validated against the server's bounds
     preprocess_ms: float  # reading, checking, decoding and preprocessing this request's image
+    request_id: str = ""  # set by parse_batch: the request_label its log lines carry
 
 
 @dataclass
@@ -125,17 +137,23 @@ class CaptionService:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def parse_batch(self, rows: list[dict], headers: list[dict]) -> list[ImageRequest | ServingError]:
-        """TorchServe rows (one dict per request: part name -> value) and their request headers."""
+    def parse_batch(self, rows: list[dict], headers: list[dict], request_ids: list[str] | None = None,
+                    ) -> list[ImageRequest | ServingError]:
+        """TorchServe rows (one dict per request: part name -> value), their request headers and the
+        server's request ids; each result carries its request's `request_label` for the log lines."""
         parsed: list[ImageRequest | ServingError] = []
-        for row, row_headers in zip(rows, headers):
+        for index, (row, row_headers) in enumerate(zip(rows, headers)):
+            request_id = request_label(request_ids[index] if request_ids else str(index), row_headers)
             try:
-                parsed.append(self.parse(row, row_headers))
+                result = self.parse(row, row_headers)
             except ServingError as error:
-                parsed.append(error)
+                logger.info("request %s refused: %d %s", request_id, error.status, error.message)
+                result = error
             except Exception:  # a bug must cost one request, never the batch or the worker
-                logger.exception("unexpected error while reading a request")
-                parsed.append(ServingError(500, "internal error while reading the request (logged on the server)"))
+                logger.exception("request %s: unexpected error while reading it", request_id)
+                result = ServingError(500, "internal error while reading the request (logged on the server)")
+            result.request_id = request_id
+            parsed.append(result)
         return parsed
 
     def parse(self, row: dict, headers: dict) -> ImageRequest:
@@ -143,17 +161,22 @@ class CaptionService:
         start = time.perf_counter()
         if all(_is_empty(value) for value in row.values()):
             raise ServingError(400, f"empty request: {HOW_TO_SEND}")
+        _refuse_repeated_parts(headers)
         content_type = _content_type(headers)
         if content_type == MULTIPART_TYPE:
-            payload, options = self._from_form(row)
+            payload, options = self._from_form(row, headers)
         elif content_type == JSON_TYPE:
             payload, options = self._from_json(row.get("body"))
+            fields = self._fields(row, headers)
+            _refuse_given_twice(set(options) & set(fields))
+            options.update(fields)
         elif content_type.startswith("image/") or content_type in RAW_TYPES:
-            payload, options = row.get("body"), {}
+            payload, options = row.get("body"), self._fields(row, headers)
             if not isinstance(payload, (bytes, bytearray)):
                 raise ServingError(400, f"no request body: {HOW_TO_SEND}")
         else:
-            raise ServingError(415, f"content type {content_type!r} is not accepted: {HOW_TO_SEND}")
+            raise ServingError(415, f"content type {quote(content_type)} is not accepted: {HOW_TO_SEND}")
+        self._check_options(options)
         try:
             options = DecodingOptions.from_request(options, self.defaults).validate(self.token_limit)
         except DecodingError as error:
@@ -167,11 +190,8 @@ class CaptionService:
         return ImageRequest(pixels, options, (time.perf_counter() - start) * 1e3)
 
     def _from_json(self, body: Any) -> tuple[bytes, dict]:
-        if isinstance(body, (bytes, bytearray)):  # TorchServe hands the bytes on when it cannot parse them
-            try:
-                body = json.loads(body)
-            except ValueError as error:
-                raise ServingError(400, f"body is not valid JSON ({error})") from None
+        if isinstance(body, (bytes, bytearray)):  # the handler has TorchServe hand on the bytes: read here
+            body = self._read_json(body)
         if not isinstance(body, dict):
             raise ServingError(400, 'a JSON body must be an object: {"image": "<base64>", "decoding": ..., ...}')
         image = body.get("image")
@@ -184,15 +204,55 @@ class CaptionService:
             raise ServingError(400, f'"image" is not valid base64 ({error})') from None
         return payload, {key: value for key, value in body.items() if key != "image"}
 
-    def _from_form(self, row: dict) -> tuple[bytes, dict]:
-        parts = [name for name in row if name not in REQUEST_OPTIONS]
-        if len(parts) != 1:
-            raise ServingError(400, f"a multipart request needs exactly one image part besides the option fields "
-                                    f"({', '.join(REQUEST_OPTIONS)}); got {', '.join(parts) or 'none'}")
-        payload = row[parts[0]]
+    def _read_json(self, raw: bytes) -> Any:
+        """The body's JSON, refused before parsing when it cannot fit the limits; a key given twice is refused."""
+        largest = 4 * -(-self.config.max_body_bytes // 3) + self.config.max_options_bytes + 64  # + "image" and braces
+        if len(raw) > largest:
+            raise ServingError(413, f"JSON body is {len(raw)} bytes, over the limit of {largest} bytes "
+                                    f"(a base64 image of handler.max_body_bytes and handler.max_options_bytes of options)")
+        try:
+            return json.loads(raw, object_pairs_hook=_object_without_repeated_keys)
+        except RecursionError:  # json's own limit on nesting: a client's "[[[[..." must not be a 500
+            raise ServingError(400, "body is not valid JSON: nested too deeply") from None
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError: their messages hold positions only
+            raise ServingError(400, f"body is not valid JSON ({error})") from None
+
+    def _from_form(self, row: dict, headers: dict) -> tuple[bytes, dict]:
+        files = [name for name in row if _is_file_part(name, headers)]
+        if len(files) != 1:
+            raise ServingError(400, f"a multipart request needs exactly one file part holding the image besides the "
+                                    f"option fields ({', '.join(REQUEST_OPTIONS)}); got {len(files)} file parts"
+                                    + (f": {quote_names(files)}" if files else ""))
+        payload = row[files[0]]
         if not isinstance(payload, (bytes, bytearray)):
-            raise ServingError(400, f"multipart part {parts[0]!r} holds no image bytes")
-        return payload, {name: _form_value(name, row[name]) for name in row if name in REQUEST_OPTIONS}
+            raise ServingError(400, f"multipart part {quote(files[0])} holds no image bytes")
+        return payload, self._fields(row, headers)
+
+    def _fields(self, row: dict, headers: dict) -> dict:
+        """The request's text fields: multipart fields, and query-string parameters where TorchServe passes them
+        (its /invocations and /{model}/predict routes do; /predictions/{model} drops the query string)."""
+        fields = {}
+        for name, value in row.items():
+            if name == "body" or name in TORCHSERVE_PARAMETERS or _is_file_part(name, headers):
+                continue
+            if not isinstance(value, (bytes, bytearray, str)):
+                raise ServingError(400, f"field {quote(name)} is not text")
+            if len(value) > self.config.max_options_bytes:
+                raise ServingError(413, f"field {quote(name)} is {len(value)} bytes, over the limit of "
+                                        f"{self.config.max_options_bytes} bytes (handler.max_options_bytes)")
+            fields[name] = _form_value(name, value)
+        return fields
+
+    def _check_options(self, options: dict) -> None:
+        """Every option value a JSON scalar, and all of them within handler.max_options_bytes."""
+        size = 0
+        for name, value in options.items():
+            if not (value is None or isinstance(value, (str, int, float))):  # bool is an int: refused by validate
+                raise ServingError(400, f"option {quote(name)} must be a string or a number, got {quote(value)}")
+            size += len(str(name)) + (len(value) if isinstance(value, str) else 24)  # a number fits in 24 characters
+        if size > self.config.max_options_bytes:
+            raise ServingError(413, f"the options are {size} bytes, over the limit of "
+                                    f"{self.config.max_options_bytes} bytes (handler.max_options_bytes)")
 
     def _check_size(self, size: int) -> None:
         if size > self.config.max_body_bytes:
@@ -236,10 +296,52 @@ class CaptionService:
             return [(indices, self.captioner.caption_pixels(pixels, options))]
         except Exception:  # never the worker, never a batch mate
             if len(indices) == 1:
-                logger.exception("captioning failed for request %d of the batch", indices[0])
+                logger.exception("request %s: captioning failed", requests[indices[0]].request_id)
                 return [(indices, None)]
-            logger.exception("batched captioning of %d requests failed; captioning them one by one", len(indices))
+            logger.exception("batched captioning of requests %s failed; captioning them one by one",
+                             ", ".join(requests[i].request_id for i in indices))
         return [run for i in indices for run in self._caption_group(requests, [i])]
+
+
+def request_label(request_id: str, headers: dict) -> str:
+    """How log lines name a request: the server's id (TorchServe answers it as X-Request-ID), and the
+    client's own X-Request-ID, quoted, when it sent one."""
+    client = next((v for k, v in headers.items() if k.lower() == "x-request-id" and isinstance(v, str)), None)
+    return request_id if client is None else f"{request_id} (X-Request-ID {quote(client, 64)})"
+
+
+def _refuse_repeated_parts(headers: dict) -> None:
+    """A part or field sent more than once: TorchServe keeps only the last in the row, the handler records
+    every name under PART_NAMES (a list; any other value there did not come from the handler)."""
+    names = headers.get(PART_NAMES)
+    if isinstance(names, list):
+        repeated = [name for name, count in Counter(names).items() if count > 1]
+        if repeated:
+            raise ServingError(400, f"part(s) or field(s) {quote_names(repeated)} sent more than once: send each once "
+                                    f"(a query-string parameter counts as a field)")
+
+
+def _refuse_given_twice(names: set) -> None:
+    if names:
+        raise ServingError(400, f"option(s) {quote_names(sorted(names))} given twice, in the JSON body and as a "
+                                f"field: give each once")
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        repeated = [key for key, count in Counter(keys).items() if count > 1]
+        raise ServingError(400, f"JSON key(s) {quote_names(repeated)} given more than once: give each once")
+    return dict(pairs)
+
+
+def _is_file_part(name: str, headers: dict) -> bool:
+    """TorchServe puts each part's own content type in the headers under its name: a file part has one,
+    a text field (or a query-string parameter) has ''. Without that entry, option names are fields."""
+    part = headers.get(name)
+    if isinstance(part, dict):
+        return bool(part.get("content-type"))
+    return name not in REQUEST_OPTIONS
 
 
 def _content_type(headers: dict) -> str:
@@ -258,10 +360,10 @@ def _form_value(name: str, value: Any) -> Any:
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
-            raise ServingError(400, f"form field {name!r} is not UTF-8 text") from None
+            raise ServingError(400, f"field {quote(name)} is not UTF-8 text") from None
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return value
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from clipcap.config import BundleError, dataclass_from_dict
 from clipcap.decoding import REQUEST_OPTIONS
 from clipcap.images import DEFAULT_MAX_PIXELS
+from clipcap.quoting import quote, quote_names
 
 MODEL_CONFIG_FILE = "model-config.yaml"
 
@@ -29,6 +30,7 @@ class ServingConfig:
     max_tokens: int | None = None  # the most tokens a request may ask for; None: the bundle's max_tokens
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height, read from the header before decoding
     max_body_bytes: int = 8 * 1024 * 1024  # image bytes (after base64); TorchServe's max_request_size caps HTTP
+    max_options_bytes: int = 4096  # a request's options (JSON keys besides "image", form fields) in all
 
     @classmethod
     def from_dict(cls, data: Any) -> "ServingConfig":
@@ -46,12 +48,13 @@ class ServingConfig:
                 raise ServingConfigError(f"{MODEL_CONFIG_FILE}: handler.{key} {message}")
 
         check(self.backend is None or self.backend in RUNTIMES, "backend",
-              f"{self.backend!r} is not a backend; known: {', '.join(RUNTIMES)}")
+              f"{quote(self.backend)} is not a backend; known: {', '.join(RUNTIMES)}")
         check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
-              f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+              f"must be auto, cpu, cuda or cuda:N, got {quote(self.device)}")
         unknown = sorted(set(self.defaults) - set(REQUEST_OPTIONS))
-        check(not unknown, "defaults", f"has unknown key(s) {', '.join(unknown)}; known: {', '.join(REQUEST_OPTIONS)}")
+        check(not unknown, "defaults", f"has unknown key(s) {quote_names(unknown)}; known: {', '.join(REQUEST_OPTIONS)}")
         check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")
         check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
         check(self.max_body_bytes >= 1, "max_body_bytes", "must be >= 1")
+        check(self.max_options_bytes >= 1, "max_options_bytes", "must be >= 1")
         return self

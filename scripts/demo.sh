@@ -4,7 +4,9 @@
 #   2. start TorchServe on 127.0.0.1:8080-8082, token authorization on      (serving/config.properties)
 #   3. wait for the model's worker, caption every samples/*.png over HTTP, print the captions
 #   4. print how to call the API yourself, then stop TorchServe and wait until its processes are gone
-# KEEP_SERVER=1 leaves TorchServe running instead (stop it with: .venv/bin/torchserve --stop).
+# KEEP_SERVER=1 leaves TorchServe running instead (stop it with: TMPDIR=build/demo-tmp .venv/bin/torchserve --stop).
+# TorchServe keeps its pid file in $TMPDIR: the demo's is build/demo-tmp, so `torchserve --stop` for another
+# server on this machine cannot stop the demo's, and the demo's stop cannot stop another.
 # CLIPCAP_NO_TOKEN=1 starts it without token authorization: for a local demo only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,7 @@ compgen -G "$SAMPLES/*.png" >/dev/null \
   || die "no $SAMPLES/*.png: recreate them with '$PY training/shapes.py --out samples --n 8 --seed 77 --samples'"
 for port in 8080 8081 8082; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "port $port is in use (TorchServe already running? stop it with '$TORCHSERVE --stop')"
+    die "port $port is in use (a TorchServe running? the demo's own stops with 'TMPDIR=build/demo-tmp $TORCHSERVE --stop')"
   fi
 done
 
@@ -38,7 +40,10 @@ if [ "${CLIPCAP_NO_TOKEN:-0}" = 1 ]; then
   echo "demo: token authorization OFF (CLIPCAP_NO_TOKEN=1): anyone on this machine can call the API"
 fi
 rm -f key_file.json  # TorchServe writes fresh keys here at every start
-pid_file="$("$PY" -c 'import tempfile; print(tempfile.gettempdir())')/.model_server.pid"
+# TMPDIR: TorchServe's pid file; TEMP: Java's temp dir and the workers' sockets. Both private to the demo.
+export TMPDIR="$PWD/build/demo-tmp" TEMP="$PWD/build/demo-tmp"
+mkdir -p "$TMPDIR"
+pid_file="$TMPDIR/.model_server.pid"
 "$TORCHSERVE" --start --ncs --ts-config serving/config.properties --models clipcap=clipcap.mar \
   "${token_flag[@]}" > build/torchserve.out 2>&1
 sleep 1
@@ -120,6 +125,7 @@ image=${images[0]}
 cat <<EOF
 
 Call the API yourself (token authorization on; TorchServe writes new keys to ./key_file.json at every start):
+  export TMPDIR=\$PWD/build/demo-tmp TEMP=\$PWD/build/demo-tmp   # the demo's private pid file and sockets
   .venv/bin/torchserve --start --ncs --ts-config serving/config.properties --models clipcap=clipcap.mar
   KEY=\$(.venv/bin/python -c 'import json; print(json.load(open("key_file.json"))["inference"]["key"])')
   curl -H "Authorization: Bearer \$KEY" -H "Content-Type: image/png" --data-binary @$image \\
@@ -128,10 +134,11 @@ Call the API yourself (token authorization on; TorchServe writes new keys to ./k
        -d '{"image": "'\$(base64 -w0 $image)'", "decoding": "beam", "beam_size": 3}' \\
        http://127.0.0.1:8080/predictions/clipcap
   curl -s http://127.0.0.1:8082/metrics | grep '^Clipcap'      # custom metrics (no token on the metrics port)
+  .venv/bin/python serving/healthcheck.py --key-file key_file.json   # a real caption within 5 s, or exit 1
   .venv/bin/torchserve --stop
 More in serving/README.md.
 EOF
 if [ "${KEEP_SERVER:-0}" = 1 ]; then
   echo "demo: TorchServe is still running (KEEP_SERVER=1): the commands above work now;"
-  echo "      stop it from this directory with: .venv/bin/torchserve --stop"
+  echo "      stop it from this directory with: TMPDIR=build/demo-tmp .venv/bin/torchserve --stop"
 fi

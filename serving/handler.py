@@ -4,10 +4,31 @@ Custom metrics (declared in serving/metrics.yaml, so the prometheus endpoint sho
 ClipcapBatchSize (histogram), ClipcapTokensGenerated (counter) and
 Clipcap{Preprocess,Encode,Decode}Seconds (histograms of per-batch stage time).
 """
+import os
+
 from ts.metrics.metric_type_enum import MetricTypes
+from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from clipcap.serving import BatchStats, CaptionService
+from clipcap.serving import PART_NAMES, BatchStats, CaptionService
+
+
+def _recording_part_names(retrieve):
+    """TorchServe folds a request's parts into one dict, a repeated name keeping its last part; this
+    records every name under PART_NAMES in the request's headers, so the service can refuse repeats."""
+    def retrieve_data_for_inference(batch):
+        headers, rows, ids = retrieve(batch)
+        for processor, request in zip(headers, batch):
+            processor.get_request_properties()[PART_NAMES] = [p["name"] for p in request["parameters"]]
+        return headers, rows, ids
+
+    return staticmethod(retrieve_data_for_inference)
+
+
+# Worker-wide, once when TorchServe imports this file. The worker hands JSON bodies on as bytes (it reads
+# this variable per request): clipcap.serving parses them itself, refusing repeated keys and deep nesting.
+os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
+Service.retrieve_data_for_inference = _recording_part_names(Service.retrieve_data_for_inference)
 
 
 class ClipCapHandler(BaseHandler):
@@ -19,7 +40,8 @@ class ClipCapHandler(BaseHandler):
 
     def preprocess(self, data):
         headers = [self.context.get_all_request_header(index) for index in range(len(data))]
-        return self.service.parse_batch(data, headers)
+        ids = [self.context.get_request_id(index) for index in range(len(data))]
+        return self.service.parse_batch(data, headers, ids)
 
     def inference(self, requests):
         replies, stats = self.service.caption_batch(requests)

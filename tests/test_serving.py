@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from clipcap.captioner import Captioner
@@ -58,7 +60,7 @@ def test_config_defaults_and_shipped_yaml():
     ({"max_tokens": 0}, "handler.max_tokens must be >= 1"),
     ({"backend": "nope"}, "handler.backend 'nope' is not a backend"),
     ({"device": "gpu"}, "handler.device must be auto, cpu, cuda or cuda:N"),
-    ({"defaults": {"beam": 3}}, "handler.defaults has unknown key(s) beam"),
+    ({"defaults": {"beam": 3}}, "handler.defaults has unknown key(s) 'beam'"),
     ({"max_body_bytes": -1}, "handler.max_body_bytes must be >= 1"),
     ([1, 2], "must be a JSON object"),
 ])
@@ -130,16 +132,16 @@ BAD_REQUESTS = [
      400, "beam_size must be an integer in 1..16"),
     ("max_tokens out of range", {"body": {"image": _b64(PNGS[0]), "max_tokens": 10_000}}, JSON, 400,
      "max_tokens must be an integer in 1..24"),
-    ("top_p wrong type", {"body": {"image": _b64(PNGS[0]), "top_p": "high"}}, JSON, 400, "top_p must be in"),
+    ("top_p wrong type", {"body": {"image": _b64(PNGS[0]), "top_p": "high"}}, JSON, 400, "top_p must be a number in"),
     ("unknown strategy", {"body": {"image": _b64(PNGS[0]), "decoding": "best"}}, JSON, 400, "decoding must be"),
     ("unknown option", {"body": {"image": _b64(PNGS[0]), "url": "http://example.com/a.png"}}, JSON, 400,
-     "unknown option(s): url"),
+     "unknown option(s) 'url'"),
     ("text body", {"body": "hello"}, {"Content-Type": "text/plain"}, 415, "content type 'text/plain'"),
     ("url-encoded form", {"image": "x"}, {"Content-Type": "application/x-www-form-urlencoded"}, 415,
      "not accepted"),
-    ("two image parts", {"a": bytearray(PNGS[0]), "b": bytearray(PNGS[1])}, FORM, 400, "exactly one image part"),
+    ("two image parts", {"a": bytearray(PNGS[0]), "b": bytearray(PNGS[1])}, FORM, 400, "exactly one file part"),
     ("form option not text", {"data": bytearray(PNGS[0]), "beam_size": bytearray(b"\xff\xfe")}, FORM, 400,
-     "form field 'beam_size' is not UTF-8"),
+     "field 'beam_size' is not UTF-8"),
 ]
 
 
@@ -379,3 +381,144 @@ def test_server_config_is_safe_and_fits_the_largest_request():
     handler = ServingConfig.from_dict(yaml.safe_load((SERVING / "model-config.yaml").read_text())["handler"])
     largest_json = 4 * -(-handler.max_body_bytes // 3) + 1024  # base64 of the largest image + JSON and options
     assert int(properties["max_request_size"]) >= largest_json
+
+
+# -- hostile clients: bounded replies, request forms, numeric edges (issue 18) ----------------------
+
+MAX_MESSAGE = 1000  # a refusal quotes at most a short prefix of what it refuses (clipcap.quoting)
+VALID_JSON = {"image": _b64(PNGS[0])}
+FIELD = {"content-type": ""}  # how TorchServe's headers mark a text field or a query-string parameter
+FILE = {"content-type": "image/png"}  # ... and a file part
+
+
+def _json_bytes(**options) -> bytearray:
+    return bytearray(json.dumps({**VALID_JSON, **options}).encode())
+
+
+HOSTILE = [  # (name, row, headers, status): what the issue's probe sent, and its relatives
+    ("7 MB decoding string", {"body": _json_bytes(decoding="A" * 7_000_000)}, JSON, 413),
+    ("max_tokens list of 1e6 ints", {"body": _json_bytes(max_tokens=list(range(1_000_000)))}, JSON, 400),
+    ("deep nesting", {"body": bytearray(b"[" * 100_000)}, JSON, 400),
+    ("deep nesting in an option", {"body": _json_bytes(decoding=0)[:-1] + b', "top_p": ' + b"[" * 100_000 + b"}"},
+     JSON, 400),
+    ("nested option", {"body": _json_bytes(top_p={"a": [1, 2]})}, JSON, 400),
+    ("100k unknown keys", {"body": bytearray(json.dumps({**VALID_JSON, **{f"k{i}": 1 for i in range(100_000)}})
+                                             .encode())}, JSON, 413),
+    ("long unknown key", {"body": _json_bytes(**{"u" * 3000: 1})}, JSON, 400),
+    ("huge integer", {"body": _json_bytes(seed=9 ** 4000)}, JSON, 400),
+    ("integer past JSON's digit limit", {"body": _json_bytes(seed=0)[:-2] + b"9" * 5000 + b"}"}, JSON, 400),
+    ("repeated JSON key", {"body": bytearray(b'{"image": "' + _b64(PNGS[0]).encode() + b'", "decoding": "beam", '
+                                             b'"decoding": "greedy"}')}, JSON, 400),
+    ("already-decoded 7 MB string", {"body": {**VALID_JSON, "decoding": "B" * 7_000_000}}, JSON, 413),
+    ("5 MB form field", {"data": bytearray(PNGS[0]), "decoding": bytearray(b"C" * 5_000_000)},
+     {**FORM, "data": FILE, "decoding": FIELD}, 413),
+    ("5 MB content type", {"body": bytearray(PNGS[0])}, {"Content-Type": "x/" + "D" * 5_000_000}, 415),
+    ("binary unknown field", {"data": bytearray(PNGS[0]), "\x00\xff" * 40: bytearray(b"1")},
+     {**FORM, "data": FILE, "\x00\xff" * 40: FIELD}, 400),
+]
+
+
+@pytest.mark.parametrize("name, row, headers, status", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_request_gets_a_short_refusal_and_its_batch_mates_their_captions(service, captioner, name, row,
+                                                                                 headers, status):
+    valid = [{"body": bytearray(PNGS[i])} for i in range(3)]
+    replies, stats = service.caption_batch(service.parse_batch(valid[:2] + [row] + valid[2:], [RAW] * 2 + [headers]
+                                                               + [RAW]))
+    assert replies[2].status == status, replies[2].body
+    assert len(json.dumps(replies[2].body)) < MAX_MESSAGE, replies[2].body["message"][:2000]
+    expected = captioner.caption_images(IMAGES[:3], service.defaults).captions
+    assert [r.body["token_ids"] for r in replies[:2] + replies[3:]] == [c.token_ids for c in expected]
+    assert stats.captioned == 3
+
+
+def test_unknown_form_field_is_named_as_an_unknown_option(service):
+    row = {"data": bytearray(PNGS[0]), "note": bytearray(b"hello"), "decoding": bytearray(b"beam")}
+    with pytest.raises(ServingError, match=r"unknown option\(s\) 'note'") as error:
+        service.parse(row, {**FORM, "data": FILE, "note": FIELD, "decoding": FIELD})
+    assert error.value.status == 400
+    with pytest.raises(ServingError, match="exactly one file part .*got 2 file parts: 'data', 'other'"):
+        service.parse({"data": bytearray(PNGS[0]), "other": bytearray(PNGS[1])}, {**FORM, "data": FILE, "other": FILE})
+    with pytest.raises(ServingError, match="got 0 file parts"):
+        service.parse({"decoding": bytearray(b"beam")}, {**FORM, "decoding": FIELD})
+
+
+@pytest.mark.parametrize("names", [["data", "data"], ["decoding", "data", "decoding"]])
+def test_repeated_parts_and_fields_are_refused(service, names):
+    """TorchServe's row keeps the last of a repeated name; the handler lists every name under PART_NAMES."""
+    from clipcap.serving import PART_NAMES
+
+    row = {"data": bytearray(PNGS[0]), "decoding": bytearray(b"beam")}
+    headers = {**FORM, "data": FILE, "decoding": FIELD, PART_NAMES: names}
+    with pytest.raises(ServingError, match="sent more than once") as error:
+        service.parse(row, headers)
+    assert error.value.status == 400 and repr(names[0]) in error.value.message
+    assert service.parse(row, {**headers, PART_NAMES: ["data", "decoding"]}).options.strategy == "beam"
+    assert service.parse(row, {**headers, PART_NAMES: "data,data"}).options.strategy == "beam"  # not the handler's
+
+
+def test_query_string_parameters_are_fields(service):
+    """Where TorchServe passes the query string (/invocations, /{model}/predict) its parameters are fields:
+    honoured like form fields in every request form; given twice (also in the JSON body) is a 400."""
+    beam = service.defaults.replace(strategy="beam", beam_size=3)
+    query = {"decoding": bytearray(b"beam"), "beam_size": bytearray(b"3"), "model_name": bytearray(b"clipcap")}
+    query_headers = {name: FIELD for name in query}
+    raw = service.parse({**query, "body": bytearray(PNGS[0])}, {**RAW, **query_headers})
+    as_json = service.parse({**query, "body": _json_bytes()}, {**JSON, **query_headers})
+    form = service.parse({**query, "data": bytearray(PNGS[0])}, {**FORM, **query_headers, "data": FILE})
+    assert raw.options == as_json.options == form.options == beam
+    with pytest.raises(ServingError, match=r"option\(s\) 'decoding' given twice") as error:
+        service.parse({**query, "body": _json_bytes(decoding="greedy")}, {**JSON, **query_headers})
+    assert error.value.status == 400
+    with pytest.raises(ServingError, match=r"unknown option\(s\) 'colour'"):
+        service.parse({"colour": bytearray(b"red"), "body": bytearray(PNGS[0])}, {**RAW, "colour": FIELD})
+
+
+def test_request_ids_in_log_lines(service, caplog, monkeypatch):
+    """Log lines name a request by the server's id and the client's X-Request-ID, quoted (no forged lines)."""
+    rows = [{"body": bytearray(b"junk")}, {"body": bytearray(b"junk")}, {"body": bytearray(PNGS[1])}]
+    headers = [{**RAW, "X-Request-ID": "client-7"}, {**RAW, "x-request-id": "bad id\nforged log line"}, RAW]
+    with caplog.at_level(logging.INFO, logger="clipcap.serving"):
+        parsed = service.parse_batch(rows, headers, ["ts-0", "ts-1", "ts-2"])
+    assert [r.request_id for r in parsed] == ["ts-0 (X-Request-ID 'client-7')",
+                                              "ts-1 (X-Request-ID 'bad id\\nforged log line')", "ts-2"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert "request ts-0 (X-Request-ID 'client-7') refused: 400" in messages[0]
+    assert all("\n" not in message for message in messages)
+    real = service.captioner.caption_pixels
+
+    def fail_alone(pixels, options):
+        if len(pixels) == 1:
+            raise RuntimeError("simulated")
+        return real(pixels, options)
+
+    monkeypatch.setattr(service.captioner, "caption_pixels", fail_alone)
+    with caplog.at_level(logging.INFO, logger="clipcap.serving"):
+        replies, _ = service.caption_batch(service.parse_batch(rows[2:], headers[2:], ["ts-9"]))
+    assert replies[0].status == 500
+    assert any("request ts-9: captioning failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True) | st.sampled_from(
+    [5e-324, 1e-320, 1e-45, 1e-38, 1e-30, 1e-8, 1.0, 10.0, 10.000001, 1e308, -0.0, -1e-38])
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "nucleus"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(temperature=FLOATS, top_p=FLOATS)
+def test_any_float_option_gives_a_caption_or_a_clean_refusal(service, strategy, temperature, top_p):
+    """Issue 18: temperature and top_p over the whole float range, through the JSON request path (the
+    float as JSON text, as a client sends it): a 200 of real tokens or a 400 naming the option, never a 500."""
+    body = json.dumps({**VALID_JSON, "decoding": strategy, "beam_size": 3, "max_tokens": 6, "seed": 1,
+                       "temperature": temperature, "top_p": top_p}).encode()  # NaN/Infinity as Python writes them
+    replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(body)}], [JSON]))
+    reply = replies[0]
+    valid = 0 < temperature <= 10 and 0 < top_p <= 1
+    if not valid:
+        assert reply.status == 400 and ("temperature" in reply.body["message"] or "top_p" in reply.body["message"])
+        return
+    assert reply.status == 200, reply.body
+    tokens = reply.body["token_ids"]
+    assert 1 <= len(tokens) <= 6 and all(0 <= t < service.captioner.config.gpt2.vocab_size for t in tokens)
+    if temperature < 1e-30:  # the greedy limit (nucleus and beam alike; ties aside, which random weights lack)
+        greedy = service.parse_batch([{"body": _json_bytes(max_tokens=6)}], [JSON])
+        assert tokens == service.caption_batch(greedy)[0][0].body["token_ids"]

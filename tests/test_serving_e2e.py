@@ -48,8 +48,10 @@ class TorchServe:
                      "metrics_address": f"http://127.0.0.1:{self.metrics}",
                      "grpc_inference_port": str(grpc_inference), "grpc_management_port": str(grpc_management),
                      "model_store": str(mar.parent), "metrics_config": str(ROOT / "serving" / "metrics.yaml")}
-        lines = [line for line in (ROOT / "serving" / "config.properties").read_text().splitlines()
-                 if line.split("=", 1)[0] not in overrides]
+        shipped = (ROOT / "serving" / "config.properties").read_text().splitlines()
+        vmargs = next(line.split("=", 1)[1] for line in shipped if line.startswith("vmargs="))
+        overrides["vmargs"] = vmargs.replace("=serving/", f"={ROOT / 'serving'}/")  # relative to the repository
+        lines = [line for line in shipped if line.split("=", 1)[0] not in overrides]
         (root / "config.properties").write_text("\n".join(lines + [f"{k}={v}" for k, v in overrides.items()]) + "\n")
         (root / "tmp").mkdir()
         # TMPDIR holds TorchServe's pid file, TEMP the workers' sockets: both private to this server.
@@ -335,12 +337,19 @@ def test_one_poison_in_a_batch_of_seven_valid_requests(served):
         ("corrupt image", valid[0][: len(valid[0]) // 2], "image/png", 400),
         ("bad options", json.dumps({"image": b64, "beam_size": 1000}).encode(), "application/json", 400),
         ("wrong content type", b"hello", "text/plain", 415),
+        # The issue's probe: replies that echoed these overflowed max_response_size and killed the worker.
+        ("7 MB decoding string", json.dumps({"image": b64, "decoding": "A" * 7_000_000}).encode(), "application/json",
+         413),
+        ("max_tokens list of 1e6 ints", json.dumps({"image": b64, "max_tokens": list(range(1_000_000))}).encode(),
+         "application/json", 400),
+        ("deep nesting", b"[" * 100_000, "application/json", 400),
         # Not a poison any more: an extreme strip gets the caption of its centre square, not a 500 for all.
         ("extreme strip", strip, "image/png", 200),
     ]
     # The blocker keeps the worker busy while the eight queue: decoding a 6000x6000 PNG (legal: at the pixel
     # limit, ~120 KB) takes ~0.6 s on an idle core and slows with the machine, as sending the eight does.
     blocker = (png_bytes(Image.new("RGB", (6000, 6000), (200, 30, 30))), "image/png")
+    worker = _worker_pids(server)
     for name, poison, content_type, status in poisons:
         for attempt in range(3):  # the batch is TorchServe's scheduling: retried if it split the eight
             count, total = _batch_sizes(server)
@@ -351,6 +360,7 @@ def test_one_poison_in_a_batch_of_seven_valid_requests(served):
             assert [s for s, _ in replies] == [200] * 7, f"{name}: {replies}"
             assert [body["token_ids"] for _, body in replies] == expected, name
             assert poison_reply[0] == status, f"{name}: {poison_reply}"
+            assert len(json.dumps(poison_reply[1])) < 1000, f"{name}: a long reply"  # quotes a short prefix at most
             if status == 200:
                 assert poison_reply[1]["token_ids"] == captioner.caption_images([decode_image(strip)]).captions[0].token_ids
             deadline = time.monotonic() + 30  # the frontend reads the worker's metric log lines asynchronously
@@ -362,6 +372,13 @@ def test_one_poison_in_a_batch_of_seven_valid_requests(served):
                 break
         else:
             pytest.fail(f"{name}: the eight requests never shared one batch in 3 rounds")
+    assert _worker_pids(server) == worker, "the worker restarted: a request took it down"
+
+
+def _worker_pids(server) -> list[int]:
+    status, body = server.get(server.management, f"/models/{server.model}", key="management")
+    assert status == 200
+    return sorted(int(w["pid"]) for w in json.loads(body)[0]["workers"] if w["status"] == "READY")
 
 
 def test_concurrent_load_zero_failures_and_batching(served):
@@ -389,6 +406,121 @@ def _metric(text: str, prefix: str, contains: str = "") -> float:
 def _shared_batches(text: str) -> float:
     """Batches of more than one request: all batches minus those in the histogram's le=1 bucket."""
     return _metric(text, "ClipcapBatchSize_count") - _metric(text, "ClipcapBatchSize_bucket{", 'le="1.0"')
+
+
+def _form(parts: list[tuple[str, bytes, str | None]]) -> tuple[bytes, dict]:
+    """multipart/form-data from (name, value, filename or None for a text field)."""
+    boundary = "clipcap-e2e"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+                    + (f'; filename="{filename}"\r\nContent-Type: image/png'.encode() if filename else b"")
+                    + b"\r\n\r\n" + value + b"\r\n" for name, value, filename in parts)
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_request_forms_query_strings_and_request_ids(served):
+    """Repeated parts, fields and JSON keys are 400s, unknown fields are unknown options; query strings
+    are fields where TorchServe passes them on; the client's X-Request-ID comes back and is logged."""
+    server, bundle, images = served
+    data = next(iter(images.values()))
+    captioner = Captioner.from_path(bundle)
+    beam = captioner.caption_images([decode_image(data)], captioner.default_options().replace(
+        strategy="beam", beam_size=3)).captions[0].token_ids
+    b64 = base64.b64encode(data).decode()
+    refused = [
+        ("two file parts", *_form([("data", data, "a.png"), ("data", data, "b.png")]), "sent more than once"),
+        ("repeated field", *_form([("data", data, "a.png"), ("decoding", b"beam", None), ("decoding", b"greedy", None)]),
+         "sent more than once"),
+        ("unknown field", *_form([("data", data, "a.png"), ("note", b"hi", None)]), "unknown option(s) 'note'"),
+        ("repeated JSON key", f'{{"image": "{b64}", "decoding": "beam", "decoding": "greedy"}}'.encode(),
+         {"Content-Type": "application/json"}, "given more than once"),
+    ]
+    for name, body, headers, fragment in refused:
+        status, reply = server.predict(body, headers)
+        assert status == 400 and fragment in reply["message"], f"{name}: {status} {reply}"
+    # /invocations (and /{model}/predict) pass the query string on: honoured like form fields.
+    for path in (f"/invocations?model_name={server.model}&decoding=beam&beam_size=3",
+                 f"/{server.model}/predict?decoding=beam&beam_size=3"):
+        status, raw = server.request(server.inference, "POST", path, data, {"Content-Type": "image/png"})
+        assert status == 200 and json.loads(raw)["token_ids"] == beam, path
+    status, raw = server.request(server.inference, "POST", f"/{server.model}/predict?decoding=nope", data,
+                                 {"Content-Type": "image/png"})
+    assert status == 400 and "decoding must be one of" in json.loads(raw)["message"]
+    # The handler's log line about a request names TorchServe's id (the reply's X-Request-ID) and the client's.
+    connection = http.client.HTTPConnection("127.0.0.1", server.inference, timeout=60)
+    connection.request("POST", f"/predictions/{server.model}", body=b"junk", headers={
+        "Content-Type": "image/png", "X-Request-ID": "e2e-refused-17", "Authorization": f"Bearer {server.key('inference')}"})
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    line = f"request {response.getheader('X-Request-ID')} (X-Request-ID 'e2e-refused-17') refused: 400"
+    assert response.status == 400
+    model_log = server.root / "logs" / "model_log.log"
+    deadline = time.monotonic() + 30  # the frontend writes the worker's output asynchronously
+    while line not in model_log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"not in model_log.log: {line}"
+        time.sleep(0.2)
+
+
+def test_float_edges_through_torchserve(served):
+    """A few of the issue's numeric edges through the real server: the greedy limit, or a 400."""
+    server, bundle, images = served
+    data = next(iter(images.values()))
+    b64 = base64.b64encode(data).decode()
+    greedy = server.predict(data, {"Content-Type": "image/png"})[1]["token_ids"]
+    for strategy in ("nucleus", "beam"):
+        for temperature in ("1e-38", "5e-324"):
+            body = f'{{"image": "{b64}", "decoding": "{strategy}", "temperature": {temperature}}}'.encode()
+            status, reply = server.predict(body, {"Content-Type": "application/json"})
+            assert status == 200 and reply["token_ids"] == greedy, (strategy, temperature, reply)
+        for temperature in ("NaN", "Infinity", "-1e-38", "1e309", '"0.5"'):
+            body = f'{{"image": "{b64}", "decoding": "{strategy}", "temperature": {temperature}}}'.encode()
+            status, reply = server.predict(body, {"Content-Type": "application/json"})
+            assert status == 400 and "temperature must be" in reply["message"], (strategy, temperature, reply)
+
+
+def test_operations_config_heap_and_logs(served):
+    """config.properties' vmargs reach Java (bounded heap, serving/log4j2.xml): rotated logs, no line twice."""
+    server, _, _ = served
+    java = server.processes[0].cmdline()
+    assert "-Xmx1g" in java and f"-Dlog4j.configurationFile={ROOT / 'serving' / 'log4j2.xml'}" in java
+    for log in ("ts_log.log", "model_log.log", "access_log.log"):
+        lines = (server.root / "logs" / log).read_text(errors="replace").splitlines()
+        assert lines, f"{log} is empty"
+        twice = [a for a, b in zip(lines, lines[1:]) if a == b]
+        assert not twice, f"{log} writes lines twice: {twice[:3]}"
+
+
+def _healthcheck(server, timeout_s: float) -> int:
+    return subprocess.run([sys.executable, str(ROOT / "serving" / "healthcheck.py"), "--url",
+                           f"http://127.0.0.1:{server.inference}", "--model", server.model, "--timeout", str(timeout_s),
+                           "--key-file", str(server.root / "key_file.json")], capture_output=True, timeout=120).returncode
+
+
+def test_healthcheck_fails_while_no_worker_can_caption(served):
+    """/ping says Healthy with the worker hung (SIGSTOP) or dead (SIGKILL); serving/healthcheck.py, a real
+    caption within a deadline, fails while the worker is stopped and passes again once a worker captions."""
+    import signal
+
+    import psutil
+
+    server, _, _ = served
+    assert _healthcheck(server, 30) == 0
+    (worker,) = _worker_pids(server)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        assert server.get(server.inference, "/ping")[0] == 200  # the frontend's answer: it cannot tell
+        assert _healthcheck(server, 2) == 1
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert _healthcheck(server, 30) == 0
+    os.kill(worker, signal.SIGKILL)
+    assert server.get(server.inference, "/ping")[0] == 200
+    deadline = time.monotonic() + START_TIMEOUT_S  # TorchServe starts a new worker: the check passes through it
+    while _healthcheck(server, 5) != 0:
+        assert time.monotonic() < deadline, "no worker captioned after the kill"
+    (replacement,) = _worker_pids(server)
+    assert replacement != worker
+    server.processes.append(psutil.Process(replacement))  # stopped and checked with the others
 
 
 def test_stop_leaves_no_process_behind(served):

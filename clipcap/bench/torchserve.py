@@ -41,8 +41,10 @@ class LocalTorchServe:
                      "metrics_address": f"http://127.0.0.1:{metrics}", "grpc_inference_port": str(grpc_inference),
                      "grpc_management_port": str(grpc_management), "model_store": str(Path(model_store).resolve()),
                      "metrics_config": str(repo / "serving" / "metrics.yaml")}
-        lines = [line for line in (repo / "serving" / "config.properties").read_text().splitlines()
-                 if line.split("=", 1)[0] not in overrides]
+        shipped = (repo / "serving" / "config.properties").read_text().splitlines()
+        vmargs = next(line.split("=", 1)[1] for line in shipped if line.startswith("vmargs="))
+        overrides["vmargs"] = vmargs.replace("=serving/", f"={repo.resolve() / 'serving'}/")  # the log4j2 file
+        lines = [line for line in shipped if line.split("=", 1)[0] not in overrides]
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "config.properties").write_text("\n".join(lines + [f"{k}={v}" for k, v in overrides.items()]) + "\n")
         (self.root / "tmp").mkdir(exist_ok=True)

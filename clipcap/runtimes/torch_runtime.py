@@ -48,9 +48,10 @@ class TorchRuntime:
         batch, length, _ = embeds.shape
         past = cache.get_seq_length()
         positions = torch.arange(past, past + length, device=self.device).expand(batch, length)
-        out = self.model.gpt(inputs_embeds=embeds, past_key_values=cache, position_ids=positions,
+        # `cache=`: the keyword transformers keeps (`past_key_values` is deprecated, removed in 5.40).
+        out = self.model.gpt(inputs_embeds=embeds, cache=cache, position_ids=positions,
                              use_cache=True, logits_to_keep=1)  # only the last position's logits are used
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), out.cache
 
     def select(self, cache, index: torch.Tensor):
         cache.reorder_cache(index.to(self.device))

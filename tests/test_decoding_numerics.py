@@ -1,0 +1,86 @@
+"""Every float option over the whole float range (issue 18), in the library and the CLI: a caption of
+real tokens or a clean refusal. Tiny temperatures are the greedy limit, computed stably."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clipcap.cli import main
+from clipcap.decoding import STRATEGIES, DecodingError, DecodingOptions, Temperature, TopP, generate, scaled_logits
+from clipcap.formats.model_bundle import load_bundle
+from clipcap.images import preprocess
+from clipcap.runtimes.torch_runtime import TorchRuntime
+from conftest import random_images
+
+# Every float hypothesis draws (subnormals, +-0, +-inf, nan, huge) and the edges the issue's probe hit.
+FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True) | st.sampled_from(
+    [5e-324, 1e-320, 1e-45, 1e-38, 1e-30, 1e-8, 1.0, 10.0, 10.000001, 1e308, -0.0, -1e-38, math.nan, math.inf])
+TOKENS = 6
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _in_range(temperature: float, top_p: float) -> bool:
+    return 0 < temperature <= DecodingOptions.MAX_TEMPERATURE and 0 < top_p <= 1
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    runtime = TorchRuntime(bundle.model)
+    clip = bundle.config.clip
+    prefix = runtime.encode(preprocess(random_images(3), clip.image_size, clip.mean, clip.std))
+    greedy = generate(runtime, prefix, DecodingOptions(), bundle.config.tokenizer.stop_token_ids, TOKENS)
+    return bundle, runtime, prefix, greedy
+
+
+@given(temperature=st.floats(min_value=5e-324, max_value=10.0), seed=st.integers(0, 2**32))
+def test_scaled_logits_are_finite_at_the_top_and_never_nan(temperature, seed):
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(seed)) * 30
+    scaled = scaled_logits(logits, temperature)
+    assert not scaled.isnan().any()
+    assert (scaled.amax(-1) == 0).all()  # each row's top token, whatever the temperature
+    probs = scaled.softmax(-1)
+    assert not probs.isnan().any() and torch.allclose(probs.sum(-1), torch.ones(4, dtype=torch.float64))
+    assert (probs.argmax(-1) == logits.argmax(-1)).all()
+    kept = TopP(0.5)(Temperature(temperature)(logits))
+    assert kept.isfinite().any(-1).all()  # top_p always keeps at least the top token
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@SETTINGS
+@given(temperature=FLOATS, top_p=FLOATS)
+def test_library_any_float_gives_real_tokens_or_a_clean_refusal(setup, strategy, temperature, top_p):
+    bundle, runtime, prefix, greedy = setup
+    options = DecodingOptions(strategy=strategy, beam_size=3, temperature=temperature, top_p=top_p, seed=5)
+    if not _in_range(temperature, top_p):
+        with pytest.raises(DecodingError, match="temperature|top_p"):
+            options.validate(token_limit=TOKENS)
+        return
+    options.validate(token_limit=TOKENS)
+    tokens = generate(runtime, prefix, options, bundle.config.tokenizer.stop_token_ids, TOKENS)
+    assert all(1 <= len(row) <= TOKENS and all(0 <= t < bundle.config.gpt2.vocab_size for t in row) for row in tokens)
+    if temperature < 1e-30:  # the greedy limit, beam and nucleus alike (ties aside: random weights have none)
+        assert tokens == greedy
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(temperature=FLOATS, top_p=FLOATS)
+def test_cli_any_float_gives_captions_or_exit_2(tiny_bundle, tmp_path_factory, capsys, strategy, temperature, top_p):
+    embeddings = tmp_path_factory.getbasetemp() / "numerics-embeddings.npy"
+    if not embeddings.exists():
+        np.save(embeddings, np.random.default_rng(0).standard_normal((2, 24)).astype(np.float32))
+    code = main(["caption-embeddings", str(tiny_bundle), str(embeddings), "--json", "--decoding", strategy,
+                 "--beam-size", "3", "--max-tokens", str(TOKENS), "--seed", "3",
+                 f"--temperature={temperature!r}", f"--top-p={top_p!r}"])  # "=": argparse reads -1e-38 as a value
+    out, err = capsys.readouterr()
+    if not _in_range(temperature, top_p):
+        assert code == 2 and ("temperature" in err or "top_p" in err), err
+        return
+    assert code == 0, err
+    rows = json.loads(out)
+    assert len(rows) == 2 and all(1 <= len(row["token_ids"]) <= TOKENS for row in rows)
