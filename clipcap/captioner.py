@@ -13,7 +13,7 @@ from PIL import Image
 from clipcap.config import BundleError, ClipCapConfig
 from clipcap.decoding import DecodingOptions, generate
 from clipcap.formats.model_bundle import load_config, load_tokenizer
-from clipcap.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_pixels, load_pixels_file, preprocess, preprocess_image
+from clipcap.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_pixels, load_pixels_file, preprocess
 from clipcap.runtimes import Runtime, open_runtime
 from clipcap.tokenizer import CaptionTokenizer
 
@@ -67,11 +67,6 @@ class Captioner:
         """`load_pixels` of a file; the ImageError names it."""
         clip = self.config.clip
         return load_pixels_file(path, clip.image_size, clip.mean, clip.std, formats, max_pixels)
-
-    def preprocess_one(self, image: Image.Image) -> torch.Tensor:
-        """One image -> (3, S, S) pixels; stack rows for `caption_pixels` (serving does, one per request)."""
-        clip = self.config.clip
-        return preprocess_image(image, clip.image_size, clip.mean, clip.std)
 
     def caption_images(self, images: list[Image.Image], options: DecodingOptions | None = None,
                        seeds: Sequence[int] | None = None) -> CaptionBatch:

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pillow_heif.HeifImagePlugin  # noqa: F401  (registers the HEIF writer the tests save with)
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
