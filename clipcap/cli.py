@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clipcap.config import BundleError
 from clipcap.decoding import STRATEGIES, DecodingError, DecodingOptions
-from clipcap.images import ImageError, load_image_file
+from clipcap.images import DEFAULT_FORMATS, ImageError, check_formats
 from clipcap.runtimes import RUNTIMES, RuntimeUnavailable
 
 USER_ERRORS = (BundleError, ImageError, DecodingError, RuntimeUnavailable)
@@ -29,6 +29,18 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
                         help="default: the one the bundle's kind needs (model: torch, export: onnxruntime, ...)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text lines")
+
+
+def _add_formats_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--formats", type=_formats, default=DEFAULT_FORMATS, metavar="JPEG,PNG,...",
+                        help=f"image formats accepted (default: {','.join(DEFAULT_FORMATS)})")
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    try:
+        return check_formats(name.strip() for name in text.split(",") if name.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _options(args: argparse.Namespace) -> DecodingOptions:
@@ -64,21 +76,24 @@ def _open(args: argparse.Namespace):
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    import torch
+
     captioner = _open(args)
     options = _options(args).validate(captioner.token_limit)
-    images, names, positions, failed = [], [], [], 0
+    pixels, names, positions, failed = [], [], [], 0
     for position, name in enumerate(args.images):
         try:
-            images.append(load_image_file(name))
+            pixels.append(captioner.load_pixels_file(name, args.formats))
             names.append(name)
             positions.append(position)  # on the command line: a skipped file does not shift the seeds
         except ImageError as error:  # report, skip, and caption the others
             print(f"error: {error}", file=sys.stderr)
             failed += 1
     results = []
-    for start, chunk in _chunks(images, args.batch_size):
+    for start, chunk in _chunks(pixels, args.batch_size):
         seeds = _seeds(options, positions[start:start + len(chunk)])
-        for name, caption in zip(names[start:], captioner.caption_images(chunk, options, seeds).captions):
+        batch = captioner.caption_pixels(torch.stack(chunk), options, seeds)
+        for name, caption in zip(names[start:], batch.captions):
             results.append({"image": name, "caption": caption.caption, "token_ids": caption.token_ids})
     _print_results(results, "image", args.json)
     return 2 if failed else 0
@@ -115,7 +130,7 @@ def cmd_caption_dataset(args: argparse.Namespace) -> int:
 
     config = BulkConfig(bundle=args.bundle, source=args.input, out=args.out, options=_options(args),
                         backend=args.backend, device=args.device, batch_size=args.batch_size,
-                        shard_size=args.shard_size, embeddings=args.embeddings, engine=args.engine,
+                        shard_size=args.shard_size, embeddings=args.embeddings, formats=args.formats, engine=args.engine,
                         ray_address=args.ray_address, actors=args.actors, num_gpus=args.num_gpus)
     try:
         manifest = caption_dataset(config)
@@ -193,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     caption = commands.add_parser("caption", help="caption image files")
     _add_decoding_flags(caption)
+    _add_formats_flag(caption)
     caption.add_argument("images", nargs="+", metavar="IMAGE")
     caption.set_defaults(run=cmd_caption)
 
@@ -203,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dataset = commands.add_parser("caption-dataset", help="caption a collection into Parquet shards (resumable)")
     _add_decoding_flags(dataset)
+    _add_formats_flag(dataset)
     dataset.add_argument("input", metavar="INPUT", help="folder of images, .txt/.csv/.parquet list, or WebDataset .tar(s)")
     dataset.add_argument("--out", required=True, help="output folder: part-NNNNN.parquet shards + manifest.json")
     dataset.add_argument("--shard-size", type=int, default=1000, help="rows per shard (the work a kill can lose)")
