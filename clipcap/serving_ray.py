@@ -45,6 +45,9 @@ class RayServeConfig:
     target_ongoing_requests: float = 8.0  # autoscaling's target per replica: about one batch in flight
     cpus_per_replica: float = 1.0  # Ray CPUs each replica reserves
     gpus_per_replica: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    # Per replica; None: 8 x batchSize. Requests past it wait in Ray's router, which backs off while every
+    # replica is full: at 2 x batchSize an overloaded replica answered 9 req/s of its 40 (benchmarks/README).
+    max_ongoing_requests: int | None = None
     max_queued_requests: int = 100  # waiting beyond every replica's batches: 503, as TorchServe's job_queue_size
     token: str | None = None  # the bearer token; None: generate one and write it to token_file (unless no_auth)
     token_file: str = "serve-ray-token"  # where a generated token is written, mode 0600
@@ -163,7 +166,7 @@ def build_app(config: RayServeConfig, token: str | None, gpus_in_cluster: float 
                                           "target_ongoing_requests": config.target_ongoing_requests}}
     deployment = serve.deployment(
         CaptionReplica, name="CaptionReplica", **scaling,
-        max_ongoing_requests=2 * settings.max_batch_size,  # one batch being captioned, the next one forming
+        max_ongoing_requests=config.max_ongoing_requests or 8 * settings.max_batch_size,
         max_queued_requests=config.max_queued_requests,
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": gpus})
     front = FrontConfig(model_name=config.model_name, token=token, max_request_bytes=config.max_request_bytes,

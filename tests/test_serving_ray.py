@@ -28,7 +28,7 @@ from clipcap.serving_ray import RayServeConfig, RayServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE, SAMPLES = ROOT / "models" / "shapes-demo", ROOT / "samples"
-MAX_ONGOING = 16  # per replica: 2 x batchSize (serving/model-config.yaml), so at most this many die with one
+MAX_ONGOING = 64  # per replica: 8 x batchSize (serving/model-config.yaml), so at most this many die with one
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (BUNDLE / "clipcap.json").exists(), reason="no demo bundle")]
 
