@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from PIL import Image
 from clipcap.config import BundleError, ClipCapConfig
 from clipcap.decoding import DecodingOptions, generate
 from clipcap.formats.model_bundle import load_config, load_tokenizer
-from clipcap.images import preprocess, preprocess_image
+from clipcap.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_pixels, load_pixels_file, preprocess
 from clipcap.runtimes import Runtime, open_runtime
 from clipcap.tokenizer import CaptionTokenizer
 
@@ -55,10 +55,18 @@ class Captioner:
         clip = self.config.clip
         return preprocess(images, clip.image_size, clip.mean, clip.std)
 
-    def preprocess_one(self, image: Image.Image) -> torch.Tensor:
-        """One image -> (3, S, S) pixels; stack rows for `caption_pixels` (serving does, one per request)."""
+    def load_pixels(self, data: bytes, formats: Iterable[str] = DEFAULT_FORMATS,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Image bytes -> (3, S, S) pixels by clipcap.images.load_pixels (a JPEG decoded at the scale this
+        bundle's input needs), or ImageError. Stack rows for `caption_pixels`."""
         clip = self.config.clip
-        return preprocess_image(image, clip.image_size, clip.mean, clip.std)
+        return load_pixels(data, clip.image_size, clip.mean, clip.std, formats, max_pixels)
+
+    def load_pixels_file(self, path: str | Path, formats: Iterable[str] = DEFAULT_FORMATS,
+                         max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """`load_pixels` of a file; the ImageError names it."""
+        clip = self.config.clip
+        return load_pixels_file(path, clip.image_size, clip.mean, clip.std, formats, max_pixels)
 
     def caption_images(self, images: list[Image.Image], options: DecodingOptions | None = None,
                        seeds: Sequence[int] | None = None) -> CaptionBatch:

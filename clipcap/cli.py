@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clipcap.config import BundleError
 from clipcap.decoding import STRATEGIES, DecodingError, DecodingOptions
-from clipcap.images import ImageError, load_image_file
+from clipcap.images import DEFAULT_FORMATS, ImageError, check_formats
 from clipcap.runtimes import RUNTIMES, RuntimeUnavailable
 
 USER_ERRORS = (BundleError, ImageError, DecodingError, RuntimeUnavailable)
@@ -29,6 +29,18 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
                         help="default: the one the bundle's kind needs (model: torch, export: onnxruntime, ...)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text lines")
+
+
+def _add_formats_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--formats", type=_formats, default=DEFAULT_FORMATS, metavar="JPEG,PNG,...",
+                        help=f"image formats accepted (default: {','.join(DEFAULT_FORMATS)})")
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    try:
+        return check_formats(name.strip() for name in text.split(",") if name.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _options(args: argparse.Namespace) -> DecodingOptions:
@@ -64,21 +76,24 @@ def _open(args: argparse.Namespace):
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    import torch
+
     captioner = _open(args)
     options = _options(args).validate(captioner.token_limit)
-    images, names, positions, failed = [], [], [], 0
+    pixels, names, positions, failed = [], [], [], 0
     for position, name in enumerate(args.images):
         try:
-            images.append(load_image_file(name))
+            pixels.append(captioner.load_pixels_file(name, args.formats))
             names.append(name)
             positions.append(position)  # on the command line: a skipped file does not shift the seeds
         except ImageError as error:  # report, skip, and caption the others
             print(f"error: {error}", file=sys.stderr)
             failed += 1
     results = []
-    for start, chunk in _chunks(images, args.batch_size):
+    for start, chunk in _chunks(pixels, args.batch_size):
         seeds = _seeds(options, positions[start:start + len(chunk)])
-        for name, caption in zip(names[start:], captioner.caption_images(chunk, options, seeds).captions):
+        batch = captioner.caption_pixels(torch.stack(chunk), options, seeds)
+        for name, caption in zip(names[start:], batch.captions):
             results.append({"image": name, "caption": caption.caption, "token_ids": caption.token_ids})
     _print_results(results, "image", args.json)
     return 2 if failed else 0
@@ -115,7 +130,7 @@ def cmd_caption_dataset(args: argparse.Namespace) -> int:
 
     config = BulkConfig(bundle=args.bundle, source=args.input, out=args.out, options=_options(args),
                         backend=args.backend, device=args.device, batch_size=args.batch_size,
-                        shard_size=args.shard_size, embeddings=args.embeddings, engine=args.engine,
+                        shard_size=args.shard_size, embeddings=args.embeddings, formats=args.formats, engine=args.engine,
                         ray_address=args.ray_address, actors=args.actors, num_gpus=args.num_gpus)
     try:
         manifest = caption_dataset(config)
@@ -161,12 +176,39 @@ def cmd_import_original(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_ray(args: argparse.Namespace) -> int:
+    import os
+
+    from clipcap.serving_config import ServingConfigError
+    from clipcap.serving_ray import RayServeConfig, RayServer
+
+    config = RayServeConfig(bundle=args.bundle, model_config=args.model_config, host=args.host, port=args.port,
+                            model_name=args.model_name, replicas=args.replicas, max_replicas=args.max_replicas,
+                            min_replicas=args.min_replicas, gpus_per_replica=args.gpus_per_replica,
+                            token=os.environ.get("CLIPCAP_SERVE_TOKEN"), token_file=args.token_file,
+                            no_auth=args.no_auth, ray_address=args.ray_address, metrics_port=args.metrics_port)
+    try:
+        with RayServer(config) as server:
+            where = "no token (--no-auth)" if server.token is None else (
+                "the token from $CLIPCAP_SERVE_TOKEN" if config.token else f"the token in {config.token_file}")
+            print(f"serving {args.bundle} at {server.url}/predictions/{config.model_name} and "
+                  f"{server.url}/v2/models/{config.model_name}/infer; Authorization: Bearer <{where}>. Ctrl-C stops.",
+                  flush=True)
+            server.serve_forever()
+    except ServingConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipcap", description="ClipCap captioning: bundles, decoding, import.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     caption = commands.add_parser("caption", help="caption image files")
     _add_decoding_flags(caption)
+    _add_formats_flag(caption)
     caption.add_argument("images", nargs="+", metavar="IMAGE")
     caption.set_defaults(run=cmd_caption)
 
@@ -177,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dataset = commands.add_parser("caption-dataset", help="caption a collection into Parquet shards (resumable)")
     _add_decoding_flags(dataset)
+    _add_formats_flag(dataset)
     dataset.add_argument("input", metavar="INPUT", help="folder of images, .txt/.csv/.parquet list, or WebDataset .tar(s)")
     dataset.add_argument("--out", required=True, help="output folder: part-NNNNN.parquet shards + manifest.json")
     dataset.add_argument("--shard-size", type=int, default=1000, help="rows per shard (the work a kill can lose)")
@@ -186,6 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--actors", type=int, default=2, help="captioner actors (--engine ray)")
     dataset.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (--engine ray)")
     dataset.set_defaults(run=cmd_caption_dataset)
+
+    ray_serve = commands.add_parser("serve-ray", help="serve a bundle over HTTP on Ray Serve (TorchServe's API + KServe v2)")
+    ray_serve.add_argument("bundle", help="model bundle or export bundle directory")
+    ray_serve.add_argument("--model-config", default="serving/model-config.yaml",
+                           help="batchSize, maxBatchDelay and the handler: section (the TorchServe archive's file)")
+    ray_serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    ray_serve.add_argument("--port", type=int, default=8000)
+    ray_serve.add_argument("--model-name", default="clipcap", help="in /predictions/NAME and /v2/models/NAME")
+    ray_serve.add_argument("--replicas", type=int, default=None, help="default: one per GPU of the cluster, else one")
+    ray_serve.add_argument("--max-replicas", type=int, default=None,
+                           help="autoscale between --min-replicas and this by ongoing requests")
+    ray_serve.add_argument("--min-replicas", type=int, default=1)
+    ray_serve.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 where there are GPUs")
+    ray_serve.add_argument("--token-file", default="serve-ray-token",
+                           help="where the generated bearer token is written (mode 0600); a token in "
+                                "$CLIPCAP_SERVE_TOKEN is used instead of generating one")
+    ray_serve.add_argument("--no-auth", action="store_true", help="no bearer token (local demos only)")
+    ray_serve.add_argument("--ray-address", default=None, help="existing Ray cluster; default: an embedded local Ray")
+    ray_serve.add_argument("--metrics-port", type=int, default=None,
+                           help="the embedded Ray's Prometheus endpoint (ray_clipcap* metrics); default: Ray picks one")
+    ray_serve.set_defaults(run=cmd_serve_ray)
 
     original = commands.add_parser("import-original", help="bundle a checkpoint of the paper's code")
     original.add_argument("checkpoint", metavar="CKPT.pt")

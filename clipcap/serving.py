@@ -27,6 +27,7 @@ import json
 import logging
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
-from clipcap.images import ImageError, decode_image
+from clipcap.images import ImageError
 from clipcap.quoting import quote, quote_names
 from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError
 
@@ -123,6 +124,7 @@ class CaptionService:
             self.defaults = DecodingOptions.from_request(config.defaults, base).validate(self.token_limit)
         except DecodingError as error:
             raise ServingConfigError(f"{MODEL_CONFIG_FILE}: handler.defaults: {error}") from None
+        self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="clipcap-decode")
 
     @classmethod
     def from_archive(cls, model_dir: str | Path, model_config: dict | None, gpu_id: int | None = None,
@@ -140,21 +142,25 @@ class CaptionService:
     def parse_batch(self, rows: list[dict], headers: list[dict], request_ids: list[str] | None = None,
                     ) -> list[ImageRequest | ServingError]:
         """TorchServe rows (one dict per request: part name -> value), their request headers and the
-        server's request ids; each result carries its request's `request_label` for the log lines."""
-        parsed: list[ImageRequest | ServingError] = []
-        for index, (row, row_headers) in enumerate(zip(rows, headers)):
-            request_id = request_label(request_ids[index] if request_ids else str(index), row_headers)
-            try:
-                result = self.parse(row, row_headers)
-            except ServingError as error:
-                logger.info("request %s refused: %d %s", request_id, error.status, error.message)
-                result = error
-            except Exception:  # a bug must cost one request, never the batch or the worker
-                logger.exception("request %s: unexpected error while reading it", request_id)
-                result = ServingError(500, "internal error while reading the request (logged on the server)")
-            result.request_id = request_id
-            parsed.append(result)
-        return parsed
+        server's request ids; each result carries its request's `request_label` for the log lines.
+
+        The rows are read on `handler.decode_threads` threads (Pillow's decoders release the GIL), each
+        on its own: at most that many images are decoded at once, so memory stays that many times one
+        image's bound."""
+        ids = [request_label(request_ids[i] if request_ids else str(i), h) for i, h in enumerate(headers)]
+        return list(self._decode_pool.map(self._parse_isolated, rows, headers, ids))
+
+    def _parse_isolated(self, row: dict, headers: dict, request_id: str) -> ImageRequest | ServingError:
+        try:
+            result = self.parse(row, headers)
+        except ServingError as error:
+            logger.info("request %s refused: %d %s", request_id, error.status, error.message)
+            result = error
+        except Exception:  # a bug must cost one request, never the batch or the worker
+            logger.exception("request %s: unexpected error while reading it", request_id)
+            result = ServingError(500, "internal error while reading the request (logged on the server)")
+        result.request_id = request_id
+        return result
 
     def parse(self, row: dict, headers: dict) -> ImageRequest:
         """One request -> a checked image and decoding options, or ServingError."""
@@ -182,11 +188,10 @@ class CaptionService:
         except DecodingError as error:
             raise ServingError(400, str(error)) from None
         self._check_size(len(payload))
-        try:
-            image = decode_image(bytes(payload), self.config.max_image_pixels)
+        try:  # here, in the request's own parse: a failure is this request's alone
+            pixels = self.captioner.load_pixels(bytes(payload), self.config.formats, self.config.max_image_pixels)
         except ImageError as error:
             raise ServingError(400, str(error)) from None
-        pixels = self.captioner.preprocess_one(image)  # here: its failure is this request's alone
         return ImageRequest(pixels, options, (time.perf_counter() - start) * 1e3)
 
     def _from_json(self, body: Any) -> tuple[bytes, dict]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from clipcap.config import BundleError, dataclass_from_dict
 from clipcap.decoding import REQUEST_OPTIONS
-from clipcap.images import DEFAULT_MAX_PIXELS
+from clipcap.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
 from clipcap.quoting import quote, quote_names
 
 MODEL_CONFIG_FILE = "model-config.yaml"
@@ -31,6 +31,8 @@ class ServingConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height, read from the header before decoding
     max_body_bytes: int = 8 * 1024 * 1024  # image bytes (after base64); TorchServe's max_request_size caps HTTP
     max_options_bytes: int = 4096  # a request's options (JSON keys besides "image", form fields) in all
+    formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))  # image formats read (clipcap.images)
+    decode_threads: int = 2  # a batch's images decoded at once (Pillow releases the GIL); memory: that many images
 
     @classmethod
     def from_dict(cls, data: Any) -> "ServingConfig":
@@ -57,4 +59,11 @@ class ServingConfig:
         check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
         check(self.max_body_bytes >= 1, "max_body_bytes", "must be >= 1")
         check(self.max_options_bytes >= 1, "max_options_bytes", "must be >= 1")
+        check(self.decode_threads >= 1, "decode_threads", "must be >= 1")
+        check(isinstance(self.formats, list) and all(isinstance(f, str) for f in self.formats), "formats",
+              "must be a list of format names")
+        try:
+            self.formats = list(check_formats(self.formats))
+        except ValueError as error:
+            raise ServingConfigError(f"{MODEL_CONFIG_FILE}: handler.formats: {error}") from None
         return self

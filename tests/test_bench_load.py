@@ -134,3 +134,52 @@ def test_a_request_timeout_is_one_failed_request_and_the_run_goes_on():
     assert cell["sent"] == 8 and cell["ok"] == 7 and cell["statuses"] == {"200": 7, "timeout": 1}
     assert "1 s request timeout" in cell["errors"][0]
     check_report(report)
+
+
+# -- open loop ------------------------------------------------------------------------------------
+
+def test_open_loop_sends_on_schedule_whatever_the_backlog():
+    """A sender slower than the arrival gaps: an open loop still sends every scheduled request (many in
+    flight at once); refusals and failures are counted, not raised; the objective counts only 200s."""
+    from clipcap.bench.load import open_loop
+
+    in_flight, most = [0], [0]
+
+    async def send(payload):
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            await asyncio.sleep(0.2)  # ~10 arrivals come in this time at 50/s
+            if payload == "fail":
+                raise ConnectionResetError("lost")
+            return 503 if payload == "refuse" else 200
+        finally:
+            in_flight[0] -= 1
+
+    payloads = ["ok", "ok", "refuse", "fail"]
+    results = asyncio.run(open_loop(send, payloads, rates=[50.0, 10.0], duration_s=1.0, slo_ms=60_000, seed=3))
+    assert [r.rate for r in results] == [50.0, 10.0]
+    fast = results[0]
+    assert most[0] > 1  # requests overlapped: nothing waited for an answer before sending
+    assert fast.sent == sum(fast.statuses.values()) and fast.sent > 10
+    assert set(fast.statuses) <= {"200", "503", "ConnectionResetError"}
+    assert fast.ok == fast.statuses["200"]
+    assert fast.within_slo == pytest.approx(fast.ok / fast.sent)
+    assert fast.latency_ms["p50"] >= 200 * 0.9  # timed from the schedule, the sender's 0.2 s included
+    with pytest.raises(ValueError, match="rates must be > 0"):
+        asyncio.run(open_loop(send, payloads, rates=[0.0], duration_s=1.0, slo_ms=1.0))
+
+
+def test_open_loop_report_against_a_stand_in_server(tmp_path):
+    from clipcap.bench.load import OpenLoopConfig, run_open_loop
+    from clipcap.bench.open_loop_profile import write_open_loop_outputs
+
+    with StandInServer() as server:
+        config = OpenLoopConfig(url=f"http://127.0.0.1:{server.port}", models=["clipcap"], rates=[5.0, 20.0], duration_s=1.0,
+                                slo_ms=10_000, warmup=1)
+        report = run_open_loop(config, StandInServer.KEYS, progress=False)
+    check_report(report)
+    assert [c["rate"] for c in report["cells"]] == [5.0, 20.0]
+    assert all(c["ok"] == c["sent"] > 0 and c["within_slo"] == 1.0 for c in report["cells"])
+    written = write_open_loop_outputs(report, tmp_path)
+    assert all(p.exists() for p in written) and "offered req/s" in (tmp_path / "open_loop.md").read_text()

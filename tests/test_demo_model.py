@@ -73,3 +73,26 @@ def test_samples_are_the_documented_held_out_images(captioner):
             from clipcap.images import decode_image
 
             assert np.array_equal(np.asarray(decode_image(handle.read())), np.asarray(sample.image))
+
+
+def test_captions_of_large_jpegs_are_those_of_their_full_decode(captioner):
+    """Held-out renders saved as 12 MP-class JPEGs (upscaled 24x, 1536 px): shrink on load (decoded at
+    1/8) gives the demo model the same captions as decoding every pixel."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from clipcap.images import decode_image, preprocess
+
+    samples = shapes.generate(40, seed=TEST_SEED + 1)
+    jpegs = []
+    for sample in samples:
+        buffer = io.BytesIO()
+        sample.image.resize((1536, 1536), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    clip = captioner.config.clip
+    shrunk = torch.stack([captioner.load_pixels(data) for data in jpegs])
+    full = preprocess([decode_image(data) for data in jpegs], clip.image_size, clip.mean, clip.std)
+    fast, slow = captioner.caption_pixels(shrunk).captions, captioner.caption_pixels(full).captions
+    assert [c.token_ids for c in fast] == [c.token_ids for c in slow]

@@ -13,27 +13,38 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pillow_heif.HeifImagePlugin  # noqa: F401  (registers the HEIF writer the tests save with)
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipcap.images import ImageError, decode_image, preprocess, preprocess_image, to_rgb
+from clipcap.bench.photos import display_profile, gray_profile, photo_like
+from clipcap.images import (DEFAULT_FORMATS, FORMATS, ImageError, check_formats, decode_image,
+                            decode_upright, load_pixels, open_image, preprocess, preprocess_image, to_rgb)
 from conftest import png_bytes, random_images
 
 MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-# Modes each format can store (Pillow's writers); "P+key" / "P+alpha": palette with a transparent
-# index / a per-index alpha table.
+# Modes each format can store (Pillow's and pillow-heif's writers); "P+key" / "P+alpha": palette with a
+# transparent index / a per-index alpha table.
 SAVED_MODES = {
     "PNG": ["1", "L", "LA", "P", "P+key", "P+alpha", "I;16", "RGB", "RGBA"],
     "JPEG": ["L", "RGB", "CMYK", "YCbCr"],
+    "MPO": ["L", "RGB"],
     "WEBP": ["RGB", "RGBA"],
     "BMP": ["1", "L", "P", "RGB"],
+    "GIF": ["L", "P", "P+key"],
+    "TIFF": ["1", "L", "LA", "P", "I;16", "RGB", "RGBA", "CMYK"],
+    "AVIF": ["L", "RGB", "RGBA"],
+    "HEIF": ["L", "RGB", "RGBA"],
 }
-EXIF_FORMATS = ("PNG", "JPEG", "WEBP")  # BMP has no EXIF
+EXIF_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "TIFF", "AVIF", "HEIF")
+ANIMATED_FORMATS = ("PNG", "WEBP", "GIF", "TIFF", "MPO", "AVIF", "HEIF")  # more than one frame (or page)
+TIFF_COMPRESSIONS = ("raw", "tiff_lzw", "tiff_adobe_deflate", "packbits", "jpeg")
+REFUSED_WRITABLE = ("EPS", "PPM", "ICO", "PCX", "SGI", "QOI")  # Pillow opens them; we refuse and name them
 ORIENTATION = 0x0112
 
 
@@ -106,14 +117,19 @@ def stored_image(mode: str, size: tuple[int, int], rng: np.random.Generator) -> 
     return image
 
 
-def encode(image: Image.Image, fmt: str, orientation: int) -> bytes:
-    options = {"lossless": True} if fmt == "WEBP" else {}
+def encode(image: Image.Image, fmt: str, orientation: int, later_frames: list[Image.Image] = (),
+           **options) -> bytes:
+    """`image` in `fmt`; `later_frames` after it (animation frames, TIFF pages, MPO pictures)."""
+    if fmt == "WEBP":
+        options["lossless"] = True
     if "transparency" in image.info:
         options["transparency"] = image.info["transparency"]
     if orientation != 1:
         exif = Image.Exif()
         exif[ORIENTATION] = orientation
         options["exif"] = exif.tobytes()
+    if later_frames:
+        options.update(save_all=True, append_images=list(later_frames))
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
@@ -126,27 +142,47 @@ strips = st.tuples(st.integers(2000, 12000), st.integers(1, 3)).flatmap(
 SIZES = st.one_of(ordinary, ordinary, strips)
 
 
+MAX_SIDE = {"WEBP": 16383, "AVIF": 4096, "HEIF": 4096}  # the largest side their encoders write here
+
+
 @st.composite
 def valid_images(draw):
     fmt = draw(st.sampled_from(sorted(SAVED_MODES)))
     mode = draw(st.sampled_from(SAVED_MODES[fmt]))
     orientation = draw(st.integers(1, 8)) if fmt in EXIF_FORMATS else 1
-    size = draw(SIZES)
+    size = draw(SIZES.filter(lambda wh: max(wh) <= MAX_SIDE.get(fmt, 65535)))
+    if fmt in ("AVIF", "HEIF"):  # their encoders refuse sides of one pixel and take long on strips
+        size = (max(2, min(size[0], 64)), max(2, min(size[1], 64)))
+    # An MPO holds two pictures or more; Pillow's AVIF encoder crashes on EXIF with several frames.
+    frames = draw(st.integers(2 if fmt == "MPO" else 1, 3)) if fmt in ANIMATED_FORMATS else 1
+    if fmt == "AVIF" and frames > 1:
+        orientation = 1
+    if fmt == "PNG" and "+" in mode:  # Pillow's APNG writer takes no palette transparency
+        frames = 1
+    options = {"compression": draw(st.sampled_from(TIFF_COMPRESSIONS if mode in ("L", "RGB") else
+                                                   TIFF_COMPRESSIONS[:-1]))} if fmt == "TIFF" else {}
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    return fmt, mode, orientation, encode(stored_image(mode, size, rng), fmt, orientation)
+    first, *later = [stored_image(mode, size, rng) for _ in range(frames)]
+    return fmt, mode, orientation, encode(first, fmt, orientation, later, **options)
 
 
 @PROPERTY
 @given(valid_images(), st.sampled_from([32, 224]))
 def test_every_valid_image_decodes_to_its_upright_rgb_rendition(case, image_size):
+    """Every accepted format x mode x orientation x frame count: the first frame's upright 8-bit
+    rendition, exactly; and the one call, load_pixels, preprocesses exactly like it (these images are
+    too small for shrink on load, which the photo tests below bound)."""
     fmt, mode, orientation, data = case
     raw = Image.open(io.BytesIO(data))  # what the file stores, decoded by Pillow without conversion
-    expected = np.ascontiguousarray(oriented(rendition(raw), orientation))
+    assert raw.format == fmt
+    raw.load()  # Pillow's TIFF loader (single page) and libheif apply the orientation and drop the tag
+    expected = np.ascontiguousarray(oriented(rendition(raw), raw.getexif().get(ORIENTATION, 1)))
     decoded = decode_image(data)
     assert decoded.mode == "RGB"
     assert np.array_equal(np.asarray(decoded), expected), (fmt, mode, orientation, raw.mode, raw.size)
     pixels = preprocess_image(decoded, image_size, MEAN, STD)
     assert torch.equal(pixels, preprocess_image(Image.fromarray(expected), image_size, MEAN, STD))
+    assert torch.equal(load_pixels(data, image_size, MEAN, STD), pixels)
 
 
 def test_the_issue_cases_16_bit_png_and_phone_orientation():
@@ -185,8 +221,7 @@ def test_out_of_range_high_bit_depth_clips():
     (b"", "empty image"),
     (b"this is not an image", "not a recognised image"),
     (png_bytes(random_images(1)[0])[:200], "corrupt or truncated"),
-    (png_bytes(Image.new("RGB", (4, 4)), "GIF"), "format GIF not accepted"),
-    (png_bytes(Image.new("RGB", (4, 4)), "TIFF"), "format TIFF not accepted"),
+    *[(png_bytes(Image.new("RGB", (4, 4)), fmt), f"format {fmt} not accepted") for fmt in REFUSED_WRITABLE],
 ])
 def test_bad_bytes(data, message):
     with pytest.raises(ImageError, match=message):
@@ -318,3 +353,165 @@ def test_preprocessing_memory_is_bounded_on_an_extreme_strip():
     print(f"\npeak RSS growth while preprocessing a {width}x{height} strip: {growth / 2**10:.0f} KiB "
           f"(bound {bound / 2**10:.0f} KiB + {allocator_slack / 2**20:.0f} MiB slack)")
     assert growth <= bound + allocator_slack
+
+
+# -- shrink on load, colour management, CMYK, the formats setting ---------------------------------
+
+def jpeg_bytes(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**16), st.integers(230, 2000), st.integers(230, 2000), st.integers(1, 8))
+def test_shrink_on_load_stays_within_a_gray_level_of_the_full_decode(seed, width, height, orientation):
+    """JPEG DCT scaling to the smallest scale whose shorter side is >= the input size (224, ViT-B-32's):
+    the decode is that small, and the model input differs from the full decode's by at most 1 gray level
+    on average on photo-like pictures (the issue's target). photo_like's finest detail spans 1/24 of the
+    picture, ~9 input pixels at 224; detail near the input's own Nyquist limit differs more (DCT scaling
+    averages 8x8 blocks where bicubic weighs a wider window): ~8 levels at a 32 px input."""
+    image_size = 224
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    data = jpeg_bytes(photo_like(width, height, seed), exif=exif.tobytes())
+    least = image_size
+    shrunk = decode_upright(open_image(data), shrink_to=least).image
+    scale = next((s for s in (8, 4, 2) if min(width // least, height // least) >= s), 1)
+    assert sorted(shrunk.size) == sorted((-(-width // scale), -(-height // scale)))
+    assert min(shrunk.size) >= min(least, width, height)
+    fast = load_pixels(data, image_size, [0, 0, 0], [1, 1, 1])
+    full = preprocess_image(decode_image(data), image_size, [0, 0, 0], [1, 1, 1])
+    assert float((fast - full).abs().mean()) * 255 <= 1.0
+
+
+def srgb_encode(linear: np.ndarray) -> np.ndarray:
+    """IEC 61966-2-1's transfer function, linear 0..1 -> 8-bit."""
+    encoded = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * np.power(linear, 1 / 2.4) - 0.055)
+    return np.rint(255 * encoded)
+
+
+# lcms's sRGB colorants (D65 primaries adapted to D50), red and blue swapped: a profile whose red is sRGB's blue.
+SWAPPED = ((0.1431, 0.0606, 0.7141), (0.3851, 0.7169, 0.0971), (0.4361, 0.2225, 0.0139))
+GAMMA = 563 / 256  # 2.2 as the profile stores it (u8Fixed8)
+
+
+@PROPERTY
+@given(st.sampled_from([(fmt, "RGB") for fmt in ("PNG", "JPEG", "WEBP", "TIFF", "AVIF", "HEIF")]
+                       + [(fmt, "L") for fmt in ("PNG", "JPEG", "TIFF")]),  # the formats that store grayscale
+       st.integers(0, 2**16), st.integers(2, 40), st.integers(2, 40))
+def test_embedded_icc_profiles_become_srgb(case, seed, width, height):
+    """Expected from the profile's definition, not from LittleCMS: an RGB profile with sRGB's colorants
+    red/blue swapped and gamma 2.2 shows stored (r, g, b) as sRGB (b', g', r'); a gamma-2.2 gray profile
+    a gray of that luminance. Within 2 levels: LittleCMS's 16-bit pipeline and fixed-point colorants,
+    on transfers whose slope stays near 1 (gamma 2.2 against sRGB's curve)."""
+    fmt, mode = case
+    rng = np.random.default_rng(seed)
+    stored = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+    profile = display_profile(SWAPPED, GAMMA) if mode == "RGB" else gray_profile(GAMMA)
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    buffer = io.BytesIO()
+    stored.save(buffer, format=fmt, icc_profile=profile, **options)
+    data = buffer.getvalue()
+    raw = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float64) / 255  # what the file stores
+    if mode == "RGB":
+        expected = srgb_encode(np.power(raw, GAMMA))[..., ::-1]
+    else:
+        expected = np.repeat(srgb_encode(np.power(raw, GAMMA))[..., None], 3, axis=2)
+    decoded = np.asarray(decode_image(data), dtype=np.float64)
+    assert np.abs(decoded - expected).max() <= 2, fmt
+
+
+@PROPERTY
+@given(st.integers(0, 2**16), st.integers(300, 900), st.integers(300, 900))
+def test_colour_management_after_resampling_stays_within_a_gray_level(seed, width, height):
+    """RGB is resampled as stored, then made sRGB at the input size (docstring of preprocess_image): on a
+    photo with a Display P3 profile, at most 1 gray level on average from converting first."""
+    buffer = io.BytesIO()
+    photo_like(width, height, seed).save(buffer, format="PNG", icc_profile=display_profile())
+    data = buffer.getvalue()
+    converted_first = preprocess_image(decode_image(data), 224, [0, 0, 0], [1, 1, 1])
+    difference = (load_pixels(data, 224, [0, 0, 0], [1, 1, 1]) - converted_first).abs() * 255
+    assert float(difference.mean()) <= 1.0
+
+
+def without_adobe_marker(jpeg: bytes) -> bytes:
+    """The JPEG with its APP14 "Adobe" segment cut out (markers before the scan only)."""
+    position, out = 2, bytearray(jpeg[:2])
+    while jpeg[position] == 0xFF and jpeg[position + 1] != 0xDA:
+        length = int.from_bytes(jpeg[position + 2: position + 4], "big")
+        segment = jpeg[position: position + 2 + length]
+        if not (jpeg[position + 1] == 0xEE and segment[4:9] == b"Adobe"):
+            out += segment
+        position += 2 + length
+    return bytes(out + jpeg[position:])
+
+
+@PROPERTY
+@given(st.integers(0, 2**16), st.integers(1, 40), st.integers(1, 40))
+def test_cmyk_jpegs_read_with_the_convention_their_marker_states(seed, width, height):
+    """Adobe's APP14 marker means inverted ink (what Pillow and libjpeg write); without it the samples are
+    plain ink, as viewers read them."""
+    ink = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    adobe = jpeg_bytes(Image.fromarray(ink, "CMYK"))
+    plain = without_adobe_marker(adobe)
+    assert b"Adobe" in adobe and b"Adobe" not in plain
+    for data, invert in ((adobe, False), (plain, True)):
+        raw = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float64)  # Pillow: always Adobe-inverted
+        stored = 255 - raw if invert else raw
+        expected = np.rint((255 - stored[..., :3]) * (255 - stored[..., 3:]) / 255)
+        assert np.array_equal(np.asarray(decode_image(data)), expected.astype(np.uint8))
+
+
+def test_the_formats_setting_narrows_what_is_read():
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    mpo = encode(picture, "MPO", 1, [picture.rotate(90)])
+    assert open_image(mpo).format == "MPO"
+    assert np.array_equal(np.asarray(decode_image(mpo)), np.asarray(Image.open(io.BytesIO(mpo)).convert("RGB")))
+    with pytest.raises(ImageError, match="format MPO not accepted .accepted: JPEG."):
+        decode_image(mpo, formats=["JPEG"])
+    with pytest.raises(ImageError, match="format PNG not accepted .accepted: JPEG, GIF."):
+        load_pixels(png_bytes(picture), 32, MEAN, STD, formats=("jpeg", "gif"))
+    assert check_formats(["heif", "Png"]) == ("HEIF", "PNG")
+    assert set(DEFAULT_FORMATS) == set(FORMATS) >= {"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HEIF"}
+    for bad in (["PSD"], ["EPS", "JPEG"], []):
+        with pytest.raises(ValueError, match="unknown image format|at least one"):
+            check_formats(bad)
+
+
+# -- fuzzing every accepted format ---------------------------------------------------------------
+
+def peak_rss() -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+
+FUZZ_PIXELS = 1_000_000  # the fuzzed decodes' pixel limit
+# What one fuzzed decode may add to the process's peak: the limit's pixels in the widest mode Pillow
+# keeps (4 bytes) and the few copies to_rgb makes (RGBA as uint16 and its products), plus decoder state.
+FUZZ_MEMORY = 16 * FUZZ_PIXELS * 4 + 64 * 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.timeout(300)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_images(), st.lists(st.tuples(st.integers(0), st.integers(0, 255)), min_size=1, max_size=12),
+       st.data())
+def test_fuzzed_files_of_every_format_raise_image_error_or_decode_in_bounded_memory(case, edits, data):
+    """Mutated files of each accepted format (header, tags, offsets, pixel data; TIFF with its
+    compressions, multi-frame files): ImageError or a picture, nothing else; the peak RSS grows by no
+    more than FUZZ_MEMORY over the example (pytest-timeout catches a hang)."""
+    fmt, _, _, encoded = case
+    corrupted = bytearray(encoded)
+    for position, value in edits:
+        corrupted[position % len(corrupted)] = value
+    if data.draw(st.booleans()):  # and sometimes cut short, or grown by a run of one byte
+        corrupted = corrupted[:data.draw(st.integers(1, len(corrupted)))]
+        corrupted += bytes([data.draw(st.integers(0, 255))]) * data.draw(st.integers(0, 4096))
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset the peak (VmHWM) to the current RSS
+    before = peak_rss()
+    try:
+        assert load_pixels(bytes(corrupted), 32, MEAN, STD, max_pixels=FUZZ_PIXELS).shape == (3, 32, 32)
+    except ImageError:
+        pass
+    assert peak_rss() - before <= FUZZ_MEMORY, fmt

@@ -21,7 +21,8 @@ LAYERS = [
     ("clipcap.runtimes",),
     ("clipcap.decoding", "clipcap.captioner", "clipcap.serving_config", "clipcap"),
     ("clipcap.export",),
-    ("clipcap.training", "clipcap.bench", "clipcap.bulk", "clipcap.serving", "clipcap.cli"),
+    ("clipcap.training", "clipcap.bench", "clipcap.bulk", "clipcap.serving", "clipcap.cli", "clipcap.http_rows",
+     "clipcap.oip", "clipcap.serving_front", "clipcap.serving_ray"),
 ]
 # Builders' dependencies that the on-disk formats must not need.
 NOT_IN_FORMATS = ("onnx", "onnxruntime", "tensorrt", "torch.onnx")

@@ -1,12 +1,15 @@
 """Serving without TorchServe: request parsing and limits, batched captioning, the handler, clipcap.mar."""
 import base64
 import importlib.util
+import io
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
+import pillow_heif.HeifImagePlugin  # noqa: F401  (registers the HEIF writer the tests save with)
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -60,6 +63,10 @@ def test_config_defaults_and_shipped_yaml():
     ({"device": "gpu"}, "handler.device must be auto, cpu, cuda or cuda:N"),
     ({"defaults": {"beam": 3}}, "handler.defaults has unknown key(s) 'beam'"),
     ({"max_body_bytes": -1}, "handler.max_body_bytes must be >= 1"),
+    ({"formats": ["JPEG", "PSD"]}, "handler.formats: unknown image format(s) PSD"),
+    ({"formats": []}, "handler.formats: at least one image format"),
+    ({"formats": "JPEG"}, "handler.formats' must be list"),
+    ({"decode_threads": 0}, "handler.decode_threads must be >= 1"),
     ([1, 2], "must be a JSON object"),
 ])
 def test_bad_config_names_the_key(section, fragment):
@@ -95,7 +102,7 @@ def test_max_tokens_caps_requests_and_defaults(captioner):
 def test_accepted_forms_give_the_same_image(service, captioner, row, headers):
     request = service.parse(row, headers)
     assert isinstance(request, ImageRequest)
-    assert torch.equal(request.pixels, captioner.preprocess_one(IMAGES[1]))
+    assert torch.equal(request.pixels, captioner.preprocess([IMAGES[1]])[0])
     assert request.options == service.defaults
 
 
@@ -119,8 +126,8 @@ BAD_REQUESTS = [
     ("no parts", {}, {}, 400, "empty request"),
     ("not an image", {"body": bytearray(b"hello, world")}, RAW, 400, "not a recognised image"),
     ("truncated image", {"body": bytearray(_truncated_png())}, RAW, 400, "corrupt or truncated image"),
-    ("gif", {"body": bytearray(png_bytes(IMAGES[0], "GIF"))}, {"Content-Type": "image/gif"}, 400,
-     "format GIF not accepted"),
+    ("eps", {"body": bytearray(png_bytes(IMAGES[0], "EPS"))}, {"Content-Type": "image/eps"}, 400,
+     "format EPS not accepted"),
     ("bad base64", {"body": {"image": "not*base64!"}}, JSON, 400, "not valid base64"),
     ("bad JSON", {"body": bytearray(b'{"image": ')}, JSON, 400, "not valid JSON"),
     ("JSON list", {"body": [1, 2]}, JSON, 400, "must be an object"),
@@ -220,7 +227,7 @@ def _poisoned_runtime(monkeypatch, captioner, poison: torch.Tensor) -> None:
 
 
 def test_a_failing_row_costs_only_its_own_request(service, captioner, monkeypatch):
-    _poisoned_runtime(monkeypatch, captioner, captioner.preprocess_one(IMAGES[2]))
+    _poisoned_runtime(monkeypatch, captioner, captioner.preprocess([IMAGES[2]])[0])
     rows = [{"body": bytearray(png)} for png in PNGS]
     replies, stats = service.caption_batch(service.parse_batch(rows, [RAW] * 4))
     assert [r.status for r in replies] == [200, 200, 500, 200]
@@ -230,20 +237,67 @@ def test_a_failing_row_costs_only_its_own_request(service, captioner, monkeypatc
 
 
 def test_preprocessing_runs_per_request_and_a_failure_there_is_its_own(service, captioner, monkeypatch):
-    real = captioner.preprocess_one
+    real = captioner.load_pixels
+    poison = png_bytes(Image.new("RGB", (7, 5)))
 
-    def preprocess_one(image):
-        if image.size == (7, 5):
+    def load_pixels(data, *args):
+        if data == poison:
             raise MemoryError("simulated")
-        return real(image)
+        return real(data, *args)
 
-    monkeypatch.setattr(captioner, "preprocess_one", preprocess_one)
-    rows = [{"body": bytearray(PNGS[0])}, {"body": bytearray(png_bytes(Image.new("RGB", (7, 5))))},
+    monkeypatch.setattr(captioner, "load_pixels", load_pixels)
+    rows = [{"body": bytearray(PNGS[0])}, {"body": bytearray(poison)},
             {"body": bytearray(PNGS[1])}]
     replies, _ = service.caption_batch(service.parse_batch(rows, [RAW] * 3))
     assert [r.status for r in replies] == [200, 500, 200]
     expected = captioner.caption_images([IMAGES[0], IMAGES[1]], service.defaults).captions
     assert [replies[0].body["token_ids"], replies[2].body["token_ids"]] == [c.token_ids for c in expected]
+
+
+def _photo_rows() -> list[dict]:
+    """One image of each accepted format, and a few that fail, as raw request rows."""
+    rows = []
+    for i, fmt in enumerate(["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HEIF"]):
+        buffer = io.BytesIO()
+        random_images(1, seed=i, size=40)[0].save(buffer, format=fmt)
+        rows.append({"body": bytearray(buffer.getvalue())})
+    return rows + [{"body": bytearray(b"not an image")}, {"body": bytearray(PNGS[0][:300])},
+                   {"body": bytearray(png_bytes(IMAGES[0], "EPS"))}]
+
+
+@pytest.mark.parametrize("threads", [2, 5])
+def test_a_batch_decodes_on_threads_like_one_by_one(captioner, monkeypatch, threads):
+    """handler.decode_threads: the same pixels and 4xx answers as decoding in series, each request on its
+    own, never more images decoding at once than the setting (the memory bound)."""
+    serial = CaptionService(captioner, ServingConfig(decode_threads=1)).parse_batch(_photo_rows(), [RAW] * 11)
+    active, most, lock, real = [0], [0], threading.Lock(), captioner.load_pixels
+
+    def counted(*args):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(captioner, "load_pixels", counted)
+    threaded = CaptionService(captioner, ServingConfig(decode_threads=threads)).parse_batch(_photo_rows(), [RAW] * 11)
+    assert most[0] <= threads
+    assert [getattr(r, "status", 200) for r in threaded] == [200] * 8 + [400] * 3
+    for one, other in zip(serial, threaded):
+        if isinstance(one, ImageRequest):
+            assert torch.equal(one.pixels, other.pixels)
+        else:
+            assert (one.status, one.message) == (other.status, other.message)
+
+
+def test_the_formats_setting_refuses_the_others(captioner):
+    narrow = CaptionService(captioner, ServingConfig.from_dict({"formats": ["jpeg"]}))
+    reply = narrow.parse_batch([{"body": bytearray(PNGS[0])}], [RAW])[0]
+    assert reply.status == 400 and "format PNG not accepted (accepted: JPEG)" in reply.message
+    assert narrow.config.formats == ["JPEG"]
 
 
 def test_one_poison_in_a_batch_of_seven(service, captioner):

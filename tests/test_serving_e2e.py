@@ -23,6 +23,7 @@ from clipcap.captioner import Captioner
 from clipcap.export.mar import ArchiveConfig, build_archive
 from clipcap.images import decode_image
 from conftest import png_bytes, random_images
+from serving_cases import OPTIONS, cases
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_BUNDLE, SAMPLES = ROOT / "models" / "shapes-demo", ROOT / "samples"
@@ -209,43 +210,26 @@ def test_token_authorization(served):
     assert status == 200 and json.loads(body)["models"][0]["modelName"] == server.model
 
 
-def _bomb() -> bytes:
-    """20000x20000 pixels in ~50 kB: 1-bit PNG of zeros."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _json(body: dict) -> tuple[bytes, dict]:
-    return json.dumps(body).encode(), {"Content-Type": "application/json"}
-
-
-def test_bad_inputs_answer_4xx_and_the_worker_keeps_serving(served):
-    server, _, images = served
+def test_the_shared_table_and_the_worker_keeps_serving(served):
+    """tests/serving_cases.py, the table Ray Serve answers too (tests/test_serving_ray.py): every good form
+    captions like the library, every bad one gets its status and message, and a good request after each."""
+    server, bundle, images = served
     good = next(iter(images.values()))
-    b64 = base64.b64encode(good).decode()
-    cases = [
-        ("empty body", b"", {"Content-Type": "image/png"}, 400, "empty request"),
-        ("not an image", b"hello, world", {"Content-Type": "application/octet-stream"}, 400, "not a recognised image"),
-        ("truncated image", good[: len(good) // 2], {"Content-Type": "image/png"}, 400, "truncated"),
-        ("decompression bomb", _bomb(), {"Content-Type": "image/png"}, 400, "over the limit of 36000000 pixels"),
-        ("bad base64", *_json({"image": "not*base64!"}), 400, "not valid base64"),
-        ("bad JSON", b'{"image": ', {"Content-Type": "application/json"}, 400, "not valid JSON"),
-        ("beam size out of range", *_json({"image": b64, "decoding": "beam", "beam_size": 1000}), 400, "beam_size"),
-        ("max_tokens out of range", *_json({"image": b64, "max_tokens": 100000}), 400, "max_tokens"),
-        ("unknown option", *_json({"image": b64, "url": "http://example.com/cat.jpg"}), 400, "unknown option"),
-        ("wrong content type", b"hello", {"Content-Type": "text/plain"}, 415, "not accepted"),
-        ("over-size image", b"\0" * (9 * 2**20), {"Content-Type": "image/png"}, 413, "over the limit of 8388608"),
-    ]
-    for name, body, headers, expected_status, fragment in cases:
-        status, reply = server.predict(body, headers)
-        assert status == expected_status, f"{name}: {status} {reply}"
-        assert fragment in reply["message"], f"{name}: {reply}"
-        assert server.predict(good, {"Content-Type": "image/png"})[0] == 200, f"worker broken after: {name}"
+    captioner = Captioner.from_path(bundle)
+    with_options = captioner.default_options().replace(strategy="beam", beam_size=3, max_tokens=12)
+    expected = {"": captioner.caption_images([decode_image(good)]).captions[0].token_ids,
+                "options": captioner.caption_images([decode_image(good)], with_options).captions[0].token_ids}
+    assert OPTIONS == {"decoding": "beam", "beam_size": 3, "max_tokens": 12}  # what with_options asks
+    for case in cases(good):
+        status, data = server.request(server.inference, case.method, f"/predictions/{server.model}", case.body,
+                                      case.headers)
+        reply = json.loads(data)
+        assert status == case.status, f"{case.name}: {status} {reply}"
+        if status == 200:
+            assert reply["token_ids"] == expected[case.fragment], case.name
+            continue
+        assert case.fragment in reply["message"], f"{case.name}: {reply}"
+        assert server.predict(good, {"Content-Type": "image/png"})[0] == 200, f"worker broken after: {case.name}"
     # Over max_request_size (16 MiB) TorchServe itself refuses, from the headers: a client that sends
     # "Expect: 100-continue" (curl does for large bodies) gets the 413 before uploading the body.
     connection = http.client.HTTPConnection("127.0.0.1", server.inference, timeout=30)

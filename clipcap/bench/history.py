@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from clipcap.bench.machine import fingerprint, hardware
-from clipcap.bench.schema import LATENCY_SCHEMA, SERVING_SCHEMA, check_report
+from clipcap.bench.schema import LATENCY_SCHEMA, OPEN_LOOP_SCHEMA, PHOTO_SCHEMA, SERVING_SCHEMA, check_report
 
 RECORD_SCHEMA = "clipcap-bench-record/1"
 HISTORY_DIR = Path("benchmarks/history")  # relative to the repository root
@@ -121,11 +121,65 @@ def serving_metrics(report: dict) -> tuple[dict, list]:
     return metrics, cells
 
 
+def photo_metrics(report: dict) -> tuple[dict, list]:
+    """(metrics, compact cells) of a photo-profile report: per-pipeline times, clipcap's speedups, the
+    batch's threaded fraction, shrink on load's error and the peak RSS."""
+    metrics, cells, errors = {}, [], {}
+    for cell in report["cells"]:
+        total = cell["stages_ms"]["total"]
+        errors[(cell["input"], cell["pipeline"])] = _relative_error(total)
+        metrics[f"ms {cell['pipeline']} {cell['input']}"] = _metric(
+            total["p50"], total["p50_se"], "ms", "lower", "machine", "photo_ms")
+        cells.append({"input": cell["input"], "pipeline": cell["pipeline"],
+                      "stages_ms": {stage: _dispersion(stats) for stage, stats in cell["stages_ms"].items()}})
+    for ratio in report["ratios"]:
+        relative = math.hypot(errors[(ratio["input"], ratio["anchor"])], errors[(ratio["input"], "clipcap")])
+        metrics[f"ratio clipcap vs {ratio['anchor']} {ratio['input']}"] = _metric(
+            ratio["speedup"], ratio["speedup"] * relative, "x", "higher", "ratio", "ratio")
+    batch = report["batch"]
+    relative = math.hypot(_relative_error(batch["serial_ms"]), _relative_error(batch["threaded_ms"]))
+    metrics[f"ratio batch threaded/serial x{batch['threads']}"] = _metric(
+        batch["fraction"], batch["fraction"] * relative, "x", "lower", "ratio", "ratio")
+    for name, levels in report["accuracy"].items():  # deterministic: drawn, not judged
+        metrics[f"levels shrink-on-load {name}"] = _metric(levels, 0.0, "levels", "lower", "ratio", "photo_error",
+                                                           checked=False)
+    if report["memory"].get("measured"):
+        metrics["MB peak RSS concurrent JPEGs"] = _metric(
+            report["memory"]["peak_rss_growth_bytes"]["load_pixels"] / 1e6, 0.0, "MB", "lower", "machine",
+            "photo_rss", checked=False)
+    return metrics, cells
+
+
+def open_loop_metrics(report: dict) -> tuple[dict, list]:
+    """(metrics, compact cells) of an open-loop report: p50/p99 and the fraction within the objective per rate."""
+    metrics, cells = {}, []
+    for cell in report["cells"]:
+        where = f"{cell['model']} {cell['rate']:g}/s"
+        latency = cell["latency_ms"]
+        if latency:
+            metrics[f"open-loop p50 ms {where}"] = _metric(latency["p50"], latency["p50_se"], "ms", "lower",
+                                                           "machine", "open_loop_p50")
+            metrics[f"open-loop p99 ms {where}"] = _metric(latency["p99"], latency["p99_se"], "ms", "lower",
+                                                           "machine", "open_loop_p99")
+        n = max(1, cell["sent"])
+        fraction = cell["within_slo"]
+        metrics[f"open-loop within slo {where}"] = _metric(
+            fraction, math.sqrt(max(fraction * (1 - fraction), 1 / n) / n), "of sent", "higher", "machine",
+            "open_loop_slo")
+        cells.append({key: cell[key] for key in ("model", "rate", "sent", "ok", "statuses", "within_slo")}
+                     | {"latency_ms": _dispersion(latency) if latency else {}})
+    return metrics, cells
+
+
+KINDS = {LATENCY_SCHEMA: ("latency", latency_metrics), SERVING_SCHEMA: ("serving", serving_metrics),
+         PHOTO_SCHEMA: ("photo", photo_metrics), OPEN_LOOP_SCHEMA: ("open-loop", open_loop_metrics)}
+
+
 def make_record(report: dict, profile: str, root: Path, note: str = "") -> dict:
-    """A history record of a latency or serving report measured with the code checked out in `root`."""
+    """A history record of a latency, serving, photo or open-loop report measured with the code in `root`."""
     check_report(report)
-    kind = {LATENCY_SCHEMA: "latency", SERVING_SCHEMA: "serving"}[report["schema"]]
-    metrics, cells = (latency_metrics if kind == "latency" else serving_metrics)(report)
+    kind, metrics_of = KINDS[report["schema"]]
+    metrics, cells = metrics_of(report)
     machine = report["machine"]
     settings = {k: v for k, v in report["settings"].items() if k not in ("paths", "images")}
     return {"schema": RECORD_SCHEMA, "kind": kind, "profile": profile, "note": note,

@@ -1,6 +1,10 @@
-"""A bounded aiohttp load generator against TorchServe on loopback: req/s and latency per model and level.
+"""Bounded aiohttp load generators against TorchServe on loopback.
 
-One request that times out or loses its connection is one failed request, counted in the cell's
+Closed loop (`run_serving_load`): clients sending back to back at each concurrency level; req/s and
+latency per model and level. Open loop (`open_loop`, `run_open_loop`): Poisson arrivals at each
+offered rate, sent on schedule whatever the server's backlog; p50/p99 and the fraction answered within
+a latency objective per rate. `open_loop` takes any async sender, so other fronts reuse it.
+One request that times out or loses its connection is one failed request, counted in its cell's
 statuses; the run goes on.
 """
 from __future__ import annotations
@@ -12,11 +16,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from clipcap.bench.latency import synthetic_images
 from clipcap.bench.machine import machine_info
-from clipcap.bench.schema import SERVING_SCHEMA, check_report, jsonable
+from clipcap.bench.schema import OPEN_LOOP_SCHEMA, SERVING_SCHEMA, check_report, jsonable
 from clipcap.bench.statistics import percentiles
 
 
@@ -224,6 +231,143 @@ def run_serving_load(config: ServingLoadConfig, keys: dict[str, str] | None, pro
     settings = {**jsonable(asdict(config)), "images": [str(p) for p in config.images] or "4 synthetic 640x480 JPEGs",
                 "token_authorization": keys is not None, "server": server}
     report = {"schema": SERVING_SCHEMA, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_info(), "settings": settings,
+              "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, "cells": cells}
+    check_report(report)
+    return report
+
+
+# -- open loop: Poisson arrivals ------------------------------------------------------------------
+
+Sender = Callable[[Any], Awaitable[Any]]  # sends one payload; returns its status (200 = answered)
+
+
+@dataclass
+class RateResult:
+    """One offered rate of an open-loop run."""
+
+    rate: float  # requests per second offered (Poisson arrivals)
+    sent: int  # requests scheduled and sent
+    ok: int  # answered with status 200
+    statuses: dict[str, int]  # every status (or client-side failure) and its count
+    latency_ms: dict  # percentiles of the answered requests, each timed from its scheduled send
+    within_slo: float  # fraction of the sent requests answered 200 within the objective
+    send_lag_ms: float  # the latest a send started after its schedule (the generator's own lag)
+    wall_s: float  # from the first scheduled send to the last answer
+
+
+async def open_loop(send: Sender, payloads: Sequence, rates: Sequence[float], duration_s: float,
+                    slo_ms: float, seed: int = 0, drain_s: float = 120.0) -> list[RateResult]:
+    """Each rate in turn for `duration_s`: requests at Poisson arrival times, each sent on schedule whether
+    or not earlier ones have been answered (open loop: a slow server meets more work, not fewer sends);
+    payloads in turn. Latency counts from the scheduled time, so a queue in the client counts too.
+    A request still unanswered `drain_s` after the last scheduled send is cancelled ("unanswered")."""
+    loop = asyncio.get_running_loop()
+    rng = np.random.default_rng(seed)
+    results = []
+    for rate in rates:
+        if rate <= 0:
+            raise ValueError(f"rates must be > 0 requests/s, got {rate}")
+        arrivals = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * duration_s * 2) + 16))
+        arrivals = arrivals[arrivals < duration_s]
+        records: list[tuple[Any, float, float]] = []  # (status, latency ms, send lag ms)
+        start = loop.time() + 0.05
+
+        async def one(index: int, at: float) -> None:
+            scheduled = start + at
+            await asyncio.sleep(max(0.0, scheduled - loop.time()))
+            lag = loop.time() - scheduled
+            try:
+                status = await send(payloads[index % len(payloads)])
+            except asyncio.CancelledError:
+                records.append(("unanswered", (loop.time() - scheduled) * 1e3, lag * 1e3))
+                raise
+            except Exception as failure:  # this request only (timeout, lost connection): counted, the run goes on
+                status = type(failure).__name__
+            records.append((status, (loop.time() - scheduled) * 1e3, lag * 1e3))
+
+        tasks = [asyncio.create_task(one(i, float(at))) for i, at in enumerate(arrivals)]
+        _, pending = await asyncio.wait(tasks, timeout=duration_s + drain_s) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall_s = loop.time() - start
+        answered = [latency for status, latency, _ in records if status == 200]
+        statuses: dict[str, int] = {}
+        for status, _, _ in records:
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+        results.append(RateResult(
+            rate=float(rate), sent=len(records), ok=len(answered), statuses=statuses,
+            latency_ms=percentiles(answered) if answered else {},
+            within_slo=sum(latency <= slo_ms for latency in answered) / max(1, len(records)),
+            send_lag_ms=max((lag for _, _, lag in records), default=0.0), wall_s=wall_s))
+    return results
+
+
+def http_sender(session, url: str) -> Sender:
+    """A `Sender` posting (bytes, content type) payloads to `url` on an aiohttp session."""
+    async def send(payload: tuple[bytes, str]) -> int:
+        data, content_type = payload
+        async with session.post(url, data=data, headers={"Content-Type": content_type}) as response:
+            await response.read()
+            return response.status
+
+    return send
+
+
+@dataclass
+class OpenLoopConfig:
+    url: str = "http://127.0.0.1:8080"  # TorchServe's inference address; loopback only
+    models: list[str] = field(default_factory=lambda: ["clipcap"])  # registered model names, in turn
+    rates: list[float] = field(default_factory=lambda: [1.0, 4.0, 8.0])  # offered requests/s, Poisson
+    duration_s: float = 20.0  # sending time per model and rate
+    slo_ms: float = 1000.0  # the latency objective: the fraction answered within it is reported per rate
+    timeout_s: float = 60.0  # per request
+    warmup: int = 2  # requests per model sent one by one first, not counted
+    images: list[Path] = field(default_factory=list)  # image files sent in turn; none: synthetic JPEGs
+    seed: int = 0  # arrival times
+
+    def validate(self) -> "OpenLoopConfig":
+        check_loopback(self.url)
+        if not self.models or any(not m or "/" in m for m in self.models):
+            raise ValueError(f"models must be TorchServe model names, got {self.models}")
+        if not self.rates or min(self.rates) <= 0 or self.duration_s <= 0 or self.slo_ms <= 0 or self.timeout_s <= 0:
+            raise ValueError("rates, duration, slo and timeout must be > 0")
+        return self
+
+
+async def _open_loop_models(config: OpenLoopConfig, keys: dict[str, str] | None, bodies: list,
+                            progress: bool) -> dict[str, list[RateResult]]:
+    import aiohttp
+    from tqdm import tqdm
+
+    headers = {"Authorization": f"Bearer {keys['inference']}"} if keys else {}
+    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+    # No connection limit: an open-loop client must never queue a request behind the pool.
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+        results = {}
+        for model in tqdm(config.models, desc="open-loop load", unit="model", disable=not progress):
+            send = http_sender(session, f"{config.url.rstrip('/')}/predictions/{model}")
+            for body in bodies[: config.warmup]:
+                status = await send(body)
+                if status != 200:
+                    raise RuntimeError(f"model {model!r}: warm-up request answered {status}")
+            results[model] = await open_loop(send, bodies, config.rates, config.duration_s, config.slo_ms,
+                                             config.seed, drain_s=config.timeout_s)
+    return results
+
+
+def run_open_loop(config: OpenLoopConfig, keys: dict[str, str] | None, progress: bool = True) -> dict:
+    """Open-loop Poisson load on every model at every rate; returns the report (schema clipcap-open-loop/1)."""
+    config.validate()
+    bodies = request_bodies(config.images)
+    load_before = os.getloadavg()
+    results = asyncio.run(_open_loop_models(config, keys, bodies, progress))
+    cells = [{"model": model, **asdict(result)} for model, rates in results.items() for result in rates]
+    settings = {**jsonable(asdict(config)), "images": [str(p) for p in config.images] or "4 synthetic 640x480 JPEGs",
+                "token_authorization": keys is not None}
+    report = {"schema": OPEN_LOOP_SCHEMA, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_info(), "settings": settings,
               "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, "cells": cells}
     check_report(report)

@@ -8,6 +8,8 @@ from typing import Any
 
 LATENCY_SCHEMA = "clipcap-latency/1"
 SERVING_SCHEMA = "clipcap-serving/1"
+PHOTO_SCHEMA = "clipcap-photo/1"  # clipcap.bench.photo_profile
+OPEN_LOOP_SCHEMA = "clipcap-open-loop/1"  # clipcap.bench.load.run_open_loop
 
 
 def jsonable(value: Any) -> Any:
@@ -30,9 +32,27 @@ _SERVING_CELL_KEYS = {"model": str, "concurrency": int, "sent": int, "ok": int, 
                       "wall_s": float, "requests_per_s": float, "latency_ms": dict}
 
 
+_PHOTO_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
+               "cells": list, "ratios": list, "accuracy": dict, "batch": dict, "memory": dict, "targets": list}
+_OPEN_LOOP_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
+                   "cells": list}
+_OPEN_LOOP_CELL_KEYS = {"model": str, "rate": float, "sent": int, "ok": int, "statuses": dict,
+                        "within_slo": float, "latency_ms": dict}
+
+
 def check_report(report: dict) -> None:
     """Raise ValueError naming the first key that is missing or of the wrong type."""
     schema = report.get("schema")
+    if schema == PHOTO_SCHEMA:
+        _check_keys(report, _PHOTO_KEYS, "report")
+        for index, cell in enumerate(report["cells"]):
+            _check_keys(cell, {"input": str, "pipeline": str, "stages_ms": dict}, f"cells[{index}]")
+        return
+    if schema == OPEN_LOOP_SCHEMA:
+        _check_keys(report, _OPEN_LOOP_KEYS, "report")
+        for index, cell in enumerate(report["cells"]):
+            _check_keys(cell, _OPEN_LOOP_CELL_KEYS, f"cells[{index}]")
+        return
     if schema not in (LATENCY_SCHEMA, SERVING_SCHEMA):
         raise ValueError(f"unknown report schema {schema!r}")
     latency = schema == LATENCY_SCHEMA

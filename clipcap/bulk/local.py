@@ -23,11 +23,11 @@ def read_all(refs: list[ImageRef]) -> tuple[list[bytes | None], list[str | None]
 
 
 def caption_refs(refs: list[ImageRef], bundle: str, backend: str, device: str, options: DecodingOptions,
-                 batch_size: int, embeddings: bool) -> Iterator[list[dict]]:
+                 batch_size: int, embeddings: bool, formats: tuple[str, ...]) -> Iterator[list[dict]]:
     """Rows for `refs`, one list per batch of `batch_size` images."""
     captioner = Captioner.from_path(bundle, backend=backend, device=device)
     for start in range(0, len(refs), batch_size):
         batch = refs[start:start + batch_size]
         blobs, errors = read_all(batch)
         yield caption_rows(captioner, [r.id for r in batch], [r.path for r in batch], blobs, errors,
-                           options, embeddings)
+                           options, embeddings, formats)

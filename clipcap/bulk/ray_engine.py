@@ -37,19 +37,21 @@ def read_batch(batch):
 class CaptionActor:
     """Opens the Captioner once per actor; each call captions one batch of image bytes."""
 
-    def __init__(self, bundle: str, backend: str, device: str, options: DecodingOptions, embeddings: bool):
+    def __init__(self, bundle: str, backend: str, device: str, options: DecodingOptions, embeddings: bool,
+                 formats: tuple[str, ...]):
         from clipcap.captioner import Captioner
 
         self.captioner = Captioner.from_path(bundle, backend=backend, device=device)
         self.options = options
         self.embeddings = embeddings
+        self.formats = formats
 
     def __call__(self, batch):
         import pyarrow as pa
 
         columns = batch.to_pydict()
         rows = caption_rows(self.captioner, columns["id"], columns["path"], columns["data"], columns["read_error"],
-                            self.options, self.embeddings)
+                            self.options, self.embeddings, self.formats)
         return pa.Table.from_pylist(rows, schema=shard_schema(self.embeddings))
 
 
@@ -61,7 +63,8 @@ def _same_clipcap() -> str:
 
 
 def caption_refs_on_ray(refs: list[ImageRef], bundle: str, backend: str, device: str, options: DecodingOptions,
-                        batch_size: int, embeddings: bool, address: str | None = None, actors: int = 2,
+                        batch_size: int, embeddings: bool, formats: tuple[str, ...], address: str | None = None,
+                        actors: int = 2,
                         num_gpus: float = 0.0) -> Iterator[list[dict]]:
     """Rows for `refs` as the actors finish them (not in input order), one list per batch."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -86,7 +89,7 @@ def caption_refs_on_ray(refs: list[ImageRef], bundle: str, backend: str, device:
             CaptionActor, batch_size=batch_size, batch_format="pyarrow", num_gpus=num_gpus,
             compute=ray.data.ActorPoolStrategy(size=actors),
             fn_constructor_kwargs={"bundle": str(bundle), "backend": backend, "device": device,
-                                   "options": options, "embeddings": embeddings})
+                                   "options": options, "embeddings": embeddings, "formats": formats})
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield batch.to_pylist()
     finally:

@@ -13,6 +13,7 @@ from clipcap.bulk.shards import ShardWriter, check_settings, done_ids, shard_pat
 from clipcap.bulk.sources import list_images
 from clipcap.formats.model_bundle import load_config
 from clipcap.decoding import DecodingError, DecodingOptions
+from clipcap.images import DEFAULT_FORMATS, check_formats
 
 ENGINES = ("local", "ray")
 EMBEDDING_BACKENDS = ("torch",)  # export bundles' encoder.onnx fuses CLIP and the mapper: no embedding output
@@ -29,6 +30,7 @@ class BulkConfig:
     batch_size: int = 8  # images captioned together
     shard_size: int = 1000  # rows per Parquet shard: the unit of atomic writes and of lost work on a kill
     embeddings: bool = False  # also store each image's CLIP embedding (torch backend)
+    formats: tuple[str, ...] = DEFAULT_FORMATS  # image formats read (clipcap.images.FORMATS); others fail their row
     engine: str = "local"  # local (this process) | ray (Ray Data actors)
     ray_address: str | None = None  # existing cluster; None starts an embedded local Ray
     actors: int = 2  # captioner actors (ray engine)
@@ -42,6 +44,10 @@ def _validate(config: BulkConfig) -> DecodingOptions:
             raise DecodingError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.num_gpus < 0:
         raise DecodingError(f"num_gpus must be >= 0, got {config.num_gpus}")
+    try:
+        check_formats(config.formats)
+    except ValueError as error:
+        raise DecodingError(f"formats: {error}") from None
     if config.engine not in ENGINES:
         raise DecodingError(f"unknown engine {config.engine!r}; known: {', '.join(ENGINES)}")
     if config.embeddings and config.backend not in EMBEDDING_BACKENDS:
@@ -62,7 +68,7 @@ def caption_dataset(config: BulkConfig) -> dict:
     done = done_ids(out)
     pending = [ref for ref in refs if ref.id not in done]
     arguments = dict(bundle=config.bundle, backend=config.backend, device=config.device, options=options,
-                     batch_size=config.batch_size, embeddings=config.embeddings)
+                     batch_size=config.batch_size, embeddings=config.embeddings, formats=config.formats)
     if config.engine == "ray":
         from clipcap.bulk.ray_engine import caption_refs_on_ray  # Ray is imported only here
 

@@ -97,11 +97,11 @@ class AgreementConfig:
 
 def measure_agreement(config: AgreementConfig) -> Agreement:
     """Greedy captions of both bundles (onnxruntime, CPU) on image files or on a caption dataset."""
+    import torch
     from tqdm import tqdm
 
     from clipcap.captioner import Captioner
     from clipcap.decoding import DecodingOptions
-    from clipcap.images import load_image_file
 
     config.check_inputs()
     files, references, keys = list(config.images), None, None
@@ -116,6 +116,6 @@ def measure_agreement(config: AgreementConfig) -> Agreement:
     candidate = Captioner.from_path(config.candidate, backend="onnxruntime")
     options = DecodingOptions(max_tokens=config.max_tokens or reference.config.max_tokens)
     starts = range(0, len(files), config.batch_size)
-    batches = (reference.preprocess([load_image_file(f) for f in files[start: start + config.batch_size]])
+    batches = (torch.stack([reference.load_pixels_file(f) for f in files[start: start + config.batch_size]])
                for start in tqdm(starts, desc="int8 vs fp32", unit="batch"))
     return compare_captions(reference, candidate, batches, options, references, keys)

@@ -10,8 +10,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from clipcap.decoding import DecodingOptions
-from clipcap.images import ImageError, load_image_file
+from clipcap.images import ImageError
 from clipcap.training.data import ImageCaptions, read_dataset
 from clipcap.training.metrics import caption_scores, exact_match, format_table
 
@@ -54,16 +56,16 @@ def caption_records(captioner, records: list[ImageCaptions], image_root: Path, o
 
     predictions, failed = [], {}
     for start in tqdm(range(0, len(records), batch_size), desc="captioning", unit="batch"):
-        batch, images = [], []
+        batch, pixels = [], []
         for record in records[start: start + batch_size]:
             try:
-                images.append(load_image_file(image_root / record.image))
+                pixels.append(captioner.load_pixels_file(image_root / record.image))
                 batch.append(record)
             except ImageError as error:
                 failed[record.image] = str(error)
-        if not images:
+        if not pixels:
             continue
-        captions = captioner.caption_images(images, options).captions
+        captions = captioner.caption_pixels(torch.stack(pixels), options).captions
         predictions += [{"image": r.image, "prediction": c.caption, "references": r.captions, "group": r.group}
                         for r, c in zip(batch, captions)]
     return predictions, failed

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from clipcap.config import BundleError, ClipConfig
-from clipcap.images import ImageError, load_image_file, preprocess
+from clipcap.images import ImageError, load_pixels_file
 from clipcap.training.data import Dataset, ImageCaptions, read_dataset
 
 INDEX_FILE = "index.json"
@@ -139,10 +139,9 @@ def extract_features(config: ExtractConfig) -> ExtractReport:
         images, rows = [], []
         for batch_start in range(start, min(start + config.part_size, len(todo)), config.batch_size):
             names = todo[batch_start: min(batch_start + config.batch_size, start + config.part_size, len(todo))]
-            loaded = _load_images(config.image_root, names, report)
+            loaded = _load_pixels(config.image_root, names, clip_config, report)
             if loaded:
-                pixels = preprocess([image for _, image in loaded], clip_config.image_size, clip_config.mean,
-                                    clip_config.std)
+                pixels = torch.stack([row for _, row in loaded])
                 with torch.inference_mode():
                     rows.append(tower(pixels.to(config.device)).float().cpu())
                 images += [name for name, _ in loaded]
@@ -179,11 +178,12 @@ def _start_index(config: ExtractConfig, clip_config: ClipConfig, tower: nn.Modul
             "failed": {}}
 
 
-def _load_images(root: Path, names: list[str], report: ExtractReport) -> list[tuple[str, object]]:
+def _load_pixels(root: Path, names: list[str], clip: ClipConfig, report: ExtractReport,
+                 ) -> list[tuple[str, torch.Tensor]]:
     loaded = []
     for name in names:
         try:
-            loaded.append((name, load_image_file(root / name)))
+            loaded.append((name, load_pixels_file(root / name, clip.image_size, clip.mean, clip.std)))
         except ImageError as error:
             report.failed[name] = str(error)
     return loaded

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from clipcap.config import BundleError, ClipCapConfig, GPT2Config, MapperConfig, TokenizerConfig
 from clipcap.hub import gpt2_folder
-from clipcap.images import load_image_file, preprocess
+from clipcap.images import load_pixels_file
 from clipcap.model import ClipCapModel
 from clipcap.tokenizer import CaptionTokenizer, train_bpe
 from clipcap.training.features import FeatureSet, load_features
@@ -274,8 +274,9 @@ class Trainer:
         if not self.cfg.train_clip:
             return features.embeddings[rows].to(self.device)
         clip = self.config.clip
-        images = [load_image_file(features.image_root / features.records[r].image) for r in rows]
-        return self.model.encode_image(preprocess(images, clip.image_size, clip.mean, clip.std).to(self.device))
+        pixels = torch.stack([load_pixels_file(features.image_root / features.records[r].image, clip.image_size,
+                                               clip.mean, clip.std) for r in rows])
+        return self.model.encode_image(pixels.to(self.device))
 
     def _batch_loss(self, features: FeatureSet, examples: Examples, indices: list[int]) -> torch.Tensor:
         tokens, mask = pad_batch([examples.tokens[i] for i in indices])

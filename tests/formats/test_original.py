@@ -10,10 +10,9 @@ import torch
 from clipcap.formats.model_bundle import load_bundle, save_bundle
 from clipcap.formats.original import import_original
 from clipcap.config import BundleError
-from clipcap.images import preprocess
 from clipcap.decoding import DecodingOptions, generate
 from clipcap.runtimes.torch_runtime import TorchRuntime
-from conftest import TINY_CLIP, random_images
+from conftest import TINY_CLIP
 from reference import paper_greedy
 
 

@@ -1,0 +1,174 @@
+"""The HTTP front of a caption server other than TorchServe: routes, bearer token, request size, and
+two APIs over one caption function.
+
+- TorchServe's inference API: `POST|PUT /predictions/<model>`, and `POST /invocations` and
+  `POST /<model>/predict`, whose query strings TorchServe passes on as fields (each request made
+  into TorchServe's row by clipcap.http_rows, answered by CaptionService with the same status and
+  error JSON); `GET /ping`; a missing or wrong token answers what TorchServe 0.12 answers (400
+  InvalidKeyException). The request id is the X-Request-ID header (Ray Serve's proxy sets it: the
+  client's own, else a new one), answered in X-Request-ID and named in CaptionService's log lines.
+- The Open Inference Protocol (clipcap.oip): `GET /v2/health/live|ready` (no token: for probes),
+  `GET /v2`, `GET /v2/models/<model>[/ready]`, `POST /v2/models/<model>/infer`; its errors are
+  `{"error": "..."}`, a missing or wrong token 401.
+
+No web framework here: `CaptionFront.answer` takes the request's parts and returns an `Answer`, so
+it is tested without a server; clipcap.serving_ray adapts it to Ray Serve.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from clipcap import oip
+from clipcap.http_rows import request_row
+from clipcap.quoting import quote
+from clipcap.serving import Reply, ServingError
+
+logger = logging.getLogger(__name__)
+
+JSON_HEADERS = {"content-type": "application/json"}
+BAD_TOKEN = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"  # TorchServe's words
+
+CaptionFn = Callable[[dict, dict, str], Awaitable[Reply]]  # (row, headers, request id) of one request -> its reply
+
+
+@dataclass
+class FrontConfig:
+    model_name: str = "clipcap"  # /predictions/<model_name>, /v2/models/<model_name>
+    token: str | None = None  # the bearer token every call but /v2/health needs; None: no token (--no-auth)
+    max_request_bytes: int = 16 * 2**20  # whole HTTP body, as TorchServe's max_request_size in config.properties
+    max_images_per_request: int = 16  # images in one v2 infer request (each is captioned as one request)
+    headers: dict[str, str] = field(default_factory=dict)  # added to every answer (the replica serving it)
+
+
+@dataclass
+class Answer:
+    status: int  # HTTP status
+    body: bytes  # response body
+    headers: dict[str, str]  # response headers
+
+
+def _json(status: int, body: dict) -> Answer:
+    return Answer(status, json.dumps(body).encode(), dict(JSON_HEADERS))
+
+
+def _torchserve_error(status: int, kind: str, message: str) -> Answer:
+    return _json(status, {"code": status, "type": kind, "message": message})
+
+
+class CaptionFront:
+    """Answers one HTTP request; `caption` captions one request's row (the server batches the calls)."""
+
+    def __init__(self, config: FrontConfig, caption: CaptionFn):
+        self.config = config
+        self.caption = caption
+
+    async def answer(self, method: str, path: str, query: str, headers: dict[str, str],
+                     body: AsyncIterator[bytes]) -> Answer:
+        request_id = next((v for k, v in headers.items() if k.lower() == "x-request-id"), "") or uuid.uuid4().hex
+        headers = {k: v for k, v in headers.items() if k.lower() != "x-request-id"}  # the id itself, not the client's
+        answer = await self._route(method, path.rstrip("/") or "/", query, headers, body, request_id)
+        answer.headers.update({**self.config.headers, "x-request-id": request_id})
+        return answer
+
+    async def _route(self, method: str, path: str, query: str, headers: dict, body: AsyncIterator[bytes],
+                     request_id: str) -> Answer:
+        name = self.config.model_name
+        if path in ("/v2/health/live", "/v2/health/ready"):
+            return _json(200, {path.rsplit("/", 1)[1]: True})
+        if path.startswith("/v2"):
+            if not self._authorized(headers):
+                return _json(401, {"error": BAD_TOKEN})
+            if path == "/v2" and method == "GET":
+                return _json(200, {"name": name, "version": "2", "extensions": ["binary_tensor_data"]})
+            if path == f"/v2/models/{name}" and method == "GET":
+                return _json(200, oip.model_metadata(name))
+            if path == f"/v2/models/{name}/ready" and method == "GET":
+                return _json(200, {"name": name, "ready": True})
+            if path == f"/v2/models/{name}/infer" and method == "POST":
+                return await self._infer(headers, body, request_id)
+            return _json(404, {"error": f"no such v2 endpoint: {method} {quote(path)}"})
+        if not self._authorized(headers):
+            return _torchserve_error(400, "InvalidKeyException", BAD_TOKEN)
+        if path == "/ping" and method == "GET":
+            return _json(200, {"status": "Healthy"})
+        if path == f"/predictions/{name}" and method in ("POST", "PUT"):
+            return await self._predict("", headers, body, request_id)  # TorchServe drops this route's query string
+        if (path == "/invocations" or path == f"/{name}/predict") and method == "POST":
+            return await self._predict(query, headers, body, request_id)
+        if path.startswith("/predictions/"):
+            return _torchserve_error(404, "ModelNotFoundException", f"Model not found: {quote(path[13:])}")
+        return _torchserve_error(404, "ResourceNotFoundException",
+                                 "Requested resource is not found, please refer to API document.")
+
+    def _authorized(self, headers: dict) -> bool:
+        if self.config.token is None:
+            return True
+        sent = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
+        return hmac.compare_digest(sent.encode(), f"Bearer {self.config.token}".encode())
+
+    async def _read(self, headers: dict, body: AsyncIterator[bytes]) -> bytes:
+        """The whole body, refused (413) from Content-Length before it is read or as soon as it is over."""
+        limit = self.config.max_request_bytes
+        declared = next((v for k, v in headers.items() if k.lower() == "content-length"), "0")
+        if declared.isdigit() and int(declared) > limit:
+            raise ServingError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in body:
+            size += len(chunk)
+            if size > limit:
+                raise ServingError(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _caption(self, row: dict, headers: dict, request_id: str) -> Reply:
+        try:
+            return await self.caption(row, headers, request_id)
+        except Exception:  # the batcher or the replica failed: this request's 500, never the server's end
+            logger.exception("request %s: captioning failed outside CaptionService", request_id)
+            return ServingError(500, "internal error while captioning (logged on the server)").reply()
+
+    async def _predict(self, query: str, headers: dict, body: AsyncIterator[bytes], request_id: str) -> Answer:
+        try:
+            data = await self._read(headers, body)
+        except ServingError as error:
+            reply = error.reply()
+            return _json(reply.status, reply.body)
+        row, row_headers = await asyncio.to_thread(request_row, headers, data, query)  # multipart: CPU work
+        reply = await self._caption(row, row_headers, request_id)
+        return _json(reply.status, reply.body)
+
+    async def _infer(self, headers: dict, body: AsyncIterator[bytes], request_id: str) -> Answer:
+        try:
+            data = await self._read(headers, body)
+            header_length = next((v for k, v in headers.items() if k.lower() == oip.HEADER_LENGTH.lower()), None)
+            request = oip.parse_infer(data, header_length, self.config.max_images_per_request)
+        except ServingError as error:
+            return _json(error.status, {"error": error.message})
+        except oip.ProtocolError as error:
+            return _json(error.status, {"error": error.message})
+        replies = await asyncio.gather(*(self._caption(*_image_row(image, request.options, index), f"{request_id}/{index}")
+                                         for index, image in enumerate(request.images)))
+        for index, reply in enumerate(replies):
+            if reply.status != 200:  # the request fails as a whole; the first failing image says why
+                return _json(reply.status, {"error": f"image {index} of {len(replies)}: {reply.body['message']}"})
+        body, response_headers = oip.infer_response(self.config.model_name, request,
+                                                    [r.body["caption"] for r in replies],
+                                                    [r.body["token_ids"] for r in replies])
+        return Answer(200, body, response_headers)
+
+
+def _image_row(image: bytes | str, options: dict, index: int) -> tuple[dict, dict]:
+    """One image of a v2 request as a JSON request form's row (so every JSON rule and limit applies);
+    image i of a seeded request samples with seed + i, as item i of `clipcap caption` does."""
+    seed = options.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        options = {**options, "seed": seed + index}
+    text = image if isinstance(image, str) else base64.b64encode(image).decode()
+    return request_row(dict(JSON_HEADERS), json.dumps({"image": text, **options}).encode())

@@ -1,0 +1,245 @@
+"""`clipcap serve-ray`: the caption service on Ray Serve, the scale-out front next to TorchServe.
+
+Each replica holds one `CaptionService` (the TorchServe handler's) and a `CaptionFront`
+(clipcap.serving_front: TorchServe's inference API and the Open Inference Protocol); requests are
+batched by `@serve.batch` with model-config.yaml's `batchSize` and `maxBatchDelay`, and each batch
+goes through `parse_batch` and `caption_batch` as a TorchServe batch does. Replicas are a fixed
+count (default one per GPU, else one) or autoscaled by ongoing requests. The handler's metrics
+(`ClipcapBatchSize`, ...) are Ray metrics: Ray's Prometheus endpoint exports them lower-cased with
+a `ray_` prefix (`ray_clipcapbatchsize_bucket`). Imported only for `serve-ray` (Ray Serve is the `serve-ray` extra). Without an address
+an embedded Ray is started on this machine (no dashboard, 127.0.0.1, no usage stats).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import clipcap
+from clipcap.serving import BatchStats, CaptionService, Reply, resolve_device
+from clipcap.serving_config import ServingConfig, ServingConfigError
+from clipcap.serving_front import CaptionFront, FrontConfig
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "clipcap"
+EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20  # request bodies over ~100 kB pass through it
+# Prometheus' default buckets, as TorchServe's histograms use: the same le= bounds on both fronts.
+HISTOGRAM_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+
+
+@dataclass
+class RayServeConfig:
+    bundle: str  # model or export bundle directory, readable by every node
+    model_config: str = "serving/model-config.yaml"  # batchSize, maxBatchDelay and the handler: section
+    host: str = "127.0.0.1"  # the HTTP proxy's address; loopback unless a proxy with TLS is in front
+    port: int = 8000  # the HTTP proxy's port
+    model_name: str = "clipcap"  # /predictions/<name>, /v2/models/<name>
+    replicas: int | None = None  # fixed count; None: one per GPU of the cluster (one without GPUs)
+    max_replicas: int | None = None  # set: autoscale between min_replicas and max_replicas
+    min_replicas: int = 1  # autoscaling's floor
+    target_ongoing_requests: float = 8.0  # autoscaling's target per replica: about one batch in flight
+    cpus_per_replica: float = 1.0  # Ray CPUs each replica reserves
+    gpus_per_replica: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    # Per replica; None: 8 x batchSize. Requests past it wait in Ray's router, which backs off while every
+    # replica is full: at 2 x batchSize an overloaded replica answered 9 req/s of its 40 (benchmarks/README).
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int = 100  # waiting beyond every replica's batches: 503, as TorchServe's job_queue_size
+    token: str | None = None  # the bearer token; None: generate one and write it to token_file (unless no_auth)
+    token_file: str = "serve-ray-token"  # where a generated token is written, mode 0600
+    no_auth: bool = False  # serve without a token (local demos only)
+    max_request_bytes: int = 16 * 2**20  # the whole HTTP body, as TorchServe's max_request_size
+    max_images_per_request: int = 16  # images in one v2 infer request
+    ray_address: str | None = None  # an existing cluster; None: an embedded Ray on this machine
+    metrics_port: int | None = None  # the embedded Ray's Prometheus endpoint; None: a port Ray picks
+
+
+@dataclass
+class BatchSettings:
+    """What the replicas read from model-config.yaml."""
+
+    max_batch_size: int  # batchSize: requests per batched decode
+    batch_wait_s: float  # maxBatchDelay (ms there): the longest a batch waits to fill
+    handler: ServingConfig  # the handler: section, exactly as the TorchServe handler reads it
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "BatchSettings":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ServingConfigError(f"{path}: file not found (pass --model-config serving/model-config.yaml)")
+        data = yaml.safe_load(path.read_text()) or {}
+        size, delay = data.get("batchSize", 1), data.get("maxBatchDelay", 100)  # TorchServe's own defaults
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ServingConfigError(f"{path}: batchSize must be an integer >= 1, got {size!r}")
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
+            raise ServingConfigError(f"{path}: maxBatchDelay must be a number of ms >= 0, got {delay!r}")
+        return cls(size, delay / 1e3, ServingConfig.from_dict(data.get("handler")))
+
+
+class CaptionReplica:
+    """One Ray Serve replica: the bundle's CaptionService behind the HTTP front (made a deployment by `build_app`)."""
+
+    def __init__(self, bundle: str, settings: BatchSettings, front: FrontConfig):
+        import ray
+        from ray import serve
+        from ray.serve import metrics
+
+        from clipcap.captioner import Captioner
+
+        config = settings.handler
+        gpu_id = 0 if ray.get_gpu_ids() else None  # Ray shows a replica only its own GPU
+        captioner = Captioner.from_path(bundle, backend=config.backend, device=resolve_device(config.device, gpu_id))
+        self.service = CaptionService(captioner, config)
+        self._batched = serve.batch(max_batch_size=settings.max_batch_size,
+                                    batch_wait_timeout_s=settings.batch_wait_s)(self._caption_rows)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.front = CaptionFront(dataclasses.replace(front, headers={"x-clipcap-replica": replica}), self._caption_one)
+        self.metrics = {
+            "ClipcapBatchSize": metrics.Histogram("ClipcapBatchSize", boundaries=HISTOGRAM_BOUNDARIES,
+                                                  description="requests in the batch"),
+            "ClipcapTokensGenerated": metrics.Counter("ClipcapTokensGenerated", description="tokens generated"),
+            **{f"Clipcap{stage}Seconds": metrics.Histogram(f"Clipcap{stage}Seconds", boundaries=HISTOGRAM_BOUNDARIES,
+                                                            description=f"{stage.lower()} time per batch")
+               for stage in ("Preprocess", "Encode", "Decode")}}
+
+    async def __call__(self, request):
+        from starlette.responses import Response
+
+        answer = await self.front.answer(request.method, request.url.path, request.url.query,
+                                         dict(request.headers), request.stream())
+        return Response(answer.body, status_code=answer.status, headers=answer.headers)
+
+    async def _caption_one(self, row: dict, headers: dict, request_id: str) -> Reply:
+        return await self._batched((row, headers, request_id))
+
+    async def _caption_rows(self, items: list[tuple[dict, dict, str]]) -> list[Reply]:
+        # On the replica's user-code loop, not in a thread: @serve.batch forms the next batch as soon as one
+        # starts, so while a batch runs in a thread the next forms from a lone arrival plus the wait; with the
+        # loop busy, arrivals queue and the next batch takes them all, as TorchServe's does (measured: 32
+        # concurrent requests in 5 batches here, 8 to 13 from a thread). Ray's health checks run on another loop.
+        return self._caption_now(items)
+
+    def _caption_now(self, items: list[tuple[dict, dict, str]]) -> list[Reply]:
+        rows, headers, ids = (list(column) for column in zip(*items))
+        replies, stats = self.service.caption_batch(self.service.parse_batch(rows, headers, ids))
+        self._record(stats)
+        return replies
+
+    def _record(self, stats: BatchStats) -> None:
+        self.metrics["ClipcapBatchSize"].observe(stats.batch_size)
+        if stats.captioned:
+            self.metrics["ClipcapTokensGenerated"].inc(stats.tokens)
+            for stage, milliseconds in stats.timings_ms.items():
+                self.metrics[f"Clipcap{stage.capitalize()}Seconds"].observe(milliseconds / 1e3)
+
+
+def resolve_token(config: RayServeConfig) -> str | None:
+    """The token to require: None with no_auth, the given one, else a new one written to token_file (0600)."""
+    if config.no_auth:
+        return None
+    if config.token:
+        return config.token
+    token = secrets.token_urlsafe(32)
+    path = Path(config.token_file)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an existing file keeps its mode on open: make it private before writing
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token + "\n")
+    return token
+
+
+def build_app(config: RayServeConfig, token: str | None, gpus_in_cluster: float = 0):
+    """The Ray Serve application: one deployment of CaptionReplica, scaled as `config` says."""
+    from ray import serve
+
+    settings = BatchSettings.from_file(config.model_config)
+    gpus = config.gpus_per_replica if config.gpus_per_replica is not None else (1.0 if gpus_in_cluster else 0.0)
+    scaling = {"num_replicas": config.replicas or max(1, int(gpus_in_cluster // gpus) if gpus else 1)}
+    if config.max_replicas is not None:
+        scaling = {"autoscaling_config": {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                                          "target_ongoing_requests": config.target_ongoing_requests}}
+    deployment = serve.deployment(
+        CaptionReplica, name="CaptionReplica", **scaling,
+        max_ongoing_requests=config.max_ongoing_requests or 8 * settings.max_batch_size,
+        max_queued_requests=config.max_queued_requests,
+        ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": gpus})
+    front = FrontConfig(model_name=config.model_name, token=token, max_request_bytes=config.max_request_bytes,
+                        max_images_per_request=config.max_images_per_request)
+    return deployment.bind(str(Path(config.bundle).resolve()), settings, front)
+
+
+def application(args: dict):
+    """Ray Serve's application builder, for a Serve config file or a KubeRay RayService
+    (`import_path: clipcap.serving_ray:application`): `args` are RayServeConfig fields (host and port
+    are the Serve config's http_options instead). The token is $CLIPCAP_SERVE_TOKEN (a Kubernetes
+    Secret) unless `no_auth: true`; nothing is written to a file."""
+    import ray
+
+    config = RayServeConfig(**args)
+    token = None if config.no_auth else os.environ.get("CLIPCAP_SERVE_TOKEN")
+    if not config.no_auth and not token:
+        raise ServingConfigError("set CLIPCAP_SERVE_TOKEN (the bearer token clients send), or no_auth: true")
+    return build_app(config, token, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0)
+
+
+def worker_pythonpath() -> str:
+    """PYTHONPATH that makes an embedded Ray's workers import this process's clipcap (a checkout or an install)."""
+    root = str(Path(clipcap.__file__).resolve().parents[1])
+    return os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+
+
+class RayServer:
+    """`with RayServer(config) as server:` serves until the block ends (Ray Serve shut down, an embedded Ray stopped)."""
+
+    def __init__(self, config: RayServeConfig):
+        self.config = config
+        self.token: str | None = None
+        self.url = f"http://{config.host}:{config.port}"
+        self._started_ray = False
+
+    def __enter__(self) -> "RayServer":
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+        from ray import serve
+
+        BatchSettings.from_file(self.config.model_config)  # a bad file fails here, before Ray starts
+        if not ray.is_initialized():
+            self._started_ray = True
+            if self.config.ray_address:
+                ray.init(address=self.config.ray_address, logging_level=logging.WARNING)
+            else:
+                replicas = self.config.max_replicas or self.config.replicas or 1
+                ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * self.config.cpus_per_replica) + 1),
+                         object_store_memory=EMBEDDED_OBJECT_STORE_BYTES, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                         _metrics_export_port=self.config.metrics_port,
+                         runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
+        try:
+            self.token = resolve_token(self.config)
+            serve.start(http_options={"host": self.config.host, "port": self.config.port})
+            app = build_app(self.config, self.token, ray.cluster_resources().get("GPU", 0))
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            if self._started_ray:
+                ray.shutdown()
+
+    def serve_forever(self) -> None:
+        while True:
+            time.sleep(3600)

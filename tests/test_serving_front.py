@@ -1,0 +1,265 @@
+"""The Ray-free parts of the Ray Serve front: HTTP request -> TorchServe row (clipcap.http_rows), the
+Open Inference Protocol codec (clipcap.oip) checked against tritonclient's own encoder and decoder,
+and CaptionFront answering the shared request table over a real CaptionService in this process."""
+import asyncio
+import base64
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clipcap import oip
+from clipcap.captioner import Captioner
+from clipcap.http_rows import request_row
+from clipcap.images import decode_image
+from clipcap.serving import PART_NAMES, CaptionService
+from clipcap.serving_config import ServingConfig
+from clipcap.serving_front import BAD_TOKEN, CaptionFront, FrontConfig
+from clipcap.serving_ray import BatchSettings, RayServeConfig, resolve_token
+from conftest import png_bytes, random_images
+from serving_cases import BOUNDARY, cases, multipart
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+field_names = st.text(st.characters(codec="ascii", categories=("L", "N")), min_size=1, max_size=12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(field_names, st.binary(max_size=300)), max_size=5), st.binary(max_size=2000))
+def test_multipart_parts_arrive_as_torchserve_rows(fields, image):
+    """Text fields (repeats included) then a file part: the row keeps each name's last value, the
+    headers carry every name in order and each part's content type, as the TorchServe handler records."""
+    body, headers = multipart(image, {})
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+             for name, value in fields]
+    row, row_headers = request_row(headers, b"".join(parts) + body)
+    assert row == {**dict(fields), "data": image}
+    assert row_headers[PART_NAMES] == [name for name, _ in fields] + ["data"]
+    assert row_headers["data"] == {"content-type": "image/png"}
+    assert all(row_headers[name] == {"content-type": ""} for name, _ in fields if name != "data")
+    assert row_headers["Content-Type"] == headers["Content-Type"]
+
+
+def test_bodies_and_query_strings_as_torchserve_rows():
+    row, headers = request_row({"Content-Type": "image/png"}, b"\x89PNG")
+    assert row == {"body": b"\x89PNG"} and headers[PART_NAMES] == ["body"]
+    row, headers = request_row({}, b"", "beam_size=3&seed=")
+    assert row == {"beam_size": b"3", "seed": b"", "body": b""}
+    assert headers[PART_NAMES] == ["beam_size", "seed", "body"] and headers["seed"] == {"content-type": ""}
+    # a multipart body without a boundary holds no part: CaptionService answers "empty request"
+    assert request_row({"content-type": "multipart/form-data"}, b"junk")[0] == {}
+    # a header that names itself like the part list cannot stand in for it
+    assert request_row({PART_NAMES: "x"}, b"data")[1][PART_NAMES] == ["body"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(max_size=200), max_size=6))
+def test_bytes_tensor_round_trip(items):
+    assert oip.deserialize_bytes(oip.serialize_bytes(items)) == items
+
+
+@pytest.mark.parametrize("blob", [b"\x05\x00\x00", b"\x05\x00\x00\x00abc"])
+def test_truncated_bytes_tensor_is_refused(blob):
+    with pytest.raises(oip.ProtocolError):
+        oip.deserialize_bytes(blob)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_bundle):
+    return CaptionService(Captioner.from_path(tiny_bundle), ServingConfig())
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [png_bytes(image) for image in random_images(3)]
+
+
+def _front(service, token=TOKEN, **config) -> CaptionFront:
+    async def caption_one(row, headers, request_id):
+        replies, _ = service.caption_batch(service.parse_batch([row], [headers], [request_id]))
+        return replies[0]
+
+    return CaptionFront(FrontConfig(token=token, **config), caption_one)
+
+
+async def _chunks(body: bytes, size: int = 65536):
+    for start in range(0, len(body), size):
+        yield body[start:start + size]
+
+
+def _ask(front, method, path, body=b"", headers=None, query=""):
+    answer = asyncio.run(front.answer(method, path, query, {**AUTH, **(headers or {})}, _chunks(body)))
+    return answer.status, answer.body, answer.headers
+
+
+def test_the_shared_table(service, images):
+    front, captioner = _front(service), service.captioner
+    with_options = captioner.default_options().replace(strategy="beam", beam_size=3, max_tokens=12)
+    for case in cases(images[0]):
+        status, body, _ = _ask(front, case.method, "/predictions/clipcap", case.body, case.headers)
+        reply = json.loads(body)
+        assert status == case.status, f"{case.name}: {status} {reply}"
+        if status == 200:
+            options = with_options if case.fragment == "options" else captioner.default_options()
+            expected = captioner.caption_images([decode_image(images[0])], options).captions[0]
+            assert (reply["caption"], reply["token_ids"]) == (expected.caption, expected.token_ids), case.name
+        else:
+            assert reply["code"] == status and case.fragment in reply["message"], f"{case.name}: {reply}"
+
+
+def test_token_and_routes(service, images):
+    front = _front(service)
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        status, body, _ = _ask(front, "POST", "/predictions/clipcap", images[0], headers)
+        assert (status, json.loads(body)) == (400, {"code": 400, "type": "InvalidKeyException", "message": BAD_TOKEN})
+        status, body, _ = _ask(front, "GET", "/v2/models/clipcap", headers=headers)
+        assert (status, json.loads(body)) == (401, {"error": BAD_TOKEN})
+    assert _ask(front, "GET", "/v2/health/ready", headers={"Authorization": ""})[:2] == (200, b'{"ready": true}')
+    assert _ask(front, "GET", "/ping")[:2] == (200, b'{"status": "Healthy"}')
+    assert json.loads(_ask(front, "POST", "/predictions/other", images[0])[1])["type"] == "ModelNotFoundException"
+    assert _ask(front, "GET", "/predictions/clipcap")[0] == 404
+    # /invocations and /<model>/predict pass the query string on as fields; /predictions drops it (TorchServe's routes)
+    beam = _library(service, images[:1], strategy="beam", beam_size=3)[0].token_ids
+    greedy = _library(service, images[:1])[0].token_ids
+    for path, query, expected in [("/invocations", "model_name=clipcap&decoding=beam&beam_size=3", beam),
+                                  ("/clipcap/predict", "decoding=beam&beam_size=3", beam),
+                                  ("/predictions/clipcap", "decoding=beam&beam_size=3", greedy)]:
+        status, body, _ = _ask(front, "POST", path, images[0], {"Content-Type": "image/png"}, query)
+        assert status == 200 and json.loads(body)["token_ids"] == expected, path
+    status, body, _ = _ask(front, "POST", "/clipcap/predict", images[0], {"Content-Type": "image/png"},
+                           "decoding=beam&decoding=greedy")
+    assert status == 400 and "sent more than once" in json.loads(body)["message"]
+    # the request id: the client's X-Request-ID (Ray Serve's proxy sets one when the client does not)
+    assert _ask(front, "GET", "/ping", headers={"X-Request-ID": "client-7"})[2]["x-request-id"] == "client-7"
+    assert len(_ask(front, "GET", "/ping")[2]["x-request-id"]) == 32
+    assert _ask(_front(service, token=None), "POST", "/predictions/clipcap", images[0],
+                {"Authorization": "", "Content-Type": "image/png"})[0] == 200
+
+
+def test_request_size_limit_before_and_while_reading(service, images):
+    front = _front(service, max_request_bytes=1000)
+    big = b"\0" * 1001
+    assert _ask(front, "POST", "/predictions/clipcap", big, {"Content-Length": "1001"})[0] == 413
+    assert _ask(front, "POST", "/predictions/clipcap", big)[0] == 413  # chunked: no Content-Length
+    assert _ask(front, "POST", "/v2/models/clipcap/infer", big)[0] == 413
+
+
+def _library(service, data: list[bytes], **options):
+    captioner = service.captioner
+    return captioner.caption_images([decode_image(d) for d in data],
+                                    captioner.default_options().replace(**options)).captions
+
+
+def test_v2_infer_json_several_images(service, images):
+    front = _front(service)
+    request = {"id": "r1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
+                                       "data": [base64.b64encode(d).decode() for d in images]}],
+               "parameters": {"decoding": "beam", "beam_size": 2}}
+    status, body, headers = _ask(front, "POST", "/v2/models/clipcap/infer", json.dumps(request).encode(),
+                                 {"Content-Type": "application/json"})
+    reply = json.loads(body)
+    assert status == 200, reply
+    outputs = {o["name"]: o for o in reply["outputs"]}
+    expected = _library(service, images, strategy="beam", beam_size=2)
+    assert reply["id"] == "r1" and outputs["caption"]["data"] == [c.caption for c in expected]
+    width = max(len(c.token_ids) for c in expected)
+    assert outputs["token_ids"]["shape"] == [3, width]
+    rows = np.array(outputs["token_ids"]["data"]).reshape(3, width)
+    assert [[t for t in row if t != oip.TOKEN_PAD] for row in rows.tolist()] == [c.token_ids for c in expected]
+
+
+def test_v2_infer_one_bad_image_fails_the_request_with_its_index(service, images):
+    front = _front(service)
+    data = [base64.b64encode(d).decode() for d in (images[0], b"junk")]
+    request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": data}]}
+    status, body, _ = _ask(front, "POST", "/v2/models/clipcap/infer", json.dumps(request).encode())
+    assert status == 400 and json.loads(body)["error"].startswith("image 1 of 2: ")
+    for bad, fragment in [({"inputs": []}, "exactly one input"),
+                          ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, "BYTES"),
+                          ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": data[:1]}]}, "shape"),
+                          ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [17], "data": data * 9}]}, "limit"),
+                          ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": data[:1]}],
+                            "parameters": {"url": "x"}}, "unknown option"),
+                          ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": data[:1]}],
+                            "parameters": {"image": data[0]}}, "not a parameter"),
+                          (["not", "an", "object"], "JSON object")]:
+        status, body, _ = _ask(front, "POST", "/v2/models/clipcap/infer", json.dumps(bad).encode())
+        assert status == 400 and fragment in json.loads(body)["error"], (bad, body)
+    too_long = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": data[:1]}],
+                "parameters": {"decoding": "A" * 5000}}  # CaptionService's JSON limits apply to each image's row
+    status, body, _ = _ask(front, "POST", "/v2/models/clipcap/infer", json.dumps(too_long).encode())
+    assert status == 413 and "max_options_bytes" in json.loads(body)["error"] and len(body) < 1000
+
+
+def test_v2_infer_with_tritonclient_encoding(service, images):
+    """tritonclient.http's own request encoder (binary BYTES input) and response decoder."""
+    http = pytest.importorskip("tritonclient.http")
+    front = _front(service)
+    image = http.InferInput("image", [len(images)], "BYTES")
+    image.set_data_from_numpy(np.array(images, dtype=np.object_), binary_data=True)
+    outputs = [http.InferRequestedOutput("caption", binary_data=True), http.InferRequestedOutput("token_ids")]
+    body, header_length = http.InferenceServerClient.generate_request_body([image], outputs,
+                                                                           parameters={"seed": 7, "decoding": "nucleus"})
+    headers = {} if header_length is None else {oip.HEADER_LENGTH: str(header_length)}
+    status, reply, reply_headers = _ask(front, "POST", "/v2/models/clipcap/infer", body, headers)
+    assert status == 200, reply
+    length = reply_headers.get(oip.HEADER_LENGTH)
+    result = http.InferResult.from_response_body(reply, header_length=None if length is None else int(length))
+    expected = [_library(service, [d], strategy="nucleus", seed=7 + i)[0] for i, d in enumerate(images)]
+    assert [c.decode() for c in result.as_numpy("caption")] == [c.caption for c in expected]
+    assert [[t for t in row if t != oip.TOKEN_PAD] for row in result.as_numpy("token_ids").tolist()] == \
+        [c.token_ids for c in expected]
+
+
+def test_model_config_batching_and_token_file(tmp_path):
+    settings_ = BatchSettings.from_file("serving/model-config.yaml")
+    assert (settings_.max_batch_size, settings_.batch_wait_s) == (8, 0.005)
+    (tmp_path / "bad.yaml").write_text("batchSize: 0\n")
+    with pytest.raises(ValueError, match="batchSize"):
+        BatchSettings.from_file(tmp_path / "bad.yaml")
+    token_file = tmp_path / "token"
+    token_file.write_text("old")
+    os.chmod(token_file, 0o644)
+    token = resolve_token(RayServeConfig(bundle="x", token_file=str(token_file)))
+    assert token_file.read_text().strip() == token and len(token) >= 32
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert resolve_token(RayServeConfig(bundle="x", token="given", token_file=str(tmp_path / "no"))) == "given"
+    assert resolve_token(RayServeConfig(bundle="x", no_auth=True)) is None
+    assert not (tmp_path / "no").exists()
+
+
+def test_the_rayservice_manifest_builds_the_application(monkeypatch):
+    """serving/kserve/rayservice.yaml's import_path and args build the app (paths moved to this checkout)."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the serve-ray extra)")
+    import importlib
+
+    import yaml
+    from ray.serve import Application
+
+    manifest = yaml.safe_load(open("serving/kserve/rayservice.yaml"))
+    [app] = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    module, name = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    args = {**app["args"], "bundle": "models/shapes-demo", "model_config": "serving/model-config.yaml"}
+    with pytest.raises(ValueError, match="CLIPCAP_SERVE_TOKEN"):
+        builder(args)
+    monkeypatch.setenv("CLIPCAP_SERVE_TOKEN", "from-a-secret")
+    built = builder(args)
+    assert isinstance(built, Application)
+    deployment = built._bound_deployment
+    assert deployment._deployment_config.autoscaling_config.max_replicas == app["args"]["max_replicas"]
+    assert deployment.init_args[2].token == "from-a-secret"
+
+
+def test_serve_ray_command_refuses_a_missing_model_config_before_starting_ray(tmp_path, capsys):
+    from clipcap import cli
+
+    assert cli.main(["serve-ray", "models/shapes-demo", "--model-config", str(tmp_path / "none.yaml"),
+                     "--token-file", str(tmp_path / "token")]) == 2
+    assert "none.yaml: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "token").exists()
