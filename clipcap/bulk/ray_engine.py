@@ -37,7 +37,7 @@ def read_batch(batch):
 class CaptionActor:
     """Opens the Captioner once per actor; each call captions one batch of image bytes."""
 
-    def __init__(self, bundle: str, backend: str, device: str, options: DecodingOptions, embeddings: bool):
+    def __init__(self, bundle: str, backend: str | None, device: str, options: DecodingOptions, embeddings: bool):
         from clipcap.captioner import Captioner
 
         self.captioner = Captioner.from_path(bundle, backend=backend, device=device)
@@ -60,7 +60,7 @@ def _same_clipcap() -> str:
     return os.pathsep.join(filter(None, [str(Path(clipcap.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
 
 
-def caption_refs_on_ray(refs: list[ImageRef], bundle: str, backend: str, device: str, options: DecodingOptions,
+def caption_refs_on_ray(refs: list[ImageRef], bundle: str, backend: str | None, device: str, options: DecodingOptions,
                         batch_size: int, embeddings: bool, address: str | None = None, actors: int = 2,
                         num_gpus: float = 0.0) -> Iterator[list[dict]]:
     """Rows for `refs` as the actors finish them (not in input order), one list per batch."""

@@ -53,8 +53,9 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(pixel_values)  # (B, 3, H, W) -> (B, P, E)
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clip_embeds = self.model.encode_image(pixel_values)  # (B, 3, H, W) -> (B, D)
+        return self.model.prefix(clip_embeds), clip_embeds  # (B, P, E), (B, D)
 
 
 class MapperGraph(nn.Module):

@@ -107,12 +107,14 @@ def resolve_sizes(sizes: dict[str, int]) -> dict[str, int]:
 
 
 def encoder_spec(config: ClipCapConfig) -> GraphSpec:
-    """Pixels -> prefix embeddings: CLIP visual tower + optional L2 norm + mapper, one graph."""
+    """Pixels -> prefix embeddings: CLIP visual tower + optional L2 norm + mapper, one graph; also the CLIP
+    image embedding before the mapper (`Runtime.encode_image`, bulk embeddings), at no extra compute."""
     side = config.clip.image_size
     return GraphSpec(
         name="encoder",
         inputs=(TensorSpec("pixel_values", (BATCH, 3, side, side)),),
-        outputs=(TensorSpec("prefix_embeds", (BATCH, config.mapper.prefix_length, config.gpt2.n_embd)),),
+        outputs=(TensorSpec("prefix_embeds", (BATCH, config.mapper.prefix_length, config.gpt2.n_embd)),
+                 TensorSpec("clip_embeds", (BATCH, config.clip.embed_dim))),
         # Measured 1.3e-6 on ViT-B-32 with random weights (outputs ~1): 1e-4 leaves room for other CPUs.
         atol=1e-4,
     )
