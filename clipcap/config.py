@@ -214,14 +214,22 @@ def dataclass_from_dict(cls, data: Any, where: str, prefix: str):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise BundleError(f"{where}: unknown field(s) {', '.join(prefix + u for u in unknown)}")
+    missing = [name for name, f in fields.items() if name not in data and _default(f) is dataclasses.MISSING]
+    if missing:
+        raise BundleError(f"{where}: missing field(s) {', '.join(prefix + m for m in missing)} (no default)")
     values = {}
     for name, value in data.items():
-        default = getattr(cls(), name)
+        default = _default(fields[name])
         if dataclasses.is_dataclass(default):
             values[name] = dataclass_from_dict(type(default), value, where, prefix + name + ".")
         else:
             values[name] = _coerce(value, default, where, prefix + name, fields[name].type)
     return cls(**values)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh one from its factory), or MISSING for a required field."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _coerce(value: Any, default: Any, where: str, name: str, annotation: str) -> Any:

@@ -20,7 +20,7 @@ import torch
 
 from clipcap.config import BundleError
 from clipcap.export.onnx import ExportError, ExportOptions, export_bundle
-from clipcap.formats.graph_specs import DECODER_CACHES
+from clipcap.formats.graph_specs import DECODER_KINDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the onnxruntime-vs-PyTorch checks (not recommended)")
     parser.add_argument("--parity-images", type=int, default=ExportOptions.parity_images,
                         help="images decoded greedy and beam (to max_tokens) by both PyTorch and onnxruntime")
-    parser.add_argument("--decoder-cache", choices=DECODER_CACHES, default=ExportOptions.decoder_cache,
-                        help="in-place: onnxruntime's fused step writing a preallocated cache (CPU/CUDA EP); "
-                             "concat: GPT-2's own attention, portable (TensorRT builds from it)")
+    parser.add_argument("--decoder-cache", choices=DECODER_KINDS, default=ExportOptions.decoder_cache,
+                        help="; ".join(f"{kind.name}: {kind.summary}" for kind in DECODER_KINDS.values()))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -45,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for name, graph in manifest["graphs"].items():
-        parity = graph.get("parity")
+    for name, graph in manifest.graphs.items():
+        parity = graph.parity
         measured = f"max abs diff vs PyTorch {parity['max_abs_diff']:.2e} (bound {parity['atol']:g})" if parity else ""
-        print(f"{graph['file']:<14} exported in {graph['export_seconds']:>5.1f} s  {measured}")
-    if "decoding_parity" in manifest:
-        print(f"greedy and beam tokens identical to PyTorch: {json.dumps(manifest['decoding_parity'])}")
+        print(f"{graph.file:<14} exported in {graph.export_seconds:>5.1f} s  {measured}")
+    if manifest.decoding_parity:
+        print(f"greedy and beam tokens identical to PyTorch: {json.dumps(manifest.decoding_parity)}")
     print(f"wrote {args.out}")
     return 0
 

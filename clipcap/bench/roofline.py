@@ -60,7 +60,7 @@ def graph_bytes(backend: OpenBackend, graph: str) -> float | None:
     runtime = backend.timed.inner
     if not isinstance(runtime, OnnxRuntime):
         return None
-    path = backend.path / runtime.manifest["graphs"][graph]["file"]
+    path = backend.path / runtime.manifest.graphs[graph].file
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 

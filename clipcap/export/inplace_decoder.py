@@ -13,13 +13,10 @@ check runs; the exporter translates it into the contrib op.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-
-from clipcap.formats.graph_specs import GraphSpec
 
 
 @torch.library.custom_op("clipcap::kv_attention", mutates_args=())
@@ -81,6 +78,9 @@ def _linear(x: Tensor, conv1d) -> Tensor:
 class InPlaceDecoderStep(nn.Module):
     """One GPT-2 step: (inputs_embeds, position_ids, *caches) -> (last-position logits, *caches)."""
 
+    # The attention custom op -> onnxruntime's contrib op, for clipcap.export.onnx.export_graph.
+    translations = {torch.ops.clipcap.kv_attention.default: _kv_attention_onnx}
+
     def __init__(self, model):
         super().__init__()
         self.gpt = model.gpt
@@ -101,25 +101,15 @@ class InPlaceDecoderStep(nn.Module):
         logits = transformer.ln_f(hidden[:, -1]) @ self.gpt.lm_head.weight.t()  # (B, V)
         return (logits, *presents)
 
+    def optimize(self, path: Path, external_data: bool) -> dict:
+        """onnxruntime's GPT-2 optimiser over the exported file, in place; returns its fusion counts."""
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.optimizer import optimize_model
 
-def export_inplace_decoder(module: InPlaceDecoderStep, spec: GraphSpec, path: Path, dynamic_shapes: tuple,
-                           external_data: bool) -> dict:
-    """torch.onnx export (dynamo) of the step, then onnxruntime's GPT-2 optimiser; returns its fusion counts."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    config = module.gpt.config
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
-        program = torch.onnx.export(
-            module, tuple(spec.example_inputs().values()), dynamo=True, opset_version=spec.opset,
-            input_names=spec.input_names, output_names=spec.output_names, dynamic_shapes=dynamic_shapes,
-            custom_translation_table={torch.ops.clipcap.kv_attention.default: _kv_attention_onnx},
-            external_data=external_data, verbose=False)
-    program.save(str(path), external_data=external_data)
-    # opt_level 0: only the Python fusions, so the file stays portable across CPUs; the session
-    # applies its own level-2 rewrites when it loads the graph.
-    optimized = optimize_model(str(path), model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd,
-                               opt_level=0, optimization_options=FusionOptions("gpt2"))
-    optimized.save_model_to_file(str(path), use_external_data_format=external_data)
-    return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+        config = self.gpt.config
+        # opt_level 0: only the Python fusions, so the file stays portable across CPUs; the session
+        # applies its own level-2 rewrites when it loads the graph.
+        optimized = optimize_model(str(path), model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd,
+                                   opt_level=0, optimization_options=FusionOptions("gpt2"))
+        optimized.save_model_to_file(str(path), use_external_data_format=external_data)
+        return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}

@@ -3,10 +3,12 @@
 Each graph is exported with torch.onnx's dynamo exporter (torch.export underneath) from a small
 wrapper module whose inputs and outputs are exactly the spec's (clipcap.formats.graph_specs), then checked
 with `onnx.checker` and run in onnxruntime against the PyTorch module at several shapes, past
-length 0 included. The decoder wrapper rebuilds transformers' DynamicCache from flat past tensors,
-so GPT-2's own attention code is what gets exported, not a re-implementation. That concat decoder
-is kept for TensorRT (`decoder_cache="concat"`); the default decoder is clipcap.export.inplace_decoder's
-(onnxruntime's fused attention writing a preallocated cache in place, MatMul linears).
+length 0 included. The decoder is exported from its kind's module (graph_specs.DECODER_KINDS):
+`DecoderStepGraph` here rebuilds transformers' DynamicCache from flat past tensors, so GPT-2's own
+attention code is what gets exported (the concat kind, which TensorRT builds from); the default,
+in-place kind is clipcap.export.inplace_decoder's (onnxruntime's fused attention writing a
+preallocated cache in place, MatMul linears). A decoder module has `translations` (custom ops the
+exporter cannot translate itself) and `optimize` (rewrites after export).
 """
 from __future__ import annotations
 
@@ -21,10 +23,9 @@ import torch
 from torch import nn
 
 from clipcap.config import CONFIG_FILE, BundleError
-from clipcap.formats.export_bundle import (EXPORT_FORMAT_VERSION, TOKEN_TABLE_FILE, write_manifest,
+from clipcap.formats.export_bundle import (TOKEN_TABLE_FILE, ExportManifest, GraphEntry, write_manifest,
                                            write_token_table)
-from clipcap.formats.graph_specs import (CAPACITY, DECODER_CACHES, INPLACE_PARITY_SIZES, PARITY_SIZES, PAST,
-                                          SEQUENCE, GraphSpec, graph_specs)
+from clipcap.formats.graph_specs import CAPACITY, DECODER_KINDS, PARITY_SIZES, PAST, SEQUENCE, GraphSpec, graph_specs
 from clipcap.formats.model_bundle import Bundle, load_bundle
 
 TWO_GIB = 2**31  # protobuf's limit: bigger graphs keep their weights in a `.onnx.data` file
@@ -39,8 +40,8 @@ class ExportOptions:
     out: Path  # the export bundle directory (created)
     check_parity: bool = True  # run each graph in onnxruntime against PyTorch and record the diffs
     parity_images: int = 4  # images decoded greedy and beam to max_tokens, torch vs onnxruntime, after export
-    # in-place: onnxruntime's fused GPT-2 step, caches written in place (clipcap.export.inplace_decoder);
-    # concat: GPT-2's own attention, the cache grows by concatenation (portable: TensorRT builds from it)
+    # the decoder kind to build, a key of DECODER_KINDS: in-place (onnxruntime's fused step, the fastest
+    # on CPU) or concat (GPT-2's own attention, portable: TensorRT builds from it); export.json records it
     decoder_cache: str = "in-place"
 
 
@@ -68,7 +69,9 @@ class MapperGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """One GPT-2 step: flat past tensors in, last-position logits and flat presents out."""
+    """One GPT-2 step: flat past tensors in, last-position logits and flat presents out (the concat kind)."""
+
+    translations: dict = {}  # GPT-2's own attention: every op has a standard ONNX translation
 
     def __init__(self, model):
         super().__init__()
@@ -86,15 +89,18 @@ class DecoderStepGraph(nn.Module):
         presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (logits, *presents)
 
+    def optimize(self, path: Path, external_data: bool) -> None:
+        """Nothing: the portable graph stays as exported (TensorRT fuses on its own)."""
 
-GRAPH_MODULES = {"encoder": EncoderGraph, "mapper": MapperGraph, "decoder": DecoderStepGraph}
+
+GRAPH_MODULES = {"encoder": EncoderGraph, "mapper": MapperGraph}  # the decoder's module comes with its kind
 
 
 # ---------------------------------------------------------------------------------------------
 # Export, checks and parity.
 
 
-def export_bundle(bundle_path: str | Path, options: ExportOptions) -> dict:
+def export_bundle(bundle_path: str | Path, options: ExportOptions) -> ExportManifest:
     """Write the export bundle for the model bundle at `bundle_path`; returns the manifest."""
     from tqdm import tqdm
 
@@ -102,46 +108,48 @@ def export_bundle(bundle_path: str | Path, options: ExportOptions) -> dict:
     out = Path(options.out)
     if out.resolve() == Path(bundle_path).resolve():
         raise BundleError(f"{out}: write the export bundle to its own directory, not into the model bundle")
+    if options.decoder_cache not in DECODER_KINDS:
+        raise BundleError(f"decoder_cache must be one of {', '.join(DECODER_KINDS)}, got {options.decoder_cache!r}")
+    decoder = DECODER_KINDS[options.decoder_cache]
     out.mkdir(parents=True, exist_ok=True)
-    if options.decoder_cache not in DECODER_CACHES:
-        raise BundleError(f"decoder_cache must be one of {', '.join(DECODER_CACHES)}, got {options.decoder_cache!r}")
-    specs = graph_specs(bundle.config, options.decoder_cache)
-    manifest = {"format_version": EXPORT_FORMAT_VERSION, "precision": "fp32", "opset": specs["decoder"].opset,
-                "decoder_logits": "last_position", "decoder_cache": options.decoder_cache,
-                "token_embeddings": TOKEN_TABLE_FILE, "graphs": {}, "exported_with": _versions()}
-    in_place = options.decoder_cache == "in-place"
+    specs = graph_specs(bundle.config, decoder)
+    manifest = ExportManifest(decoder_cache=decoder.name, precision="fp32", opset=specs["decoder"].opset,
+                              token_embeddings=TOKEN_TABLE_FILE, graphs={}, exported_with=_versions(),
+                              exported_from=str(Path(bundle_path).resolve()))
     for name, spec in (progress := tqdm(specs.items(), desc="export", unit="graph")):
         progress.set_postfix_str(name)
         fused = None
         start = time.perf_counter()
-        if name == "decoder" and in_place:
-            from clipcap.export.inplace_decoder import InPlaceDecoderStep, export_inplace_decoder
-
-            module = InPlaceDecoderStep(bundle.model).eval()
-            fused = export_inplace_decoder(module, spec, out / spec.file, _dynamic_shapes(module, spec),
-                                           external_data=_needs_external_data(module))
+        if name == "decoder":
+            module = decoder.export_module_class()(bundle.model).eval()
+            export_graph(module, spec, out / spec.file, module.translations)
+            fused = module.optimize(out / spec.file, _needs_external_data(module))
         else:
             module = GRAPH_MODULES[name](bundle.model).eval()
             export_graph(module, spec, out / spec.file)
-        entry = {"file": spec.file, "inputs": spec.input_names, "outputs": spec.output_names,
-                 "export_seconds": round(time.perf_counter() - start, 1)}
-        if fused is not None:
-            entry["fused_operators"] = fused
+        entry = GraphEntry(spec.file, spec.input_names, spec.output_names,
+                           export_seconds=round(time.perf_counter() - start, 1), fused_operators=fused)
         if options.check_parity:
-            entry["parity"] = check_graph_parity(module, spec, out / spec.file)
-        manifest["graphs"][name] = entry
+            sizes = decoder.parity_sizes if name == "decoder" else PARITY_SIZES
+            entry.parity = check_graph_parity(module, spec, out / spec.file, sizes)
+        manifest.graphs[name] = entry
     write_token_table(bundle, out / TOKEN_TABLE_FILE)
     shutil.copyfile(Path(bundle_path) / CONFIG_FILE, out / CONFIG_FILE)
     shutil.copyfile(Path(bundle_path) / bundle.config.tokenizer.file, out / bundle.config.tokenizer.file)
     write_manifest(out, manifest)
     if options.check_parity:
-        manifest["decoding_parity"] = check_decoding_parity(bundle, out, options.parity_images)
+        from clipcap.runtimes.onnx_runtime import OnnxRuntime
+
+        manifest.decoding_parity = check_decoding_parity(bundle, OnnxRuntime.from_path(out), options.parity_images)
         write_manifest(out, manifest)
     return manifest
 
 
-def export_graph(module: nn.Module, spec: GraphSpec, path: Path) -> None:
-    """torch.onnx.export (dynamo) with the spec's names and dynamic axes, then onnx.checker."""
+def export_graph(module: nn.Module, spec: GraphSpec, path: Path, translations: dict | None = None) -> None:
+    """torch.onnx.export (dynamo) with the spec's names and dynamic axes, then onnx.checker.
+
+    `translations`: torch custom op -> onnxscript function, for ops the exporter cannot translate itself.
+    """
     import onnx
 
     examples = spec.example_inputs()
@@ -152,7 +160,8 @@ def export_graph(module: nn.Module, spec: GraphSpec, path: Path) -> None:
         program = torch.onnx.export(
             module, tuple(examples.values()), dynamo=True, opset_version=spec.opset,
             input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_shapes=_dynamic_shapes(module, spec), external_data=external, verbose=False,
+            dynamic_shapes=_dynamic_shapes(module, spec), custom_translation_table=translations or None,
+            external_data=external, verbose=False,
         )
     program.save(str(path), external_data=external)
     onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GiB too
@@ -217,11 +226,11 @@ def graph_max_diff(module: nn.Module, spec: GraphSpec, session, sizes: dict[str,
     return max(diffs)
 
 
-def check_graph_parity(module: nn.Module, spec: GraphSpec, path: Path) -> dict:
-    """Max abs diff vs PyTorch at each of PARITY_SIZES (the dims a graph lacks are ignored)."""
+def check_graph_parity(module: nn.Module, spec: GraphSpec, path: Path, parity_sizes: tuple[dict[str, int], ...]) -> dict:
+    """Max abs diff vs PyTorch at each of `parity_sizes` (the dims a graph lacks are ignored)."""
     session = open_session(path)
     cases = {}
-    for sizes in INPLACE_PARITY_SIZES if any(CAPACITY in t.shape for t in spec.inputs) else PARITY_SIZES:
+    for sizes in parity_sizes:
         used = {dim: size for dim, size in sizes.items()
                 if any(dim in t.shape for t in spec.inputs) or (dim == PAST and CAPACITY in sizes)}
         key = ",".join(f"{dim}={size}" for dim, size in used.items())
@@ -234,29 +243,32 @@ def check_graph_parity(module: nn.Module, spec: GraphSpec, path: Path) -> dict:
     return {"max_abs_diff": worst, "atol": spec.atol, "cases": cases}
 
 
-def check_decoding_parity(bundle: Bundle, out: Path, images: int) -> dict:
-    """Greedy and beam tokens from the exported bundle (onnxruntime) vs the PyTorch runtime: `images`
+def check_decoding_parity(bundle: Bundle, runtime, images: int, exact: bool = True) -> dict:
+    """Greedy and beam tokens from `runtime` (an exported bundle's) vs the PyTorch runtime: `images`
     random-pixel images in one batch, each decoded to the bundle's max_tokens (or its stop token).
-    Any token difference fails the export.
+
+    `exact` (fp32 graphs): any token difference fails the export. Otherwise (fp16 engines, where a
+    near-tie may flip) the number of identical captions is recorded and nothing fails.
     """
     from clipcap.decoding import DecodingOptions, generate
-    from clipcap.runtimes.onnx_runtime import OnnxRuntime
     from clipcap.runtimes.torch_runtime import TorchRuntime
 
     clip, max_tokens = bundle.config.clip, bundle.config.max_tokens
     pixels = torch.randn(images, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(0))
     stops = bundle.config.tokenizer.stop_token_ids
-    runtimes = {"PyTorch": TorchRuntime(bundle.model), "onnxruntime": OnnxRuntime.from_path(out)}
-    prefixes = {name: runtime.encode(pixels) for name, runtime in runtimes.items()}
+    reference = TorchRuntime(bundle.model)
+    reference_prefix, prefix = reference.encode(pixels), runtime.encode(pixels.to(runtime.device))
     beam = DecodingOptions(strategy="beam", max_tokens=max_tokens)
     report = {"images": images, "max_tokens": max_tokens, "beam_size": beam.beam_size}
     for options in (DecodingOptions(max_tokens=max_tokens), beam):
-        torch_tokens, onnx_tokens = (generate(runtime, prefixes[name], options, stops, max_tokens)
-                                     for name, runtime in runtimes.items())
-        if torch_tokens != onnx_tokens:
-            raise ExportError(f"{out}: {options.strategy} tokens differ between PyTorch {torch_tokens} "
-                              f"and onnxruntime {onnx_tokens}")
-        report[options.strategy] = {"identical": True, "tokens_compared": sum(map(len, torch_tokens))}
+        expected = generate(reference, reference_prefix, options, stops, max_tokens)
+        got = generate(runtime, prefix, options, stops, max_tokens)
+        same = sum(a == b for a, b in zip(expected, got))
+        if exact and same < images:
+            raise ExportError(f"{options.strategy} tokens differ between PyTorch {expected} and "
+                              f"{type(runtime).__name__} {got}")
+        report[options.strategy] = {"identical": same == images, "captions_identical": same,
+                                    "tokens_compared": sum(map(len, expected))}
     return report
 
 

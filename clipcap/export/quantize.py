@@ -10,7 +10,6 @@ serve. How far it moves the captions is measured by clipcap.training.agreement.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from pathlib import Path
 
 from clipcap.config import BundleError
 from clipcap.formats.export_bundle import (INT8_PRECISION, MANIFEST_FILE, WEIGHT_ONLY_BITS, int8_graph_file,
-                                           weight_only_graph_file, write_manifest)
+                                           load_manifest, weight_only_graph_file, write_manifest)
+from clipcap.formats.model_bundle import load_config
 
 METHODS = (INT8_PRECISION, *WEIGHT_ONLY_BITS)  # the sibling's precision, as export.json names it
 
@@ -44,41 +44,38 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
     from tqdm import tqdm
 
     source, out = Path(config.export_dir), config.out_dir
-    manifest_file = source / MANIFEST_FILE
-    if not manifest_file.is_file():
-        raise BundleError(f"{source}: not an export bundle (no {MANIFEST_FILE}); run export/to_onnx.py first")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("precision") != "fp32":
-        raise BundleError(f"{source}: precision is {manifest.get('precision')!r}; quantise an fp32 export bundle")
+    manifest = load_manifest(source, load_config(source))
+    if manifest.precision != "fp32":
+        raise BundleError(f"{source}: precision is {manifest.precision!r}; quantise an fp32 export bundle")
     if config.method not in METHODS:
         raise BundleError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
-    if config.method in WEIGHT_ONLY_BITS and manifest.get("decoder_cache", "concat") != "in-place":
+    if config.method in WEIGHT_ONLY_BITS and manifest.decoder_cache != "in-place":  # MatMulNBits needs its MatMuls
         raise BundleError(f"{source}: weight-only quantisation needs the in-place decoder (MatMul linears); "
                           f"re-export with python export/to_onnx.py MODEL_BUNDLE --out DIR")
     if out.resolve() == source.resolve():
         raise BundleError(f"{out}: the quantised bundle must not overwrite its fp32 source")
     out.mkdir(parents=True, exist_ok=True)
     graphs = ["decoder"] + (["encoder"] if config.encoder else [])
-    sources = [manifest["graphs"][name]["file"] for name in graphs]
+    sources = [manifest.graphs[name].file for name in graphs]
     quantized_files = set(sources) | {f + ".data" for f in sources}  # .data: weights of graphs past 2 GiB
     for item in source.iterdir():
         if item.is_file() and item.name not in quantized_files | {MANIFEST_FILE}:
             _link_or_copy(item, out / item.name)
     for name in tqdm(graphs, desc="quantize", unit="graph"):
-        entry = manifest["graphs"][name]
-        external = (source / (entry["file"] + ".data")).exists()
+        entry = manifest.graphs[name]
+        external = (source / (entry.file + ".data")).exists()
         if config.method in WEIGHT_ONLY_BITS:
-            target = weight_only_graph_file(entry["file"], config.method)
-            entry["quantization"] = quantize_weight_only(source / entry["file"], out / target, config, external)
+            target = weight_only_graph_file(entry.file, config.method)
+            entry.quantization = quantize_weight_only(source / entry.file, out / target, config, external)
         else:
-            target = int8_graph_file(entry["file"])
-            _quantize_dynamic(source / entry["file"], out / target, config, external)
-            entry["quantization"] = {"method": "onnxruntime quantize_dynamic", "weights": "int8",
-                                     "per_channel": config.per_channel}
-        entry["file"] = target
-        entry.pop("parity", None)  # fp32 parity bounds do not apply; clipcap.training.agreement measures these
-    manifest.pop("decoding_parity", None)
-    manifest.update(precision=config.method, quantized_from=str(source))
+            target = int8_graph_file(entry.file)
+            _quantize_dynamic(source / entry.file, out / target, config, external)
+            entry.quantization = {"method": "onnxruntime quantize_dynamic", "weights": "int8",
+                                  "per_channel": config.per_channel}
+        entry.file = target
+        entry.parity = None  # fp32 parity bounds do not apply; clipcap.training.agreement measures these
+    manifest.decoding_parity = None
+    manifest.precision, manifest.quantized_from = config.method, str(source)
     write_manifest(out, manifest)
     return out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
 from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs
-from clipcap.formats.tensorrt_profiles import PROFILES_FILE, TRT_FORMAT_VERSION, Profile
+from clipcap.formats.tensorrt_profiles import PROFILES_FILE, TENSORRT_DECODER, TRT_FORMAT_VERSION, Profile
 from clipcap.runtimes.tensorrt_runtime import import_tensorrt
 
 TIMING_CACHE_FILE = "timing.cache"
@@ -52,7 +52,7 @@ def compute_profiles(config: ClipCapConfig, max_batch: int, max_tokens: int | No
         raise BundleError(f"max_tokens must be in 1..{limit} (gpt2.n_positions - prefix_length), got {max_tokens}")
     if not 1 <= max_beam:
         raise BundleError(f"max_beam must be >= 1, got {max_beam}")
-    specs = graph_specs(config)
+    specs = graph_specs(config, TENSORRT_DECODER)
     rows = max_batch * max_beam  # beam search expands each image to beam rows after the prefix step
     longest = prefix + max_tokens - 1  # the last step attends over the prefix and all but the last token
 
@@ -114,11 +114,11 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
     source, out = Path(config.export_dir), Path(config.out)
     bundle_config = load_config(source)
     manifest = load_manifest(source, bundle_config)
-    if manifest.get("decoder_cache", "concat") != "concat":  # TensorRT has no onnxruntime contrib ops
+    if not manifest.decoder.portable:  # TensorRT has no onnxruntime contrib ops
         raise BundleError(f"{source}: its decoder uses onnxruntime's in-place attention; for TensorRT export with "
                           f"python export/to_onnx.py MODEL_BUNDLE --out DIR --decoder-cache concat")
-    if manifest.get("precision") != "fp32":
-        raise BundleError(f"{source}: build TensorRT engines from an fp32 export bundle, not {manifest.get('precision')!r}")
+    if manifest.precision != "fp32":
+        raise BundleError(f"{source}: build TensorRT engines from an fp32 export bundle, not {manifest.precision!r}")
     profiles = compute_profiles(bundle_config, config.max_batch, config.max_tokens, config.max_beam, config.opt_batch)
     out.mkdir(parents=True, exist_ok=True)
     cache_file = config.timing_cache or out / TIMING_CACHE_FILE
@@ -127,7 +127,7 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
     builder = trt.Builder(logger)
     engines = {}
     for name in tqdm(profiles, desc="tensorrt", unit="engine"):
-        onnx_file = source / manifest["graphs"][name]["file"]
+        onnx_file = source / manifest.graphs[name].file
         if config.fp16:
             converted = out / f"{name}.fp16.onnx"
             convert_graph_fp16(onnx_file, converted)
@@ -156,12 +156,12 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
         engines[name] = {"file": f"{name}.engine", "onnx": onnx_file.name,
                          "profiles": [p.to_dict() for p in profiles[name]]}
     cache_file.write_bytes(cache_bytes)
-    for item in (CONFIG_FILE, bundle_config.tokenizer.file, manifest["token_embeddings"]):
+    for item in (CONFIG_FILE, bundle_config.tokenizer.file, manifest.token_embeddings):
         shutil.copyfile(source / item, out / item)
     record = {"format_version": TRT_FORMAT_VERSION, "tensorrt": trt.__version__,
               "precision": "fp16" if config.fp16 else "fp32", "max_batch": config.max_batch,
               "max_tokens": config.max_tokens or bundle_config.max_tokens, "max_beam": config.max_beam,
-              "token_embeddings": manifest["token_embeddings"], "timing_cache": str(cache_file), "engines": engines}
+              "token_embeddings": manifest.token_embeddings, "timing_cache": str(cache_file), "engines": engines}
     (out / PROFILES_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -2,20 +2,22 @@
 
 An export bundle is a directory with the model bundle's `clipcap.json` and tokenizer, one ONNX
 file per graph of clipcap.formats.graph_specs, GPT-2's input embedding table and `export.json`,
-which names each graph's file, inputs and outputs. An int8 sibling is an export bundle of the
-same kind whose manifest names `*.int8.onnx` graphs (precision `int8-dynamic`); a weight-only sibling
-names `*.int8-wo.onnx` or `*.int4-wo.onnx` (MatMulNBits decoders of an in-place export). An export
-bundle's `decoder_cache` says which decoder graph it holds (graph_specs: in-place or concat).
+the `ExportManifest`: which decoder kind it holds (`decoder_cache`, graph_specs.DECODER_KINDS), each
+graph's file, inputs and outputs, and the parity the export measured. An int8 sibling is an export
+bundle of the same kind whose manifest names `*.int8.onnx` graphs (precision `int8-dynamic`); a
+weight-only sibling names `*.int8-wo.onnx` or `*.int4-wo.onnx` (MatMulNBits decoders of an in-place export).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
-from clipcap.formats.graph_specs import DECODER_CACHES, graph_specs
+from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig, dataclass_from_dict
+from clipcap.formats.graph_specs import DECODER_KINDS, DecoderKind, graph_specs
 
 MANIFEST_FILE = "export.json"
 TOKEN_TABLE_FILE = "token_embeddings.safetensors"
@@ -55,34 +57,83 @@ def load_token_table(path: Path) -> torch.Tensor:
         raise BundleError(f"{path}: not a token table written by the exporter ({error})") from None
 
 
-def write_manifest(out: Path, manifest: dict) -> None:
-    (Path(out) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+@dataclass
+class GraphEntry:
+    """One graph of the bundle, as export.json records it."""
+
+    file: str  # the ONNX file, inside the bundle
+    inputs: list[str]  # input names, in the order of its GraphSpec
+    outputs: list[str]  # output names, likewise
+    export_seconds: float | None = None  # torch.onnx.export + checks; None: not recorded
+    fused_operators: dict | None = None  # in-place decoder: onnxruntime's fusion counts (operator -> count)
+    parity: dict | None = None  # max abs diff vs PyTorch per shape (export); None: not checked or quantised
+    quantization: dict | None = None  # quantised siblings: the method and its settings
 
 
-def load_manifest(path: str | Path, config: ClipCapConfig) -> dict:
-    """The export bundle's manifest, checked against `config` (every graph file present)."""
+@dataclass
+class ExportManifest:
+    """export.json: every key maps onto a field; unknown keys and wrong types are refused, naming the field."""
+
+    decoder_cache: str  # the decoder's kind, a key of DECODER_KINDS (no default: every manifest says it)
+    precision: str  # fp32 | int8-dynamic | int8-wo | int4-wo (quantised siblings)
+    opset: int  # ONNX opset the graphs were exported at
+    token_embeddings: str  # GPT-2's input embedding table, inside the bundle (TOKEN_TABLE_FILE)
+    graphs: dict[str, GraphEntry]  # encoder | mapper | decoder -> its entry
+    decoder_logits: str = "last_position"  # the decoder outputs the last position's logits only, (B, V)
+    exported_with: dict = field(default_factory=dict)  # library versions (torch, transformers, onnx, onnxruntime)
+    decoding_parity: dict | None = None  # greedy and beam tokens vs PyTorch after export; None: not checked
+    exported_from: str | None = None  # the model bundle's absolute path at export (to_tensorrt.py re-exports from it)
+    quantized_from: str | None = None  # quantised siblings: the fp32 export bundle they were made from
+    format_version: int = EXPORT_FORMAT_VERSION
+
+    @property
+    def decoder(self) -> DecoderKind:
+        return DECODER_KINDS[self.decoder_cache]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data, where: str) -> "ExportManifest":
+        if isinstance(data, dict) and data.get("format_version", EXPORT_FORMAT_VERSION) != EXPORT_FORMAT_VERSION:
+            raise BundleError(f"{where}: unsupported export format version {data['format_version']!r} (this "
+                              f"library reads version {EXPORT_FORMAT_VERSION})")
+        if isinstance(data, dict) and "decoder_cache" not in data:
+            raise BundleError(f"{where}: field 'decoder_cache' missing (the manifest predates decoder kinds); "
+                              "re-export the bundle with python export/to_onnx.py MODEL_BUNDLE --out DIR")
+        manifest = dataclass_from_dict(cls, data, where, prefix="")
+        manifest.graphs = {name: dataclass_from_dict(GraphEntry, entry, where, prefix=f"graphs.{name}.")
+                           for name, entry in manifest.graphs.items()}
+        if manifest.decoder_cache not in DECODER_KINDS:
+            raise BundleError(f"{where}: field 'decoder_cache' is {manifest.decoder_cache!r}; this library reads "
+                              f"{', '.join(DECODER_KINDS)}")
+        if manifest.decoder_logits != "last_position":
+            raise BundleError(f"{where}: field 'decoder_logits' is {manifest.decoder_logits!r}; this library reads "
+                              "'last_position' decoders (re-export the bundle)")
+        return manifest
+
+
+def write_manifest(out: Path, manifest: ExportManifest) -> None:
+    (Path(out) / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+
+
+def load_manifest(path: str | Path, config: ClipCapConfig) -> ExportManifest:
+    """The export bundle's manifest, checked against `config` (every graph present, with the spec's names)."""
     path = Path(path)
     manifest_file = path / MANIFEST_FILE
     if not manifest_file.is_file():
         raise BundleError(f"{path}: not an export bundle (no {MANIFEST_FILE}); "
                           f"make one with: python export/to_onnx.py MODEL_BUNDLE --out {path}")
     try:
-        manifest = json.loads(manifest_file.read_text())
+        data = json.loads(manifest_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{manifest_file}: not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise BundleError(f"{manifest_file}: unsupported export format (this library reads version "
-                          f"{EXPORT_FORMAT_VERSION})")
-    graphs = manifest.get("graphs", {})
-    decoder_cache = manifest.get("decoder_cache", "concat")  # bundles written before in-place caches: concat
-    if decoder_cache not in DECODER_CACHES:
-        raise BundleError(f"{manifest_file}: unknown decoder_cache {decoder_cache!r} (this library reads "
-                          f"{', '.join(DECODER_CACHES)})")
-    for name, spec in graph_specs(config, decoder_cache).items():
-        entry = graphs.get(name)
-        if not isinstance(entry, dict) or not (path / str(entry.get("file", ""))).is_file():
+    manifest = ExportManifest.from_dict(data, where=str(manifest_file))
+    for name, spec in graph_specs(config, manifest.decoder).items():
+        entry = manifest.graphs.get(name)
+        if entry is None or not (path / entry.file).is_file():
             raise BundleError(f"{manifest_file}: graph {name!r} missing or its file is not in {path}")
-        if entry.get("inputs") != spec.input_names or entry.get("outputs") != spec.output_names:
+        if entry.inputs != spec.input_names or entry.outputs != spec.output_names:
             raise BundleError(f"{manifest_file}: graph {name!r} inputs/outputs do not match {CONFIG_FILE} "
                               f"(exported from another model?)")
     return manifest

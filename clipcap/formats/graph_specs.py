@@ -3,10 +3,13 @@
 The ONNX exporter, the parity checks, the onnxruntime and TensorRT runtimes and the TensorRT
 profile builder all read these specs, so a name or an axis is written in exactly one place.
 Decoder names follow Hugging Face Optimum: `past_key_values.{i}.key/value` in, `present.{i}.key/value` out.
+The decoder comes in two kinds (`DECODER_KINDS`: in-place, concat); an export bundle's manifest names its own.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,6 +27,7 @@ CAPACITY = "cache_capacity"  # in-place decoder: positions each cache buffer hol
 # Example sizes for tracing: none is 0 or 1, so the exporter cannot specialise a dynamic axis to it.
 EXAMPLE_SIZES = {BATCH: 2, SEQUENCE: 3, PAST: 5, CAPACITY: 11}
 # Sizes the parity check runs: batch 1, the prefix step (past 0), a token step (T=1), odd batches.
+# Encoder and mapper take the batches of these; each decoder kind has its own (DecoderKind.parity_sizes).
 PARITY_SIZES = (
     {BATCH: 2, SEQUENCE: 3, PAST: 5},
     {BATCH: 1, SEQUENCE: 4, PAST: 0},
@@ -39,7 +43,6 @@ INPLACE_PARITY_SIZES = (
     {BATCH: 3, SEQUENCE: 1, PAST: 7, CAPACITY: 8},
     {BATCH: 8, SEQUENCE: 1, PAST: 1, CAPACITY: 20},
 )
-DECODER_CACHES = ("in-place", "concat")  # the two decoder graph kinds; see decoder_spec / inplace_decoder_spec
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def decoder_spec(config: ClipCapConfig) -> GraphSpec:
 
 
 def inplace_decoder_spec(config: ClipCapConfig) -> GraphSpec:
-    """One GPT-2 step whose caches are buffers of CAPACITY positions, written in place (clipcap.inplace_decoder).
+    """One GPT-2 step whose caches are buffers of CAPACITY positions, written in place (clipcap.export.inplace_decoder).
 
     No attention mask (rows are never padded); the positions say where the new keys/values go. The
     runtime binds each past buffer as its present output too, so presents alias pasts.
@@ -180,10 +183,47 @@ def inplace_decoder_spec(config: ClipCapConfig) -> GraphSpec:
     )
 
 
-def graph_specs(config: ClipCapConfig, decoder_cache: str = "concat") -> dict[str, GraphSpec]:
-    """The bundle's graphs; `decoder_cache` (the manifest's, "concat" when absent) picks the decoder's kind."""
-    decoder = inplace_decoder_spec(config) if decoder_cache == "in-place" else decoder_spec(config)
-    return {spec.name: spec for spec in (encoder_spec(config), mapper_spec(config), decoder)}
+@dataclass(frozen=True)
+class DecoderKind:
+    """One kind of decoder graph: its spec, the module exported, the parity shapes and the runtime's cache.
+
+    The export module and the cache class live in layers above this one (clipcap.export,
+    clipcap.runtimes): they are named "module:class" and imported on use, as clipcap.runtimes.RUNTIMES does.
+    """
+
+    name: str  # the manifest's `decoder_cache`
+    spec: Callable[[ClipCapConfig], GraphSpec]  # the decoder graph's names and shapes
+    parity_sizes: tuple[dict[str, int], ...]  # shapes the export's graph parity check runs
+    export_module: str  # "module:class": the torch module exported as decoder.onnx (clipcap.export)
+    cache: str  # "module:class": the onnxruntime backend's cache discipline, with new / step / select
+    portable: bool  # standard ONNX operators only (TensorRT parses it); False: onnxruntime contrib ops
+    summary: str  # one line for --help and error messages
+
+    def export_module_class(self) -> type:
+        return _load(self.export_module)
+
+    def cache_class(self) -> type:
+        return _load(self.cache)
+
+
+def _load(target: str) -> type:
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+DECODER_KINDS = {kind.name: kind for kind in (
+    DecoderKind("in-place", inplace_decoder_spec, INPLACE_PARITY_SIZES,
+                "clipcap.export.inplace_decoder:InPlaceDecoderStep", "clipcap.runtimes.onnx_runtime:InPlaceCache",
+                portable=False, summary="onnxruntime's fused GPT-2 step writing a preallocated cache (CPU/CUDA EP)"),
+    DecoderKind("concat", decoder_spec, PARITY_SIZES,
+                "clipcap.export.onnx:DecoderStepGraph", "clipcap.runtimes.onnx_runtime:ConcatCache",
+                portable=True, summary="GPT-2's own attention, the cache grows by concatenation (TensorRT builds from it)"),
+)}
+
+
+def graph_specs(config: ClipCapConfig, decoder: DecoderKind) -> dict[str, GraphSpec]:
+    """The bundle's graphs, the decoder of kind `decoder` (an export manifest's, or TensorRT's portable one)."""
+    return {spec.name: spec for spec in (encoder_spec(config), mapper_spec(config), decoder.spec(config))}
 
 
 def kv_names(spec: GraphSpec) -> tuple[list[str], list[str]]:

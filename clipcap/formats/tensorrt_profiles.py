@@ -2,7 +2,9 @@
 
 A TensorRT bundle is the export bundle's `clipcap.json`, tokenizer and token table plus one
 `.engine` per graph and `profiles.json`, which records each engine's optimisation profiles
-(min/opt/max shape per input). clipcap.export.tensorrt writes it; the tensorrt runtime reads it.
+(min/opt/max shape per input) and the decoding parity measured after the build. The decoder engine
+is always built from the portable decoder kind (`TENSORRT_DECODER`). clipcap.export.tensorrt
+writes it; the tensorrt runtime reads it.
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipcap.config import BundleError
-from clipcap.formats.graph_specs import GraphSpec
+from clipcap.formats.graph_specs import DECODER_KINDS, GraphSpec
 
 PROFILES_FILE = "profiles.json"
 TRT_FORMAT_VERSION = 1
+TENSORRT_DECODER = DECODER_KINDS["concat"]  # the decoder kind engines are built from: standard ONNX operators only
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,18 @@
 Tensors crossing this seam are torch tensors on `runtime.device` (onnxruntime wraps numpy
 zero-copy; TensorRT uses torch CUDA tensors as its device buffers). The cache is opaque to the
 caller: decoding only creates it, passes it back, and selects batch rows from it.
+
+The cache contract, one rule for every backend (tests/runtimes/test_cache_contract.py checks it
+against each; tests/test_decoding_loops.py checks that decoding keeps its side):
+- `new_cache` returns a cache that shares no memory with any other: two decodes may share one
+  runtime, interleaving their calls, each with its own cache.
+- A cache given to `step` or `select` is spent. The backend may write into it (onnxruntime's
+  in-place buffers, torch's DynamicCache), reorder it in place (torch's `select`) or reuse its
+  memory for the cache it returns (TensorRT's double buffers); the caller uses only the returned
+  cache from then on and never reads, steps or selects a spent one.
+- What `step` returns as logits belongs to the caller: no later call overwrites it. `embeds` and
+  `index` are only read.
+- Calls on one runtime are made one at a time (not from two threads at once).
 """
 from __future__ import annotations
 
@@ -35,10 +47,16 @@ class Runtime(Protocol):
         """(B, T) token ids -> (B, T, E) GPT-2 input embeddings."""
 
     def new_cache(self, batch_size: int) -> Any:
-        """An empty KV cache for `batch_size` rows."""
+        """An empty KV cache for `batch_size` rows, the caller's own (see the contract above)."""
 
     def step(self, embeds: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-        """Run (B, T, E) new embeddings after the cached ones -> ((B, V) last-position logits, cache)."""
+        """Run (B, T, E) new embeddings after the cached ones -> ((B, V) last-position logits, cache).
+
+        Decoding asks for T > 1 only on an empty cache (the prefix, the no-cache baseline); `cache` is spent.
+        """
 
     def select(self, cache: Any, index: torch.Tensor) -> Any:
-        """Keep/reorder batch rows: cache row i becomes old row index[i] (beam reorder, finished rows)."""
+        """Keep/reorder batch rows: cache row i becomes old row index[i] (beam reorder, finished rows).
+
+        `index` may repeat, reorder and drop rows; `cache` is spent.
+        """

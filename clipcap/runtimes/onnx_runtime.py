@@ -7,11 +7,12 @@ Measured on CPU against plain `session.run`: 4-14% faster per step at GPT-2 smal
 presents are written in place, not copied out), ~0.2 ms slower per step on the 3-layer demo model
 (the Python binding calls); one path is kept, the one the real model and the GPU need.
 
-Bundles exported with an in-place decoder (manifest `decoder_cache: in-place`, the default) keep
-each layer's keys and values in buffers of `capacity` positions, bound as both the past input and the
-present output, so a step writes only its new positions: `step` updates the cache it is given
-(decoding never reuses a cache after stepping it; `select` makes new buffers). Older bundles
-(`concat`) run as before.
+The cache is one object of the decoder's kind (the manifest's `decoder_cache`, graph_specs.DECODER_KINDS),
+with `new` / `step` / `select`; the runtime holds its class and never branches on the kind.
+`InPlaceCache` keeps each layer's keys and values in buffers of `capacity` positions, bound as both
+the past input and the present output, so a step writes only its new positions into the cache it
+is given; `ConcatCache`'s step returns new, longer tensors. Both obey the `Runtime` protocol's cache
+contract (clipcap.runtimes.base): a cache given to `step` or `select` is spent.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from clipcap.config import ClipCapConfig
-from clipcap.formats.export_bundle import load_manifest, load_token_table
+from clipcap.formats.export_bundle import ExportManifest, load_manifest, load_token_table
 from clipcap.formats.graph_specs import BATCH, CAPACITY, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
 from clipcap.formats.model_bundle import load_config
 from clipcap.runtimes.base import RuntimeUnavailable
@@ -32,22 +33,90 @@ _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.in
 
 
 @dataclass
-class OrtCache:
+class ConcatCache:
+    """The concat decoder's cache: each step's presents, new tensors one step longer, are the next past."""
+
     past: list[torch.Tensor]  # the decoder's past inputs in spec order, each (B, H, past, D)
 
     @property
     def length(self) -> int:
         return self.past[0].shape[2]
 
+    @classmethod
+    def new(cls, runtime: "OnnxRuntime", batch_size: int) -> "ConcatCache":
+        spec = runtime.specs["decoder"]
+        return cls([torch.empty(spec.shape(spec.tensor(name), {BATCH: batch_size, PAST: 0}), device=runtime.device)
+                    for name in runtime.past_names])
+
+    def step(self, runtime: "OnnxRuntime", embeds: torch.Tensor) -> tuple[torch.Tensor, "ConcatCache"]:
+        batch, length, _ = embeds.shape
+        past = self.length
+        inputs = {
+            "inputs_embeds": embeds,
+            # Rows are never padded (finished rows leave the batch), so every position is attended.
+            "attention_mask": torch.ones(batch, past + length, dtype=torch.int64, device=runtime.device),
+            "position_ids": torch.arange(past, past + length, device=runtime.device).expand(batch, length),
+            **dict(zip(runtime.past_names, self.past)),
+        }
+        outputs = runtime._run(runtime.specs["decoder"], inputs, {BATCH: batch, SEQUENCE: length, PAST: past})
+        return outputs["logits"], ConcatCache([outputs[name] for name in runtime.present_names])
+
+    def select(self, index: torch.Tensor) -> "ConcatCache":
+        return ConcatCache([t.index_select(0, index) for t in self.past])
+
 
 @dataclass
 class InPlaceCache:
+    """The in-place decoder's cache: buffers of `capacity` positions that a step writes its new positions into."""
+
     buffers: list[torch.Tensor]  # the decoder's caches in spec order, each (B, H, capacity, D); positions >= length unset
     length: int  # positions filled
 
     @property
     def capacity(self) -> int:
         return self.buffers[0].shape[2]
+
+    @classmethod
+    def new(cls, runtime: "OnnxRuntime", batch_size: int) -> "InPlaceCache":
+        """Room for a prefix and a default-length caption; `_reserve` grows it past that."""
+        config, spec = runtime.config, runtime.specs["decoder"]
+        capacity = min(config.gpt2.n_positions, config.mapper.prefix_length + config.max_tokens)
+        sizes = {BATCH: batch_size, CAPACITY: capacity}
+        return cls([torch.zeros(spec.shape(spec.tensor(name), sizes), device=runtime.device)
+                    for name in runtime.past_names], 0)
+
+    def step(self, runtime: "OnnxRuntime", embeds: torch.Tensor) -> tuple[torch.Tensor, "InPlaceCache"]:
+        batch, length, _ = embeds.shape
+        past = self.length
+        if length > 1 and past > 0 and batch > 1:
+            # onnxruntime's GroupQueryAttention takes several new positions after a past at batch 1
+            # only; one at a time is the same causal computation.
+            cache = self
+            for position in range(length):
+                logits, cache = cache.step(runtime, embeds[:, position:position + 1])
+            return logits, cache
+        cache = self._reserve(past + length, runtime.config.gpt2.n_positions)
+        inputs = {"inputs_embeds": embeds,
+                  "position_ids": torch.arange(past, past + length, device=runtime.device).expand(batch, length),
+                  **dict(zip(runtime.past_names, cache.buffers))}
+        presents = dict(zip(runtime.present_names, cache.buffers))  # aliases: the op writes positions past..past+length
+        outputs = runtime._run(runtime.specs["decoder"], inputs, {BATCH: batch, CAPACITY: cache.capacity}, presents)
+        return outputs["logits"], InPlaceCache(cache.buffers, past + length)
+
+    def _reserve(self, needed: int, limit: int) -> "InPlaceCache":
+        """Itself if it holds `needed` positions, else a copy with room (doubling, up to `limit`: GPT-2's positions)."""
+        if needed <= self.capacity:
+            return self
+        capacity = min(limit, max(needed, 2 * self.capacity))
+        grown = []
+        for buffer in self.buffers:
+            bigger = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
+            bigger[:, :, :self.length] = buffer[:, :, :self.length]
+            grown.append(bigger)
+        return InPlaceCache(grown, self.length)
+
+    def select(self, index: torch.Tensor) -> "InPlaceCache":
+        return InPlaceCache([t.index_select(0, index) for t in self.buffers], self.length)
 
 
 def execution_providers(device: str, engine_cache: Path | None = None) -> tuple[list, torch.device]:
@@ -86,7 +155,7 @@ def execution_providers(device: str, engine_cache: Path | None = None) -> tuple[
 
 
 class OnnxRuntime:
-    def __init__(self, path: Path, config: ClipCapConfig, manifest: dict, device: str = "cpu",
+    def __init__(self, path: Path, config: ClipCapConfig, manifest: ExportManifest, device: str = "cpu",
                  threads: int | None = None):
         """`threads`: intra-op threads per session; None follows torch.get_num_threads()."""
         import onnxruntime as ort
@@ -94,17 +163,17 @@ class OnnxRuntime:
         providers, self.device = execution_providers(device, engine_cache=path / "ort-tensorrt-cache")
         self.config = config
         self.manifest = manifest
-        self.in_place = manifest.get("decoder_cache", "concat") == "in-place"
-        self.specs = graph_specs(config, manifest.get("decoder_cache", "concat"))
+        self.cache_class = manifest.decoder.cache_class()
+        self.specs = graph_specs(config, manifest.decoder)
         self.past_names, self.present_names = kv_names(self.specs["decoder"])
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
         options.log_severity_level = 3  # errors only: exported graphs trigger harmless shape warnings
-        self.sessions = {name: ort.InferenceSession(str(path / manifest["graphs"][name]["file"]), options,
+        self.sessions = {name: ort.InferenceSession(str(path / manifest.graphs[name].file), options,
                                                     providers=providers)
                          for name in self.specs}
-        self.token_table = load_token_table(path / manifest["token_embeddings"]).to(self.device)
+        self.token_table = load_token_table(path / manifest.token_embeddings).to(self.device)
 
     @classmethod
     def from_path(cls, path: Path, device: str = "cpu", threads: int | None = None,
@@ -130,65 +199,14 @@ class OnnxRuntime:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.token_table[token_ids.to(self.device)]  # (B, T) -> (B, T, E)
 
-    def new_cache(self, batch_size: int) -> OrtCache | InPlaceCache:
-        spec = self.specs["decoder"]
-        if self.in_place:  # room for a prefix and a default-length caption; `_reserve` grows it past that
-            capacity = min(self.config.gpt2.n_positions, self.config.mapper.prefix_length + self.config.max_tokens)
-            sizes = {BATCH: batch_size, CAPACITY: capacity}
-            return InPlaceCache([torch.zeros(spec.shape(spec.tensor(name), sizes), device=self.device)
-                                 for name in self.past_names], 0)
-        return OrtCache([torch.empty(spec.shape(spec.tensor(name), {BATCH: batch_size, PAST: 0}), device=self.device)
-                         for name in self.past_names])
+    def new_cache(self, batch_size: int) -> ConcatCache | InPlaceCache:
+        return self.cache_class.new(self, batch_size)
 
-    def step(self, embeds: torch.Tensor, cache: OrtCache | InPlaceCache) -> tuple[torch.Tensor, OrtCache | InPlaceCache]:
-        if self.in_place:
-            return self._step_in_place(embeds, cache)
-        batch, length, _ = embeds.shape
-        past = cache.length
-        inputs = {
-            "inputs_embeds": embeds,
-            # Rows are never padded (finished rows leave the batch), so every position is attended.
-            "attention_mask": torch.ones(batch, past + length, dtype=torch.int64, device=self.device),
-            "position_ids": torch.arange(past, past + length, device=self.device).expand(batch, length),
-            **dict(zip(self.past_names, cache.past)),
-        }
-        outputs = self._run(self.specs["decoder"], inputs, {BATCH: batch, SEQUENCE: length, PAST: past})
-        return outputs["logits"], OrtCache([outputs[name] for name in self.present_names])
+    def step(self, embeds: torch.Tensor, cache: ConcatCache | InPlaceCache) -> tuple[torch.Tensor, ConcatCache | InPlaceCache]:
+        return cache.step(self, embeds)
 
-    def _step_in_place(self, embeds: torch.Tensor, cache: InPlaceCache) -> tuple[torch.Tensor, InPlaceCache]:
-        batch, length, _ = embeds.shape
-        past = cache.length
-        if length > 1 and past > 0 and batch > 1:
-            # onnxruntime's GroupQueryAttention takes several new positions after a past at batch 1
-            # only; one at a time is the same causal computation.
-            for position in range(length):
-                logits, cache = self._step_in_place(embeds[:, position:position + 1], cache)
-            return logits, cache
-        cache = self._reserve(cache, past + length)
-        inputs = {"inputs_embeds": embeds,
-                  "position_ids": torch.arange(past, past + length, device=self.device).expand(batch, length),
-                  **dict(zip(self.past_names, cache.buffers))}
-        presents = dict(zip(self.present_names, cache.buffers))  # aliases: the op writes positions past..past+length
-        outputs = self._run(self.specs["decoder"], inputs, {BATCH: batch, CAPACITY: cache.capacity}, presents)
-        return outputs["logits"], InPlaceCache(cache.buffers, past + length)
-
-    def _reserve(self, cache: InPlaceCache, needed: int) -> InPlaceCache:
-        """The cache itself if it holds `needed` positions, else a copy with room (doubling, up to n_positions)."""
-        if needed <= cache.capacity:
-            return cache
-        capacity = min(self.config.gpt2.n_positions, max(needed, 2 * cache.capacity))
-        grown = []
-        for buffer in cache.buffers:
-            bigger = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
-            bigger[:, :, :cache.length] = buffer[:, :, :cache.length]
-            grown.append(bigger)
-        return InPlaceCache(grown, cache.length)
-
-    def select(self, cache: OrtCache | InPlaceCache, index: torch.Tensor) -> OrtCache | InPlaceCache:
-        index = index.to(self.device)
-        if isinstance(cache, InPlaceCache):  # new buffers: the caller's cache (other beams' source) stays intact
-            return InPlaceCache([t.index_select(0, index) for t in cache.buffers], cache.length)
-        return OrtCache([t.index_select(0, index) for t in cache.past])
+    def select(self, cache: ConcatCache | InPlaceCache, index: torch.Tensor) -> ConcatCache | InPlaceCache:
+        return cache.select(index.to(self.device))
 
     def _run(self, spec: GraphSpec, inputs: dict[str, torch.Tensor], sizes: dict[str, int],
              bound_outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

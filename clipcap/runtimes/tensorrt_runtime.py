@@ -2,13 +2,14 @@
 
 Buffers are torch CUDA tensors allocated once, at the largest shape each optimisation profile
 allows, and handed to TensorRT with `set_tensor_address`; a call uses a contiguous view of the
-size it needs. The KV cache never leaves the GPU: each past/present tensor has two buffers, a step
-reads the past from one and writes the present into the other (double buffering), and `select` is
-an index_select from one into the other. Every call runs `execute_async_v3` on torch's current CUDA
-stream, so it is ordered with the torch ops around it without extra synchronisation.
-
-One decoding at a time per runtime: the cache buffers belong to the runtime, as an execution
-context does. Not verified on hardware here (no GPU, no tensorrt package): see export/README.md.
+size it needs. The KV cache never leaves the GPU: each cache owns two buffers per past/present
+tensor, a step reads the past from one and writes the present into the other (double buffering),
+and `select` is an index_select from one into the other; the spent cache's buffer is the next
+write's target (the `Runtime` contract). Every call runs `execute_async_v3` on torch's current CUDA
+stream, so it is ordered with the torch ops around it without extra synchronisation. Caches are
+the caller's, so two decodes may interleave on one runtime; the execution contexts and I/O buffers
+are the runtime's, so calls are made one at a time. Not verified on hardware here (no GPU, no
+tensorrt package): see export/README.md.
 """
 from __future__ import annotations
 
@@ -19,16 +20,17 @@ import torch
 
 from clipcap.config import BundleError, ClipCapConfig
 from clipcap.formats.export_bundle import load_token_table
-from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
+from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs, kv_names
 from clipcap.formats.model_bundle import load_config
-from clipcap.formats.tensorrt_profiles import load_profiles
+from clipcap.formats.tensorrt_profiles import TENSORRT_DECODER, load_profiles
 from clipcap.runtimes.base import RuntimeUnavailable
 
 
 @dataclass
 class TrtCache:
+    buffers: list[list[torch.Tensor]]  # two sets of flat buffers, one per past tensor: this decode's own
     past: list[torch.Tensor]  # views into buffer set `slot`, each (B, H, past, D), spec order
-    slot: int  # which of the two KV buffer sets holds `past`; the next write goes to the other
+    slot: int  # which of the two sets holds `past`; the next write goes to the other
 
     @property
     def length(self) -> int:
@@ -93,20 +95,22 @@ class TensorRTRuntime:
         trt = import_tensorrt()
         self.device = torch.device(device)
         self.config = config
-        self.specs = graph_specs(config)
+        self.specs = graph_specs(config, TENSORRT_DECODER)
         self.past_names, self.present_names = kv_names(self.specs["decoder"])
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.trt_runtime = runtime = trt.Runtime(self.logger)  # must outlive its engines
         with torch.cuda.device(self.device):
-            # The decoder binds the caller's embeddings and the runtime's KV buffers directly.
+            # The decoder binds the caller's embeddings and each cache's own KV buffers directly.
             caller_owned = ("inputs_embeds", *self.past_names, *self.present_names)
             self.engines = {name: _Engine(trt, runtime, path / entry["file"], self.specs[name], entry["profiles"],
                                           self.device, skip=caller_owned if name == "decoder" else ())
                             for name, entry in record["engines"].items()}
             self.token_table = load_token_table(path / record["token_embeddings"]).to(self.device)
-            self.kv_buffers = self._allocate_kv()
-            # Every step attends to every position (rows are never padded): one ones-buffer serves all.
+            # The most rows and positions a cache tensor may hold: the largest any decoder profile allows.
             decoder = self.engines["decoder"]
+            limits = [profile.max_sizes(decoder.spec) for profile in decoder.profiles]
+            self.kv_limits = {dim: max(limit[dim] for limit in limits) for dim in (BATCH, TOTAL)}
+            # Every step attends to every position (rows are never padded): one ones-buffer serves all.
             for buffers in decoder.buffers:
                 buffers["attention_mask"].fill_(1)
 
@@ -120,21 +124,19 @@ class TensorRTRuntime:
         path = Path(path)
         return cls(path, config or load_config(path), load_profiles(path), device)
 
-    def _allocate_kv(self) -> list[dict[str, torch.Tensor]]:
-        """Two flat buffers per cache tensor, each big enough for the largest past/present any profile allows."""
-        decoder = self.engines["decoder"]
-        spec = decoder.spec
-        largest = max(_numel(spec.shape(t, p.max_sizes(spec))) for p in decoder.profiles
-                      for t in spec.outputs if t.name in self.present_names)
-        dtype = decoder.dtypes[self.present_names[0]]
-        return [{name: torch.empty(largest, dtype=dtype, device=self.device) for name in self.past_names}
-                for _ in range(2)]
-
-    def _kv_views(self, slot: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
-        if _numel(shape) > self.kv_buffers[slot][self.past_names[0]].numel():
+    def _kv_views(self, cache_buffers: list[list[torch.Tensor]], slot: int,
+                  shape: tuple[int, ...]) -> list[torch.Tensor]:
+        """Views of `shape` (B, H, positions, D) into set `slot`, grown first when too small: room for these
+        rows at the most positions any profile allows, so a decode allocates once per row count (prefix, beam)."""
+        rows, _, positions, _ = shape
+        if rows > self.kv_limits[BATCH] or positions > self.kv_limits[TOTAL]:
             raise RuntimeUnavailable(f"KV cache of shape {shape} exceeds what the engines were built for; "
                                      "rebuild with larger --max-batch / --max-beam / --max-tokens")
-        return [self.kv_buffers[slot][name][:_numel(shape)].view(shape) for name in self.past_names]
+        if not cache_buffers[slot] or cache_buffers[slot][0].numel() < _numel(shape):
+            room = _numel(self._kv_shape({BATCH: rows, PAST: self.kv_limits[TOTAL]}))
+            dtype = self.engines["decoder"].dtypes[self.present_names[0]]
+            cache_buffers[slot] = [torch.empty(room, dtype=dtype, device=self.device) for _ in self.past_names]
+        return [buffer[:_numel(shape)].view(shape) for buffer in cache_buffers[slot]]
 
     def _run_single(self, graph: str, input_name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """One batch through a single-input engine (encoder, mapper): every output, copied out of its buffer."""
@@ -167,7 +169,8 @@ class TensorRTRuntime:
         return spec.shape(spec.tensor(self.past_names[0]), sizes)
 
     def new_cache(self, batch_size: int) -> TrtCache:
-        return TrtCache(self._kv_views(0, self._kv_shape({BATCH: batch_size, PAST: 0})), slot=0)
+        buffers = [[], []]  # allocated on first use (a real address even for the empty past of the prefix step)
+        return TrtCache(buffers, self._kv_views(buffers, 0, self._kv_shape({BATCH: batch_size, PAST: 0})), slot=0)
 
     def step(self, embeds: torch.Tensor, cache: TrtCache) -> tuple[torch.Tensor, TrtCache]:
         engine = self.engines["decoder"]
@@ -186,19 +189,19 @@ class TensorRTRuntime:
         torch.arange(past, past + length, device=self.device, out=inputs["position_ids"][0])
         inputs["position_ids"][1:] = inputs["position_ids"][0]
         next_slot = 1 - cache.slot
-        presents = self._kv_views(next_slot, self._kv_shape({BATCH: batch, PAST: past + length}))
+        presents = self._kv_views(cache.buffers, next_slot, self._kv_shape({BATCH: batch, PAST: past + length}))
         logits = engine.view(profile, "logits", spec.shape(spec.tensor("logits"), sizes))
         engine.execute(profile, inputs, {"logits": logits, **dict(zip(self.present_names, presents))})
-        return logits.float().clone(), TrtCache(presents, next_slot)
+        return logits.float().clone(), TrtCache(cache.buffers, presents, next_slot)
 
     def select(self, cache: TrtCache, index: torch.Tensor) -> TrtCache:
         index = index.to(self.device)
         shape = (index.numel(), *cache.past[0].shape[1:])
         next_slot = 1 - cache.slot
-        targets = self._kv_views(next_slot, shape)
+        targets = self._kv_views(cache.buffers, next_slot, shape)
         for source, target in zip(cache.past, targets):
             torch.index_select(source, 0, index, out=target)
-        return TrtCache(targets, next_slot)
+        return TrtCache(cache.buffers, targets, next_slot)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -12,7 +12,7 @@ from clipcap.captioner import Captioner
 from clipcap.formats.detect import detect
 from clipcap.formats.model_bundle import load_bundle
 from clipcap.decoding import DecodingOptions, generate
-from clipcap.formats.graph_specs import BATCH, CAPACITY, PAST, SEQUENCE, graph_specs
+from clipcap.formats.graph_specs import BATCH, CAPACITY, PAST, SEQUENCE, inplace_decoder_spec
 from clipcap.export.inplace_decoder import InPlaceDecoderStep
 from clipcap.export.onnx import graph_max_diff, open_session
 from clipcap.runtimes.onnx_runtime import InPlaceCache, OnnxRuntime
@@ -31,7 +31,7 @@ def runtimes(tiny_bundle, tiny_export):
 ])
 def test_graph_parity_at_shapes_not_traced(tiny_export, tiny_bundle, sizes):
     model = load_bundle(tiny_bundle).model
-    spec = graph_specs(model.config, "in-place")["decoder"]
+    spec = inplace_decoder_spec(model.config)
     module = InPlaceDecoderStep(model).eval()
     assert graph_max_diff(module, spec, open_session(tiny_export / spec.file), sizes) <= spec.atol
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from clipcap.config import BundleError
-from clipcap.export.onnx import GRAPH_MODULES, ExportError, check_decoding_parity, graph_max_diff, open_session
+from clipcap.export.onnx import DecoderStepGraph, ExportError, check_decoding_parity, graph_max_diff, open_session
 from clipcap.formats.export_bundle import MANIFEST_FILE, TOKEN_TABLE_FILE, load_manifest, load_token_table
-from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, decoder_spec, graph_specs, kv_names
+from clipcap.formats.graph_specs import BATCH, DECODER_KINDS, PAST, SEQUENCE, decoder_spec, graph_specs, kv_names
 from clipcap.formats.model_bundle import load_bundle, load_config
+from clipcap.runtimes.onnx_runtime import OnnxRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,26 +54,27 @@ def test_export_bundle_contents(tiny_export, tiny_concat_export, tiny_bundle, ki
     parity = manifest["decoding_parity"]
     assert parity["max_tokens"] == config.max_tokens and parity["images"] >= 3
     assert parity["greedy"]["identical"] is True and parity["beam"]["identical"] is True
-    for name, spec in graph_specs(config, kind).items():
+    for name, spec in graph_specs(config, DECODER_KINDS[kind]).items():
         entry = manifest["graphs"][name]
         assert entry["parity"]["max_abs_diff"] <= spec.atol
         onnx.checker.check_model(str(tiny_export / entry["file"]), full_check=True)
     assert any("past_sequence_length=0" in case for case in manifest["graphs"]["decoder"]["parity"]["cases"])
     table = load_token_table(tiny_export / TOKEN_TABLE_FILE)
     assert torch.equal(table, load_bundle(tiny_bundle).model.gpt.transformer.wte.weight)
-    assert load_manifest(tiny_export, config)["graphs"].keys() == {"encoder", "mapper", "decoder"}
+    assert load_manifest(tiny_export, config).graphs.keys() == {"encoder", "mapper", "decoder"}
 
 
 def test_decoding_parity_fails_on_a_token_difference(tiny_export, tiny_bundle):
     """The export's end-to-end check compares tokens, not just graph outputs: a model that no longer
     matches its graphs fails it."""
     bundle = load_bundle(tiny_bundle)
-    assert check_decoding_parity(bundle, tiny_export, 3)["beam"]["identical"]
+    runtime = OnnxRuntime.from_path(tiny_export)
+    assert check_decoding_parity(bundle, runtime, 3)["beam"]["identical"]
     weight = bundle.model.gpt.transformer.h[0].mlp.c_fc.weight
     with torch.no_grad():
         weight.add_(2.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ExportError, match="tokens differ between PyTorch"):
-        check_decoding_parity(bundle, tiny_export, 3)
+        check_decoding_parity(bundle, runtime, 3)
 
 
 def test_graph_axes_stay_symbolic(tiny_concat_export):
@@ -94,9 +96,9 @@ def test_graph_axes_stay_symbolic(tiny_concat_export):
 ])
 def test_decoder_parity_at_shapes_not_traced(tiny_concat_export, tiny_bundle, sizes):
     model = load_bundle(tiny_bundle).model
-    spec = graph_specs(model.config)["decoder"]
+    spec = decoder_spec(model.config)
     session = open_session(tiny_concat_export / spec.file)
-    assert graph_max_diff(GRAPH_MODULES["decoder"](model).eval(), spec, session, sizes) <= spec.atol
+    assert graph_max_diff(DecoderStepGraph(model).eval(), spec, session, sizes) <= spec.atol
 
 
 def test_to_onnx_script_transformer_mapper(tiny_transformer_bundle, tmp_path):
@@ -107,7 +109,7 @@ def test_to_onnx_script_transformer_mapper(tiny_transformer_bundle, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "greedy and beam tokens identical to PyTorch" in result.stdout
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    specs = graph_specs(load_config(out), manifest["decoder_cache"])
+    specs = graph_specs(load_config(out), DECODER_KINDS[manifest["decoder_cache"]])
     assert all(manifest["graphs"][n]["parity"]["max_abs_diff"] <= specs[n].atol for n in specs)
 
 
@@ -130,11 +132,39 @@ def test_manifest_errors_are_clear(tiny_export, tiny_bundle, tmp_path):
         load_manifest(tiny_export, other)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(surprise=1), r"unknown field\(s\) surprise"),
+    (lambda m: m["graphs"]["decoder"].update(surprise=1), r"unknown field\(s\) graphs\.decoder\.surprise"),
+    (lambda m: m.update(opset="18"), r"field 'opset' must be int"),
+    (lambda m: m["graphs"]["encoder"].update(file=3), r"field 'graphs\.encoder\.file' must be str"),
+    (lambda m: m["graphs"]["mapper"].pop("inputs"), r"missing field\(s\) graphs\.mapper\.inputs"),
+    (lambda m: m.pop("decoder_cache"), r"field 'decoder_cache' missing .*re-export"),
+    (lambda m: m.update(decoder_cache="ring"), r"field 'decoder_cache' is 'ring'; this library reads in-place, concat"),
+    (lambda m: m.update(format_version=2), r"unsupported export format version 2"),
+    (lambda m: m.update(graphs=[]), r"field 'graphs' must be dict"),
+])
+def test_manifest_fields_are_checked(tiny_export, tmp_path, change, message):
+    """export.json is parsed once into ExportManifest: a bad key or type names the field; no kind is guessed."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_export, broken)
+    manifest = json.loads((tiny_export / MANIFEST_FILE).read_text())
+    change(manifest)
+    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_manifest(broken, load_config(broken))
+
+
+def test_manifest_round_trips(tiny_export):
+    manifest = load_manifest(tiny_export, load_config(tiny_export))
+    assert manifest.to_dict() == json.loads((tiny_export / MANIFEST_FILE).read_text())
+    assert manifest.decoder is DECODER_KINDS["in-place"] and manifest.graphs["decoder"].fused_operators
+
+
 @pytest.mark.slow
 def test_full_size_graph_parity(full_size_export):
     """ViT-B-32 + GPT-2 small: the bounds the specs state hold, past 0 and batch 8 included."""
     manifest = json.loads((full_size_export / MANIFEST_FILE).read_text())
-    specs = graph_specs(load_config(full_size_export), manifest["decoder_cache"])
+    specs = graph_specs(load_config(full_size_export), DECODER_KINDS[manifest["decoder_cache"]])
     for name, spec in specs.items():
         parity = manifest["graphs"][name]["parity"]
         assert parity["max_abs_diff"] <= spec.atol, (name, parity)

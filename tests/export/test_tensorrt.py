@@ -19,7 +19,7 @@ from clipcap.decoding import DecodingOptions, generate
 from clipcap.export.tensorrt import TensorRTBuildConfig, build_engines, compute_profiles, convert_graph_fp16
 from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, graph_specs
 from clipcap.formats.model_bundle import load_bundle, load_config
-from clipcap.formats.tensorrt_profiles import Profile
+from clipcap.formats.tensorrt_profiles import TENSORRT_DECODER, Profile
 from clipcap.runtimes import RuntimeUnavailable
 from clipcap.runtimes.torch_runtime import TorchRuntime
 from conftest import random_images
@@ -55,7 +55,7 @@ def test_profiles_cover_every_decoder_call(tiny_bundle, options):
     config = model.config
     max_batch, max_tokens = 4, 9
     profiles = compute_profiles(config, max_batch=max_batch, max_tokens=max_tokens, max_beam=5)
-    spec = graph_specs(config)["decoder"]
+    spec = graph_specs(config, TENSORRT_DECODER)["decoder"]
     runtime = RecordingRuntime(model)
     pixels = torch.randn(max_batch, 3, 32, 32)
     generate(runtime, runtime.encode(pixels), options.replace(max_tokens=max_tokens),
@@ -77,7 +77,7 @@ def test_profile_bounds_are_ordered_and_named(tiny_bundle):
     profiles = compute_profiles(config, max_batch=8, max_tokens=20, max_beam=3, opt_batch=2)
     prefix = config.mapper.prefix_length
     for graph, graph_profiles in profiles.items():
-        names = graph_specs(config)[graph].input_names
+        names = graph_specs(config, TENSORRT_DECODER)[graph].input_names
         for profile in graph_profiles:
             assert list(profile.shapes) == names
             for low, opt, high in profile.shapes.values():
@@ -90,7 +90,7 @@ def test_profile_bounds_are_ordered_and_named(tiny_bundle):
     assert token_profile.shapes["past_key_values.0.key"][2][2] == prefix + 20 - 2
     assert profiles["encoder"][0].shapes["pixel_values"] == ((1, 3, 32, 32), (2, 3, 32, 32), (8, 3, 32, 32))
     assert Profile.from_dict(token_profile.to_dict()) == token_profile
-    sizes = token_profile.max_sizes(graph_specs(config)["decoder"])
+    sizes = token_profile.max_sizes(graph_specs(config, TENSORRT_DECODER)["decoder"])
     assert sizes[BATCH] == 24 and sizes[PAST] == prefix + 18
 
 
@@ -111,7 +111,7 @@ def test_fp16_graphs_keep_fp32_io_and_stay_close(tiny_concat_export, tmp_path):
     Measured max abs diff vs fp32: decoder 1.7e-3 (outputs up to 6), encoder 4.1e-3 (outputs up to 12)."""
     import onnxruntime as ort
 
-    specs = graph_specs(load_config(tiny_concat_export))
+    specs = graph_specs(load_config(tiny_concat_export), TENSORRT_DECODER)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for name, spec in specs.items():
