@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
-from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs
+from clipcap.formats.graph_specs import BATCH, ENCODER_ATTENTIONS, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs
 from clipcap.formats.tensorrt_profiles import PROFILES_FILE, TENSORRT_DECODER, TRT_FORMAT_VERSION, Profile
 from clipcap.runtimes.tensorrt_runtime import import_tensorrt
 
@@ -109,16 +109,19 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
     from clipcap.formats.export_bundle import load_manifest
     from clipcap.formats.model_bundle import load_config
 
-    trt = import_tensorrt()
-    _require_cuda()
     source, out = Path(config.export_dir), Path(config.out)
     bundle_config = load_config(source)
     manifest = load_manifest(source, bundle_config)
     if not manifest.decoder.portable:  # TensorRT has no onnxruntime contrib ops
         raise BundleError(f"{source}: its decoder uses onnxruntime's in-place attention; for TensorRT export with "
                           f"python export/to_onnx.py MODEL_BUNDLE --out DIR --decoder-cache concat")
+    if not ENCODER_ATTENTIONS[manifest.encoder_attention].portable:
+        raise BundleError(f"{source}: its encoder uses onnxruntime's fused attention; for TensorRT export with "
+                          f"python export/to_onnx.py MODEL_BUNDLE --out DIR --decoder-cache concat --encoder-attention open_clip")
     if manifest.precision != "fp32":
         raise BundleError(f"{source}: build TensorRT engines from an fp32 export bundle, not {manifest.precision!r}")
+    trt = import_tensorrt()  # after the bundle's own checks: a wrong bundle is refused on any machine
+    _require_cuda()
     profiles = compute_profiles(bundle_config, config.max_batch, config.max_tokens, config.max_beam, config.opt_batch)
     out.mkdir(parents=True, exist_ok=True)
     cache_file = config.timing_cache or out / TIMING_CACHE_FILE

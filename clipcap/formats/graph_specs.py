@@ -221,6 +221,23 @@ DECODER_KINDS = {kind.name: kind for kind in (
 )}
 
 
+@dataclass(frozen=True)
+class EncoderAttention:
+    """How the encoder graph writes the CLIP ViT's attention (the graph's names and shapes are the same)."""
+
+    name: str  # the manifest's `encoder_attention`
+    portable: bool  # standard ONNX operators only (TensorRT parses it); False: onnxruntime contrib ops
+    summary: str  # one line for --help and error messages
+
+
+ENCODER_ATTENTIONS = {kind.name: kind for kind in (
+    EncoderAttention("open_clip", portable=True,
+                     summary="open_clip's nn.MultiheadAttention as torch exports it (packed QKV, unfused)"),
+    EncoderAttention("fused", portable=False,
+                     summary="onnxruntime's Attention contrib op per block (clipcap.export.vit_attention)"),
+)}
+
+
 def graph_specs(config: ClipCapConfig, decoder: DecoderKind) -> dict[str, GraphSpec]:
     """The bundle's graphs, the decoder of kind `decoder` (an export manifest's, or TensorRT's portable one)."""
     return {spec.name: spec for spec in (encoder_spec(config), mapper_spec(config), decoder.spec(config))}
