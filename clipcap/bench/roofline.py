@@ -188,22 +188,28 @@ def step_cost_table(gpt2: GPT2Config, prefix_length: int, tokens: tuple[int, ...
 
 
 def measure_peaks(device: str = "cpu", matmul_sizes: tuple[int, ...] = (512, 1024, 2048), read_mb: int = 256,
-                  repeats: int = 5) -> dict:
+                  repeats: int = 5, thread_clock: bool = False) -> dict:
     """This machine's ceilings at the current thread count (best of `repeats`, the least disturbed by
     neighbours): the fastest fp32 square matmul of `matmul_sizes` among the libraries the runtimes use
     (torch; on CPU also onnxruntime's MLAS, up to twice torch's rate on one thread), and the fastest
-    sustained memory traffic (a read-only reduction, or a copy counting its read and its write)."""
+    sustained memory traffic (a read-only reduction, or a copy counting its read and its write).
+
+    `thread_clock`: time the calling thread's CPU instead of the wall (CPU, 1 thread only, where every
+    kernel runs in that thread): the rate of the core while it runs, for figures timed the same way."""
     target = torch.device(device)
+    if thread_clock and (target.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("thread_clock times one thread's CPU: it needs device cpu and torch.get_num_threads() == 1")
+    clock = time.thread_time if thread_clock else time.perf_counter
 
     def best_seconds(work: Callable[[], Any]) -> float:
         work()  # warm-up: allocation, kernel selection
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             work()
             if target.type == "cuda":
                 torch.cuda.synchronize(target)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         return min(times)
 
     rates: dict[str, dict[int, float]] = {}  # library -> size -> GFLOP/s
@@ -221,7 +227,8 @@ def measure_peaks(device: str = "cpu", matmul_sizes: tuple[int, ...] = (512, 102
     copy_gbps = 2 * source.numel() * 4 / best_seconds(lambda: copy.copy_(source)) / 1e9
     return {"matmul_gflops": rates[library][size], "matmul_library": library, "matmul_size": size,
             "matmul_gflops_by_library": rates, "bandwidth_gbps": max(read_gbps, copy_gbps), "read_gbps": read_gbps,
-            "copy_gbps": copy_gbps, "bandwidth_mb": read_mb, "threads": torch.get_num_threads(), "device": device}
+            "copy_gbps": copy_gbps, "bandwidth_mb": read_mb, "threads": torch.get_num_threads(), "device": device,
+            "clock": "thread CPU" if thread_clock else "wall"}
 
 
 def _mlas_matmul(a, b) -> Callable[[], Any]:
