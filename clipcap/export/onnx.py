@@ -271,9 +271,11 @@ def check_graph_parity(module: nn.Module, spec: GraphSpec, path: Path, parity_si
     return {"max_abs_diff": worst, "atol": spec.atol, "cases": cases}
 
 
-def check_decoding_parity(bundle: Bundle, runtime, images: int, exact: bool = True) -> dict:
-    """Greedy and beam tokens from `runtime` (an exported bundle's) vs the PyTorch runtime: `images`
-    random-pixel images in one batch, each decoded to the bundle's max_tokens (or its stop token).
+def check_decoding_parity(bundle: Bundle, runtime, images: int, exact: bool = True, max_tokens: int | None = None,
+                          beam_size: int = 5) -> dict:
+    """Greedy and beam tokens from `runtime` (an exported bundle's) vs the PyTorch runtime on its device:
+    `images` random-pixel images in one batch, each decoded to `max_tokens` (None: the bundle's) or its
+    stop token; beam search with `beam_size` (5, the paper's).
 
     `exact` (fp32 graphs): any token difference fails the export. Otherwise (fp16 engines, where a
     near-tie may flip) the number of identical captions is recorded and nothing fails.
@@ -281,12 +283,12 @@ def check_decoding_parity(bundle: Bundle, runtime, images: int, exact: bool = Tr
     from clipcap.decoding import DecodingOptions, generate
     from clipcap.runtimes.torch_runtime import TorchRuntime
 
-    clip, max_tokens = bundle.config.clip, bundle.config.max_tokens
+    clip, max_tokens = bundle.config.clip, max_tokens or bundle.config.max_tokens
     pixels = torch.randn(images, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(0))
     stops = bundle.config.tokenizer.stop_token_ids
-    reference = TorchRuntime(bundle.model)
+    reference = TorchRuntime(bundle.model, str(runtime.device))  # PyTorch on the same device: CPU, or the engines' GPU
     reference_prefix, prefix = reference.encode(pixels), runtime.encode(pixels.to(runtime.device))
-    beam = DecodingOptions(strategy="beam", max_tokens=max_tokens)
+    beam = DecodingOptions(strategy="beam", max_tokens=max_tokens, beam_size=beam_size)
     report = {"images": images, "max_tokens": max_tokens, "beam_size": beam.beam_size}
     for options in (DecodingOptions(max_tokens=max_tokens), beam):
         expected = generate(reference, reference_prefix, options, stops, max_tokens)

@@ -49,7 +49,7 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
         raise BundleError(f"{source}: precision is {manifest.precision!r}; quantise an fp32 export bundle")
     if config.method not in METHODS:
         raise BundleError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
-    if config.method in WEIGHT_ONLY_BITS and manifest.decoder_cache != "in-place":  # MatMulNBits needs its MatMuls
+    if config.method in WEIGHT_ONLY_BITS and not manifest.decoder.matmul_linears:
         raise BundleError(f"{source}: weight-only quantisation needs the in-place decoder (MatMul linears); "
                           f"re-export with python export/to_onnx.py MODEL_BUNDLE --out DIR")
     if out.resolve() == source.resolve():

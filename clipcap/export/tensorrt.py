@@ -1,7 +1,14 @@
-"""TensorRT engines from an export bundle: optimisation profiles, timing cache, serialized engines.
+"""TensorRT engines from a model bundle or an fp32 export: concat graphs, profiles, engines, parity.
 
-`compute_profiles` is pure Python (tested everywhere); `build_engines` needs the `tensorrt` package
-and a CUDA GPU. Precision comes from the graph, because TensorRT 11 networks are strongly typed
+`build_engines` takes whatever bundle the user has: the graphs TensorRT parses are the portable
+decoder kind (`TENSORRT_DECODER`, concat), so a model bundle, or an export whose decoder is the
+in-place kind, is first exported to concat ONNX in a work directory (`concat_graphs`) from the model
+bundle (the export's `exported_from`, or `model`). After building it runs the ONNX export's parity
+(`check_decoding_parity`: greedy and beam tokens vs PyTorch on 4 images; token-exact for fp32,
+captions agreeing counted for fp16) and records it in profiles.json.
+
+`compute_profiles` and `concat_graphs` are pure Python and ONNX (tested everywhere); the build
+needs the `tensorrt` package and a CUDA GPU. Precision comes from the graph, because TensorRT 11 networks are strongly typed
 (no FP16 builder flag): `--fp16` first converts each fp32 ONNX graph to fp16 with onnxruntime's
 converter (I/O kept fp32, LayerNorm kept fp32), and both TensorRT 10 and 11 build it strongly typed.
 
@@ -12,13 +19,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
+from clipcap.export.onnx import ExportError, ExportOptions, check_decoding_parity, export_bundle
+from clipcap.formats.detect import detect
+from clipcap.formats.export_bundle import load_manifest
 from clipcap.formats.graph_specs import BATCH, ENCODER_ATTENTIONS, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs
+from clipcap.formats.model_bundle import load_bundle, load_config
 from clipcap.formats.tensorrt_profiles import PROFILES_FILE, TENSORRT_DECODER, TRT_FORMAT_VERSION, Profile
-from clipcap.runtimes.tensorrt_runtime import import_tensorrt
+from clipcap.runtimes.tensorrt_runtime import TensorRTRuntime, import_tensorrt
 
 TIMING_CACHE_FILE = "timing.cache"
 FP16_KEPT_FP32 = ["LayerNormalization"]  # fp16 LayerNorm over 768 channels overflows; TensorRT warns the same
@@ -26,8 +38,12 @@ FP16_KEPT_FP32 = ["LayerNormalization"]  # fp16 LayerNorm over 768 channels over
 
 @dataclass
 class TensorRTBuildConfig:
-    export_dir: Path  # an fp32 export bundle (export/to_onnx.py)
+    source: Path  # a model bundle, or an fp32 export bundle of either decoder kind (export/to_onnx.py)
     out: Path  # engines + profiles.json + the bundle's config, tokenizer and token table
+    model: Path | None = None  # the PyTorch reference (and, for an in-place export, the concat graphs' source);
+    #                            None: `source` itself if a model bundle, else the export's `exported_from`
+    check_parity: bool = True  # decode 4 images greedy and beam with the engines and with PyTorch, record it
+    parity_images: int = 4  # images of that check (the ONNX export's count)
     fp16: bool = False  # build from fp16 graphs (converted here); fp32 otherwise (TF32 off)
     max_batch: int = 8  # images per call
     max_tokens: int | None = None  # longest caption; None: the bundle's max_tokens
@@ -101,29 +117,86 @@ def convert_graph_fp16(source: Path, target: Path) -> None:
     onnx.checker.check_model(str(target))
 
 
+def concat_graphs(source: Path, work: Path, model: Path | None = None) -> tuple[Path, Path | None]:
+    """(an fp32 export bundle whose decoder TensorRT can parse, the model bundle behind it or None).
+
+    A concat fp32 export is used as it is; a model bundle, or an in-place export (through `model`, else
+    its `exported_from`), is exported to `work` with the concat decoder, its parity checked.
+    """
+    kind = detect(source)
+    if kind.name == "model":
+        model = source
+    elif kind.name == "onnx-fp32":
+        manifest = load_manifest(source, load_config(source))
+        recorded = Path(manifest.exported_from) if manifest.exported_from else None
+        model = model or (recorded if recorded is not None and _is_model_bundle(recorded) else None)
+        if manifest.decoder.portable and ENCODER_ATTENTIONS[manifest.encoder_attention].portable:
+            return source, model
+        if model is None:
+            raise BundleError(f"{source}: its decoder is the {manifest.decoder_cache} kind and its encoder attention "
+                              f"{manifest.encoder_attention} (onnxruntime contrib ops where not portable, "
+                              f"which TensorRT cannot parse) and the model bundle it was exported from "
+                              f"({manifest.exported_from or 'not recorded'}) is not there to re-export the "
+                              f"{TENSORRT_DECODER.name} graphs: pass --model MODEL_BUNDLE")
+    else:
+        raise BundleError(f"{source}: a {kind.name} bundle; build TensorRT engines from a model bundle or an fp32 "
+                          f"export bundle (python export/to_onnx.py)")
+    graphs = Path(work) / "onnx"
+    export_bundle(model, ExportOptions(out=graphs, decoder_cache=TENSORRT_DECODER.name))
+    return graphs, model
+
+
+def _is_model_bundle(path: Path) -> bool:
+    try:
+        return detect(path).name == "model"
+    except BundleError:
+        return False
+
+
 def build_engines(config: TensorRTBuildConfig) -> dict:
-    """Build and serialize one engine per graph; returns what profiles.json records."""
+    """Build and serialize one engine per graph, then check decoding parity; returns what profiles.json records."""
+    trt = import_tensorrt()  # first: before any export work, say what to install
+    _require_cuda()
+    source, out = Path(config.source), Path(config.out)
+    if config.model is not None and not _is_model_bundle(Path(config.model)):
+        raise BundleError(f"--model {config.model}: not a model bundle")
+    if config.check_parity and not 1 <= config.parity_images <= config.max_batch:
+        raise BundleError(f"parity_images must be in 1..max_batch ({config.max_batch}), got {config.parity_images}")
+    # Checked before any export work; every bundle kind carries the model's clipcap.json.
+    profiles = compute_profiles(load_config(source), config.max_batch, config.max_tokens, config.max_beam,
+                                config.opt_batch)
+    # The concat and fp16 graphs go to a work directory: `out` is untouched until the engines are built.
+    with tempfile.TemporaryDirectory(prefix="clipcap-tensorrt-") as work:
+        graphs, model = concat_graphs(source, Path(work), config.model)
+        if config.check_parity and model is None:
+            raise BundleError(f"{source}: the model bundle it was exported from is not recorded or gone; the parity "
+                              "check needs it as the PyTorch reference: pass --model MODEL_BUNDLE (or --no-parity)")
+        out.mkdir(parents=True, exist_ok=True)
+        record = {**_build(trt, config, profiles, graphs, Path(work)), "built_from": str(source)}
+    _write_record(out, record)
+    if config.check_parity:
+        runtime = TensorRTRuntime.from_path(out)
+        # Within what the engines were built for: their longest caption, their largest beam (up to 5, the paper's).
+        record["decoding_parity"] = check_decoding_parity(load_bundle(model), runtime, config.parity_images,
+                                                          exact=not config.fp16, max_tokens=record["max_tokens"],
+                                                          beam_size=min(5, config.max_beam))
+        _write_record(out, record)
+    return record
+
+
+def _write_record(out: Path, record: dict) -> None:
+    (out / PROFILES_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _build(trt, config: TensorRTBuildConfig, profiles: dict[str, list[Profile]], source: Path, work: Path) -> dict:
+    """The engines of the concat fp32 export at `source`, into config.out; `work`: fp16 graphs."""
     from tqdm import tqdm
 
-    from clipcap.export.onnx import ExportError
-    from clipcap.formats.export_bundle import load_manifest
-    from clipcap.formats.model_bundle import load_config
-
-    source, out = Path(config.export_dir), Path(config.out)
+    out = Path(config.out)
     bundle_config = load_config(source)
     manifest = load_manifest(source, bundle_config)
-    if not manifest.decoder.portable:  # TensorRT has no onnxruntime contrib ops
-        raise BundleError(f"{source}: its decoder uses onnxruntime's in-place attention; for TensorRT export with "
-                          f"python export/to_onnx.py MODEL_BUNDLE --out DIR --decoder-cache concat")
-    if not ENCODER_ATTENTIONS[manifest.encoder_attention].portable:
-        raise BundleError(f"{source}: its encoder uses onnxruntime's fused attention; for TensorRT export with "
-                          f"python export/to_onnx.py MODEL_BUNDLE --out DIR --decoder-cache concat --encoder-attention open_clip")
     if manifest.precision != "fp32":
         raise BundleError(f"{source}: build TensorRT engines from an fp32 export bundle, not {manifest.precision!r}")
-    trt = import_tensorrt()  # after the bundle's own checks: a wrong bundle is refused on any machine
-    _require_cuda()
-    profiles = compute_profiles(bundle_config, config.max_batch, config.max_tokens, config.max_beam, config.opt_batch)
-    out.mkdir(parents=True, exist_ok=True)
     cache_file = config.timing_cache or out / TIMING_CACHE_FILE
     cache_bytes = cache_file.read_bytes() if cache_file.is_file() else b""
     logger = trt.Logger(trt.Logger.WARNING)
@@ -132,7 +205,7 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
     for name in tqdm(profiles, desc="tensorrt", unit="engine"):
         onnx_file = source / manifest.graphs[name].file
         if config.fp16:
-            converted = out / f"{name}.fp16.onnx"
+            converted = work / f"{name}.fp16.onnx"
             convert_graph_fp16(onnx_file, converted)
             onnx_file = converted
         network = builder.create_network(network_flags(trt))
@@ -161,12 +234,10 @@ def build_engines(config: TensorRTBuildConfig) -> dict:
     cache_file.write_bytes(cache_bytes)
     for item in (CONFIG_FILE, bundle_config.tokenizer.file, manifest.token_embeddings):
         shutil.copyfile(source / item, out / item)
-    record = {"format_version": TRT_FORMAT_VERSION, "tensorrt": trt.__version__,
-              "precision": "fp16" if config.fp16 else "fp32", "max_batch": config.max_batch,
-              "max_tokens": config.max_tokens or bundle_config.max_tokens, "max_beam": config.max_beam,
-              "token_embeddings": manifest.token_embeddings, "timing_cache": str(cache_file), "engines": engines}
-    (out / PROFILES_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return {"format_version": TRT_FORMAT_VERSION, "tensorrt": trt.__version__, "decoder_cache": TENSORRT_DECODER.name,
+            "precision": "fp16" if config.fp16 else "fp32", "max_batch": config.max_batch,
+            "max_tokens": config.max_tokens or bundle_config.max_tokens, "max_beam": config.max_beam,
+            "token_embeddings": manifest.token_embeddings, "timing_cache": str(cache_file), "engines": engines}
 
 
 def _require_cuda() -> None:

@@ -24,7 +24,7 @@ class BundleKind:
 # Most specific first: a quantised sibling also has export.json, every kind has clipcap.json.
 KINDS = (
     BundleKind("tensorrt", PROFILES_FILE, "tensorrt",
-               "python export/to_tensorrt.py FP32_EXPORT_DIR --out DIR (CUDA GPU)"),
+               "python export/to_tensorrt.py MODEL_BUNDLE_OR_FP32_EXPORT --out DIR (tensorrt + CUDA GPU)"),
     BundleKind("onnx-int8", int8_graph_file("decoder.onnx"), "onnxruntime",
                "python export/quantize.py FP32_EXPORT_DIR"),
     BundleKind("onnx-int8-wo", weight_only_graph_file("decoder.onnx", "int8-wo"), "onnxruntime",

@@ -197,6 +197,7 @@ class DecoderKind:
     export_module: str  # "module:class": the torch module exported as decoder.onnx (clipcap.export)
     cache: str  # "module:class": the onnxruntime backend's cache discipline, with new / step / select
     portable: bool  # standard ONNX operators only (TensorRT parses it); False: onnxruntime contrib ops
+    matmul_linears: bool  # linears exported as MatMul + Add, which weight-only quantisation (MatMulNBits) rewrites
     summary: str  # one line for --help and error messages
 
     def export_module_class(self) -> type:
@@ -214,10 +215,10 @@ def _load(target: str) -> type:
 DECODER_KINDS = {kind.name: kind for kind in (
     DecoderKind("in-place", inplace_decoder_spec, INPLACE_PARITY_SIZES,
                 "clipcap.export.inplace_decoder:InPlaceDecoderStep", "clipcap.runtimes.onnx_runtime:InPlaceCache",
-                portable=False, summary="onnxruntime's fused GPT-2 step writing a preallocated cache (CPU/CUDA EP)"),
+                portable=False, matmul_linears=True, summary="onnxruntime's fused GPT-2 step writing a preallocated cache (CPU/CUDA EP)"),
     DecoderKind("concat", decoder_spec, PARITY_SIZES,
                 "clipcap.export.onnx:DecoderStepGraph", "clipcap.runtimes.onnx_runtime:ConcatCache",
-                portable=True, summary="GPT-2's own attention, the cache grows by concatenation (TensorRT builds from it)"),
+                portable=True, matmul_linears=False, summary="GPT-2's own attention, the cache grows by concatenation (TensorRT builds from it)"),
 )}
 
 

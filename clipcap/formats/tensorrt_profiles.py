@@ -53,7 +53,7 @@ def load_profiles(path: Path) -> dict:
     profiles_file = Path(path) / PROFILES_FILE
     if not profiles_file.is_file():
         raise BundleError(f"{path}: not a TensorRT bundle (no {PROFILES_FILE}); build one with: "
-                          f"python export/to_tensorrt.py EXPORT_DIR --out {path}")
+                          f"python export/to_tensorrt.py MODEL_BUNDLE --out {path}")
     try:
         record = json.loads(profiles_file.read_text())
         if record.get("format_version") != TRT_FORMAT_VERSION:

@@ -224,6 +224,7 @@ def import_tensorrt():
         import tensorrt
     except ImportError:
         raise RuntimeUnavailable(
-            "the tensorrt Python package is not installed: pip install tensorrt (TensorRT 10 or 11; its wheels "
-            "come from NVIDIA's index, pypi.nvidia.com) on a machine with a CUDA GPU and driver") from None
+            "the tensorrt Python package is not installed: pip install tensorrt (TensorRT 10, the project's "
+            "[tensorrt] extra: the versions whose ONNX parser the exported graphs are checked against) on a machine "
+            "with a CUDA GPU and driver") from None
     return tensorrt

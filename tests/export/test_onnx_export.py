@@ -43,6 +43,20 @@ def test_example_inputs_follow_sizes(tiny_bundle):
     assert spec.example_inputs({BATCH: 1, SEQUENCE: 4, PAST: 0})["past_key_values.0.key"].shape == (1, 1, 0, 64)
 
 
+@pytest.mark.parametrize("kind", DECODER_KINDS.values(), ids=DECODER_KINDS)
+def test_every_decoder_kind_is_complete(tiny_bundle, kind):
+    """Each registry entry names what the exporter, the parity check and the runtime need, and they load."""
+    config = load_config(tiny_bundle)
+    spec = kind.spec(config)
+    assert spec.name == "decoder" and spec.outputs[0].name == "logits"
+    module = kind.export_module_class()(load_bundle(tiny_bundle).model)
+    assert isinstance(module.translations, dict) and callable(module.optimize)
+    assert all(callable(getattr(kind.cache_class(), method)) for method in ("new", "step", "select"))
+    sizes = kind.parity_sizes
+    # The prefix step (past 0), batch 1 and a one-token step are each among the shapes checked.
+    assert any(s[PAST] == 0 for s in sizes) and any(s[BATCH] == 1 for s in sizes) and any(s[SEQUENCE] == 1 for s in sizes)
+
+
 @pytest.mark.parametrize("kind", ["in-place", "concat"])
 def test_export_bundle_contents(tiny_export, tiny_concat_export, tiny_bundle, kind):
     tiny_export = tiny_export if kind == "in-place" else tiny_concat_export
@@ -177,8 +191,8 @@ def test_full_size_graph_parity(full_size_export):
 def test_fused_encoder_attention(tiny_bundle, tiny_export, tmp_path):
     """--encoder-attention fused: one onnxruntime Attention per ViT block, no softmax left, outputs and
     greedy/beam tokens within the export's parity (checked by the export itself), same embeddings as the
-    open_clip graph; TensorRT refuses it (contrib ops) before touching a GPU."""
-    from clipcap.export.tensorrt import TensorRTBuildConfig, build_engines
+    open_clip graph; TensorRT's graphs are re-exported from the model bundle with the portable attention."""
+    from clipcap.export.tensorrt import concat_graphs
 
     result = subprocess.run([sys.executable, str(ROOT / "export" / "to_onnx.py"), str(tiny_bundle), "--out",
                              str(tmp_path / "fused"), "--encoder-attention", "fused", "--decoder-cache", "concat",
@@ -195,5 +209,6 @@ def test_fused_encoder_attention(tiny_bundle, tiny_export, tmp_path):
     fused, plain = OnnxRuntime.from_path(tmp_path / "fused"), OnnxRuntime.from_path(tiny_export)
     assert float((fused.encode_image(pixels) - plain.encode_image(pixels)).abs().max()) <= 2e-4  # both within 1e-4 of torch
     assert load_manifest(tiny_export, load_config(tiny_bundle)).encoder_attention == "open_clip"
-    with pytest.raises(BundleError, match="fused attention"):
-        build_engines(TensorRTBuildConfig(tmp_path / "fused", tmp_path / "trt"))
+    graphs, model = concat_graphs(tmp_path / "fused", tmp_path / "work")  # TensorRT's graphs: re-exported portable
+    assert graphs != tmp_path / "fused" and model == tiny_bundle.resolve()
+    assert load_manifest(graphs, load_config(tiny_bundle)).encoder_attention == "open_clip"

@@ -141,6 +141,12 @@ def test_refusals(tiny_export, tiny_bundle, int8_export):
         measure_agreement(AgreementConfig(tiny_export, int8_export))
 
 
+def test_weight_only_needs_a_decoder_kind_with_matmul_linears(tiny_concat_export, tmp_path):
+    with pytest.raises(BundleError, match="needs the in-place decoder"):
+        quantize_bundle(QuantizeConfig(tiny_concat_export, tmp_path / "wo", method="int4-wo"))
+    assert not (tmp_path / "wo").exists()
+
+
 def test_quantize_script(tiny_export, tmp_path):
     images = []
     for i, image in enumerate(random_images(4, seed=9)):

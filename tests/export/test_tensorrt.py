@@ -4,6 +4,7 @@ Engine building and the runtime need the `tensorrt` package and a CUDA GPU; thos
 `gpu` and skipped, with that reason, elsewhere.
 """
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,8 @@ def test_engines_greedy_identical_to_torch(tiny_bundle, tiny_engines, count):
     got = Captioner.from_path(tiny_engines, backend="tensorrt", device="cuda").caption_images(images).captions
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     assert (tiny_engines / "profiles.json").is_file() and (tiny_engines / "timing.cache").is_file()
+    parity = json.loads((tiny_engines / "profiles.json").read_text())["decoding_parity"]
+    assert parity["images"] == 4 and parity["greedy"]["identical"] and parity["beam"]["identical"]
 
 
 @pytest.mark.gpu
@@ -199,8 +202,8 @@ def test_engines_refuse_shapes_outside_profiles(tiny_engines):
 @needs_gpu
 def test_fp16_engines_caption(tiny_bundle, tiny_concat_export, tmp_path):
     out = tmp_path / "fp16"
-    record = build_engines(TensorRTBuildConfig(tiny_concat_export, out, fp16=True, max_batch=4, max_tokens=24))
-    assert record["precision"] == "fp16"
+    record = build_engines(TensorRTBuildConfig(tiny_bundle, out, fp16=True, max_batch=4, max_tokens=24))
+    assert record["precision"] == "fp16" and record["decoding_parity"]["greedy"]["captions_identical"] >= 3
     images = random_images(4, seed=3)
     expected = Captioner.from_path(tiny_bundle).caption_images(images).captions
     got = Captioner.from_path(out, backend="tensorrt", device="cuda").caption_images(images).captions
