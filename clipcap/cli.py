@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("input", metavar="INPUT", help="folder of images, .txt/.csv/.parquet list, or WebDataset .tar(s)")
     dataset.add_argument("--out", required=True, help="output folder: part-NNNNN.parquet shards + manifest.json")
     dataset.add_argument("--shard-size", type=int, default=1000, help="rows per shard (the work a kill can lose)")
-    dataset.add_argument("--embeddings", action="store_true", help="store each CLIP image embedding (torch backend)")
+    dataset.add_argument("--embeddings", action="store_true", help="store each CLIP image embedding (any bundle, any backend)")
     dataset.add_argument("--engine", choices=("local", "ray"), default="local")
     dataset.add_argument("--ray-address", default=None, help="existing Ray cluster; default: an embedded local Ray")
     dataset.add_argument("--actors", type=int, default=2, help="captioner actors (--engine ray)")

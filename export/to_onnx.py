@@ -3,7 +3,8 @@
     python export/to_onnx.py models/shapes-demo --out build/shapes-onnx
     clipcap caption build/shapes-onnx IMAGE... --backend onnxruntime
 
-Writes encoder.onnx (pixels -> prefix), mapper.onnx (CLIP embedding -> prefix), decoder.onnx (one
+Writes encoder.onnx (pixels -> prefix and the CLIP embedding; `--encoder-attention fused` writes
+onnxruntime's Attention op in every ViT block), mapper.onnx (CLIP embedding -> prefix), decoder.onnx (one
 GPT-2 step with KV cache: by default onnxruntime's fused attention writing a preallocated cache in
 place; `--decoder-cache concat` for TensorRT), token_embeddings.safetensors, the bundle's clipcap.json and tokenizer,
 and export.json with the parity measured here (max abs diff per graph; greedy and beam tokens vs
@@ -20,7 +21,7 @@ import torch
 
 from clipcap.config import BundleError
 from clipcap.export.onnx import ExportError, ExportOptions, export_bundle
-from clipcap.formats.graph_specs import DECODER_KINDS
+from clipcap.formats.graph_specs import DECODER_KINDS, ENCODER_ATTENTIONS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="images decoded greedy and beam (to max_tokens) by both PyTorch and onnxruntime")
     parser.add_argument("--decoder-cache", choices=DECODER_KINDS, default=ExportOptions.decoder_cache,
                         help="; ".join(f"{kind.name}: {kind.summary}" for kind in DECODER_KINDS.values()))
+    parser.add_argument("--encoder-attention", choices=ENCODER_ATTENTIONS, default=ExportOptions.encoder_attention,
+                        help="; ".join(f"{kind.name}: {kind.summary}" for kind in ENCODER_ATTENTIONS.values()))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = export_bundle(args.bundle, ExportOptions(out=args.out, check_parity=args.check_parity,
                                                             parity_images=args.parity_images,
-                                                            decoder_cache=args.decoder_cache))
+                                                            decoder_cache=args.decoder_cache,
+                                                            encoder_attention=args.encoder_attention))
     except (BundleError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ from clipcap.bulk.shards import ShardWriter, done_ids, shard_paths
 from clipcap.bulk.sources import SourceError, list_images, read_bytes
 from clipcap.captioner import Captioner
 from clipcap.cli import main
-from clipcap.decoding import DecodingError
 from conftest import png_bytes, random_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,8 +250,24 @@ def test_resume_with_other_settings_is_refused(collection, tiny_bundle, tmp_path
     assert [p.read_bytes() for p in shard_paths(out)] == before
 
 
-def test_embeddings_need_the_torch_backend(tiny_bundle, tmp_path):
-    with pytest.raises(DecodingError, match="embeddings need the torch backend"):
-        caption_dataset(BulkConfig(bundle=str(tiny_bundle), source=str(tmp_path), out=str(tmp_path / "out"),
-                                   backend="onnxruntime", embeddings=True))
-    assert not (tmp_path / "out").exists()
+def test_embeddings_from_every_bundle_kind_through_the_cli(collection, tiny_bundle, tiny_export, tmp_path):
+    """No --backend typed: a model bundle (torch) and an export bundle (onnxruntime) both store embeddings,
+    equal within the encoder graph's parity bound, with the same captions."""
+    from clipcap.formats.graph_specs import encoder_spec
+    from clipcap.formats.model_bundle import load_config
+
+    root, good = collection
+    small = tmp_path / "small"
+    small.mkdir()
+    for relative in good[:5]:
+        (small / Path(relative).name).write_bytes((root / "images" / relative).read_bytes())
+    rows = {}
+    for name, bundle in (("model", tiny_bundle), ("export", tiny_export)):
+        assert main(["caption-dataset", str(bundle), str(small), "--out", str(tmp_path / name), "--embeddings"]) == 0
+        rows[name] = {row["id"]: row for row in read_rows(tmp_path / name)}
+    assert rows["model"].keys() == rows["export"].keys() and len(rows["model"]) == 5
+    atol = encoder_spec(load_config(tiny_bundle)).atol
+    for image_id, expected in rows["model"].items():
+        got = rows["export"][image_id]
+        assert got["error"] is None and got["token_ids"] == expected["token_ids"]
+        assert got["embedding"] == pytest.approx(expected["embedding"], abs=atol)

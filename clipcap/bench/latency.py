@@ -18,7 +18,7 @@ from PIL import Image
 
 from clipcap.bench.backends import BACKENDS, OpenBackend, open_backends
 from clipcap.bench.machine import machine_info, thread_counts
-from clipcap.bench.roofline import decoder_weight_bytes, measure_peaks, roofline
+from clipcap.bench.roofline import decoder_weight_bytes, encoder_roofline, graph_bytes, measure_peaks, roofline
 from clipcap.bench.schema import LATENCY_SCHEMA, check_report, jsonable
 from clipcap.bench.statistics import compute_ratios, evaluate_targets, summarize_cell
 from clipcap.config import BundleError
@@ -134,6 +134,8 @@ def run_latency(config: LatencyConfig, progress: bool = True) -> dict:
     report["ratios"] = compute_ratios(report["cells"])
     report["roofline"] = roofline(report["cells"], model_config.gpt2, model_config.mapper.prefix_length,
                                   {name: decoder_weight_bytes(opened[name]) for name in names}, peaks)
+    report["roofline"]["encoder"] = encoder_roofline(report["cells"], model_config.clip,
+                                                     {name: graph_bytes(opened[name], "encoder") for name in names}, peaks)
     report["targets"] = evaluate_targets(report)
     check_report(report)
     return report

@@ -1,4 +1,4 @@
-"""The machine a run was measured on: CPU, cores, memory, GPU, library versions, thread counts in force."""
+"""The machine a run was measured on: CPU and its vector ISA, cores, memory, GPU, library versions, thread counts."""
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +24,7 @@ def machine_info(device: str = "cpu") -> dict:
             return None
 
     info = {
-        "cpu": _cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+        "cpu": _cpu_model(), "isa": cpu_isa(), "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
         "memory_gb": round(psutil.virtual_memory().total / 1e9, 1), "os": platform.platform(),
         "python": platform.python_version(),
         "versions": {p: version(p) for p in ("torch", "onnxruntime", "onnxruntime-gpu", "transformers",
@@ -47,7 +47,7 @@ def _nvidia_driver() -> str | None:
 def hardware(info: dict) -> dict:
     """The hardware part of `machine_info`: what a fingerprint identifies (no versions, no OS)."""
     gpu = info.get("gpu") or {}
-    return {"cpu": info["cpu"], "logical_cores": info["logical_cores"],
+    return {"cpu": info["cpu"], "isa": info.get("isa", []), "logical_cores": info["logical_cores"],
             # Whole GB: the total the kernel reports moves by a few MB between boots.
             "memory_gb": round(info["memory_gb"]), "gpu": gpu.get("name")}
 
@@ -56,6 +56,33 @@ def fingerprint(info: dict) -> str:
     """A short stable id of the hardware: records with the same id were measured on the same kind of machine."""
     text = json.dumps(hardware(info), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+# The vector extensions the CPU kernels (MLAS, oneDNN) choose between, by the Linux /proc/cpuinfo flags
+# that announce them: one CPU model name covers parts with and without some of them (e.g. "AMD EPYC").
+ISA_FLAGS = {
+    "AVX2": ("avx2",),
+    "AVX-512": ("avx512f",),
+    "VNNI": ("avx512_vnni", "avx_vnni"),  # int8 dot products (AVX-512 or the AVX2-width form)
+    "AVX-512 BF16": ("avx512_bf16",),
+    "AMX": ("amx_tile",),  # Intel tile matrix units (bf16/int8)
+}
+
+
+def cpu_isa(flags: set[str] | None = None) -> list[str]:
+    """The ISA_FLAGS names this CPU has (empty where /proc/cpuinfo is not readable or lists none)."""
+    if flags is None:
+        flags = _cpu_flags()
+    return [name for name, names in ISA_FLAGS.items() if flags & set(names)]
+
+
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # x86 | ARM
+                return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def _cpu_model() -> str:

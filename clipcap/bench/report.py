@@ -17,7 +17,8 @@ def _header(report: dict, title: str) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
     gpu = f"; GPU {machine['gpu']['name']}" if machine.get("gpu") else "; no GPU"
     return [f"# {title}", "",
-            f"Measured {report['created_utc']} on **{machine['cpu']}**, {machine['logical_cores']} logical cores, "
+            f"Measured {report['created_utc']} on **{machine['cpu']}** (ISA: {', '.join(machine.get('isa') or ['not recorded'])}), "
+            f"{machine['logical_cores']} logical cores, "
             f"{machine['memory_gb']} GB{gpu}; {machine['os']}.", "", f"Versions: {versions}.", "",
             f"Load average (1/5/15 min) before {', '.join(f'{v:.2f}' for v in load['before'])}; after "
             f"{', '.join(f'{v:.2f}' for v in load['after'])} (a shared machine: compare ratios, not absolutes).", ""]
@@ -35,7 +36,11 @@ def latency_markdown(report: dict) -> str:
         f"{settings['image_size'][0]}x{settings['image_size'][1]} RGB.", "",
         f"Decoding: {settings['decoding']}.", "",
         f"This machine's ceilings (best of 5, {peaks['threads']} thread(s)): fp32 matmul {peaks['matmul_gflops']:.1f} "
-        f"GFLOP/s ({peaks['matmul_size']}^3), memory copy {peaks['copy_gbps']:.1f} GB/s ({peaks['copy_mb']} MB, read + write).",
+        f"GFLOP/s (the fastest of " + ", ".join(f"{library} {max(rates.values()):.1f}" for library, rates in
+                                                 peaks["matmul_gflops_by_library"].items())
+        + f" over square sizes {', '.join(map(str, next(iter(peaks['matmul_gflops_by_library'].values()))))}), "
+        f"memory {peaks['bandwidth_gbps']:.1f} GB/s (the faster of a read, {peaks['read_gbps']:.1f}, and a copy counting "
+        f"read + write, {peaks['copy_gbps']:.1f}; {peaks['bandwidth_mb']} MB).",
         "", "## Backends", "", "| backend | what | status |", "|---|---|---|"]
     for name, info in report["backends"].items():
         status = "measured" if info["available"] else f"unavailable: {info['reason']}"
@@ -79,14 +84,14 @@ def latency_markdown(report: dict) -> str:
               "2 x (12 E^2 per layer + LM head E V) per image + attention 4 E x context per layer; bytes: decoder "
               "weights as stored (ONNX graph size, int8 included) + KV cache read and written. Fractions are of the "
               "ceilings above; `floor` is the slower of compute and memory at those ceilings.", "",
-              f"Machine balance here: {peaks['matmul_gflops'] / peaks['copy_gbps']:.1f} FLOP per byte; a step below "
+              f"Machine balance here: {peaks['matmul_gflops'] / peaks['bandwidth_gbps']:.1f} FLOP per byte; a step below "
               "that is memory-bound.", "",
               "| batch | token | GFLOP | weights MB (fp32) | KV MB | FLOP / byte |", "|---:|---:|---:|---:|---:|---:|"]
     for row in roof["step_costs_fp32"]:
         lines.append(f"| {row['batch_size']} | {row['token']}{' (prefix step)' if row['token'] == 1 else ''} | "
                      f"{row['gflop']:.3f} | {row['weight_mb']:.0f} | {row['kv_mb']:.2f} | {row['flop_per_byte']:.2f} |")
     lines += ["", "Measured: the token step's p50 (all tokens of all iterations) against the cost at mid-caption:", "",
-              "| backend | batch | step ms | GFLOP | weights MB | KV MB | GFLOP/s (of matmul) | GB/s (of copy) | floor ms |",
+              "| backend | batch | step ms | GFLOP | weights MB | KV MB | GFLOP/s (of matmul) | GB/s (of memory) | floor ms |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in roof["rows"]:
         lines.append(f"| {row['backend']} | {row['batch_size']} | {row['step_ms']:.1f} | {row['gflop']:.2f} | "
@@ -96,6 +101,18 @@ def latency_markdown(report: dict) -> str:
         lines += ["", "int8 rows: their matrix products run in int8 (VNNI dot products where the CPU has them), whose "
                   "rate is above the fp32 matmul ceiling measured here, so their share of it can pass 100% and "
                   "their compute floor is overstated."]
+    if roof.get("encoder"):
+        lines += ["", "## Roofline: the image encoder", "",
+                  "The CLIP ViT's FLOPs per image (patch embedding, every block's projections, MLP and attention, the "
+                  "final projection; the mapper not counted) against the fp32 matmul ceiling above; bytes: the encoder "
+                  "graph as stored (fp32 parameters for torch). `x floor`: encode p50 over the slower of compute and "
+                  "memory at the ceilings.", "",
+                  "| backend | batch | encode ms | GFLOP | weights MB | GFLOP/s (of matmul) | floor ms | x floor |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in roof["encoder"]:
+            lines.append(f"| {row['backend']} | {row['batch_size']} | {row['encode_ms']:.1f} | {row['gflop']:.2f} | "
+                         f"{row['weight_mb']:.0f} | {row['gflops']:.1f} ({row['matmul_fraction']:.0%}) | "
+                         f"{row['floor_ms']:.1f} | {row['x_floor']:.2f} |")
     lines += ["", "The KV-cache speed-up these ceilings allow (decode, fp32, a perfect implementation of both: the cached "
               "step bound by memory, the recomputing one by compute): " + ", ".join(
                   f"batch {b['batch_size']} x {b['tokens']} tokens {b['speedup']:.1f}x" for b in roof["kv_cache_bound"])

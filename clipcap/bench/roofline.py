@@ -1,4 +1,5 @@
-"""Roofline: what a decoder step must move and compute, against what this machine measurably does."""
+"""Roofline: what a decoder step and the image encoder must move and compute, against what this machine
+measurably does (its fastest fp32 matmul and memory traffic, measured with the libraries the runtimes use)."""
 from __future__ import annotations
 
 import time
@@ -8,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 from clipcap.bench.backends import BACKENDS, OpenBackend
-from clipcap.config import GPT2Config
+from clipcap.config import ClipConfig, GPT2Config
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,69 @@ def decode_step_cost(gpt2: GPT2Config, batch: int, past: int, new: int, weight_b
 def decoder_weight_bytes(backend: OpenBackend) -> float:
     """Bytes of weights a decoder step reads: the decoder graph on disk (ONNX, int8 included), else
     GPT-2's parameters at fp32 (torch; TensorRT engines do not expose theirs)."""
+    return graph_bytes(backend, "decoder") or 4.0 * sum(gpt2_parameter_count(backend.timed.config.gpt2).values())
+
+
+def graph_bytes(backend: OpenBackend, graph: str) -> float | None:
+    """Size on disk of an onnxruntime backend's `graph` (its weights as stored), None for other backends."""
     from clipcap.runtimes.onnx_runtime import OnnxRuntime
 
     runtime = backend.timed.inner
-    if isinstance(runtime, OnnxRuntime):
-        graph = backend.path / runtime.manifest.graphs["decoder"].file
-        data = graph.with_name(graph.name + ".data")
-        return graph.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    return 4.0 * sum(gpt2_parameter_count(backend.timed.config.gpt2).values())
+    if not isinstance(runtime, OnnxRuntime):
+        return None
+    path = backend.path / runtime.manifest.graphs[graph].file
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def vit_image_cost(clip: ClipConfig) -> StepCost | None:
+    """What the CLIP ViT tower computes per image (patch embedding, every block, the projection) and the
+    fp32 weights it reads; None for towers that are not open_clip ViTs (ResNets, timm models). The
+    mapper is not counted (an MLP mapper adds under 1% at ViT-B-32)."""
+    import open_clip
+
+    config = clip.model_config or open_clip.get_model_config(clip.model_name) or {}
+    vision = config.get("vision_cfg", {})
+    if not isinstance(vision.get("layers"), int) or "patch_size" not in vision or vision.get("timm_model_name"):
+        return None
+    width, layers, patch = vision.get("width", 768), vision["layers"], vision["patch_size"]
+    grid = clip.image_size // patch
+    tokens = grid * grid + 1  # patches + the class token
+    mlp = int(width * vision.get("mlp_ratio", 4.0))
+    # Per block: Q, K, V and output projections (4 W^2) and the MLP (2 W M) per token; Q K^T and A V.
+    block = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
+    patches = 2 * grid * grid * 3 * patch * patch * width
+    projection = 2 * width * config.get("embed_dim", clip.embed_dim)
+    # Block weights, biases (Q K V, output, MLP in and out) and two LayerNorms; then the patch kernel, class
+    # token, positions, ln_pre, ln_post and the projection.
+    per_block = 4 * width * width + 2 * width * mlp + 9 * width + mlp
+    parameters = layers * per_block + 3 * patch * patch * width + (tokens + 5) * width + \
+        width * config.get("embed_dim", clip.embed_dim)
+    return StepCost(layers * block + patches + projection, 4.0 * parameters, 0.0)
+
+
+def encoder_roofline(cells: list[dict], clip: ClipConfig, weight_bytes: dict[str, float | None], peaks: dict) -> list[dict]:
+    """Per backend and batch size: the encode stage's p50 against the ViT's compute and weight traffic
+    (`weight_bytes`: the encoder graph as stored, None: the tower's fp32 parameters) at this machine's
+    ceilings; `x_floor` is the measured time over the slower of the two. Empty for non-ViT towers."""
+    image = vit_image_cost(clip)
+    if image is None:
+        return []
+    rows, seen = [], set()
+    for cell in cells:
+        key = (cell["backend"], cell["batch_size"])
+        if key in seen:
+            continue
+        seen.add(key)
+        batch = cell["batch_size"]
+        cost = StepCost(batch * image.flops, weight_bytes.get(cell["backend"]) or image.weight_bytes, 0.0)
+        seconds = cell["stages_ms"]["encode"]["p50"] / 1e3
+        floor = cost_floor_s(cost, peaks)
+        rows.append({"backend": cell["backend"], "batch_size": batch, "encode_ms": seconds * 1e3,
+                     "gflop": cost.flops / 1e9, "weight_mb": cost.weight_bytes / 1e6,
+                     "gflops": cost.flops / seconds / 1e9, "matmul_fraction": cost.flops / seconds / 1e9 / peaks["matmul_gflops"],
+                     "floor_ms": floor * 1e3, "x_floor": seconds / floor})
+    return rows
 
 
 def roofline(cells: list[dict], gpt2: GPT2Config, prefix_length: int, weight_bytes: dict[str, float],
@@ -80,7 +136,7 @@ def roofline(cells: list[dict], gpt2: GPT2Config, prefix_length: int, weight_byt
                      "kv_mb": cost.kv_bytes / 1e6, "gflops": cost.flops / seconds / 1e9,
                      "gbps": cost.bytes / seconds / 1e9,
                      "matmul_fraction": cost.flops / seconds / 1e9 / peaks["matmul_gflops"],
-                     "bandwidth_fraction": cost.bytes / seconds / 1e9 / peaks["copy_gbps"],
+                     "bandwidth_fraction": cost.bytes / seconds / 1e9 / peaks["bandwidth_gbps"],
                      "floor_ms": 1e3 * cost_floor_s(cost, peaks)})
     fp32 = 4.0 * sum(gpt2_parameter_count(gpt2).values())
     bounds = [{"batch_size": batch, "tokens": tokens,
@@ -94,7 +150,7 @@ def roofline(cells: list[dict], gpt2: GPT2Config, prefix_length: int, weight_byt
 
 def cost_floor_s(cost: StepCost, peaks: dict) -> float:
     """The least time a step can take on this machine: the slower of its compute and its memory traffic."""
-    return max(cost.flops / 1e9 / peaks["matmul_gflops"], cost.bytes / 1e9 / peaks["copy_gbps"])
+    return max(cost.flops / 1e9 / peaks["matmul_gflops"], cost.bytes / 1e9 / peaks["bandwidth_gbps"])
 
 
 def kv_cache_speedup_bound(gpt2: GPT2Config, prefix_length: int, tokens: int, batch: int, weight_bytes: float,
@@ -131,30 +187,68 @@ def step_cost_table(gpt2: GPT2Config, prefix_length: int, tokens: tuple[int, ...
     return rows
 
 
-def measure_peaks(device: str = "cpu", matmul_size: int = 2048, copy_mb: int = 256, repeats: int = 5) -> dict:
-    """This machine's fp32 matmul rate and memory copy bandwidth at the current thread count (best of
-    `repeats`, the least disturbed by neighbours): the roofline's ceilings."""
+def measure_peaks(device: str = "cpu", matmul_sizes: tuple[int, ...] = (512, 1024, 2048), read_mb: int = 256,
+                  repeats: int = 5, thread_clock: bool = False) -> dict:
+    """This machine's ceilings at the current thread count (best of `repeats`, the least disturbed by
+    neighbours): the fastest fp32 square matmul of `matmul_sizes` among the libraries the runtimes use
+    (torch; on CPU also onnxruntime's MLAS, up to twice torch's rate on one thread), and the fastest
+    sustained memory traffic (a read-only reduction, or a copy counting its read and its write).
+
+    `thread_clock`: time the calling thread's CPU instead of the wall (CPU, 1 thread only, where every
+    kernel runs in that thread): the rate of the core while it runs, for figures timed the same way."""
     target = torch.device(device)
+    if thread_clock and (target.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("thread_clock times one thread's CPU: it needs device cpu and torch.get_num_threads() == 1")
+    clock = time.thread_time if thread_clock else time.perf_counter
 
     def best_seconds(work: Callable[[], Any]) -> float:
         work()  # warm-up: allocation, kernel selection
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             work()
             if target.type == "cuda":
                 torch.cuda.synchronize(target)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         return min(times)
 
-    a = torch.randn(matmul_size, matmul_size, device=target)
-    b = torch.randn(matmul_size, matmul_size, device=target)
-    out = torch.empty_like(a)
-    matmul_s = best_seconds(lambda: torch.matmul(a, b, out=out))
-    source = torch.empty(copy_mb * 2**20 // 4, device=target).normal_()
-    target_buffer = torch.empty_like(source)
-    copy_s = best_seconds(lambda: target_buffer.copy_(source))
-    return {"matmul_gflops": 2 * matmul_size**3 / matmul_s / 1e9, "matmul_size": matmul_size,
-            # A copy reads and writes every byte once.
-            "copy_gbps": 2 * source.numel() * 4 / copy_s / 1e9, "copy_mb": copy_mb,
-            "threads": torch.get_num_threads(), "device": device}
+    rates: dict[str, dict[int, float]] = {}  # library -> size -> GFLOP/s
+    for size in matmul_sizes:
+        a, b = (torch.randn(size, size, device=target) for _ in range(2))
+        out = torch.empty_like(a)
+        rates.setdefault("torch", {})[size] = 2 * size**3 / best_seconds(lambda: torch.matmul(a, b, out=out)) / 1e9
+        if target.type == "cpu":
+            mlas = _mlas_matmul(a.numpy(), b.numpy())
+            rates.setdefault("onnxruntime-mlas", {})[size] = 2 * size**3 / best_seconds(mlas) / 1e9
+    library, size = max(((lib, n) for lib, by_size in rates.items() for n in by_size), key=lambda k: rates[k[0]][k[1]])
+    source = torch.empty(read_mb * 2**20 // 4, device=target).normal_()
+    copy = torch.empty_like(source)
+    read_gbps = source.numel() * 4 / best_seconds(lambda: source.sum()) / 1e9
+    copy_gbps = 2 * source.numel() * 4 / best_seconds(lambda: copy.copy_(source)) / 1e9
+    return {"matmul_gflops": rates[library][size], "matmul_library": library, "matmul_size": size,
+            "matmul_gflops_by_library": rates, "bandwidth_gbps": max(read_gbps, copy_gbps), "read_gbps": read_gbps,
+            "copy_gbps": copy_gbps, "bandwidth_mb": read_mb, "threads": torch.get_num_threads(), "device": device,
+            "clock": "thread CPU" if thread_clock else "wall"}
+
+
+def _mlas_matmul(a, b) -> Callable[[], Any]:
+    """onnxruntime's CPU MatMul (MLAS) of `a` by the constant `b` at torch's thread count, bound in place."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [a.shape[0], b.shape[1]])],
+                              [numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out = np.empty((a.shape[0], b.shape[1]), np.float32)  # kept alive by the closure below
+    binding = session.io_binding()
+    binding.bind_cpu_input("a", a)
+    binding.bind_output("c", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+    return lambda: (session.run_with_iobinding(binding), out)

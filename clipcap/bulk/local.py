@@ -22,7 +22,7 @@ def read_all(refs: list[ImageRef]) -> tuple[list[bytes | None], list[str | None]
     return blobs, errors
 
 
-def caption_refs(refs: list[ImageRef], bundle: str, backend: str, device: str, options: DecodingOptions,
+def caption_refs(refs: list[ImageRef], bundle: str, backend: str | None, device: str, options: DecodingOptions,
                  batch_size: int, embeddings: bool, formats: tuple[str, ...]) -> Iterator[list[dict]]:
     """Rows for `refs`, one list per batch of `batch_size` images."""
     captioner = Captioner.from_path(bundle, backend=backend, device=device)

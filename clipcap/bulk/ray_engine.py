@@ -37,7 +37,7 @@ def read_batch(batch):
 class CaptionActor:
     """Opens the Captioner once per actor; each call captions one batch of image bytes."""
 
-    def __init__(self, bundle: str, backend: str, device: str, options: DecodingOptions, embeddings: bool,
+    def __init__(self, bundle: str, backend: str | None, device: str, options: DecodingOptions, embeddings: bool,
                  formats: tuple[str, ...]):
         from clipcap.captioner import Captioner
 
@@ -62,7 +62,7 @@ def _same_clipcap() -> str:
     return os.pathsep.join(filter(None, [str(Path(clipcap.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
 
 
-def caption_refs_on_ray(refs: list[ImageRef], bundle: str, backend: str, device: str, options: DecodingOptions,
+def caption_refs_on_ray(refs: list[ImageRef], bundle: str, backend: str | None, device: str, options: DecodingOptions,
                         batch_size: int, embeddings: bool, formats: tuple[str, ...], address: str | None = None,
                         actors: int = 2,
                         num_gpus: float = 0.0) -> Iterator[list[dict]]:

@@ -16,7 +16,6 @@ from clipcap.decoding import DecodingError, DecodingOptions
 from clipcap.images import DEFAULT_FORMATS, check_formats
 
 ENGINES = ("local", "ray")
-EMBEDDING_BACKENDS = ("torch",)  # export bundles' encoder.onnx fuses CLIP and the mapper: no embedding output
 
 
 @dataclass
@@ -25,11 +24,11 @@ class BulkConfig:
     source: str  # folder of images, .txt/.csv/.parquet list of paths, .tar shard, or folder of .tar shards
     out: str  # output folder: part-NNNNN.parquet shards + manifest.json (created)
     options: DecodingOptions = field(default_factory=DecodingOptions)  # as `clipcap caption`
-    backend: str = "torch"  # torch | onnxruntime | tensorrt
+    backend: str | None = None  # torch | onnxruntime | tensorrt; None: the one the bundle's kind needs
     device: str = "cpu"  # cpu, cuda[:N] (per actor with the ray engine)
     batch_size: int = 8  # images captioned together
     shard_size: int = 1000  # rows per Parquet shard: the unit of atomic writes and of lost work on a kill
-    embeddings: bool = False  # also store each image's CLIP embedding (torch backend)
+    embeddings: bool = False  # also store each image's CLIP embedding (every backend: export encoders output it)
     formats: tuple[str, ...] = DEFAULT_FORMATS  # image formats read (clipcap.images.FORMATS); others fail their row
     engine: str = "local"  # local (this process) | ray (Ray Data actors)
     ray_address: str | None = None  # existing cluster; None starts an embedded local Ray
@@ -50,9 +49,6 @@ def _validate(config: BulkConfig) -> DecodingOptions:
         raise DecodingError(f"formats: {error}") from None
     if config.engine not in ENGINES:
         raise DecodingError(f"unknown engine {config.engine!r}; known: {', '.join(ENGINES)}")
-    if config.embeddings and config.backend not in EMBEDDING_BACKENDS:
-        raise DecodingError(f"embeddings need the torch backend: the {config.backend} backend's encoder "
-                            f"fuses CLIP and the mapper, so the CLIP embedding is not an output")
     return config.options.validate(load_config(config.bundle).token_limit)
 
 

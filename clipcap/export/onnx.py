@@ -25,7 +25,7 @@ from torch import nn
 from clipcap.config import CONFIG_FILE, BundleError
 from clipcap.formats.export_bundle import (TOKEN_TABLE_FILE, ExportManifest, GraphEntry, write_manifest,
                                            write_token_table)
-from clipcap.formats.graph_specs import CAPACITY, DECODER_KINDS, PARITY_SIZES, PAST, SEQUENCE, GraphSpec, graph_specs
+from clipcap.formats.graph_specs import CAPACITY, DECODER_KINDS, ENCODER_ATTENTIONS, PARITY_SIZES, PAST, SEQUENCE, GraphSpec, graph_specs
 from clipcap.formats.model_bundle import Bundle, load_bundle
 
 TWO_GIB = 2**31  # protobuf's limit: bigger graphs keep their weights in a `.onnx.data` file
@@ -43,6 +43,9 @@ class ExportOptions:
     # the decoder kind to build, a key of DECODER_KINDS: in-place (onnxruntime's fused step, the fastest
     # on CPU) or concat (GPT-2's own attention, portable: TensorRT builds from it); export.json records it
     decoder_cache: str = "in-place"
+    # the encoder's attention, a key of ENCODER_ATTENTIONS: open_clip (as torch exports it, portable) or fused
+    # (onnxruntime's Attention op); export/README.md has the measurements behind the default
+    encoder_attention: str = "open_clip"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,12 +53,16 @@ class ExportOptions:
 
 
 class EncoderGraph(nn.Module):
-    def __init__(self, model):
+    """`visual`: the CLIP tower to export (default the model's own; clipcap.export.vit_attention's fusable copy)."""
+
+    def __init__(self, model, visual: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.visual = model.clip if visual is None else visual
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(pixel_values)  # (B, 3, H, W) -> (B, P, E)
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clip_embeds = self.visual(pixel_values)  # (B, 3, H, W) -> (B, D)
+        return self.model.prefix(clip_embeds), clip_embeds  # (B, P, E), (B, D)
 
 
 class MapperGraph(nn.Module):
@@ -110,11 +117,15 @@ def export_bundle(bundle_path: str | Path, options: ExportOptions) -> ExportMani
     if options.decoder_cache not in DECODER_KINDS:
         raise BundleError(f"decoder_cache must be one of {', '.join(DECODER_KINDS)}, got {options.decoder_cache!r}")
     decoder = DECODER_KINDS[options.decoder_cache]
+    if options.encoder_attention not in ENCODER_ATTENTIONS:
+        raise BundleError(f"encoder_attention must be one of {', '.join(ENCODER_ATTENTIONS)}, "
+                          f"got {options.encoder_attention!r}")
     out.mkdir(parents=True, exist_ok=True)
     specs = graph_specs(bundle.config, decoder)
     manifest = ExportManifest(decoder_cache=decoder.name, precision="fp32", opset=specs["decoder"].opset,
                               token_embeddings=TOKEN_TABLE_FILE, graphs={}, exported_with=_versions(),
-                              exported_from=str(Path(bundle_path).resolve()))
+                              exported_from=str(Path(bundle_path).resolve()),
+                              encoder_attention=options.encoder_attention)
     for name, spec in (progress := tqdm(specs.items(), desc="export", unit="graph")):
         progress.set_postfix_str(name)
         fused = None
@@ -123,6 +134,9 @@ def export_bundle(bundle_path: str | Path, options: ExportOptions) -> ExportMani
             module = decoder.export_module_class()(bundle.model).eval()
             export_graph(module, spec, out / spec.file, module.translations)
             fused = module.optimize(out / spec.file, _needs_external_data(module))
+        elif name == "encoder" and options.encoder_attention == "fused":
+            module = EncoderGraph(bundle.model).eval()  # the parity reference: open_clip's own attention
+            fused = export_fused_encoder(bundle, spec, out / spec.file)
         else:
             module = GRAPH_MODULES[name](bundle.model).eval()
             export_graph(module, spec, out / spec.file)
@@ -142,6 +156,21 @@ def export_bundle(bundle_path: str | Path, options: ExportOptions) -> ExportMani
         manifest.decoding_parity = check_decoding_parity(bundle, OnnxRuntime.from_path(out), options.parity_images)
         write_manifest(out, manifest)
     return manifest
+
+
+def export_fused_encoder(bundle: Bundle, spec: GraphSpec, path: Path) -> dict:
+    """The encoder with onnxruntime's Attention op in every ViT block, then its ViT optimiser; returns the
+    fusion counts."""
+    from clipcap.export.vit_attention import TRANSLATIONS, fusable_visual, optimize_vit
+
+    visual, replaced = fusable_visual(bundle.model.clip)
+    if not replaced:
+        raise BundleError(f"encoder_attention 'fused': the {bundle.config.clip.model_name} tower has no "
+                          f"nn.MultiheadAttention blocks to fuse; export it with encoder_attention 'open_clip'")
+    module = EncoderGraph(bundle.model, visual).eval()
+    export_graph(module, spec, path, TRANSLATIONS)
+    return optimize_vit(path, visual.transformer.width, visual.transformer.resblocks[0].attn.num_heads,
+                        _needs_external_data(module))
 
 
 def export_graph(module: nn.Module, spec: GraphSpec, path: Path, translations: dict | None = None) -> None:

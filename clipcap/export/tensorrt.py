@@ -27,7 +27,7 @@ from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
 from clipcap.export.onnx import ExportError, ExportOptions, check_decoding_parity, export_bundle
 from clipcap.formats.detect import detect
 from clipcap.formats.export_bundle import load_manifest
-from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs
+from clipcap.formats.graph_specs import BATCH, ENCODER_ATTENTIONS, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs
 from clipcap.formats.model_bundle import load_bundle, load_config
 from clipcap.formats.tensorrt_profiles import PROFILES_FILE, TENSORRT_DECODER, TRT_FORMAT_VERSION, Profile
 from clipcap.runtimes.tensorrt_runtime import TensorRTRuntime, import_tensorrt
@@ -130,10 +130,11 @@ def concat_graphs(source: Path, work: Path, model: Path | None = None) -> tuple[
         manifest = load_manifest(source, load_config(source))
         recorded = Path(manifest.exported_from) if manifest.exported_from else None
         model = model or (recorded if recorded is not None and _is_model_bundle(recorded) else None)
-        if manifest.decoder.portable:
+        if manifest.decoder.portable and ENCODER_ATTENTIONS[manifest.encoder_attention].portable:
             return source, model
         if model is None:
-            raise BundleError(f"{source}: its decoder is the {manifest.decoder_cache} kind (onnxruntime contrib ops, "
+            raise BundleError(f"{source}: its decoder is the {manifest.decoder_cache} kind and its encoder attention "
+                              f"{manifest.encoder_attention} (onnxruntime contrib ops where not portable, "
                               f"which TensorRT cannot parse) and the model bundle it was exported from "
                               f"({manifest.exported_from or 'not recorded'}) is not there to re-export the "
                               f"{TENSORRT_DECODER.name} graphs: pass --model MODEL_BUNDLE")

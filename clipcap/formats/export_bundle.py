@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig, dataclass_from_dict
-from clipcap.formats.graph_specs import DECODER_KINDS, DecoderKind, graph_specs
+from clipcap.formats.graph_specs import DECODER_KINDS, ENCODER_ATTENTIONS, DecoderKind, graph_specs
 
 MANIFEST_FILE = "export.json"
 TOKEN_TABLE_FILE = "token_embeddings.safetensors"
@@ -80,6 +80,8 @@ class ExportManifest:
     token_embeddings: str  # GPT-2's input embedding table, inside the bundle (TOKEN_TABLE_FILE)
     graphs: dict[str, GraphEntry]  # encoder | mapper | decoder -> its entry
     decoder_logits: str = "last_position"  # the decoder outputs the last position's logits only, (B, V)
+    # the encoder's attention, a key of ENCODER_ATTENTIONS (manifests before the key: open_clip, the only one then)
+    encoder_attention: str = "open_clip"
     exported_with: dict = field(default_factory=dict)  # library versions (torch, transformers, onnx, onnxruntime)
     decoding_parity: dict | None = None  # greedy and beam tokens vs PyTorch after export; None: not checked
     exported_from: str | None = None  # the model bundle's absolute path at export (to_tensorrt.py re-exports from it)
@@ -107,6 +109,9 @@ class ExportManifest:
         if manifest.decoder_cache not in DECODER_KINDS:
             raise BundleError(f"{where}: field 'decoder_cache' is {manifest.decoder_cache!r}; this library reads "
                               f"{', '.join(DECODER_KINDS)}")
+        if manifest.encoder_attention not in ENCODER_ATTENTIONS:
+            raise BundleError(f"{where}: field 'encoder_attention' is {manifest.encoder_attention!r}; this library "
+                              f"reads {', '.join(ENCODER_ATTENTIONS)}")
         if manifest.decoder_logits != "last_position":
             raise BundleError(f"{where}: field 'decoder_logits' is {manifest.decoder_logits!r}; this library reads "
                               "'last_position' decoders (re-export the bundle)")

@@ -110,12 +110,14 @@ def resolve_sizes(sizes: dict[str, int]) -> dict[str, int]:
 
 
 def encoder_spec(config: ClipCapConfig) -> GraphSpec:
-    """Pixels -> prefix embeddings: CLIP visual tower + optional L2 norm + mapper, one graph."""
+    """Pixels -> prefix embeddings: CLIP visual tower + optional L2 norm + mapper, one graph; also the CLIP
+    image embedding before the mapper (`Runtime.encode_image`, bulk embeddings), at no extra compute."""
     side = config.clip.image_size
     return GraphSpec(
         name="encoder",
         inputs=(TensorSpec("pixel_values", (BATCH, 3, side, side)),),
-        outputs=(TensorSpec("prefix_embeds", (BATCH, config.mapper.prefix_length, config.gpt2.n_embd)),),
+        outputs=(TensorSpec("prefix_embeds", (BATCH, config.mapper.prefix_length, config.gpt2.n_embd)),
+                 TensorSpec("clip_embeds", (BATCH, config.clip.embed_dim))),
         # Measured 1.3e-6 on ViT-B-32 with random weights (outputs ~1): 1e-4 leaves room for other CPUs.
         atol=1e-4,
     )
@@ -217,6 +219,23 @@ DECODER_KINDS = {kind.name: kind for kind in (
     DecoderKind("concat", decoder_spec, PARITY_SIZES,
                 "clipcap.export.onnx:DecoderStepGraph", "clipcap.runtimes.onnx_runtime:ConcatCache",
                 portable=True, matmul_linears=False, summary="GPT-2's own attention, the cache grows by concatenation (TensorRT builds from it)"),
+)}
+
+
+@dataclass(frozen=True)
+class EncoderAttention:
+    """How the encoder graph writes the CLIP ViT's attention (the graph's names and shapes are the same)."""
+
+    name: str  # the manifest's `encoder_attention`
+    portable: bool  # standard ONNX operators only (TensorRT parses it); False: onnxruntime contrib ops
+    summary: str  # one line for --help and error messages
+
+
+ENCODER_ATTENTIONS = {kind.name: kind for kind in (
+    EncoderAttention("open_clip", portable=True,
+                     summary="open_clip's nn.MultiheadAttention as torch exports it (packed QKV, unfused)"),
+    EncoderAttention("fused", portable=False,
+                     summary="onnxruntime's Attention contrib op per block (clipcap.export.vit_attention)"),
 )}
 
 

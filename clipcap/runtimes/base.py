@@ -37,10 +37,8 @@ class Runtime(Protocol):
         """(B, 3, H, W) normalised pixels -> (B, P, E) prefix embeddings."""
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels -> (B, prefix_size) CLIP image embeddings, before the mapper.
-
-        Export bundles fuse CLIP and the mapper in one graph: their runtimes raise RuntimeUnavailable.
-        """
+        """(B, 3, H, W) normalised pixels -> (B, prefix_size) CLIP image embeddings, before the mapper
+        (an export bundle's encoder graph outputs them beside the prefix)."""
 
     def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
         """(B, prefix_size) CLIP embeddings -> (B, P, E) prefix embeddings."""

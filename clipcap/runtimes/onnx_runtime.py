@@ -183,14 +183,13 @@ class OnnxRuntime:
         return cls(path, config, load_manifest(path, config), device, threads)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        spec = self.specs["encoder"]
-        return self._run(spec, {"pixel_values": pixels}, {BATCH: pixels.shape[0]})["prefix_embeds"]
+        return self._encoder(pixels)["prefix_embeds"]
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        from clipcap.runtimes import RuntimeUnavailable
+        return self._encoder(pixels)["clip_embeds"]
 
-        raise RuntimeUnavailable("the onnxruntime backend has no CLIP embedding output (encoder.onnx fuses CLIP and "
-                                 "the mapper); use the torch backend on the model bundle")
+    def _encoder(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._run(self.specs["encoder"], {"pixel_values": pixels}, {BATCH: pixels.shape[0]})
 
     def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
         spec = self.specs["mapper"]

@@ -138,7 +138,8 @@ class TensorRTRuntime:
             cache_buffers[slot] = [torch.empty(room, dtype=dtype, device=self.device) for _ in self.past_names]
         return [buffer[:_numel(shape)].view(shape) for buffer in cache_buffers[slot]]
 
-    def _run_single(self, graph: str, input_name: str, value: torch.Tensor) -> torch.Tensor:
+    def _run_single(self, graph: str, input_name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One batch through a single-input engine (encoder, mapper): every output, copied out of its buffer."""
         engine = self.engines[graph]
         spec = engine.spec
         sizes = {BATCH: value.shape[0]}
@@ -146,22 +147,18 @@ class TensorRTRuntime:
         profile = engine.profile_for({input_name: shape})
         source = engine.view(profile, input_name, shape)
         source.copy_(value)  # host -> device (or a device copy): the engine reads its own buffer
-        output = spec.outputs[0]
-        target = engine.view(profile, output.name, spec.shape(output, sizes))
-        engine.execute(profile, {input_name: source}, {output.name: target})
-        return target.float().clone()  # the buffer is reused by the next call
+        targets = {output.name: engine.view(profile, output.name, spec.shape(output, sizes)) for output in spec.outputs}
+        engine.execute(profile, {input_name: source}, targets)
+        return {name: target.float().clone() for name, target in targets.items()}  # buffers are reused by the next call
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._run_single("encoder", "pixel_values", pixels)
+        return self._run_single("encoder", "pixel_values", pixels)["prefix_embeds"]
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        from clipcap.runtimes import RuntimeUnavailable
-
-        raise RuntimeUnavailable("the tensorrt backend has no CLIP embedding output (encoder.onnx fuses CLIP and "
-                                 "the mapper); use the torch backend on the model bundle")
+        return self._run_single("encoder", "pixel_values", pixels)["clip_embeds"]
 
     def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
-        return self._run_single("mapper", "clip_embeddings", clip_embeddings)
+        return self._run_single("mapper", "clip_embeddings", clip_embeddings)["prefix_embeds"]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.token_table[token_ids.to(self.device)]  # (B, T) -> (B, T, E)

@@ -185,3 +185,30 @@ def test_full_size_graph_parity(full_size_export):
     assert manifest["decoding_parity"]["greedy"]["identical"] and manifest["decoding_parity"]["beam"]["identical"]
     decoder = onnx.load(str(full_size_export / "decoder.onnx"), load_external_data=False)
     assert len(decoder.graph.input) == 2 + 2 * 12 and len(decoder.graph.output) == 1 + 2 * 12  # in-place: no mask
+
+
+@pytest.mark.slow
+def test_fused_encoder_attention(tiny_bundle, tiny_export, tmp_path):
+    """--encoder-attention fused: one onnxruntime Attention per ViT block, no softmax left, outputs and
+    greedy/beam tokens within the export's parity (checked by the export itself), same embeddings as the
+    open_clip graph; TensorRT's graphs are re-exported from the model bundle with the portable attention."""
+    from clipcap.export.tensorrt import concat_graphs
+
+    result = subprocess.run([sys.executable, str(ROOT / "export" / "to_onnx.py"), str(tiny_bundle), "--out",
+                             str(tmp_path / "fused"), "--encoder-attention", "fused", "--decoder-cache", "concat",
+                             "--parity-images", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(tmp_path / "fused", load_config(tiny_bundle))
+    layers = load_config(tiny_bundle).clip.model_config["vision_cfg"]["layers"]
+    assert manifest.encoder_attention == "fused" and manifest.graphs["encoder"].fused_operators["Attention"] == layers
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "fused" / "encoder.onnx")).graph.node]
+    assert ops.count("Attention") == layers and "Softmax" not in ops
+    assert manifest.decoding_parity["greedy"]["identical"] and manifest.decoding_parity["beam"]["identical"]
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    fused, plain = OnnxRuntime.from_path(tmp_path / "fused"), OnnxRuntime.from_path(tiny_export)
+    assert float((fused.encode_image(pixels) - plain.encode_image(pixels)).abs().max()) <= 2e-4  # both within 1e-4 of torch
+    assert load_manifest(tiny_export, load_config(tiny_bundle)).encoder_attention == "open_clip"
+    graphs, model = concat_graphs(tmp_path / "fused", tmp_path / "work")  # TensorRT's graphs: re-exported portable
+    assert graphs != tmp_path / "fused" and model == tiny_bundle.resolve()
+    assert load_manifest(graphs, load_config(tiny_bundle)).encoder_attention == "open_clip"

@@ -61,6 +61,10 @@ def test_encode_and_embed_match_torch(captioners):
     reference, onnx = captioners
     pixels = reference.preprocess(random_images(3))
     assert float((onnx.runtime.encode(pixels) - reference.runtime.encode(pixels)).abs().max()) <= 1e-4
+    clip = onnx.runtime.encode_image(pixels)  # the encoder graph's second output: before the mapper
+    assert clip.shape == (3, reference.config.clip.embed_dim)
+    assert float((clip - reference.runtime.encode_image(pixels)).abs().max()) <= 1e-4
+    assert float((onnx.runtime.map_embeddings(clip) - onnx.runtime.encode(pixels)).abs().max()) <= 1e-4
     ids = torch.tensor([[1, 5, 7], [0, 2, 3]])
     assert torch.equal(onnx.runtime.embed(ids), reference.runtime.embed(ids))
 
