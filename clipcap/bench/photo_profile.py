@@ -188,7 +188,6 @@ def concurrent_decode_peak(path: str, count: int, image_size: int, full: int = 0
     image file at `path` into model input at once (`full`: through the full decode)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from clipcap.bench.photos import phone_jpeg
     from clipcap.images import decode_image, load_pixels, preprocess_image
 
     data = Path(path).read_bytes()
