@@ -173,11 +173,11 @@ class CaptionService:
             payload, options = self._from_form(row, headers)
         elif content_type == JSON_TYPE:
             payload, options = self._from_json(row.get("body"))
-            fields = self._fields(row, headers)
+            fields = self._fields(row, "body")
             _refuse_given_twice(set(options) & set(fields))
             options.update(fields)
         elif content_type.startswith("image/") or content_type in RAW_TYPES:
-            payload, options = row.get("body"), self._fields(row, headers)
+            payload, options = row.get("body"), self._fields(row, "body")
             if not isinstance(payload, (bytes, bytearray)):
                 raise ServingError(400, f"no request body: {HOW_TO_SEND}")
         else:
@@ -231,14 +231,14 @@ class CaptionService:
         payload = row[files[0]]
         if not isinstance(payload, (bytes, bytearray)):
             raise ServingError(400, f"multipart part {quote(files[0])} holds no image bytes")
-        return payload, self._fields(row, headers)
+        return payload, self._fields(row, files[0])
 
-    def _fields(self, row: dict, headers: dict) -> dict:
-        """The request's text fields: multipart fields, and query-string parameters where TorchServe passes them
-        (its /invocations and /{model}/predict routes do; /predictions/{model} drops the query string)."""
+    def _fields(self, row: dict, payload: str) -> dict:
+        """The row's text fields, every key but the `payload` one: multipart fields, and query-string parameters
+        where TorchServe passes them (its /invocations and /{model}/predict routes; /predictions drops them)."""
         fields = {}
         for name, value in row.items():
-            if name == "body" or name in TORCHSERVE_PARAMETERS or _is_file_part(name, headers):
+            if name == payload or name in TORCHSERVE_PARAMETERS:
                 continue
             if not isinstance(value, (bytes, bytearray, str)):
                 raise ServingError(400, f"field {quote(name)} is not text")
@@ -252,9 +252,10 @@ class CaptionService:
         """Every option value a JSON scalar, and all of them within handler.max_options_bytes."""
         size = 0
         for name, value in options.items():
-            if not (value is None or isinstance(value, (str, int, float))):  # bool is an int: refused by validate
+            if not isinstance(value, (str, int, float)):  # null too (max_tokens: null would lift the cap); bool: validate
                 raise ServingError(400, f"option {quote(name)} must be a string or a number, got {quote(value)}")
-            size += len(str(name)) + (len(value) if isinstance(value, str) else 24)  # a number fits in 24 characters
+            # A number counts 24 characters: a valid one has fewer; JSON caps an integer at 4300 digits.
+            size += len(str(name)) + (len(value) if isinstance(value, str) else 24)
         if size > self.config.max_options_bytes:
             raise ServingError(413, f"the options are {size} bytes, over the limit of "
                                     f"{self.config.max_options_bytes} bytes (handler.max_options_bytes)")

@@ -6,7 +6,6 @@ import json
 import logging
 import shutil
 import threading
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clipcap.captioner import Captioner
-from clipcap.config import BundleError
 from clipcap.serving import CaptionService, ImageRequest, ServingConfig, ServingConfigError, ServingError
 from conftest import png_bytes, random_images
 
@@ -456,6 +454,7 @@ HOSTILE = [  # (name, row, headers, status): what the issue's probe sent, and it
     ("deep nesting in an option", {"body": _json_bytes(decoding=0)[:-1] + b', "top_p": ' + b"[" * 100_000 + b"}"},
      JSON, 400),
     ("nested option", {"body": _json_bytes(top_p={"a": [1, 2]})}, JSON, 400),
+    ("null option", {"body": _json_bytes(max_tokens=None)}, JSON, 400),  # not "the bundle's": past handler.max_tokens
     ("100k unknown keys", {"body": bytearray(json.dumps({**VALID_JSON, **{f"k{i}": 1 for i in range(100_000)}})
                                              .encode())}, JSON, 413),
     ("long unknown key", {"body": _json_bytes(**{"u" * 3000: 1})}, JSON, 400),
@@ -494,6 +493,8 @@ def test_unknown_form_field_is_named_as_an_unknown_option(service):
         service.parse({"data": bytearray(PNGS[0]), "other": bytearray(PNGS[1])}, {**FORM, "data": FILE, "other": FILE})
     with pytest.raises(ServingError, match="got 0 file parts"):
         service.parse({"decoding": bytearray(b"beam")}, {**FORM, "decoding": FIELD})
+    with pytest.raises(ServingError, match=r"unknown option\(s\) 'body'"):  # a field's name, not the raw body's key
+        service.parse({"data": bytearray(PNGS[0]), "body": bytearray(b"x")}, {**FORM, "data": FILE, "body": FIELD})
 
 
 @pytest.mark.parametrize("names", [["data", "data"], ["decoding", "data", "decoding"]])
@@ -576,3 +577,19 @@ def test_any_float_option_gives_a_caption_or_a_clean_refusal(service, strategy, 
     if temperature < 1e-30:  # the greedy limit (nucleus and beam alike; ties aside, which random weights lack)
         greedy = service.parse_batch([{"body": _json_bytes(max_tokens=6)}], [JSON])
         assert tokens == service.caption_batch(greedy)[0][0].body["token_ids"]
+
+
+def test_healthcheck_image_and_refused_connection(tmp_path, capsys):
+    """serving/healthcheck.py without a server: its built-in PNG is an image the service accepts, and a
+    server that does not answer is unhealthy (exit 1). The real checks are in tests/test_serving_e2e.py."""
+    from clipcap.bench.torchserve import free_ports
+    from clipcap.images import decode_image
+
+    spec = importlib.util.spec_from_file_location("clipcap_healthcheck", SERVING / "healthcheck.py")
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    assert decode_image(healthcheck.tiny_png()).size == (8, 8)
+    (port,) = free_ports(1)
+    assert healthcheck.main(["--url", f"http://127.0.0.1:{port}", "--timeout", "2",
+                             "--key-file", str(tmp_path / "absent.json")]) == 1
+    assert "unhealthy: no caption within 2.0 s" in capsys.readouterr().err

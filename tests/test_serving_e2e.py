@@ -273,7 +273,7 @@ async def _load(server, bodies: list[tuple[bytes, str]], clients: int, total: in
                     await response.read()
                     results.append((index, response.status))
 
-        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), timeout=150)
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), timeout=600)  # a hang guard
     return results
 
 
@@ -482,7 +482,8 @@ def test_operations_config_heap_and_logs(served):
     """config.properties' vmargs reach Java (bounded heap, serving/log4j2.xml): rotated logs, no line twice."""
     server, _, _ = served
     java = server.processes[0].cmdline()
-    assert "-Xmx1g" in java and f"-Dlog4j.configurationFile={ROOT / 'serving' / 'log4j2.xml'}" in java
+    assert {"-Xmx1g", "-XX:MaxDirectMemorySize=1g"} <= set(java)
+    assert f"-Dlog4j.configurationFile={ROOT / 'serving' / 'log4j2.xml'}" in java
     for log in ("ts_log.log", "model_log.log", "access_log.log"):
         lines = (server.root / "logs" / log).read_text(errors="replace").splitlines()
         assert lines, f"{log} is empty"
@@ -509,6 +510,7 @@ def test_healthcheck_fails_while_no_worker_can_caption(served):
     os.kill(worker, signal.SIGSTOP)
     try:
         assert server.get(server.inference, "/ping")[0] == 200  # the frontend's answer: it cannot tell
+        assert _worker_pids(server) == [worker]  # ... nor can the management API: the stopped worker is READY
         assert _healthcheck(server, 2) == 1
     finally:
         os.kill(worker, signal.SIGCONT)
