@@ -94,3 +94,17 @@ def test_import_original_hints_normalize_prefix_for_transformer(tiny_transformer
     assert main(_paper_checkpoint(tiny_bundle, tmp_path / "m", tiny_tokenizer)) == 0  # MLP checkpoints: no hint
     out = capsys.readouterr()
     assert "mlp mapper, prefix_length 4, unnormalised prefix" in out.out and "normalize-prefix" not in out.err
+
+
+def test_formats_option_narrows_what_is_read(tiny_bundle, tmp_path, capsys):
+    import pytest
+
+    paths = _write_images(tmp_path, 2)
+    random_images(1)[0].save(tmp_path / "photo.jpg")
+    code = main(["caption", str(tiny_bundle), str(tmp_path / "photo.jpg"), *paths, "--formats", "jpeg", "--json"])
+    out = capsys.readouterr()
+    assert code == 2 and out.err.count("format PNG not accepted (accepted: JPEG)") == 2
+    assert [r["image"] for r in json.loads(out.out)] == [str(tmp_path / "photo.jpg")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(tiny_bundle), paths[0], "--formats", "JPEG,PSD"])
+    assert exit_info.value.code == 2 and "unknown image format(s) PSD" in capsys.readouterr().err
