@@ -87,6 +87,7 @@ class Run:
 class Synopsis:
     help: str  # the command whose --help must name every flag of the line
     same_flags_as: str | None = None  # for "[same flags]": the synopsis whose flags this command also takes
+    except_flags: tuple[str, ...] = ()  # ... but these, which its --help must not name
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ MAKE_TEST = Elsewhere("tests", "`make test` is the suite itself (what CI runs); 
 SETUP = "runs scripts/setup.sh, which (re)installs the shared venv"
 FIXED_PORTS = "binds TorchServe's fixed ports 8080-8082 from serving/config.properties, shared with other servers"
 E2E = "tests/test_serving_e2e.py"
+RAY = "tests/test_serving_ray.py"
+SERVE_RAY = "starts Ray Serve on the fixed port 8000; the Ray test starts it on a free port"
 FULL_SIZE = "builds ViT-B-32 + GPT-2 small (~2.5 GB, ~5 min) before measuring for minutes"
 IMAGE = ("IMAGE...", "samples/shapes-00.png samples/shapes-01.png")
 TINY_TRAIN = " --epochs 1 --batch-size 8 --gpt2-layers 1 --gpt2-embd 32 --gpt2-heads 1 --mapper-layers 1 --threads 1"
@@ -111,9 +114,11 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "make test": MAKE_TEST,
     "clipcap caption BUNDLE IMAGE... [--decoding greedy|beam|nucleus] [--beam-size N] [--max-tokens N] [--top-p P] "
     "[--temperature T] [--seed S] [--batch-size N] [--backend torch|onnxruntime|tensorrt] [--device cpu|cuda] "
-    "[--no-cache] [--json]": Synopsis("clipcap caption"),
-    "clipcap caption-embeddings BUNDLE EMBEDDINGS.npy [same flags]": Synopsis("clipcap caption-embeddings", "clipcap caption"),
-    "clipcap caption-dataset BUNDLE INPUT --out OUT [same flags] [--shard-size N] [--embeddings] [--engine local|ray] "
+    "[--no-cache] [--json] [--formats JPEG,PNG,...]": Synopsis("clipcap caption"),
+    "clipcap caption-embeddings BUNDLE EMBEDDINGS.npy [same flags]": Synopsis("clipcap caption-embeddings", "clipcap caption",
+                                                                                except_flags=("--formats",)),
+    "clipcap caption-dataset BUNDLE INPUT --out OUT [same flags] [--formats ...] [--shard-size N] [--embeddings] "
+    "[--engine local|ray] "
     "[--ray-address ADDR] [--actors N] [--num-gpus G]": Synopsis("clipcap caption-dataset", "clipcap caption"),
     "clipcap import-original coco_weights.pt --clip-model ViT-B-32 --clip-pretrained openai --tokenizer gpt2 --out DIR":
         Run((("coco_weights.pt", "data/coco_weights.pt"), ("DIR", "build/imported")), exit_code=2,
@@ -152,6 +157,8 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python benchmarks/latency.py --make-full-size build/bench/full-size --batch-sizes 1,8 --tokens 20,67 "
     "--threads 1 --out benchmarks/results": Elsewhere("tests/test_bench_latency.py", FULL_SIZE),
     "python benchmarks/serving.py --help": Run(expect="--concurrency"),
+    ".venv/bin/clipcap serve-ray models/shapes-demo --replicas 2":
+        Elsewhere(f"{RAY}::test_requests_spread_over_both_replicas", SERVE_RAY),
     # export/README.md
     "clipcap caption build/shapes-onnx IMAGE... --backend onnxruntime": Run((IMAGE,), expect="shapes-01.png\t"),
     "clipcap caption build/shapes-onnx IMAGE... --backend onnxruntime --device cuda":
@@ -182,6 +189,16 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
         Run((("head -300", "head -4"),)),
     "clipcap caption build/shapes-onnx-int8 $IMGS --backend onnxruntime --json --batch-size 16 > build/int8-b16.json":
         Run((("head -300", "head -4"),)),
+    "python benchmarks/latency.py --make-full-size build/bench/full-size":
+        Elsewhere("tests/test_bench_latency.py", FULL_SIZE),
+    "python export/to_onnx.py build/bench/full-size/model --out build/bench/full-size/onnx-fused --encoder-attention fused":
+        Elsewhere("tests/export/test_onnx_export.py::test_fused_encoder_attention", FULL_SIZE),
+    "python export/quantize.py build/bench/full-size/onnx --encoder --out build/bench/full-size/onnx-int8-enc":
+        Elsewhere("tests/export/test_quantize.py", FULL_SIZE),
+    "python export/quantize.py build/bench/full-size/onnx-fused --encoder --out build/bench/full-size/onnx-fused-int8-enc":
+        Elsewhere("tests/export/test_quantize.py", FULL_SIZE),
+    "python benchmarks/encoder.py build/bench/full-size/model build/bench/full-size/{onnx,onnx-fused,onnx-int8-enc,"
+    "onnx-fused-int8-enc} --out build/bench/encoder": Elsewhere("tests/test_bench_encoder.py", FULL_SIZE),
     # serving/README.md
     "KEEP_SERVER=1 make demo": Elsewhere(E2E, f"`make demo` ({SETUP}; {FIXED_PORTS}), then leaves TorchServe running"),
     "CLIPCAP_NO_TOKEN=1 make demo": Elsewhere(E2E, f"`make demo` ({SETUP}; {FIXED_PORTS}) with TorchServe's "
@@ -210,6 +227,20 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     ".venv/bin/python -m pytest tests/test_serving.py": Elsewhere("tests/test_serving.py", "a part of the suite"),
     ".venv/bin/python -m pytest tests/export/test_mar.py": Elsewhere("tests/export/test_mar.py", "a part of the suite"),
     ".venv/bin/python -m pytest tests/test_serving_e2e.py": Elsewhere(E2E, "a part of the suite"),
+    ".venv/bin/clipcap serve-ray models/shapes-demo": Elsewhere(f"{RAY}::test_the_shared_table", SERVE_RAY),
+    'curl -H "Authorization: Bearer $KEY" -H "Content-Type: image/png" --data-binary @samples/shapes-00.png '
+    "http://127.0.0.1:8000/predictions/clipcap": Elsewhere(f"{RAY}::test_token_file_and_captions_equal_the_cli",
+                                                           SERVE_RAY),
+    ".venv/bin/clipcap serve-ray models/shapes-demo --min-replicas 1 --max-replicas 4":
+        Elsewhere("tests/test_serving_front.py", f"{SERVE_RAY}; the autoscaling options are checked without a server"),
+    "CLIPCAP_SERVE_TOKEN=... .venv/bin/clipcap serve-ray BUNDLE":
+        Elsewhere("tests/test_serving_front.py", f"{SERVE_RAY}; a given token is checked without a server"),
+    'curl -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" '
+    "http://127.0.0.1:8000/v2/models/clipcap/infer -d '{\"inputs\": [{\"name\": \"image\", \"datatype\": \"BYTES\", "
+    '"shape": [1], "data": ["\'$IMG\'"]}], "parameters": {"decoding": "beam", "beam_size": 3}}\'':
+        Elsewhere(f"{RAY}::test_v2_raw_json_and_tritonclient", SERVE_RAY),
+    ".venv/bin/python -m pytest tests/test_serving_front.py": Elsewhere("tests/test_serving_front.py", "a part of the suite"),
+    ".venv/bin/python -m pytest tests/test_serving_ray.py": Elsewhere(RAY, "a part of the suite"),
     # benchmarks/README.md
     "make setup": Elsewhere("tests", f"{SETUP}: `make test` runs it before the suite, so CI does"),
     "python benchmarks/latency.py --make-full-size build/bench/full-size --batch-sizes 1,8 --tokens 20,67 --warmup 1 "
@@ -245,6 +276,17 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python benchmarks/latency.py build/bench/full-size/model build/bench/full-size/onnx build/bench/full-size/trt "
     "--device cuda --backends torch,torch-nocache,onnxruntime,tensorrt --batch-sizes 1,8,32 --tokens 20,67 "
     "--out benchmarks/results/gpu": Elsewhere("tests/test_bench_latency.py", f"needs a CUDA GPU; {FULL_SIZE}"),
+    "pip install '.[photo]'": Elsewhere("tests/test_bench_photo.py", "installs the optional anchors into the "
+                                        "environment; their pipelines are tested where installed, skipped elsewhere"),
+    "python benchmarks/photo.py --record": Elsewhere("tests/test_bench_photo.py", "measures 12 MP inputs for ~2 min and "
+                                                     "records into benchmarks/history/; its pipelines run there"),
+    "python benchmarks/photo.py --serve --rates 1,2,4 --duration 20 --record":
+        Elsewhere("tests/test_bench_load.py", f"{FIXED_PORTS}... and measures for minutes; the open-loop load runs "
+                  "against a local server there"),
+    "OMP_NUM_THREADS=1 python benchmarks/fronts.py --bundle models/shapes-demo --rates 5,10,20,30,40,60,80 "
+    "--duration 15 --images samples/*.png --out benchmarks/results/fronts":
+        Elsewhere(RAY, "starts TorchServe and Ray Serve and loads them for minutes; both fronts answer the shared "
+                  "table there and in tests/test_serving_e2e.py"),
     "bash scripts/gpu_wheels.sh": Elsewhere("tests/test_gpu_check.py", "downloads ~8 MB of wheels for the GPU "
                                             "machine's Python 3.12 from the package registry; the check they serve "
                                             "runs there"),
@@ -333,7 +375,8 @@ def test_synopsis_flags_are_in_the_help(command, capsys):
     if check.same_flags_as:
         assert "[same flags]" in command
         (same,) = [c for c, other in COVERAGE.items() if isinstance(other, Synopsis) and other.help == check.same_flags_as]
-        flags |= set(re.findall(r"--[a-z][a-z0-9-]*", same))
+        flags |= set(re.findall(r"--[a-z][a-z0-9-]*", same)) - set(check.except_flags)
+    assert not [flag for flag in check.except_flags if flag in help_text]
     assert flags and {flag for flag in flags if flag not in help_text} == set()
 
 
