@@ -57,7 +57,7 @@ def test_ratio_table_is_the_one_source_of_ratios_metrics_and_targets():
     assert {r["key"] for r in rows} == {r.key for r in RATIOS if r.faster != "tensorrt"}
     for row in rows:
         row["name"] = "renamed"
-    targets = evaluate_targets({"ratios": rows, "cells": cells})
+    targets = evaluate_targets({"ratios": rows, "cells": cells, "roofline": {}})
     expected = {f"{r.name} >= {r.target.minimum:g}x" for r in RATIOS if r.target is not None}
     assert {t["target"] for t in targets} == expected
     assert all(t["met"] is not None for t in targets)
