@@ -78,9 +78,6 @@ def plot_open_loop(report: dict, path: Path) -> Path:
 
 
 def write_open_loop_outputs(report: dict, out: Path) -> list[Path]:
-    from clipcap.bench.schema import write_json
+    from clipcap.bench.schema import write_outputs
 
-    out.mkdir(parents=True, exist_ok=True)
-    markdown = out / "open_loop.md"
-    markdown.write_text(open_loop_markdown(report))
-    return [write_json(report, out / "open_loop.json"), markdown, plot_open_loop(report, out / "open_loop.png")]
+    return write_outputs(report, out, "open_loop", open_loop_markdown, {"open_loop.png": plot_open_loop})

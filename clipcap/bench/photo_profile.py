@@ -298,9 +298,6 @@ def plot_photo(report: dict, path: Path) -> Path:
 
 
 def write_photo_outputs(report: dict, out: Path) -> list[Path]:
-    from clipcap.bench.schema import write_json
+    from clipcap.bench.schema import write_outputs
 
-    out.mkdir(parents=True, exist_ok=True)
-    markdown = out / "photo.md"
-    markdown.write_text(photo_markdown(report))
-    return [write_json(report, out / "photo.json"), markdown, plot_photo(report, out / "photo.png")]
+    return write_outputs(report, out, "photo", photo_markdown, {"photo.png": plot_photo})

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipcap.bench.schema import write_json
+from clipcap.bench.schema import write_outputs
 
 
 def _fmt(value: float) -> str:
@@ -192,10 +192,8 @@ def plot_per_token(report: dict, path: Path) -> Path:
 
 def write_latency_outputs(report: dict, out: Path) -> list[Path]:
     """latency.json, latency.md, latency_vs_batch.png, per_token_decode.png in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.md").write_text(latency_markdown(report))
-    return [write_json(report, out / "latency.json"), out / "latency.md",
-            plot_latency(report, out / "latency_vs_batch.png"), plot_per_token(report, out / "per_token_decode.png")]
+    return write_outputs(report, out, "latency", latency_markdown,
+                         {"latency_vs_batch.png": plot_latency, "per_token_decode.png": plot_per_token})
 
 
 def serving_markdown(report: dict) -> str:
@@ -253,6 +251,4 @@ def plot_serving(report: dict, path: Path) -> Path:
 
 def write_serving_outputs(report: dict, out: Path) -> list[Path]:
     """serving.json, serving.md, serving.png in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.md").write_text(serving_markdown(report))
-    return [write_json(report, out / "serving.json"), out / "serving.md", plot_serving(report, out / "serving.png")]
+    return write_outputs(report, out, "serving", serving_markdown, {"serving.png": plot_serving})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 LATENCY_SCHEMA = "clipcap-latency/1"
@@ -82,3 +82,11 @@ def write_json(report: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     return path
+
+
+def write_outputs(report: dict, out: Path, stem: str, markdown: Callable[[dict], str],
+                  plots: dict[str, Callable[[dict, Path], Path]]) -> list[Path]:
+    """`out`/stem.json (checked first), stem.md and one PNG per `plots` entry (file name -> plot)."""
+    json_path = write_json(report, out / f"{stem}.json")
+    (out / f"{stem}.md").write_text(markdown(report))
+    return [json_path, out / f"{stem}.md", *(plot(report, out / name) for name, plot in plots.items())]
