@@ -33,7 +33,8 @@ FULL_SIZE_CAPTIONS = [
 def make_full_size_bundles(out: Path, int8: bool = True, exports: bool = True) -> dict[str, Path]:
     """ViT-B-32 + GPT-2 small (random weights, a small BPE tokenizer) as a model bundle, its fp32
     ONNX export and (with `int8`) the quantised siblings: out/model, out/onnx, out/onnx-int8 (dynamic),
-    out/onnx-int8-wo and out/onnx-int4-wo (weight-only, QuantizeConfig's default block and accuracy level).
+    out/onnx-int8-wo and out/onnx-int4-wo (weight-only, QuantizeConfig's default block and accuracy level),
+    and out/onnx-int8-encoder (dynamic int8 decoder and encoder: the encoder option export/README measures).
     `exports=False` builds the model bundle alone (a GPU run of the torch backend needs no ONNX).
 
     Steps whose output already exists are skipped, so a second call costs nothing. Random weights
@@ -61,10 +62,12 @@ def make_full_size_bundles(out: Path, int8: bool = True, exports: bool = True) -
     if not (paths["onnx-fp32"] / MANIFEST_FILE).is_file():
         export_bundle(paths["model"], ExportOptions(out=paths["onnx-fp32"]))
     if int8:
-        for method, kind in (("int8-dynamic", "onnx-int8"), ("int8-wo", "onnx-int8-wo"), ("int4-wo", "onnx-int4-wo")):
-            paths[kind] = out / kind
-            if not (paths[kind] / MANIFEST_FILE).is_file():
-                quantize_bundle(QuantizeConfig(paths["onnx-fp32"], paths[kind], method=method))
+        siblings = (("int8-dynamic", False, "onnx-int8"), ("int8-wo", False, "onnx-int8-wo"),
+                    ("int4-wo", False, "onnx-int4-wo"), ("int8-dynamic", True, "onnx-int8-encoder"))
+        for method, encoder, name in siblings:
+            paths[name] = out / name
+            if not (paths[name] / MANIFEST_FILE).is_file():
+                quantize_bundle(QuantizeConfig(paths["onnx-fp32"], paths[name], encoder=encoder, method=method))
     return paths
 
 
