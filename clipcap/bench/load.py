@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -256,12 +256,20 @@ class RateResult:
     wall_s: float  # from the first scheduled send to the last answer
 
 
+def meets_objective(cell: Mapping, slo_ms: float) -> bool:
+    """One rate's cell (a `RateResult` as a dict) met the objective: requests were sent, every one was
+    answered 200, and their p99 is within `slo_ms`."""
+    return cell["sent"] > 0 and cell["ok"] == cell["sent"] and cell["latency_ms"]["p99"] <= slo_ms
+
+
 async def open_loop(send: Sender, payloads: Sequence, rates: Sequence[float], duration_s: float,
-                    slo_ms: float, seed: int = 0, drain_s: float = 120.0) -> list[RateResult]:
+                    slo_ms: float, seed: int = 0, drain_s: float = 120.0,
+                    stop_after_miss: bool = False) -> list[RateResult]:
     """Each rate in turn for `duration_s`: requests at Poisson arrival times, each sent on schedule whether
     or not earlier ones have been answered (open loop: a slow server meets more work, not fewer sends);
     payloads in turn. Latency counts from the scheduled time, so a queue in the client counts too.
-    A request still unanswered `drain_s` after the last scheduled send is cancelled ("unanswered")."""
+    A request still unanswered `drain_s` after the last scheduled send is cancelled ("unanswered").
+    `stop_after_miss`: the rates after the first that misses the objective (`meets_objective`) are not run."""
     loop = asyncio.get_running_loop()
     rng = np.random.default_rng(seed)
     results = []
@@ -301,6 +309,8 @@ async def open_loop(send: Sender, payloads: Sequence, rates: Sequence[float], du
             latency_ms=percentiles(answered) if answered else {},
             within_slo=sum(latency <= slo_ms for latency in answered) / max(1, len(records)),
             send_lag_ms=max((lag for _, _, lag in records), default=0.0), wall_s=wall_s))
+        if stop_after_miss and not meets_objective(asdict(results[-1]), slo_ms):
+            break
     return results
 
 
@@ -326,6 +336,9 @@ class OpenLoopConfig:
     warmup: int = 2  # requests per model sent one by one first, not counted
     images: list[Path] = field(default_factory=list)  # image files sent in turn; none: synthetic JPEGs
     seed: int = 0  # arrival times
+    options: dict = field(default_factory=dict)  # decoding options sent with every image as multipart fields
+    # (e.g. {"max_tokens": 20}); none: the image bytes alone are the body
+    stop_after_miss: bool = False  # rates ascending: a model's rates after the first that misses the objective are not run
 
     def validate(self) -> "OpenLoopConfig":
         check_loopback(self.url)
@@ -333,7 +346,22 @@ class OpenLoopConfig:
             raise ValueError(f"models must be TorchServe model names, got {self.models}")
         if not self.rates or min(self.rates) <= 0 or self.duration_s <= 0 or self.slo_ms <= 0 or self.timeout_s <= 0:
             raise ValueError("rates, duration, slo and timeout must be > 0")
+        if self.stop_after_miss and list(self.rates) != sorted(self.rates):
+            raise ValueError(f"stopping after a missed rate needs the rates in ascending order, got {self.rates}")
         return self
+
+
+def with_options(body: tuple[bytes, str], options: dict, boundary: str = "clipcap-load-boundary") -> tuple[bytes, str]:
+    """A (bytes, content type) image body as multipart/form-data: one text field per option, then the
+    image as the file part "data" (serving/README.md's form); no options: the body unchanged."""
+    if not options:
+        return body
+    data, content_type = body
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in options.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="data"; filename="image"\r\n'
+                 f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 async def _open_loop_models(config: OpenLoopConfig, keys: dict[str, str] | None, bodies: list,
@@ -354,14 +382,15 @@ async def _open_loop_models(config: OpenLoopConfig, keys: dict[str, str] | None,
                 if status != 200:
                     raise RuntimeError(f"model {model!r}: warm-up request answered {status}")
             results[model] = await open_loop(send, bodies, config.rates, config.duration_s, config.slo_ms,
-                                             config.seed, drain_s=config.timeout_s)
+                                             config.seed, drain_s=config.timeout_s,
+                                             stop_after_miss=config.stop_after_miss)
     return results
 
 
 def run_open_loop(config: OpenLoopConfig, keys: dict[str, str] | None, progress: bool = True) -> dict:
     """Open-loop Poisson load on every model at every rate; returns the report (schema clipcap-open-loop/1)."""
     config.validate()
-    bodies = request_bodies(config.images)
+    bodies = [with_options(body, config.options) for body in request_bodies(config.images)]
     load_before = os.getloadavg()
     results = asyncio.run(_open_loop_models(config, keys, bodies, progress))
     cells = [{"model": model, **asdict(result)} for model, rates in results.items() for result in rates]
