@@ -5,7 +5,7 @@ in one interleaved run, a serving batch of eight 12 MP JPEGs, eight 36 MP decode
     python benchmarks/photo.py --record                 # decode profile, added to benchmarks/history/
     python benchmarks/photo.py --serve --rates 1,2,4    # and open-loop serving load of the demo model
     python benchmarks/photo.py --serve-only --make-full-size build/bench/full-size \
-        --full-size onnx-int8,onnx-int8-encoder --threads 2 --rates 1,2,3,4 --duration 30   # capacity
+        --full-size onnx-int8,onnx-int8-encoder --threads 2 --rates 0.5,1,1.5,2,2.5,3,4,5,6 --duration 30
 
 The anchors simplejpeg and pyvips run where installed (`pip install .[photo]`). Writes photo.* (and
 open_loop.*) to --out; with --record adds the runs to benchmarks/history/ under profile "photo".
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serving_profile(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The OpenLoopProfile the arguments ask for (building the full-size bundles first), or a usage error."""
-    from clipcap.bench.bundles import make_full_size_bundles
+    from clipcap.bench.bundles import bundle_kind, make_full_size_bundles
     from clipcap.bench.open_loop_profile import OpenLoopProfile
 
     profile = OpenLoopProfile(bundles=list(args.bundle) or OpenLoopProfile().bundles, rates=args.rates,
@@ -108,6 +108,9 @@ def _serving_profile(parser: argparse.ArgumentParser, args: argparse.Namespace):
         if unknown:
             parser.error(f"--full-size: {', '.join(unknown)} not among the bundles built: {', '.join(built)}")
         profile.bundles = list(args.bundle) + [built[n] for n in names]
+    missing = [str(b) for b in profile.bundles if bundle_kind(ROOT / b) is None]
+    if missing:
+        parser.error(f"not a model or export bundle: {', '.join(missing)}")
     return profile
 
 

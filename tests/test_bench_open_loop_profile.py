@@ -149,12 +149,13 @@ def test_photo_serve_arguments(monkeypatch, tmp_path):
                          ("onnx-int8-encoder", "export.json")):
         (tmp_path / name).mkdir()
         (tmp_path / name / marker).touch()
-    profile = _photo_main(["--serve-only", "--bundle", "a", "--make-full-size", str(tmp_path), "--full-size",
-                           "onnx-int8-encoder,onnx-int8", "--max-tokens", "0", "--all-rates"], monkeypatch)
-    assert profile.bundles == [Path("a"), tmp_path / "onnx-int8-encoder", tmp_path / "onnx-int8"]
+    profile = _photo_main(["--serve-only", "--bundle", "models/shapes-demo", "--make-full-size", str(tmp_path),
+                           "--full-size", "onnx-int8-encoder,onnx-int8", "--max-tokens", "0", "--all-rates"], monkeypatch)
+    assert profile.bundles == [Path("models/shapes-demo"), tmp_path / "onnx-int8-encoder", tmp_path / "onnx-int8"]
     assert profile.max_tokens is None and not profile.stop_after_miss
     for bad in (["--serve", "--rates", "4,2"], ["--serve", "--payload", "gif"],
-                ["--serve-only", "--make-full-size", str(tmp_path), "--full-size", "onnx-int9"]):
+                ["--serve-only", "--make-full-size", str(tmp_path), "--full-size", "onnx-int9"],
+                ["--serve-only", "--bundle", str(tmp_path)]):  # no bundle there
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(ROOT / "benchmarks" / "photo.py"))["main"](bad)
         assert exit_info.value.code == 2
@@ -165,16 +166,27 @@ def test_photo_serve_arguments(monkeypatch, tmp_path):
 @pytest.mark.skipif(not (Path(sys.executable).parent / "torchserve").exists(), reason="torchserve is not installed")
 def test_an_export_bundle_served_open_loop(tmp_path, tiny_export):
     """The tiny ONNX export packed, served by a real TorchServe and loaded open-loop with samples/ PNGs."""
+    import torch
+
+    from clipcap.bench.history import make_record
     from clipcap.bench.open_loop_profile import open_loop_markdown, run_open_loop_profile, write_open_loop_outputs
+    from clipcap.captioner import Captioner
 
     profile = OpenLoopProfile(bundles=[tiny_export], work=tmp_path / "work", rates=[2.0, 4.0], duration_s=1.5,
                               slo_ms=60_000, payload="samples-png", max_tokens=5, stop_after_miss=False)
     report = run_open_loop_profile(profile, ROOT, progress=False)
     (bundle,) = report["settings"]["bundles"]
-    assert bundle["kind"] == "onnx-fp32" and bundle["mar_built"] and bundle["mar_bytes"] > 0
-    assert all(1 <= p["tokens"] <= 5 for p in bundle["probes"])
+    assert bundle["kind"] == "onnx-fp32" and bundle["weights"] == "encoder fp32, decoder fp32"
+    assert bundle["mar_built"] and bundle["mar_bytes"] > 0
+    # The max_tokens field travelled: each answer is as long as the library's caption with max_tokens 5.
+    captioner = Captioner.from_path(tiny_export)
+    options = captioner.default_options().replace(max_tokens=5)
+    pixels = torch.stack([captioner.load_pixels_file(p) for p in report["settings"]["images"]])
+    assert [p["tokens"] for p in bundle["probes"]] == [len(c.token_ids) for c in
+                                                       captioner.caption_pixels(pixels, options).captions]
     assert [c["rate"] for c in report["cells"]] == [2.0, 4.0]
     assert all(c["ok"] == c["sent"] > 0 for c in report["cells"])
     assert report["capacity"]["models"][0]["rate"] == 4.0
     assert "| tiny-onnx | 4 |" in open_loop_markdown(report)
     assert all(p.exists() for p in write_open_loop_outputs(report, tmp_path / "out"))
+    assert make_record(report, "photo", ROOT)["metrics"]  # the history takes it

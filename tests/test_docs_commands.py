@@ -283,6 +283,10 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python benchmarks/photo.py --serve --rates 1,2,4 --duration 20 --record":
         Elsewhere("tests/test_bench_load.py", f"{FIXED_PORTS}... and measures for minutes; the open-loop load runs "
                   "against a local server there"),
+    "python benchmarks/photo.py --serve-only --make-full-size build/bench/full-size --full-size "
+    "onnx-int8,onnx-int8-encoder --threads 2 --rates 0.5,1,1.5,2,2.5,3,4,5,6 --duration 30 --record":
+        Elsewhere("tests/test_bench_open_loop_profile.py", f"{FULL_SIZE}; serves each bundle for minutes; a small "
+                  "export bundle is served open-loop through the same path there"),
     "OMP_NUM_THREADS=1 python benchmarks/fronts.py --bundle models/shapes-demo --rates 5,10,20,30,40,60,80 "
     "--duration 15 --images samples/*.png --out benchmarks/results/fronts":
         Elsewhere(RAY, "starts TorchServe and Ray Serve and loads them for minutes; both fronts answer the shared "

@@ -123,6 +123,19 @@ def packed_archive(bundle: Path, repo: Path, out: Path) -> bool:
     return True
 
 
+def graph_weights(bundle: Path) -> str:
+    """An export bundle's encoder and decoder weights as its manifest records them ("encoder fp32, decoder
+    int8"); a model bundle's: "torch fp32". Two int8 siblings share a kind; this tells them apart."""
+    from clipcap.formats.export_bundle import MANIFEST_FILE, load_manifest
+    from clipcap.formats.model_bundle import load_config
+
+    if not (bundle / MANIFEST_FILE).is_file():
+        return "torch fp32"
+    graphs = load_manifest(bundle, load_config(bundle)).graphs
+    return ", ".join(f"{name} {(graphs[name].quantization or {}).get('weights', 'fp32')}"
+                     for name in ("encoder", "decoder") if name in graphs)
+
+
 def probe(url: str, model: str, key: str, body: tuple[bytes, str], timeout_s: float = 120.0) -> dict:
     """One request, alone: its answer's token count and handler stage times (what each open-loop request costs)."""
     data, content_type = body
@@ -164,7 +177,7 @@ def run_open_loop_profile(profile: OpenLoopProfile, repo: Path, progress: bool =
                                     slo_ms=profile.slo_ms, images=images, options=options,
                                     stop_after_miss=profile.stop_after_miss)
             reports.append(run_open_loop(config, server.keys(), progress=progress))
-        served.append({"model": name, "path": str(bundle), "kind": bundle_kind(bundle),
+        served.append({"model": name, "path": str(bundle), "kind": bundle_kind(bundle), "weights": graph_weights(bundle),
                        "mar_bytes": (work / "model_store" / f"{name}.mar").stat().st_size, "mar_built": built,
                        "mar_s": mar_s, "worker_ready_s": ready_s, "probes": probes})
     return _merged(reports, served, profile, repo)
@@ -264,13 +277,14 @@ def open_loop_markdown(report: dict) -> str:
                   f"OMP_NUM_THREADS={settings['threads']}; decoding defaults {server.get('defaults')}, options sent "
                   f"with every request: {options}."
                   + (" A bundle's rates after its first miss are not run." if settings.get("stop_after_miss") else ""),
-                  "", "| model | bundle | kind | .mar MB | .mar build s | start to READY s | tokens per answer | "
-                  "alone: latency ms |", "|---|---|---|---|---|---|---|---|"]
+                  "", "| model | bundle | kind | weights | .mar MB | .mar build s | start to READY s | tokens per answer "
+                  "| alone: latency ms |", "|---|---|---|---|---|---|---|---|---|"]
         for bundle in settings["bundles"]:
             tokens = sorted({p["tokens"] for p in bundle["probes"]})
             alone = "/".join(f"{p['latency_ms']:.0f}" for p in bundle["probes"])
             build = f"{bundle['mar_s']:.0f}" if bundle["mar_built"] else f"reused ({bundle['mar_s']:.0f} s to check)"
-            lines.append(f"| {bundle['model']} | {bundle['path']} | {bundle['kind']} | {bundle['mar_bytes'] / 1e6:.0f} | "
+            lines.append(f"| {bundle['model']} | {bundle['path']} | {bundle['kind']} | {bundle['weights']} | "
+                         f"{bundle['mar_bytes'] / 1e6:.0f} | "
                          f"{build} | {bundle['worker_ready_s']:.0f} | {', '.join(map(str, tokens))} | {alone} |")
         lines.append("")
     lines += ["| model | offered req/s | sent | answered 200 | p50 ms | p99 ms | within objective | send lag ms |",
