@@ -190,3 +190,12 @@ def test_an_export_bundle_served_open_loop(tmp_path, tiny_export):
     assert "| tiny-onnx | 4 |" in open_loop_markdown(report)
     assert all(p.exists() for p in write_open_loop_outputs(report, tmp_path / "out"))
     assert make_record(report, "photo", ROOT)["metrics"]  # the history takes it
+
+
+def test_a_refused_probe_says_what_the_server_answered():
+    from clipcap.bench.open_loop_profile import probe
+    from test_bench_load import StandInServer
+
+    with StandInServer() as server:
+        with pytest.raises(RuntimeError, match="answered 400.*bad token"):
+            probe(f"http://127.0.0.1:{server.port}", "clipcap", "wrong-key", (b"image", "image/png"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,8 +143,12 @@ def probe(url: str, model: str, key: str, body: tuple[bytes, str], timeout_s: fl
     request = urllib.request.Request(f"{url}/predictions/{model}", data=data, method="POST",
                                      headers={"Content-Type": content_type, "Authorization": f"Bearer {key}"})
     start = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        answer = json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        raise RuntimeError(f"model {model!r}: the probe request answered {error.code}: "
+                           f"{error.read()[:300].decode(errors='replace')}") from None
     return {"tokens": len(answer["token_ids"]), "latency_ms": (time.perf_counter() - start) * 1e3,
             "handler_ms": answer["timings_ms"]}
 
