@@ -91,7 +91,8 @@ def _serving_profile(parser: argparse.ArgumentParser, args: argparse.Namespace):
     from clipcap.bench.bundles import bundle_kind, make_full_size_bundles
     from clipcap.bench.open_loop_profile import OpenLoopProfile
 
-    profile = OpenLoopProfile(bundles=list(args.bundle) or OpenLoopProfile().bundles, rates=args.rates,
+    given = [b.resolve() for b in args.bundle]  # relative to the working directory, as typed
+    profile = OpenLoopProfile(bundles=given or OpenLoopProfile().bundles, rates=args.rates,
                               duration_s=args.duration, slo_ms=args.slo_ms, payload=args.payload,
                               max_tokens=args.max_tokens or None, threads=args.threads,
                               stop_after_miss=not args.all_rates)
@@ -107,7 +108,7 @@ def _serving_profile(parser: argparse.ArgumentParser, args: argparse.Namespace):
         unknown = [n for n in names if n not in built]
         if unknown:
             parser.error(f"--full-size: {', '.join(unknown)} not among the bundles built: {', '.join(built)}")
-        profile.bundles = list(args.bundle) + [built[n] for n in names]
+        profile.bundles = given + [built[n].resolve() for n in names]
     missing = [str(b) for b in profile.bundles if bundle_kind(ROOT / b) is None]
     if missing:
         parser.error(f"not a model or export bundle: {', '.join(missing)}")

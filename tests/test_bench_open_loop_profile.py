@@ -149,9 +149,10 @@ def test_photo_serve_arguments(monkeypatch, tmp_path):
                          ("onnx-int8-encoder", "export.json")):
         (tmp_path / name).mkdir()
         (tmp_path / name / marker).touch()
-    profile = _photo_main(["--serve-only", "--bundle", "models/shapes-demo", "--make-full-size", str(tmp_path),
+    demo = ROOT / "models" / "shapes-demo"
+    profile = _photo_main(["--serve-only", "--bundle", str(demo), "--make-full-size", str(tmp_path),
                            "--full-size", "onnx-int8-encoder,onnx-int8", "--max-tokens", "0", "--all-rates"], monkeypatch)
-    assert profile.bundles == [Path("models/shapes-demo"), tmp_path / "onnx-int8-encoder", tmp_path / "onnx-int8"]
+    assert profile.bundles == [demo, tmp_path / "onnx-int8-encoder", tmp_path / "onnx-int8"]
     assert profile.max_tokens is None and not profile.stop_after_miss
     for bad in (["--serve", "--rates", "4,2"], ["--serve", "--payload", "gif"],
                 ["--serve-only", "--make-full-size", str(tmp_path), "--full-size", "onnx-int9"],
