@@ -87,18 +87,39 @@ def bytes_to_pixels(captioner, data: bytes, shrink_on_load: bool) -> torch.Tenso
     return preprocess_image(decoded.image, clip.image_size, clip.mean, clip.std, decoded.picture)[None]
 
 
-def measure_request(captioner, data: bytes, shrink_on_load: bool, tokens: int) -> dict:
-    """One request, bytes -> caption: each stage's time and the total in ms, and the tokens generated."""
-    from clipcap.decoding import DecodingOptions
+class StageClock:
+    """Wall and calling-thread CPU milliseconds of each stage run through it. At 1 thread onnxruntime and
+    Pillow work on the calling thread, so its CPU time is the whole work, less the time other jobs held
+    the core: the figure that stays put on a shared machine."""
 
-    options = DecodingOptions(max_tokens=tokens, ignore_stop=True)
-    start = time.perf_counter()
-    pixels = bytes_to_pixels(captioner, data, shrink_on_load)
-    pixels_ms = (time.perf_counter() - start) * 1e3
-    batch = captioner.caption_pixels(pixels, options)
-    total_ms = (time.perf_counter() - start) * 1e3
-    return {"pixels": pixels_ms, "encode": batch.timings_ms["encode"], "decode": batch.timings_ms["decode"],
-            "total": total_ms, "tokens": len(batch.captions[0].token_ids)}
+    def __init__(self):
+        self.wall_ms: dict[str, float] = {}
+        self.cpu_ms: dict[str, float] = {}
+
+    def run(self, stage: str, call, *args):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        result = call(*args)
+        self.cpu_ms[stage] = (time.thread_time() - cpu) * 1e3
+        self.wall_ms[stage] = (time.perf_counter() - wall) * 1e3
+        return result
+
+
+def measure_request(captioner, data: bytes, shrink_on_load: bool, tokens: int) -> dict:
+    """One request, bytes -> caption through the pieces Captioner.caption_pixels calls, each timed: wall ms
+    per stage and in total, the same in thread CPU ms (`cpu_` keys), and the tokens generated."""
+    from clipcap.decoding import DecodingOptions, generate
+
+    options = DecodingOptions(max_tokens=tokens, ignore_stop=True).validate(captioner.token_limit)
+    stops = captioner.config.tokenizer.stop_token_ids
+    clock = StageClock()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    pixels = clock.run("pixels", bytes_to_pixels, captioner, data, shrink_on_load)
+    prefix = clock.run("encode", captioner.runtime.encode, pixels)
+    token_ids = clock.run("decode", generate, captioner.runtime, prefix, options, stops, tokens)[0]
+    captioner.tokenizer.decode(token_ids)  # the caption's text: part of the request, not of a stage
+    clock.cpu_ms["total"] = (time.thread_time() - cpu) * 1e3
+    clock.wall_ms["total"] = (time.perf_counter() - wall) * 1e3
+    return {**clock.wall_ms, **{f"cpu_{stage}": ms for stage, ms in clock.cpu_ms.items()}, "tokens": len(token_ids)}
 
 
 def open_options(names: list[str], bundles: Path) -> tuple[dict, dict[str, str]]:
@@ -161,7 +182,7 @@ def run_request_profile(profile: RequestProfile, progress: bool = True) -> dict:
                     for name in profile.options},
         "cells": cells,
     }
-    report["targets"] = [end_to_end_target(cells)]
+    report["targets"] = [end_to_end_target(cells, clock) for clock in CLOCKS]
     check_report(report)
     return report
 
@@ -171,26 +192,32 @@ def _intra_op_threads(captioner) -> int:
 
 
 def summarize_option(name: str, runs: list[dict]) -> dict:
-    """Per-stage and total percentiles of one option, each stage's share of the total p50, and its tokens."""
+    """Per-stage and total percentiles of one option, wall (`stages_ms`) and thread CPU (`cpu_ms`), each
+    stage's share of the total p50, and its tokens."""
     stages = {stage: percentiles([run[stage] for run in runs]) for stage in (*STAGES, "total")}
+    cpu = {stage: percentiles([run[f"cpu_{stage}"] for run in runs]) for stage in (*STAGES, "total")}
     total = stages["total"]["p50"]
-    return {"option": name, "rounds": len(runs), "tokens": runs[0]["tokens"], "stages_ms": stages,
+    return {"option": name, "rounds": len(runs), "tokens": runs[0]["tokens"], "stages_ms": stages, "cpu_ms": cpu,
             "shares": {stage: stages[stage]["p50"] / total for stage in STAGES}}
 
 
-def end_to_end_target(cells: list[dict], goal: float = TARGET_FRACTION_OF_TODAY) -> dict:
-    """The issue's target on these cells: the fastest option's total p50 over the baseline's, met when
-    <= `goal`. `noise`: the ratio's standard error from both medians' own."""
+CLOCKS = {"stages_ms": "wall time", "cpu_ms": "thread CPU time"}  # a cell's timings: the target's, the cross-check's
+
+
+def end_to_end_target(cells: list[dict], clock: str = "stages_ms", goal: float = TARGET_FRACTION_OF_TODAY) -> dict:
+    """The issue's target on these cells by one of CLOCKS: the fastest option's total p50 over the baseline's,
+    met when <= `goal`. `noise`: the ratio's standard error from both medians' own."""
     today = next(cell for cell in cells if cell["option"] == BASELINE)
     others = [cell for cell in cells if cell["option"] != BASELINE]
     if not others:
         raise ValueError("no option besides the baseline to compare")
-    best = min(others, key=lambda cell: cell["stages_ms"]["total"]["p50"])
-    ratio = best["stages_ms"]["total"]["p50"] / today["stages_ms"]["total"]["p50"]
-    relative = math.hypot(*(_relative_error(cell["stages_ms"]["total"]) for cell in (best, today)))
+    best = min(others, key=lambda cell: cell[clock]["total"]["p50"])
+    ratio = best[clock]["total"]["p50"] / today[clock]["total"]["p50"]
+    relative = math.hypot(*(_relative_error(cell[clock]["total"]) for cell in (best, today)))
     return {"target": f"end to end, 12 MP JPEG, batch 1, {today['tokens']} tokens: best option <= "
-                      f"{goal:g}x {BASELINE}'s time",
-            "best": best["option"], "value": ratio, "noise": ratio * relative, "goal": goal, "met": ratio <= goal}
+                      f"{goal:g}x {BASELINE}'s time ({CLOCKS[clock]})",
+            "clock": clock, "best": best["option"], "value": ratio, "noise": ratio * relative, "goal": goal,
+            "met": ratio <= goal}
 
 
 def _relative_error(stats: dict) -> float:
@@ -206,14 +233,16 @@ def request_markdown(report: dict) -> str:
              f"warm-up), {settings['threads']} thread(s). CPU: {report['machine']['cpu']} "
              f"({', '.join(report['machine'].get('isa', [])) or 'ISA unknown'}). Load average before/after: "
              f"{load['before'][0]:.1f} / {load['after'][0]:.1f}.", "",
-             "| option | bytes -> pixels ms (share) | encoder ms (share) | decoding ms (share) | total p50 ms | "
-             "total p90 ms | vs today |", "|---|---|---|---|---|---|---|"]
-    today = next(c for c in report["cells"] if c["option"] == BASELINE)["stages_ms"]["total"]["p50"]
+             "Wall ms p50 (share of the total) and, after the slash, the calling thread's CPU ms p50.", "",
+             "| option | bytes -> pixels | encoder | token decoding | total | total p90 (wall) | vs today (wall / CPU) |",
+             "|---|---|---|---|---|---|---|"]
+    today = next(c for c in report["cells"] if c["option"] == BASELINE)
     for cell in report["cells"]:
-        stages = cell["stages_ms"]
-        parts = [f"{stages[s]['p50']:.1f} ({cell['shares'][s]:.0%})" for s in STAGES]
-        lines.append(f"| {cell['option']} | {' | '.join(parts)} | {stages['total']['p50']:.1f} | "
-                     f"{stages['total']['p90']:.1f} | {stages['total']['p50'] / today:.2f}x |")
+        wall, cpu = cell["stages_ms"], cell["cpu_ms"]
+        parts = [f"{wall[s]['p50']:.1f} ({cell['shares'][s]:.0%}) / {cpu[s]['p50']:.1f}" for s in STAGES]
+        ratios = [cell[clock]["total"]["p50"] / today[clock]["total"]["p50"] for clock in CLOCKS]
+        lines.append(f"| {cell['option']} | {' | '.join(parts)} | {wall['total']['p50']:.1f} / {cpu['total']['p50']:.1f} | "
+                     f"{wall['total']['p90']:.1f} | {ratios[0]:.2f}x / {ratios[1]:.2f}x |")
     lines += [""] + [f"- `{name}`: {entry['what']}" + ("" if entry["available"] else f" (not run: {entry['reason']})")
                      for name, entry in report["options"].items()]
     lines += ["", "| target | best option | value | goal | met |", "|---|---|---|---|---|"]

@@ -39,7 +39,7 @@ _OPEN_LOOP_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings
                    "cells": list}
 _REQUEST_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
                  "options": dict, "cells": list, "targets": list}
-_REQUEST_CELL_KEYS = {"option": str, "rounds": int, "tokens": int, "stages_ms": dict, "shares": dict}
+_REQUEST_CELL_KEYS = {"option": str, "rounds": int, "tokens": int, "stages_ms": dict, "cpu_ms": dict, "shares": dict}
 _OPEN_LOOP_CELL_KEYS = {"model": str, "rate": float, "sent": int, "ok": int, "statuses": dict,
                         "within_slo": float, "latency_ms": dict}
 
@@ -56,7 +56,7 @@ def check_report(report: dict) -> None:
         _check_keys(report, _REQUEST_KEYS, "report")
         for index, cell in enumerate(report["cells"]):
             _check_keys(cell, _REQUEST_CELL_KEYS, f"cells[{index}]")
-            for stat in cell["stages_ms"].values():
+            for stat in [*cell["stages_ms"].values(), *cell["cpu_ms"].values()]:
                 _check_keys(stat, {"p50": float, "p90": float, "p99": float, "mean": float, "n": int}, f"cells[{index}]")
         return
     if schema == OPEN_LOOP_SCHEMA:
