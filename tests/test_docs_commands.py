@@ -283,6 +283,11 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python benchmarks/photo.py --serve --rates 1,2,4 --duration 20 --record":
         Elsewhere("tests/test_bench_load.py", f"{FIXED_PORTS}... and measures for minutes; the open-loop load runs "
                   "against a local server there"),
+    "python benchmarks/request.py --make-full-size build/bench/full-size --record request":
+        Elsewhere("tests/test_bench_request.py", f"{FULL_SIZE}; records into benchmarks/history/; the profile and "
+                  "this script run on tiny bundles there"),
+    "python benchmarks/request.py --bundles build/bench/full-size --options today,int8-encoder --rounds 5":
+        Elsewhere("tests/test_bench_request.py::test_the_script_measures_and_writes", FULL_SIZE),
     "OMP_NUM_THREADS=1 python benchmarks/fronts.py --bundle models/shapes-demo --rates 5,10,20,30,40,60,80 "
     "--duration 15 --images samples/*.png --out benchmarks/results/fronts":
         Elsewhere(RAY, "starts TorchServe and Ray Serve and loads them for minutes; both fronts answer the shared "
