@@ -90,7 +90,7 @@ def bytes_to_pixels(captioner, data: bytes, shrink_on_load: bool) -> torch.Tenso
 class StageClock:
     """Wall and calling-thread CPU milliseconds of each stage run through it. At 1 thread onnxruntime and
     Pillow work on the calling thread, so its CPU time is the whole work, less the time other jobs held
-    the core: the figure that stays put on a shared machine."""
+    the core: the figure that stays put on a shared machine. With more threads it leaves out the pools' work."""
 
     def __init__(self):
         self.wall_ms: dict[str, float] = {}
