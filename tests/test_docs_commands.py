@@ -287,6 +287,11 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "onnx-int8,onnx-int8-encoder --threads 2 --rates 0.5,1,1.5,2,2.5,3,4,5,6 --duration 30 --record":
         Elsewhere("tests/test_bench_open_loop_profile.py", f"{FULL_SIZE}; serves each bundle for minutes; a small "
                   "export bundle is served open-loop through the same path there"),
+    "python benchmarks/request.py --make-full-size build/bench/full-size --record request":
+        Elsewhere("tests/test_bench_request.py", f"{FULL_SIZE}; records into benchmarks/history/; the profile and "
+                  "this script run on tiny bundles there"),
+    "python benchmarks/request.py --bundles build/bench/full-size --options today,int8-encoder --rounds 5":
+        Elsewhere("tests/test_bench_request.py::test_the_script_measures_and_writes", FULL_SIZE),
     "OMP_NUM_THREADS=1 python benchmarks/fronts.py --bundle models/shapes-demo --rates 5,10,20,30,40,60,80 "
     "--duration 15 --images samples/*.png --out benchmarks/results/fronts":
         Elsewhere(RAY, "starts TorchServe and Ray Serve and loads them for minutes; both fronts answer the shared "

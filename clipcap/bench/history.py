@@ -16,7 +16,8 @@ from datetime import datetime
 from pathlib import Path
 
 from clipcap.bench.machine import fingerprint, hardware
-from clipcap.bench.schema import LATENCY_SCHEMA, OPEN_LOOP_SCHEMA, PHOTO_SCHEMA, SERVING_SCHEMA, check_report
+from clipcap.bench.schema import (LATENCY_SCHEMA, OPEN_LOOP_SCHEMA, PHOTO_SCHEMA, REQUEST_SCHEMA, SERVING_SCHEMA,
+                                  check_report)
 
 RECORD_SCHEMA = "clipcap-bench-record/1"
 HISTORY_DIR = Path("benchmarks/history")  # relative to the repository root
@@ -171,12 +172,33 @@ def open_loop_metrics(report: dict) -> tuple[dict, list]:
     return metrics, cells
 
 
+def request_metrics(report: dict) -> tuple[dict, list]:
+    """(metrics, compact cells) of a request-profile report: each option's stage and total p50s, and the target's
+    ratio of the best option to today's."""
+    metrics, cells = {}, []
+    for cell in report["cells"]:
+        for stage, stats in cell["stages_ms"].items():
+            metrics[f"request ms {stage} {cell['option']}"] = _metric(stats["p50"], stats["p50_se"], "ms", "lower",
+                                                                      "machine", "request_ms")
+        cells.append({"option": cell["option"], "rounds": cell["rounds"], "tokens": cell["tokens"],
+                      "shares": cell["shares"],
+                      "stages_ms": {stage: _dispersion(stats) for stage, stats in cell["stages_ms"].items()},
+                      "cpu_ms": {stage: _dispersion(stats) for stage, stats in cell["cpu_ms"].items()}})
+    for target in report["targets"]:
+        # One name whichever option was fastest (the record's cells say which): a history compares like with like.
+        clock = "" if target["clock"] == "stages_ms" else " cpu"
+        metrics[f"ratio request best vs today{clock}"] = _metric(target["value"], target["noise"], "x", "lower",
+                                                                 "ratio", "ratio")
+    return metrics, cells
+
+
 KINDS = {LATENCY_SCHEMA: ("latency", latency_metrics), SERVING_SCHEMA: ("serving", serving_metrics),
-         PHOTO_SCHEMA: ("photo", photo_metrics), OPEN_LOOP_SCHEMA: ("open-loop", open_loop_metrics)}
+         PHOTO_SCHEMA: ("photo", photo_metrics), OPEN_LOOP_SCHEMA: ("open-loop", open_loop_metrics),
+         REQUEST_SCHEMA: ("request", request_metrics)}
 
 
 def make_record(report: dict, profile: str, root: Path, note: str = "") -> dict:
-    """A history record of a latency, serving, photo or open-loop report measured with the code in `root`."""
+    """A history record of a latency, serving, photo, open-loop or request report measured with the code in `root`."""
     check_report(report)
     kind, metrics_of = KINDS[report["schema"]]
     metrics, cells = metrics_of(report)

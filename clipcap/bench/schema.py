@@ -10,6 +10,7 @@ LATENCY_SCHEMA = "clipcap-latency/1"
 SERVING_SCHEMA = "clipcap-serving/1"
 PHOTO_SCHEMA = "clipcap-photo/1"  # clipcap.bench.photo_profile
 OPEN_LOOP_SCHEMA = "clipcap-open-loop/1"  # clipcap.bench.load.run_open_loop
+REQUEST_SCHEMA = "clipcap-request/1"  # clipcap.bench.request_profile
 
 
 def jsonable(value: Any) -> Any:
@@ -36,6 +37,9 @@ _PHOTO_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": d
                "cells": list, "ratios": list, "accuracy": dict, "batch": dict, "memory": dict, "targets": list}
 _OPEN_LOOP_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
                    "cells": list}
+_REQUEST_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
+                 "options": dict, "cells": list, "targets": list}
+_REQUEST_CELL_KEYS = {"option": str, "rounds": int, "tokens": int, "stages_ms": dict, "cpu_ms": dict, "shares": dict}
 _OPEN_LOOP_CELL_KEYS = {"model": str, "rate": float, "sent": int, "ok": int, "statuses": dict,
                         "within_slo": float, "latency_ms": dict}
 
@@ -47,6 +51,13 @@ def check_report(report: dict) -> None:
         _check_keys(report, _PHOTO_KEYS, "report")
         for index, cell in enumerate(report["cells"]):
             _check_keys(cell, {"input": str, "pipeline": str, "stages_ms": dict}, f"cells[{index}]")
+        return
+    if schema == REQUEST_SCHEMA:
+        _check_keys(report, _REQUEST_KEYS, "report")
+        for index, cell in enumerate(report["cells"]):
+            _check_keys(cell, _REQUEST_CELL_KEYS, f"cells[{index}]")
+            for stat in [*cell["stages_ms"].values(), *cell["cpu_ms"].values()]:
+                _check_keys(stat, {"p50": float, "p90": float, "p99": float, "mean": float, "n": int}, f"cells[{index}]")
         return
     if schema == OPEN_LOOP_SCHEMA:
         _check_keys(report, _OPEN_LOOP_KEYS, "report")
