@@ -16,6 +16,7 @@ from clipcap.export.tensorrt import concat_graphs
 from clipcap.formats.detect import detect
 from clipcap.formats.export_bundle import MANIFEST_FILE
 from clipcap.runtimes.onnx_runtime import OnnxRuntime
+from conftest import random_images
 
 ROOT = Path(__file__).resolve().parents[2]
 # fp16 keeps 11 significant bits: each rounding moves a value by at most 2^-11 of it. Through the tiny model's
@@ -107,3 +108,16 @@ def test_quantize_script_fp16(tiny_export, tmp_path):
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["precision"] == "fp16" and manifest["graphs"]["encoder"]["file"] == "encoder.onnx"  # no --encoder
     assert QuantizeConfig(tiny_export, method="fp16").out_dir.name == tiny_export.name + "-fp16"
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="checks the refusal where onnxruntime has no CUDA provider")
+def test_agreement_on_a_missing_device_is_refused_before_writing(tiny_export, tmp_path):
+    image = tmp_path / "image.png"
+    random_images(1)[0].save(image)
+    out = tmp_path / "tiny-fp16"
+    result = subprocess.run([sys.executable, str(ROOT / "export" / "quantize.py"), str(tiny_export), "--method", "fp16",
+                             "--out", str(out), "--images", str(image), "--device", "cuda"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "install onnxruntime-gpu" in result.stderr, result.stderr
+    assert not out.exists()
