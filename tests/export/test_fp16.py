@@ -21,7 +21,7 @@ from conftest import random_images
 ROOT = Path(__file__).resolve().parents[2]
 # fp16 keeps 11 significant bits: each rounding moves a value by at most 2^-11 of it. Through the tiny model's
 # few layers (tens of roundings in a row, partly cancelling) 1e-2 of the output's scale is a loose bound; the
-# tiny export measured at most 3.1e-4 (encoder) and 2.9e-4 (decoder logits, six steps) of it here.
+# in-place tiny export measured at most 3.1e-4 (encoder) and 2.9e-4 (decoder logits, six steps) of it here.
 RELATIVE_TOLERANCE = 1e-2
 
 
@@ -71,10 +71,13 @@ def test_weights_fp16_layernorm_fp32_io_fp32(tiny_export, fp16_export, name):
         assert kept and any(node.op_type == "LayerNormalization" for node in fp16.graph.node)
 
 
-def test_outputs_within_fp16_rounding(tiny_export, fp16_export):
-    """Encoder outputs, and the decoder's logits over a teacher-forced caption through the in-place cache
-    (fp32 cache buffers bound as past and present, cast to fp16 inside), against the fp32 sibling."""
-    fp32, fp16 = OnnxRuntime.from_path(tiny_export, threads=1), OnnxRuntime.from_path(fp16_export, threads=1)
+@pytest.mark.parametrize("source", ["tiny_export", "tiny_concat_export"])
+def test_outputs_within_fp16_rounding(source, request, tmp_path):
+    """Encoder outputs, and the decoder's logits over a teacher-forced caption through either decoder kind's
+    cache (in-place: fp32 buffers bound as past and present, cast to fp16 inside), against the fp32 source."""
+    source = request.getfixturevalue(source)
+    fp16_export = quantize_bundle(QuantizeConfig(source, tmp_path / "fp16", method="fp16", encoder=True))
+    fp32, fp16 = OnnxRuntime.from_path(source, threads=1), OnnxRuntime.from_path(fp16_export, threads=1)
     size = fp32.config.clip.image_size
     pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     for want, got in ((fp32.encode(pixels), fp16.encode(pixels)), (fp32.encode_image(pixels), fp16.encode_image(pixels))):
