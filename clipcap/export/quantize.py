@@ -32,7 +32,7 @@ class QuantizeConfig:
     out: Path | None = None  # None: a sibling directory `<export_dir>-int8`
     encoder: bool = False  # also quantise the encoder (the CLIP ViT moves more than the decoder: measure first)
     per_channel: bool = False  # dynamic int8: per-output-channel weight scales: slower to build, sometimes closer
-    method: str = INT8_PRECISION  # int8-dynamic | int8-wo | int4-wo (weight-only: an in-place decoder's MatMuls) | fp16 (GPU)
+    method: str = INT8_PRECISION  # int8-dynamic | int8-wo | int4-wo (weight-only: in-place MatMuls) | fp16 (GPUs)
     block_size: int = 128  # weight-only: weights per scale (export/README.md has the measurements behind 128)
     accuracy_level: int = 4  # weight-only: 4 = int8 activations per block inside the kernel (0: fp32, ~3x slower here)
 
