@@ -1,7 +1,8 @@
-"""Quantisation of an export bundle's decoder (optionally its encoder) for CPU serving: int8, int4 weight-only.
+"""Quantisation of an export bundle's decoder (optionally its encoder): int8, int4 weight-only (CPU); fp16 (GPU).
 
     python export/quantize.py build/shapes-onnx                      # -> build/shapes-onnx-int8
     python export/quantize.py build/shapes-onnx --method int4-wo     # -> build/shapes-onnx-int4-wo
+    python export/quantize.py build/shapes-onnx --method fp16 --encoder   # -> build/shapes-onnx-fp16 (GPUs)
     python export/quantize.py build/shapes-onnx --data build/demo/data/eval/captions.jsonl --limit 200
     clipcap caption build/shapes-onnx-int8 IMAGE... --backend onnxruntime
 
@@ -40,12 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N images of --data")
     parser.add_argument("--max-tokens", type=int, help="default: the bundle's max_tokens")
     parser.add_argument("--batch-size", type=int, default=AgreementConfig.batch_size)
+    parser.add_argument("--device", default=AgreementConfig.device,
+                        help="where agreement runs: cpu, or cuda[:N] for an fp16 sibling (onnxruntime-gpu)")
     args = parser.parse_args(argv)
     config = QuantizeConfig(args.export_dir, args.out, encoder=args.encoder, per_channel=args.per_channel,
                             method=args.method, block_size=args.block_size, accuracy_level=args.accuracy_level)
     agreement = AgreementConfig(args.export_dir, config.out_dir, images=args.images, data=args.data,
                                 image_root=args.image_root, limit=args.limit, batch_size=args.batch_size,
-                                max_tokens=args.max_tokens)
+                                max_tokens=args.max_tokens, device=args.device)
     try:
         measure = bool(args.images or args.data)
         if measure:

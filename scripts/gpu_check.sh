@@ -9,7 +9,8 @@
 # --pack leaves RESULTS/summary.json and RESULTS/gpu-check.tar.gz (everything else) and nothing more:
 # the device tool brings back at most 8 files. Exit code: 0 when no step failed or ran out of time.
 # Steps and limits (s): environment 30, wheels 60, gpu tests 150, full-size model 90, parity 120,
-# latency 240: under 12 minutes at worst, inside a lent task's 15 minutes with the machine's start.
+# latency 240, fp16 120: 13.5 minutes at worst (the fp16 step leaves less room for the machine's start
+# inside a lent task's 15 minutes; drop it with SKIP_FP16=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-build/gpu-check}
@@ -23,6 +24,7 @@ fi
 # The project runs from its source: nothing is installed on the GPU machine.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 FULL_SIZE="$RESULTS/full-size"  # ViT-B-32 + GPT-2 small, random weights (model bundle only)
+FP16="$RESULTS/fp16"  # the demo model's fp32 export, its fp16 sibling and held-out shapes (removed at the end)
 failed=0
 
 record() {  # name status seconds reason
@@ -92,6 +94,20 @@ gpu_step parity 120 "$PYTHON" benchmarks/device_parity.py models/shapes-demo "$F
 gpu_step latency 240 "$PYTHON" benchmarks/latency.py "$FULL_SIZE/model" --backends torch,torch-nocache \
   --device cuda --batch-sizes 1,8,64,256 --tokens 20 --warmup 2 --iters 10 --time-budget 20 --threads 4 \
   --out "$RESULTS/latency"
+# The fp16 sibling on onnxruntime's CUDA provider (needs onnxruntime-gpu there): demo captions identical to
+# the fp32 export's on the same GPU, CIDEr delta (fp16-agreement.json), then both timed side by side.
+fp16_check() {
+  "$PYTHON" export/to_onnx.py models/shapes-demo --out "$FP16/onnx" \
+  && "$PYTHON" training/shapes.py --out "$FP16/heldout" --n 200 --seed 2026 \
+  && "$PYTHON" export/quantize.py "$FP16/onnx" --method fp16 --encoder --device cuda \
+       --data "$FP16/heldout/captions.jsonl" --limit 200 \
+  && cp "$FP16/onnx-fp16/quantization.json" "$RESULTS/fp16-agreement.json" \
+  && "$PYTHON" benchmarks/latency.py "$FP16/onnx" "$FP16/onnx-fp16" --backends onnxruntime,onnxruntime-fp16 \
+       --device cuda --batch-sizes 1,8 --tokens 20 --warmup 2 --iters 10 --out "$RESULTS/fp16-latency"
+}
+export -f fp16_check
+export FP16 RESULTS
+if [ -n "${SKIP_FP16:-}" ]; then record fp16 skipped 0 "SKIP_FP16 set"; else gpu_step fp16 120 bash -c fp16_check; fi
 
 "$PYTHON" - "$RESULTS" <<'EOF' || failed=1
 import json, pathlib, sys
@@ -100,7 +116,7 @@ steps = [json.loads(line) for line in (results / "summary.jsonl").read_text().sp
 (results / "summary.json").write_text(json.dumps({"steps": steps}, indent=1) + "\n")
 EOF
 rm -f "$RESULTS/summary.jsonl"
-rm -rf "$FULL_SIZE"  # ~600 MB of weights, rebuilt in seconds
+rm -rf "$FULL_SIZE" "$FP16"  # ~600 MB of weights, rebuilt in seconds; the demo's graphs and images
 if [ "$PACK" = "--pack" ]; then
   archive=$(mktemp)
   (cd "$RESULTS" && tar -czf "$archive" --exclude=./summary.json . && find . -mindepth 1 ! -name summary.json -delete \

@@ -174,6 +174,10 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python export/quantize.py build/shapes-onnx --data build/heldout/captions.jsonl --limit 500":
         Run((("--limit 500", "--limit 6"),), expect="greedy captions identical to fp32"),
     "clipcap caption build/shapes-onnx-int8 IMAGE... --backend onnxruntime": Run((IMAGE,), expect="shapes-00.png\t"),
+    "python export/quantize.py build/shapes-onnx --method fp16 --encoder --data build/heldout/captions.jsonl --limit 500":
+        Run((("--limit 500", "--limit 6"),), expect="greedy captions identical to fp32"),
+    "clipcap caption build/shapes-onnx-fp16 IMAGE... --backend onnxruntime --device cuda":
+        Run((IMAGE,), expect="shapes-01.png\t", needs="onnxruntime-cuda", refusal="error: onnxruntime "),
     "python export/to_tensorrt.py models/shapes-demo --print-profiles": Run(expect="decoder"),
     "python export/to_tensorrt.py models/shapes-demo --out build/shapes-trt [--fp16] [--max-batch 8] [--max-tokens 67]":
         Run((("[--fp16] [--max-batch 8] [--max-tokens 67]", "--fp16 --max-batch 8 --max-tokens 40"),),
@@ -199,6 +203,12 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
         Elsewhere("tests/export/test_quantize.py", FULL_SIZE),
     "python benchmarks/encoder.py build/bench/full-size/model build/bench/full-size/{onnx,onnx-fused,onnx-int8-enc,"
     "onnx-fused-int8-enc} --out build/bench/encoder": Elsewhere("tests/test_bench_encoder.py", FULL_SIZE),
+    "python export/quantize.py build/bench/full-size/onnx --method fp16 --encoder --out build/bench/full-size/onnx-fp16":
+        Elsewhere("tests/export/test_fp16.py", FULL_SIZE),
+    "python benchmarks/latency.py build/bench/full-size/onnx build/bench/full-size/onnx-fp16 --backends "
+    "onnxruntime,onnxruntime-fp16 --device cuda --batch-sizes 1,8 --tokens 20 --out build/bench/fp16":
+        Elsewhere("tests/test_gpu_check.py", f"{FULL_SIZE}, on a CUDA GPU (the GPU check's fp16 step times the demo "
+                  "export the same way)"),
     # serving/README.md
     "KEEP_SERVER=1 make demo": Elsewhere(E2E, f"`make demo` ({SETUP}; {FIXED_PORTS}), then leaves TorchServe running"),
     "CLIPCAP_NO_TOKEN=1 make demo": Elsewhere(E2E, f"`make demo` ({SETUP}; {FIXED_PORTS}) with TorchServe's "

@@ -14,11 +14,11 @@ from clipcap.bench.device_parity import DeviceParityConfig, check_device_parity
 from clipcap.bench.bundles import make_full_size_bundles
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_STEPS = ["gpu-tests", "full-size", "parity", "latency"]
+GPU_STEPS = ["gpu-tests", "full-size", "parity", "latency", "fp16"]
 
 
-def run_check(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even where there is one
+def run_check(out: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **extra_env}  # no GPU, even where there is one
     return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -32,6 +32,14 @@ def test_gpu_check_skips_every_gpu_step_with_its_reason(tmp_path):
     assert "cuda available: False" in (tmp_path / "results" / "environment.log").read_text()
     for name in GPU_STEPS:
         assert steps[name]["status"] == "skipped" and "no CUDA GPU" in steps[name]["reason"], steps[name]
+
+
+def test_gpu_check_fp16_step_can_be_left_out(tmp_path):
+    result = run_check(tmp_path / "results", SKIP_FP16="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = {s["step"]: s for s in json.loads((tmp_path / "results" / "summary.json").read_text())["steps"]}
+    assert steps["fp16"] == {"step": "fp16", "status": "skipped", "seconds": 0, "reason": "SKIP_FP16 set"}
+    assert not (tmp_path / "results" / "fp16").exists()
 
 
 def test_gpu_check_pack_leaves_two_files(tmp_path):

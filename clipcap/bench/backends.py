@@ -36,6 +36,8 @@ BACKENDS = {
                                         what="onnxruntime, weight-only int8 decoder (MatMulNBits), in-place KV cache"),
     "onnxruntime-int4-wo": BenchBackend("onnxruntime", "onnx-int4-wo",
                                         what="onnxruntime, weight-only int4 decoder (MatMulNBits), in-place KV cache"),
+    "onnxruntime-fp16": BenchBackend("onnxruntime", "onnx-fp16",
+                                     what="onnxruntime, fp16 decoder and encoder (fp32 I/O): the CUDA provider's sibling"),
     "tensorrt": BenchBackend("tensorrt", "tensorrt", what="TensorRT engines, KV cache on the GPU"),
 }
 

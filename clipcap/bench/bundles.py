@@ -14,7 +14,7 @@ BUNDLE_HOW_TO = {kind.name: kind.how_to_build for kind in KINDS} | {"model": "--
 
 
 def bundle_kind(path: Path) -> str | None:
-    """model | onnx-fp32 | onnx-int8 | onnx-int8-wo | onnx-int4-wo | tensorrt (clipcap.formats.detect's names);
+    """model | onnx-fp32 | onnx-int8 | onnx-int8-wo | onnx-int4-wo | onnx-fp16 | tensorrt (clipcap.formats.detect's names);
     None if none fits."""
     try:
         return detect(path).name

@@ -6,7 +6,8 @@ methods write `decoder.int8-wo.onnx` / `decoder.int4-wo.onnx` (onnxruntime's Mat
 blocks along the input axis, one fp32 scale per block; activations never share a scale across rows,
 so a caption does not depend on its batch mates as it can under dynamic int8). A sibling
 bundle keeps the runtime and `Captioner.from_path` unchanged: int8 is just another directory to
-serve. How far it moves the captions is measured by clipcap.training.agreement.
+serve. `fp16` (clipcap.export.fp16) converts the same graphs to fp16 for onnxruntime's CUDA provider.
+How far it moves the captions is measured by clipcap.training.agreement.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipcap.config import BundleError
-from clipcap.formats.export_bundle import (INT8_PRECISION, MANIFEST_FILE, WEIGHT_ONLY_BITS, int8_graph_file,
-                                           load_manifest, weight_only_graph_file, write_manifest)
+from clipcap.export.fp16 import convert_graph_fp16
+from clipcap.formats.export_bundle import (FP16_PRECISION, INT8_PRECISION, MANIFEST_FILE, WEIGHT_ONLY_BITS,
+                                           fp16_graph_file, int8_graph_file, load_manifest, weight_only_graph_file,
+                                           write_manifest)
 from clipcap.formats.model_bundle import load_config
 
-METHODS = (INT8_PRECISION, *WEIGHT_ONLY_BITS)  # the sibling's precision, as export.json names it
+METHODS = (INT8_PRECISION, *WEIGHT_ONLY_BITS, FP16_PRECISION)  # the sibling's precision, as export.json names it
 
 
 @dataclass
@@ -29,7 +32,7 @@ class QuantizeConfig:
     out: Path | None = None  # None: a sibling directory `<export_dir>-int8`
     encoder: bool = False  # also quantise the encoder (the CLIP ViT moves more than the decoder: measure first)
     per_channel: bool = False  # dynamic int8: per-output-channel weight scales: slower to build, sometimes closer
-    method: str = INT8_PRECISION  # int8-dynamic | int8-wo | int4-wo (weight-only: an in-place decoder's MatMuls)
+    method: str = INT8_PRECISION  # int8-dynamic | int8-wo | int4-wo (weight-only: in-place MatMuls) | fp16 (GPUs)
     block_size: int = 128  # weight-only: weights per scale (export/README.md has the measurements behind 128)
     accuracy_level: int = 4  # weight-only: 4 = int8 activations per block inside the kernel (0: fp32, ~3x slower here)
 
@@ -64,7 +67,10 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
     for name in tqdm(graphs, desc="quantize", unit="graph"):
         entry = manifest.graphs[name]
         external = (source / (entry.file + ".data")).exists()
-        if config.method in WEIGHT_ONLY_BITS:
+        if config.method == FP16_PRECISION:
+            target = fp16_graph_file(entry.file)
+            entry.quantization = convert_graph_fp16(source / entry.file, out / target, external)
+        elif config.method in WEIGHT_ONLY_BITS:
             target = weight_only_graph_file(entry.file, config.method)
             entry.quantization = quantize_weight_only(source / entry.file, out / target, config, external)
         else:

@@ -10,7 +10,7 @@ captions agreeing counted for fp16) and records it in profiles.json.
 `compute_profiles` and `concat_graphs` are pure Python and ONNX (tested everywhere); the build
 needs the `tensorrt` package and a CUDA GPU. Precision comes from the graph, because TensorRT 11 networks are strongly typed
 (no FP16 builder flag): `--fp16` first converts each fp32 ONNX graph to fp16 with onnxruntime's
-converter (I/O kept fp32, LayerNorm kept fp32), and both TensorRT 10 and 11 build it strongly typed.
+converter (clipcap.export.fp16: I/O kept fp32, LayerNorm kept fp32), and both TensorRT 10 and 11 build it strongly typed.
 
 The decoder gets two profiles, one per kind of call the decoding loop makes: "prefix" (past 0, the
 prefix or a whole no-cache sequence) and "token" (one new token after a past of P..P+max_tokens-2).
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
+from clipcap.export.fp16 import convert_graph_fp16
 from clipcap.export.onnx import ExportError, ExportOptions, check_decoding_parity, export_bundle
 from clipcap.formats.detect import detect
 from clipcap.formats.export_bundle import load_manifest
@@ -33,7 +34,6 @@ from clipcap.formats.tensorrt_profiles import PROFILES_FILE, TENSORRT_DECODER, T
 from clipcap.runtimes.tensorrt_runtime import TensorRTRuntime, import_tensorrt
 
 TIMING_CACHE_FILE = "timing.cache"
-FP16_KEPT_FP32 = ["LayerNormalization"]  # fp16 LayerNorm over 768 channels overflows; TensorRT warns the same
 
 
 @dataclass
@@ -101,20 +101,6 @@ def network_flags(trt) -> int:
     if int(trt.__version__.split(".")[0]) >= 11:
         return 0
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-
-
-def convert_graph_fp16(source: Path, target: Path) -> None:
-    """fp32 ONNX -> fp16 ONNX with fp32 inputs/outputs (casts inside), LayerNorm kept fp32."""
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True,
-                                     op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEPT_FP32)
-    graph = OnnxModel(model)
-    graph.topological_sort()  # the converter appends its input casts after their users
-    onnx.save(graph.model, str(target))
-    onnx.checker.check_model(str(target))
 
 
 def concat_graphs(source: Path, work: Path, model: Path | None = None) -> tuple[Path, Path | None]:

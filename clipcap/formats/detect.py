@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipcap.config import CONFIG_FILE, BundleError
-from clipcap.formats.export_bundle import MANIFEST_FILE, int8_graph_file, weight_only_graph_file
+from clipcap.formats.export_bundle import MANIFEST_FILE, fp16_graph_file, int8_graph_file, weight_only_graph_file
 from clipcap.formats.model_bundle import WEIGHTS_FILE
 from clipcap.formats.tensorrt_profiles import PROFILES_FILE
 
 
 @dataclass(frozen=True)
 class BundleKind:
-    name: str  # model | onnx-fp32 | onnx-int8 | onnx-int8-wo | onnx-int4-wo | tensorrt
+    name: str  # model | onnx-fp32 | onnx-int8 | onnx-int8-wo | onnx-int4-wo | onnx-fp16 | tensorrt
     marker: str  # the file only this kind has (checked in KINDS order)
     backend: str  # the runtime that opens it (a name in clipcap.runtimes.RUNTIMES)
     how_to_build: str  # the command that makes one
@@ -31,6 +31,8 @@ KINDS = (
                "python export/quantize.py FP32_EXPORT_DIR --method int8-wo"),
     BundleKind("onnx-int4-wo", weight_only_graph_file("decoder.onnx", "int4-wo"), "onnxruntime",
                "python export/quantize.py FP32_EXPORT_DIR --method int4-wo"),
+    BundleKind("onnx-fp16", fp16_graph_file("decoder.onnx"), "onnxruntime",
+               "python export/quantize.py FP32_EXPORT_DIR --method fp16 (for onnxruntime's CUDA provider)"),
     BundleKind("onnx-fp32", MANIFEST_FILE, "onnxruntime", "python export/to_onnx.py MODEL_BUNDLE --out DIR"),
     BundleKind("model", WEIGHTS_FILE, "torch",
                "python training/train.py ... --out DIR, or clipcap import-original CKPT.pt --out DIR"),

@@ -5,7 +5,8 @@ file per graph of clipcap.formats.graph_specs, GPT-2's input embedding table and
 the `ExportManifest`: which decoder kind it holds (`decoder_cache`, graph_specs.DECODER_KINDS), each
 graph's file, inputs and outputs, and the parity the export measured. An int8 sibling is an export
 bundle of the same kind whose manifest names `*.int8.onnx` graphs (precision `int8-dynamic`); a
-weight-only sibling names `*.int8-wo.onnx` or `*.int4-wo.onnx` (MatMulNBits decoders of an in-place export).
+weight-only sibling names `*.int8-wo.onnx` or `*.int4-wo.onnx` (MatMulNBits decoders of an in-place export),
+an fp16 sibling `*.fp16.onnx` (fp16 weights and compute, fp32 inputs and outputs; for GPUs).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ TOKEN_TABLE_KEY = "wte"  # (vocab_size, n_embd): GPT-2's input embedding, indexe
 EXPORT_FORMAT_VERSION = 1
 INT8_PRECISION = "int8-dynamic"  # export.json's precision in an int8 sibling ("fp32" in an export bundle)
 WEIGHT_ONLY_BITS = {"int8-wo": 8, "int4-wo": 4}  # weight-only siblings' precision -> bits per weight (MatMulNBits)
+FP16_PRECISION = "fp16"  # export.json's precision in an fp16 sibling (GPU serving: onnxruntime's CUDA provider)
 
 
 def int8_graph_file(file: str) -> str:
@@ -35,6 +37,11 @@ def int8_graph_file(file: str) -> str:
 def weight_only_graph_file(file: str, precision: str) -> str:
     """A weight-only sibling's name for a graph file: decoder.onnx -> decoder.int4-wo.onnx."""
     return file.replace(".onnx", f".{precision}.onnx")
+
+
+def fp16_graph_file(file: str) -> str:
+    """The fp16 sibling's name for a graph file: decoder.onnx -> decoder.fp16.onnx."""
+    return file.replace(".onnx", ".fp16.onnx")
 
 
 def write_token_table(bundle, path: Path) -> None:
@@ -75,7 +82,7 @@ class ExportManifest:
     """export.json: every key maps onto a field; unknown keys and wrong types are refused, naming the field."""
 
     decoder_cache: str  # the decoder's kind, a key of DECODER_KINDS (no default: every manifest says it)
-    precision: str  # fp32 | int8-dynamic | int8-wo | int4-wo (quantised siblings)
+    precision: str  # fp32 | int8-dynamic | int8-wo | int4-wo | fp16 (siblings)
     opset: int  # ONNX opset the graphs were exported at
     token_embeddings: str  # GPT-2's input embedding table, inside the bundle (TOKEN_TABLE_FILE)
     graphs: dict[str, GraphEntry]  # encoder | mapper | decoder -> its entry

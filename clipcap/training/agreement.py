@@ -1,4 +1,4 @@
-"""How far a candidate bundle (an int8 sibling) moves the captions of a reference bundle (its fp32 source).
+"""How far a candidate bundle (a quantised or fp16 sibling) moves the captions of a reference bundle (its fp32 source).
 
 `compare_captions` measures greedy agreement of two `Captioner`s and, given references, the
 caption-metric delta (clipcap.training.evaluation's scorer); `measure_agreement` runs it on image
@@ -74,16 +74,20 @@ def compare_captions(reference, candidate, pixels_batches, options=None,
 @dataclass
 class AgreementConfig:
     reference: Path  # the fp32 export bundle
-    candidate: Path  # the int8 sibling
+    candidate: Path  # the quantised or fp16 sibling
     images: list[Path] = field(default_factory=list)  # image files: agreement only
     data: Path | None = None  # a caption dataset (clipcap.training.data formats): agreement + metric delta
     image_root: Path | None = None  # None: the data file's directory
     limit: int | None = None  # only the first N images of `data`
     batch_size: int = 16
     max_tokens: int | None = None  # None: the bundle's max_tokens
+    device: str = "cpu"  # both bundles' onnxruntime device (cuda: an fp16 sibling where it is meant to run)
 
     def check_inputs(self) -> None:
-        """Exactly one of images / data, and every image file present; raises with the first problem."""
+        """Exactly one of images / data, every image file present, the device there; raises with the first problem."""
+        from clipcap.runtimes.onnx_runtime import execution_providers
+
+        execution_providers(self.device)  # RuntimeUnavailable names what to install
         if bool(self.images) == (self.data is not None):
             raise BundleError("compare on either image files or a caption dataset (exactly one of them)")
         if self.data is not None:
@@ -96,7 +100,7 @@ class AgreementConfig:
 
 
 def measure_agreement(config: AgreementConfig) -> Agreement:
-    """Greedy captions of both bundles (onnxruntime, CPU) on image files or on a caption dataset."""
+    """Greedy captions of both bundles (onnxruntime on `config.device`) on image files or on a caption dataset."""
     import torch
     from tqdm import tqdm
 
@@ -112,10 +116,10 @@ def measure_agreement(config: AgreementConfig) -> Agreement:
         root = config.image_root or Path(config.data).parent
         files = [root / r.image for r in records]
         references, keys = [r.captions for r in records], [r.image for r in records]
-    reference = Captioner.from_path(config.reference, backend="onnxruntime")
-    candidate = Captioner.from_path(config.candidate, backend="onnxruntime")
+    reference = Captioner.from_path(config.reference, backend="onnxruntime", device=config.device)
+    candidate = Captioner.from_path(config.candidate, backend="onnxruntime", device=config.device)
     options = DecodingOptions(max_tokens=config.max_tokens or reference.config.max_tokens)
     starts = range(0, len(files), config.batch_size)
     batches = (torch.stack([reference.load_pixels_file(f) for f in files[start: start + config.batch_size]])
-               for start in tqdm(starts, desc="int8 vs fp32", unit="batch"))
+               for start in tqdm(starts, desc="candidate vs fp32", unit="batch"))
     return compare_captions(reference, candidate, batches, options, references, keys)

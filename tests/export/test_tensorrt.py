@@ -17,7 +17,8 @@ from clipcap.captioner import Captioner
 from clipcap.cli import main
 from clipcap.config import BundleError
 from clipcap.decoding import DecodingOptions, generate
-from clipcap.export.tensorrt import TensorRTBuildConfig, build_engines, compute_profiles, convert_graph_fp16
+from clipcap.export.fp16 import convert_graph_fp16
+from clipcap.export.tensorrt import TensorRTBuildConfig, build_engines, compute_profiles
 from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, graph_specs
 from clipcap.formats.model_bundle import load_bundle, load_config
 from clipcap.formats.tensorrt_profiles import TENSORRT_DECODER, Profile

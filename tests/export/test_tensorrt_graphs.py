@@ -18,7 +18,8 @@ import pytest
 
 from clipcap.config import BundleError
 from clipcap.export.onnx import GRAPH_MODULES, export_graph
-from clipcap.export.tensorrt import concat_graphs, convert_graph_fp16
+from clipcap.export.fp16 import convert_graph_fp16
+from clipcap.export.tensorrt import concat_graphs
 from clipcap.formats.export_bundle import MANIFEST_FILE, load_manifest
 from clipcap.formats.graph_specs import encoder_spec
 from clipcap.formats.model_bundle import load_bundle, load_config
