@@ -24,6 +24,9 @@ from clipcap.formats.export_bundle import (FP16_PRECISION, INT8_PRECISION, MANIF
 from clipcap.formats.model_bundle import load_config
 
 METHODS = (INT8_PRECISION, *WEIGHT_ONLY_BITS, FP16_PRECISION)  # the sibling's precision, as export.json names it
+# Dynamic int8 leaves the ViT's patch embedding fp32: onnxruntime's ConvInteger ran it ~3x slower than the
+# fp32 Conv on an AVX2 CPU (export/README.md, encoder options), a few % of the whole encoder.
+ENCODER_KEPT_FP32 = ("Conv",)
 
 
 @dataclass
@@ -75,9 +78,10 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
             entry.quantization = quantize_weight_only(source / entry.file, out / target, config, external)
         else:
             target = int8_graph_file(entry.file)
-            _quantize_dynamic(source / entry.file, out / target, config, external)
+            kept_fp32 = ENCODER_KEPT_FP32 if name == "encoder" else ()
+            _quantize_dynamic(source / entry.file, out / target, config, external, kept_fp32)
             entry.quantization = {"method": "onnxruntime quantize_dynamic", "weights": "int8",
-                                  "per_channel": config.per_channel}
+                                  "per_channel": config.per_channel, "kept_fp32": list(kept_fp32)}
         entry.file = target
         entry.parity = None  # fp32 parity bounds do not apply; clipcap.training.agreement measures these
     manifest.decoding_parity = None
@@ -86,11 +90,14 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
     return out
 
 
-def _quantize_dynamic(source: Path, target: Path, config: QuantizeConfig, external: bool) -> None:
+def _quantize_dynamic(source: Path, target: Path, config: QuantizeConfig, external: bool,
+                      kept_fp32: tuple[str, ...] = ()) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     # Weights int8 (signed, as VNNI/AVX-512 kernels want them); activations quantised per call.
     quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=config.per_channel,
+                     op_types_to_quantize=[op for op in IntegerOpsRegistry if op not in kept_fp32],
                      use_external_data_format=external)
 
 

@@ -104,6 +104,11 @@ def test_encoder_quantisation_on_request(tiny_export, tmp_path):
     out = quantize_bundle(QuantizeConfig(tiny_export, tmp_path / "both", encoder=True))
     graphs = json.loads((out / MANIFEST_FILE).read_text())["graphs"]
     assert graphs["encoder"]["file"] == "encoder.int8.onnx" and not (out / "encoder.onnx").exists()
+    # The linears are int8; the patch embedding stays an fp32 Conv (ENCODER_KEPT_FP32), as the manifest says.
+    ops = [node.op_type for node in onnx.load(str(out / "encoder.int8.onnx")).graph.node]
+    assert "MatMulInteger" in ops and "ConvInteger" not in ops and ops.count("Conv") == 1
+    assert graphs["encoder"]["quantization"]["kept_fp32"] == ["Conv"]
+    assert graphs["decoder"]["quantization"]["kept_fp32"] == []
     captions = Captioner.from_path(out, "onnxruntime").caption_images(random_images(2)).captions
     assert len(captions) == 2
 
