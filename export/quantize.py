@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("export_dir", type=Path, help="an fp32 export bundle (export/to_onnx.py)")
     parser.add_argument("--out", type=Path, help="default: EXPORT_DIR-int8 (or -METHOD) next to it")
     parser.add_argument("--encoder", action="store_true", help="quantise the encoder too (moves captions more)")
+    parser.add_argument("--encoder-method", choices=METHODS,
+                        help="the encoder's own method (implies --encoder), e.g. int8-dynamic beside --method int4-wo")
     parser.add_argument("--per-channel", action="store_true", help="int8-dynamic: per-channel weight scales")
     parser.add_argument("--method", choices=METHODS, default=QuantizeConfig.method,
                         help="int8-dynamic (int8 weights, per-call activation scale) or weight-only MatMulNBits "
@@ -44,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=AgreementConfig.device,
                         help="where agreement runs: cpu, or cuda[:N] for an fp16 sibling (onnxruntime-gpu)")
     args = parser.parse_args(argv)
-    config = QuantizeConfig(args.export_dir, args.out, encoder=args.encoder, per_channel=args.per_channel,
-                            method=args.method, block_size=args.block_size, accuracy_level=args.accuracy_level)
+    config = QuantizeConfig(args.export_dir, args.out, encoder=args.encoder or bool(args.encoder_method),
+                            per_channel=args.per_channel, method=args.method, block_size=args.block_size,
+                            accuracy_level=args.accuracy_level, encoder_method=args.encoder_method)
     agreement = AgreementConfig(args.export_dir, config.out_dir, images=args.images, data=args.data,
                                 image_root=args.image_root, limit=args.limit, batch_size=args.batch_size,
                                 max_tokens=args.max_tokens, device=args.device)

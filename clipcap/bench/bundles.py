@@ -34,7 +34,8 @@ def make_full_size_bundles(out: Path, int8: bool = True, exports: bool = True) -
     """ViT-B-32 + GPT-2 small (random weights, a small BPE tokenizer) as a model bundle, its fp32
     ONNX export and (with `int8`) the quantised siblings: out/model, out/onnx, out/onnx-int8 (dynamic),
     out/onnx-int8-wo and out/onnx-int4-wo (weight-only, QuantizeConfig's default block and accuracy level),
-    and out/onnx-int8-encoder (dynamic int8 decoder and encoder: the encoder option export/README measures).
+    out/onnx-int8-encoder (dynamic int8 decoder and encoder: the encoder option export/README measures) and
+    out/onnx-int4-wo-int8-encoder (that encoder beside the int4 weight-only decoder).
     `exports=False` builds the model bundle alone (a GPU run of the torch backend needs no ONNX).
 
     Steps whose output already exists are skipped, so a second call costs nothing. Random weights
@@ -62,12 +63,14 @@ def make_full_size_bundles(out: Path, int8: bool = True, exports: bool = True) -
     if not (paths["onnx-fp32"] / MANIFEST_FILE).is_file():
         export_bundle(paths["model"], ExportOptions(out=paths["onnx-fp32"]))
     if int8:
-        siblings = (("int8-dynamic", False, "onnx-int8"), ("int8-wo", False, "onnx-int8-wo"),
-                    ("int4-wo", False, "onnx-int4-wo"), ("int8-dynamic", True, "onnx-int8-encoder"))
-        for method, encoder, name in siblings:
+        siblings = (("int8-dynamic", None, "onnx-int8"), ("int8-wo", None, "onnx-int8-wo"),
+                    ("int4-wo", None, "onnx-int4-wo"), ("int8-dynamic", "int8-dynamic", "onnx-int8-encoder"),
+                    ("int4-wo", "int8-dynamic", "onnx-int4-wo-int8-encoder"))
+        for method, encoder_method, name in siblings:  # encoder_method None: the encoder stays fp32
             paths[name] = out / name
             if not (paths[name] / MANIFEST_FILE).is_file():
-                quantize_bundle(QuantizeConfig(paths["onnx-fp32"], paths[name], encoder=encoder, method=method))
+                quantize_bundle(QuantizeConfig(paths["onnx-fp32"], paths[name], encoder=encoder_method is not None,
+                                               method=method, encoder_method=encoder_method))
     return paths
 
 

@@ -43,6 +43,8 @@ OPTIONS = {option.name: option for option in (
     RequestOption("shrink-on-load", "onnx-int8", True, "issue 19's load_pixels (shrink on load); fp32 encoder, "
                   "dynamic int8 decoder"),
     RequestOption("int8-encoder", "onnx-int8-encoder", True, "load_pixels; dynamic int8 encoder and decoder"),
+    RequestOption("int8-encoder-int4-wo-decoder", "onnx-int4-wo-int8-encoder", True, "load_pixels; dynamic int8 "
+                  "encoder, weight-only int4 decoder"),
     RequestOption("int4-wo-decoder", "onnx-int4-wo", True, "load_pixels; fp32 encoder, weight-only int4 decoder"),
     RequestOption("int8-wo-decoder", "onnx-int8-wo", True, "load_pixels; fp32 encoder, weight-only int8 decoder"),
 )}

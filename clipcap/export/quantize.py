@@ -38,6 +38,12 @@ class QuantizeConfig:
     method: str = INT8_PRECISION  # int8-dynamic | int8-wo | int4-wo (weight-only: in-place MatMuls) | fp16 (GPUs)
     block_size: int = 128  # weight-only: weights per scale (export/README.md has the measurements behind 128)
     accuracy_level: int = 4  # weight-only: 4 = int8 activations per block inside the kernel (0: fp32, ~3x slower here)
+    encoder_method: str | None = None  # with `encoder`: the encoder's own method (int8-dynamic beside an int4-wo
+    #                                    decoder was the fastest CPU request, benchmarks/README.md); None: `method`
+
+    def graph_method(self, graph: str) -> str:
+        """The method `graph` ("encoder" | "decoder") is quantised with."""
+        return self.encoder_method or self.method if graph == "encoder" else self.method
 
     @property
     def out_dir(self) -> Path:
@@ -53,8 +59,11 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
     manifest = load_manifest(source, load_config(source))
     if manifest.precision != "fp32":
         raise BundleError(f"{source}: precision is {manifest.precision!r}; quantise an fp32 export bundle")
-    if config.method not in METHODS:
-        raise BundleError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    for method in (config.method, config.encoder_method or config.method):
+        if method not in METHODS:
+            raise BundleError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if config.encoder_method and not config.encoder:
+        raise BundleError("an encoder method was given without quantising the encoder (encoder=True, --encoder)")
     if config.method in WEIGHT_ONLY_BITS and not manifest.decoder.matmul_linears:
         raise BundleError(f"{source}: weight-only quantisation needs the in-place decoder (MatMul linears); "
                           f"re-export with python export/to_onnx.py MODEL_BUNDLE --out DIR")
@@ -69,13 +78,13 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
             _link_or_copy(item, out / item.name)
     for name in tqdm(graphs, desc="quantize", unit="graph"):
         entry = manifest.graphs[name]
-        external = (source / (entry.file + ".data")).exists()
-        if config.method == FP16_PRECISION:
+        external, method = (source / (entry.file + ".data")).exists(), config.graph_method(name)
+        if method == FP16_PRECISION:
             target = fp16_graph_file(entry.file)
             entry.quantization = convert_graph_fp16(source / entry.file, out / target, external)
-        elif config.method in WEIGHT_ONLY_BITS:
-            target = weight_only_graph_file(entry.file, config.method)
-            entry.quantization = quantize_weight_only(source / entry.file, out / target, config, external)
+        elif method in WEIGHT_ONLY_BITS:
+            target = weight_only_graph_file(entry.file, method)
+            entry.quantization = quantize_weight_only(source / entry.file, out / target, config, external, method)
         else:
             target = int8_graph_file(entry.file)
             kept_fp32 = ENCODER_KEPT_FP32 if name == "encoder" else ()
@@ -101,13 +110,15 @@ def _quantize_dynamic(source: Path, target: Path, config: QuantizeConfig, extern
                      use_external_data_format=external)
 
 
-def quantize_weight_only(source: Path, target: Path, config: QuantizeConfig, external: bool = False) -> dict:
-    """One ONNX graph: every MatMul with a constant weight (all linears and the LM head) -> MatMulNBits,
-    symmetric blocks of `config.block_size` weights along the input axis, one fp32 scale each."""
+def quantize_weight_only(source: Path, target: Path, config: QuantizeConfig, external: bool = False,
+                         method: str | None = None) -> dict:
+    """One ONNX graph: every MatMul with a constant weight (all linears and the LM head) -> MatMulNBits
+    (`method`, default config.method), symmetric blocks of `config.block_size` weights along the input axis,
+    one fp32 scale each."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    bits = WEIGHT_ONLY_BITS[config.method]
+    bits = WEIGHT_ONLY_BITS[method or config.method]
     algorithm = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=True,
                                              accuracy_level=config.accuracy_level, bits=bits)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=algorithm)

@@ -113,6 +113,28 @@ def test_encoder_quantisation_on_request(tiny_export, tmp_path):
     assert len(captions) == 2
 
 
+def test_encoder_with_its_own_method(tiny_export, tmp_path):
+    """An int8-dynamic encoder beside an int4 weight-only decoder: each graph by its own method, the bundle's
+    precision (its kind) the decoder's, captions from the mix."""
+    out = quantize_bundle(QuantizeConfig(tiny_export, tmp_path / "mix", encoder=True, method="int4-wo",
+                                         encoder_method="int8-dynamic"))
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    graphs = manifest["graphs"]
+    assert manifest["precision"] == "int4-wo"
+    assert graphs["encoder"]["quantization"]["method"] == "onnxruntime quantize_dynamic"
+    assert graphs["decoder"]["quantization"]["weights"] == "int4"
+    encoder_ops = {node.op_type for node in onnx.load(str(out / graphs["encoder"]["file"])).graph.node}
+    decoder_ops = {node.op_type for node in onnx.load(str(out / graphs["decoder"]["file"])).graph.node}
+    assert "MatMulInteger" in encoder_ops and "MatMulNBits" not in encoder_ops
+    assert "MatMulNBits" in decoder_ops and "MatMulInteger" not in decoder_ops
+    assert len(Captioner.from_path(out, "onnxruntime").caption_images(random_images(2)).captions) == 2
+    with pytest.raises(BundleError, match="without quantising the encoder"):
+        quantize_bundle(QuantizeConfig(tiny_export, tmp_path / "refused", encoder_method="int8-dynamic"))
+    with pytest.raises(BundleError, match="method must be one of"):
+        quantize_bundle(QuantizeConfig(tiny_export, tmp_path / "refused", encoder=True, encoder_method="int3"))
+    assert not (tmp_path / "refused").exists()
+
+
 def test_metric_delta_with_references(tiny_export, int8_export, tmp_path):
     """With a caption dataset, the training metrics module scores both bundles."""
     pytest.importorskip("clipcap.training.evaluation")
