@@ -22,7 +22,7 @@ from PIL import Image
 
 from clipcap.bench.photos import display_profile, gray_profile, photo_like
 from clipcap.images import (DEFAULT_FORMATS, FORMATS, ImageError, check_formats, decode_image,
-                            decode_upright, load_pixels, open_image, preprocess, preprocess_image, to_rgb)
+                            decode_as_stored, load_pixels, open_image, preprocess, preprocess_image, to_rgb)
 from conftest import png_bytes, random_images
 
 MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
@@ -376,7 +376,7 @@ def test_shrink_on_load_stays_within_a_gray_level_of_the_full_decode(seed, width
     exif[ORIENTATION] = orientation
     data = jpeg_bytes(photo_like(width, height, seed), exif=exif.tobytes())
     least = image_size
-    shrunk = decode_upright(open_image(data), shrink_to=least).image
+    shrunk = decode_as_stored(open_image(data), shrink_to=least).image
     scale = next((s for s in (8, 4, 2) if min(width // least, height // least) >= s), 1)
     assert sorted(shrunk.size) == sorted((-(-width // scale), -(-height // scale)))
     assert min(shrunk.size) >= min(least, width, height)
