@@ -22,13 +22,13 @@ over scales 1/2 and 1/8 and every ratio of decode to input size; bounded by test
 No other accepted decoder can scale while decoding; those decode whole.
 
 Every accepted image becomes the 8-bit sRGB picture an image viewer shows:
-- EXIF orientation 1-8 is applied (`ImageOps.exif_transpose`), so a phone photo stored on its side
-  is captioned upright (HEIF's own rotation is applied by libheif).
+- EXIF orientation 1-8 is applied, so a phone photo stored on its side is captioned upright (HEIF's
+  own rotation is applied by libheif); `load_pixels` turns only the cut-out it resamples upright.
 - An embedded ICC profile is converted to sRGB with LittleCMS (`ImageCms`, perceptual intent); a
   profile LittleCMS cannot read, or one for another colour space than the pixels', is ignored, as
-  browsers do. A CMYK JPEG (YCCK ones come out of libjpeg as CMYK) is read with Adobe's inverted
-  convention when it carries Adobe's APP14 marker and as plain ink otherwise; without a profile, CMYK
-  becomes RGB as (255 - c)(255 - k) / 255.
+  browsers do. A CMYK JPEG is read with Adobe's inverted convention when it carries Adobe's APP14
+  marker and as plain ink otherwise; a YCCK one (APP14 transform 2, always Adobe's) comes out of
+  libjpeg as CMYK. Without a profile, CMYK becomes RGB as (255 - c)(255 - k) / 255.
 - Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited over white: what a
   browser shows on a white page, and the background people expect behind a cut-out object or a
   logo (over black, dark strokes on a transparent background would vanish).
