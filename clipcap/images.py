@@ -341,8 +341,11 @@ def preprocess_image(image: Image.Image, image_size: int, mean: list[float], std
     Any mode is accepted (`to_srgb`; the image's ICC profile, if any, is applied). Crop before anything
     else: only the pixels the bicubic filter reads for the centre square are cut out and resampled, at
     the filter positions of resizing the whole image, so the result equals the resize-then-crop path up to one 8-bit level per
-    resampling pass (Pillow takes the box in float32; measured on photo-like and noise images: at most
-    1 level, on under 0.02% of samples) while memory no longer grows with the long side. With
+    resampling pass (Pillow takes the box in float32) on all but a few samples: Pillow picks the order
+    of its two passes by the sizes, and where it runs them in the other order on the cut-out and the
+    first clips bicubic overshoot, a sample moves by a few levels (measured on smooth images with
+    grain: at most 4 levels, on at most 0.3% of samples; bounded by tests/test_images.py), while memory
+    no longer grows with the long side. With
     s = min(w, h) and m = 2 * max(1, s / image_size) + 2, preprocessing allocates, beyond the image:
     the cut-out, at most (s + 2m)^2 pixels and never more than the image (and its RGB / sRGB copies
     when the mode is not RGB or a profile is embedded); Pillow's horizontal pass, image_size x (s + 2m)
