@@ -55,7 +55,7 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageChops, ImageCms, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageCms, ImageOps, UnidentifiedImageError
 
 EXIF_ORIENTATION = 0x0112
 DEFAULT_MAX_PIXELS = 36_000_000  # 6000x6000: above any camera a caption needs, far below a bomb
@@ -215,9 +215,9 @@ class Decoded(NamedTuple):
     orientation: int  # EXIF orientation still to apply (1-8; 1: stored upright)
 
     def upright(self) -> Image.Image:
-        """The whole image as a viewer shows it: `orientation` applied."""
-        method = UPRIGHT.get(self.orientation)
-        return self.image if method is None else self.image.transpose(method)
+        """The whole image as a viewer shows it: `orientation` applied, and removed from its EXIF (so
+        that nothing downstream applies it twice)."""
+        return self.image if self.orientation == 1 else ImageOps.exif_transpose(self.image)
 
 
 # EXIF orientation -> the transposition that shows the stored pixels upright (what exif_transpose applies) ...

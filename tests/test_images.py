@@ -192,7 +192,9 @@ def test_the_issue_cases_16_bit_png_and_phone_orientation():
     # A phone JPEG stored on its side: red left, blue right; Orientation 6 shows red on top.
     stored = Image.new("RGB", (64, 32), "blue")
     stored.paste((255, 0, 0), (0, 0, 32, 32))
-    upright = np.asarray(decode_image(encode(stored, "JPEG", 6))).astype(int)
+    decoded = decode_image(encode(stored, "JPEG", 6))
+    assert decoded.getexif().get(ORIENTATION, 1) == 1  # applied once, and not left to apply again
+    upright = np.asarray(decoded).astype(int)
     assert upright.shape == (64, 32, 3)
     assert upright[8, 16, 0] > 200 > upright[56, 16, 0]  # red above, blue below
 
