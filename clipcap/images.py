@@ -22,13 +22,13 @@ over scales 1/2 and 1/8 and every ratio of decode to input size; bounded by test
 No other accepted decoder can scale while decoding; those decode whole.
 
 Every accepted image becomes the 8-bit sRGB picture an image viewer shows:
-- EXIF orientation 1-8 is applied (`ImageOps.exif_transpose`), so a phone photo stored on its side
-  is captioned upright (HEIF's own rotation is applied by libheif).
+- EXIF orientation 1-8 is applied, so a phone photo stored on its side is captioned upright (HEIF's
+  own rotation is applied by libheif); `load_pixels` turns only the cut-out it resamples upright.
 - An embedded ICC profile is converted to sRGB with LittleCMS (`ImageCms`, perceptual intent); a
   profile LittleCMS cannot read, or one for another colour space than the pixels', is ignored, as
-  browsers do. A CMYK JPEG (YCCK ones come out of libjpeg as CMYK) is read with Adobe's inverted
-  convention when it carries Adobe's APP14 marker and as plain ink otherwise; without a profile, CMYK
-  becomes RGB as (255 - c)(255 - k) / 255.
+  browsers do. A CMYK JPEG is read with Adobe's inverted convention when it carries Adobe's APP14
+  marker and as plain ink otherwise; a YCCK one (APP14 transform 2, always Adobe's) comes out of
+  libjpeg as CMYK. Without a profile, CMYK becomes RGB as (255 - c)(255 - k) / 255.
 - Transparency (RGBA, LA, PA, palette or colour-key transparency) is composited over white: what a
   browser shows on a white page, and the background people expect behind a cut-out object or a
   logo (over black, dark strokes on a transparent background would vanish).
@@ -111,8 +111,8 @@ def load_pixels(data: bytes, image_size: int, mean: list[float], std: list[float
                 formats: Iterable[str] = DEFAULT_FORMATS, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Bytes -> model input float32 (3, image_size, image_size), decoding no more pixels than needed
     (module docstring), or ImageError; never another exception from the bytes."""
-    decoded = decode_upright(open_image(data, formats, max_pixels), shrink_to=image_size)
-    return preprocess_image(decoded.image, image_size, mean, std, decoded.picture)
+    decoded = decode_as_stored(open_image(data, formats, max_pixels), shrink_to=image_size)
+    return preprocess_image(decoded.image, image_size, mean, std, decoded.picture, decoded.orientation)
 
 
 def load_pixels_file(path: str | Path, image_size: int, mean: list[float], std: list[float],
@@ -129,8 +129,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                  formats: Iterable[str] = DEFAULT_FORMATS) -> Image.Image:
     """Bytes -> the whole upright 8-bit sRGB picture (module rules), or ImageError. `load_pixels` is
     cheaper for model input: it decodes a JPEG at the scale preprocessing needs."""
-    image = decode_upright(open_image(data, formats, max_pixels)).image
-    return to_srgb(image, image.info.get("icc_profile"))
+    decoded = decode_as_stored(open_image(data, formats, max_pixels))
+    return to_srgb(decoded.upright(), decoded.image.info.get("icc_profile"))
 
 
 def load_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -181,6 +181,10 @@ def open_image(data: bytes, formats: Iterable[str] = DEFAULT_FORMATS,
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels")
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
+    if FORMATS[image.format].shrinks_on_load:
+        # The bytes are in memory: libjpeg gets them in one read, not Pillow's 64 KiB ones (measured side
+        # by side: 2% of a 12 MP photo's scaled decode; its fast Huffman path stops near each read's end).
+        image.decodermaxblock = max(image.decodermaxblock, len(data))
     return image
 
 
@@ -206,20 +210,31 @@ def _format_by_signature(data: bytes) -> str | None:
 
 
 class Decoded(NamedTuple):
-    image: Image.Image  # upright, its mode as stored
+    image: Image.Image  # as the file stores it (its mode, its orientation)
     picture: tuple[float, float, float, float]  # where the whole picture lies in `image`, in its pixels
+    orientation: int  # EXIF orientation still to apply (1-8; 1: stored upright)
+
+    def upright(self) -> Image.Image:
+        """The whole image as a viewer shows it: `orientation` applied, and removed from its EXIF (so
+        that nothing downstream applies it twice)."""
+        return self.image if self.orientation == 1 else ImageOps.exif_transpose(self.image)
 
 
-# EXIF orientation -> (swap x and y, then mirror x, then mirror y): what exif_transpose does to the pixels.
+# EXIF orientation -> the transposition that shows the stored pixels upright (what exif_transpose applies) ...
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+# ... as (swap x and y, then mirror x, then mirror y).
 TRANSPOSITIONS = {1: (False, False, False), 2: (False, True, False), 3: (False, True, True),
                   4: (False, False, True), 5: (True, False, False), 6: (True, True, False),
                   7: (True, True, True), 8: (True, False, True)}
 
 
-def decode_upright(image: Image.Image, shrink_to: int | None = None) -> Decoded:
-    """Decode an opened image (`open_image`) upright; `shrink_to`: a decoder that can scale
-    (`ImageFormat.shrinks_on_load`) stops at the smallest scale with both sides >= shrink_to. A scaled
-    decode's last row and column may cover part of a pixel: `picture` says where the picture lies."""
+def decode_as_stored(image: Image.Image, shrink_to: int | None = None) -> Decoded:
+    """Decode an opened image (`open_image`) as stored, with the orientation to apply; `shrink_to`: a
+    decoder that can scale (`ImageFormat.shrinks_on_load`) stops at the smallest scale with both sides
+    >= shrink_to. A scaled decode's last row and column may cover part of a pixel: `picture` says where
+    the picture lies. (Pillow's TIFF loader and libheif apply their orientation while decoding.)"""
     try:
         width, height = image.size
         if shrink_to is not None and FORMATS[image.format].shrinks_on_load:
@@ -227,20 +242,39 @@ def decode_upright(image: Image.Image, shrink_to: int | None = None) -> Decoded:
             if drafted is not None:
                 width, height = drafted[1][2:]
         image.load()
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when already upright
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)  # read after load: a loader may apply it
     except MemoryError:
         raise
     except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         raise ImageError(f"corrupt or truncated image ({error})") from None
     if image.mode == "CMYK" and image.format in ("JPEG", "MPO") and "adobe" not in image.info:
         image = ImageChops.invert(image)  # Pillow reads every CMYK JPEG as Adobe's inverted ink
-    swap, mirror_x, mirror_y = TRANSPOSITIONS.get(orientation, TRANSPOSITIONS[1])
-    if swap:
-        width, height = height, width
-    x0 = image.width - width if mirror_x else 0.0
-    y0 = image.height - height if mirror_y else 0.0
-    return Decoded(image, (x0, y0, x0 + width, y0 + height))
+    return Decoded(image, (0.0, 0.0, width, height), orientation if orientation in UPRIGHT else 1)
+
+
+def _upright_box(box: tuple[float, float, float, float], size: tuple[int, int],
+                orientation: int) -> tuple[float, float, float, float]:
+    """A box in a stored image of `size` -> the box of the same pixels once `orientation` is applied."""
+    swap, mirror_x, mirror_y = TRANSPOSITIONS[orientation]
+    x0, y0, x1, y1 = (box[1], box[0], box[3], box[2]) if swap else box
+    width, height = size[::-1] if swap else size
+    if mirror_x:
+        x0, x1 = width - x1, width - x0
+    if mirror_y:
+        y0, y1 = height - y1, height - y0
+    return x0, y0, x1, y1
+
+
+def _stored_box(box: tuple[int, int, int, int], size: tuple[int, int], orientation: int) -> tuple[int, int, int, int]:
+    """A box in the upright image of `size` -> the box of the same pixels as stored (`_upright_box` undone)."""
+    swap, mirror_x, mirror_y = TRANSPOSITIONS[orientation]
+    width, height = size
+    x0, y0, x1, y1 = box
+    if mirror_y:
+        y0, y1 = height - y1, height - y0
+    if mirror_x:
+        x0, x1 = width - x1, width - x0
+    return (y0, x0, y1, x1) if swap else (x0, y0, x1, y1)
 
 
 def to_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
@@ -301,14 +335,17 @@ def preprocess(images: list[Image.Image], image_size: int, mean: list[float], st
 
 
 def preprocess_image(image: Image.Image, image_size: int, mean: list[float], std: list[float],
-                     picture: tuple[float, float, float, float] | None = None) -> torch.Tensor:
+                     picture: tuple[float, float, float, float] | None = None, orientation: int = 1) -> torch.Tensor:
     """CLIP preprocessing of one image: shorter side to `image_size` (bicubic), centre crop, normalise.
 
     Any mode is accepted (`to_srgb`; the image's ICC profile, if any, is applied). Crop before anything
     else: only the pixels the bicubic filter reads for the centre square are cut out and resampled, at
     the filter positions of resizing the whole image, so the result equals the resize-then-crop path up to one 8-bit level per
-    resampling pass (Pillow takes the box in float32; measured on photo-like and noise images: at most
-    1 level, on under 0.02% of samples) while memory no longer grows with the long side. With
+    resampling pass (Pillow takes the box in float32) on all but a few samples: Pillow picks the order
+    of its two passes by the sizes, and where it runs them in the other order on the cut-out and the
+    first clips bicubic overshoot, a sample moves by a few levels (measured on smooth images with
+    grain: at most 4 levels, on at most 0.3% of samples; bounded by tests/test_images.py), while memory
+    no longer grows with the long side. With
     s = min(w, h) and m = 2 * max(1, s / image_size) + 2, preprocessing allocates, beyond the image:
     the cut-out, at most (s + 2m)^2 pixels and never more than the image (and its RGB / sRGB copies
     when the mode is not RGB or a profile is embedded); Pillow's horizontal pass, image_size x (s + 2m)
@@ -318,14 +355,19 @@ def preprocess_image(image: Image.Image, image_size: int, mean: list[float], std
     converted to sRGB after, on image_size^2 pixels (a third of the colour-management cost of a phone
     JPEG's 504x378 decode; tests/test_images.py bounds the difference to converting first); other modes
     become sRGB on the cut-out. `picture` (`Decoded.picture`; None: the whole image): the centre square
-    is taken of that box, so a JPEG decoded at 1/8 is cropped where its full decode would be. Returns
-    float32 (3, image_size, image_size).
+    is taken of that box, so a JPEG decoded at 1/8 is cropped where its full decode would be.
+    `orientation` (`Decoded.orientation`): the EXIF orientation of the stored `image`; only the cut-out
+    is turned upright (the same pixels, exactly, as cutting the upright image; a phone JPEG's 504x378
+    decode is not transposed whole).
+    Returns float32 (3, image_size, image_size).
     """
     profile = image.info.get("icc_profile")
-    x0, y0, x1, y1 = picture or (0, 0, *image.size)
+    swap = TRANSPOSITIONS[orientation][0]
+    upright_size = image.size[::-1] if swap else image.size
+    x0, y0, x1, y1 = _upright_box(picture or (0, 0, *image.size), image.size, orientation)
     width, height = x1 - x0, y1 - y0
     scale = image_size / min(width, height)
-    # The size the whole image would be resized to, and CLIP's centre crop of it, in its pixels...
+    # The size the whole picture would be resized to, and CLIP's centre crop of it, in its pixels...
     resized_w, resized_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
     left, top = (resized_w - image_size) // 2, (resized_h - image_size) // 2
     # ... mapped back onto the image, where Pillow resamples that box at the same filter positions.
@@ -334,8 +376,11 @@ def preprocess_image(image: Image.Image, image_size: int, mean: list[float], std
     # The bicubic filter reads 2 * max(1, step) source pixels either side of a position (+1 for rounding).
     margin_x, margin_y = math.ceil(2 * max(1.0, x_step)) + 1, math.ceil(2 * max(1.0, y_step)) + 1
     region = (max(0, math.floor(box[0]) - margin_x), max(0, math.floor(box[1]) - margin_y),
-              min(image.width, math.ceil(box[2]) + margin_x), min(image.height, math.ceil(box[3]) + margin_y))
-    cut = image if region == (0, 0, *image.size) else image.crop(region)
+              min(upright_size[0], math.ceil(box[2]) + margin_x), min(upright_size[1], math.ceil(box[3]) + margin_y))
+    stored_region = _stored_box(region, upright_size, orientation)
+    cut = image if stored_region == (0, 0, *image.size) else image.crop(stored_region)
+    if orientation in UPRIGHT:
+        cut = cut.transpose(UPRIGHT[orientation])  # only the cut-out is turned upright, not the whole image
     if cut.mode not in RESAMPLED_MODES:
         cut, profile = to_srgb(cut, profile), None
     # Resampling the box on the cut-out, not on the whole image: on the whole image Pillow's 8-bit result
