@@ -146,7 +146,7 @@ def test_photo_serve_arguments(monkeypatch, tmp_path):
     # Built full-size bundles (their marker files) are reused, not rebuilt; --full-size picks and orders them.
     for name, marker in (("model", "model.safetensors"), ("onnx", "export.json"), ("onnx-int8", "export.json"),
                          ("onnx-int8-wo", "export.json"), ("onnx-int4-wo", "export.json"),
-                         ("onnx-int8-encoder", "export.json")):
+                         ("onnx-int8-encoder", "export.json"), ("onnx-int4-wo-int8-encoder", "export.json")):
         (tmp_path / name).mkdir()
         (tmp_path / name / marker).touch()
     demo = ROOT / "models" / "shapes-demo"

@@ -80,13 +80,13 @@ class RequestProfile:
 def bytes_to_pixels(captioner, data: bytes, shrink_on_load: bool) -> torch.Tensor:
     """(1, 3, S, S) model input: load_pixels, or (today's path) the whole JPEG decoded upright, then the same
     crop-first bicubic preprocessing (colour management at the input size, as load_pixels does)."""
-    from clipcap.images import decode_upright, open_image, preprocess_image
+    from clipcap.images import decode_as_stored, open_image, preprocess_image
 
     if shrink_on_load:
         return captioner.load_pixels(data)[None]
     clip = captioner.config.clip
-    decoded = decode_upright(open_image(data))
-    return preprocess_image(decoded.image, clip.image_size, clip.mean, clip.std, decoded.picture)[None]
+    upright = decode_as_stored(open_image(data)).upright()  # a full decode: the picture is the whole image
+    return preprocess_image(upright, clip.image_size, clip.mean, clip.std)[None]
 
 
 class StageClock:
