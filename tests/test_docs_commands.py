@@ -294,7 +294,7 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
         Elsewhere("tests/test_bench_load.py", f"{FIXED_PORTS}... and measures for minutes; the open-loop load runs "
                   "against a local server there"),
     "python benchmarks/photo.py --serve-only --make-full-size build/bench/full-size --full-size "
-    "onnx-int8,onnx-int8-encoder --threads 2 --rates 0.5,1,1.5,2,2.5,3,4,5,6 --duration 30 --record":
+    "onnx-int8,onnx-int8-encoder --threads 2 --rates 0.5,1,1.5,2,2.5,3,3.5 --duration 60 --record":
         Elsewhere("tests/test_bench_open_loop_profile.py", f"{FULL_SIZE}; serves each bundle for minutes; a small "
                   "export bundle is served open-loop through the same path there"),
     "python benchmarks/request.py --make-full-size build/bench/full-size --record request":

@@ -38,8 +38,8 @@ class QuantizeConfig:
     method: str = INT8_PRECISION  # int8-dynamic | int8-wo | int4-wo (weight-only: in-place MatMuls) | fp16 (GPUs)
     block_size: int = 128  # weight-only: weights per scale (export/README.md has the measurements behind 128)
     accuracy_level: int = 4  # weight-only: 4 = int8 activations per block inside the kernel (0: fp32, ~3x slower here)
-    encoder_method: str | None = None  # with `encoder`: the encoder's own method (int8-dynamic beside an int4-wo
-    #                                    decoder was the fastest CPU request, benchmarks/README.md); None: `method`
+    encoder_method: str | None = None  # with `encoder`: the encoder's own method (e.g. int8-dynamic beside an
+    #                                    int4-wo decoder); None: `method`
 
     def graph_method(self, graph: str) -> str:
         """The method `graph` ("encoder" | "decoder") is quantised with."""
