@@ -3,8 +3,8 @@
     python benchmarks/encoder.py build/bench/full-size/model build/bench/full-size/onnx \\
         build/bench/full-size/onnx-fused build/bench/full-size/onnx-int8-enc --out build/bench/encoder
 
-The first path is the model bundle (open_clip eager, the reference embeddings); the others are
-export bundles whose encoder graphs are timed. Writes encoder.json, encoder.md and encoder.png to
+The first path is the model bundle (open_clip eager, the reference embeddings; with --torch-bf16
+also in bfloat16); the others are export bundles whose encoder graphs are timed. Writes encoder.json, encoder.md and encoder.png to
 --out and prints the Markdown (clipcap.bench.encoder).
 """
 from __future__ import annotations
@@ -28,11 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=defaults.rounds)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--torch-bf16", action="store_true",
+                        help="also open_clip with its tower in bfloat16 (the torch-bf16 backend; fast on AVX-512 BF16 / AMX)")
     args = parser.parse_args(argv)
     try:
         batches = tuple(int(v) for v in args.batch_sizes.split(",") if v)
         config = EncoderBenchConfig(model=args.model, exports=args.exports, batch_sizes=batches, rounds=args.rounds,
-                                    warmup=args.warmup, threads=args.threads)
+                                    warmup=args.warmup, threads=args.threads,
+                                    torch_bf16=args.torch_bf16)
         report = run_encoder_bench(config)
     except (*USER_ERRORS, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -67,14 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = result.to_dict()
     (out / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"greedy captions identical to fp32: {result.caption_agreement:.1%} of {result.images} images; "
-          f"tokens agreeing (common prefix): {result.token_agreement:.1%}")
-    for name, delta in result.metric_delta.items():
-        print(f"{name:<8} fp32 {result.metrics_fp32[name] * 100:6.2f}  "
-              f"{config.method} {result.metrics_candidate[name] * 100:6.2f}"
-              f"  delta {delta * 100:+6.2f}")
-    for note in result.notes:
-        print(f"note: {note}")
+    print("\n".join(result.summary_lines(config.method)))
     return 0
 
 

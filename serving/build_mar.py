@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True, help="model bundle or export bundle directory")
-    parser.add_argument("--backend", help="torch, onnxruntime or tensorrt (default: model-config.yaml's)")
+    parser.add_argument("--backend", help="torch, torch-bf16, onnxruntime or tensorrt (default: model-config.yaml's)")
     parser.add_argument("--device-type", choices=("cpu", "gpu"), help="TorchServe deviceType (default: the yaml's)")
     parser.add_argument("--out", type=Path, default=ArchiveConfig.out, help="archive path, NAME.mar")
     parser.add_argument("--model-config", type=Path, default=HERE / "model-config.yaml")

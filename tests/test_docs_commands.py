@@ -113,7 +113,7 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
                            "TorchServe the same documented way (torchserve --start from config.properties) on free ports"),
     "make test": MAKE_TEST,
     "clipcap caption BUNDLE IMAGE... [--decoding greedy|beam|nucleus] [--beam-size N] [--max-tokens N] [--top-p P] "
-    "[--temperature T] [--seed S] [--batch-size N] [--backend torch|onnxruntime|tensorrt] [--device cpu|cuda] "
+    "[--temperature T] [--seed S] [--batch-size N] [--backend torch|torch-bf16|onnxruntime|tensorrt] [--device cpu|cuda] "
     "[--no-cache] [--json] [--formats JPEG,PNG,...]": Synopsis("clipcap caption"),
     "clipcap caption-embeddings BUNDLE EMBEDDINGS.npy [same flags]": Synopsis("clipcap caption-embeddings", "clipcap caption",
                                                                                 except_flags=("--formats",)),
@@ -176,6 +176,8 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "clipcap caption build/shapes-onnx-int8 IMAGE... --backend onnxruntime": Run((IMAGE,), expect="shapes-00.png\t"),
     "python export/quantize.py build/shapes-onnx --method fp16 --encoder --data build/heldout/captions.jsonl --limit 500":
         Run((("--limit 500", "--limit 6"),), expect="greedy captions identical to fp32"),
+    "python export/agreement.py models/shapes-demo --candidate-backend torch-bf16 --data build/heldout/captions.jsonl "
+    "--limit 500": Run((("--limit 500", "--limit 6"),), expect="greedy captions identical to fp32"),
     "clipcap caption build/shapes-onnx-fp16 IMAGE... --backend onnxruntime --device cuda":
         Run((IMAGE,), expect="shapes-01.png\t", needs="onnxruntime-cuda", refusal="error: onnxruntime "),
     "python export/to_tensorrt.py models/shapes-demo --print-profiles": Run(expect="decoder"),
@@ -202,7 +204,7 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python export/quantize.py build/bench/full-size/onnx-fused --encoder --out build/bench/full-size/onnx-fused-int8-enc":
         Elsewhere("tests/export/test_quantize.py", FULL_SIZE),
     "python benchmarks/encoder.py build/bench/full-size/model build/bench/full-size/{onnx,onnx-fused,onnx-int8-enc,"
-    "onnx-fused-int8-enc} --out build/bench/encoder": Elsewhere("tests/test_bench_encoder.py", FULL_SIZE),
+    "onnx-fused-int8-enc} --out build/bench/encoder --torch-bf16": Elsewhere("tests/test_bench_encoder.py", FULL_SIZE),
     "python export/quantize.py build/bench/full-size/onnx --method fp16 --encoder --out build/bench/full-size/onnx-fp16":
         Elsewhere("tests/export/test_fp16.py", FULL_SIZE),
     "python benchmarks/latency.py build/bench/full-size/onnx build/bench/full-size/onnx-fp16 --backends "

@@ -17,6 +17,7 @@ from clipcap.bench.roofline import StepCost, cost_floor_s, measure_peaks, vit_im
 from clipcap.bench.schema import jsonable
 
 EAGER = "open_clip eager"  # the reference option's name: TorchRuntime.encode on the model bundle
+EAGER_BF16 = "open_clip eager bf16"  # TorchBf16Runtime.encode: the tower's weights and arithmetic in bfloat16
 
 
 @dataclass
@@ -27,6 +28,7 @@ class EncoderBenchConfig:
     rounds: int = 10  # measured calls per option and batch, interleaved round-robin (order rotated each round)
     warmup: int = 2  # unmeasured calls per option and batch first
     threads: int = 1  # torch and onnxruntime intra-op threads
+    torch_bf16: bool = False  # also time open_clip with its tower in bfloat16 (the torch-bf16 runtime)
 
     def validate(self) -> None:
         if self.rounds < 1 or self.warmup < 0 or self.threads < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -42,12 +44,14 @@ def run_encoder_bench(config: EncoderBenchConfig, progress: bool = True) -> dict
     from tqdm import tqdm
 
     from clipcap.runtimes.onnx_runtime import OnnxRuntime
-    from clipcap.runtimes.torch_runtime import TorchRuntime
+    from clipcap.runtimes.torch_runtime import TorchBf16Runtime, TorchRuntime
 
     config.validate()
     torch.set_num_threads(config.threads)
     load_before = os.getloadavg()
     runtimes = {EAGER: TorchRuntime.from_path(Path(config.model))}
+    if config.torch_bf16:
+        runtimes[EAGER_BF16] = TorchBf16Runtime.from_path(Path(config.model))
     graph_bytes = {}
     for path in map(Path, config.exports):
         runtime = OnnxRuntime.from_path(path, threads=config.threads)

@@ -15,6 +15,7 @@ from clipcap.runtimes.base import Runtime, RuntimeUnavailable
 # name -> "module:class"; the class has `from_path(path, device, config=None)`.
 RUNTIMES = {
     "torch": "clipcap.runtimes.torch_runtime:TorchRuntime",
+    "torch-bf16": "clipcap.runtimes.torch_runtime:TorchBf16Runtime",  # a model bundle, CLIP's tower in bfloat16
     "onnxruntime": "clipcap.runtimes.onnx_runtime:OnnxRuntime",
     "tensorrt": "clipcap.runtimes.tensorrt_runtime:TensorRTRuntime",
 }

@@ -56,3 +56,22 @@ class TorchRuntime:
     def select(self, cache, index: torch.Tensor):
         cache.reorder_cache(index.to(self.device))
         return cache
+
+
+class TorchBf16Runtime(TorchRuntime):
+    """`TorchRuntime` with the CLIP image tower in bfloat16, weights and arithmetic: oneDNN's AVX-512
+    BF16 / AMX kernels on CPUs that have them (export/README, "Encoder options": measured), slower than
+    float32 on CPUs that do not (same numbers, emulated). The mapper and GPT-2 stay float32, and the
+    CLIP embedding leaves the tower as float32."""
+
+    def __init__(self, model, device: str = "cpu"):
+        super().__init__(model, device)
+        self.model.clip.to(torch.bfloat16)
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.prefix(self.encode_image(pixels))
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.clip(pixels.to(self.device, torch.bfloat16)).float()

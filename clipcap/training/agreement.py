@@ -1,4 +1,4 @@
-"""How far a candidate bundle (a quantised or fp16 sibling) moves the captions of a reference bundle (its fp32 source).
+"""How far a candidate (a quantised or fp16 sibling, or another runtime) moves the captions of a reference (its fp32 source).
 
 `compare_captions` measures greedy agreement of two `Captioner`s and, given references, the
 caption-metric delta (clipcap.training.evaluation's scorer); `measure_agreement` runs it on image
@@ -20,6 +20,14 @@ class Agreement:
     metrics_fp32: dict[str, float] = field(default_factory=dict)  # with references only
     metrics_candidate: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def summary_lines(self, candidate: str) -> list[str]:
+        """What a script prints: the agreement, each metric of fp32 and `candidate` (a name) with its delta, the notes."""
+        lines = [f"greedy captions identical to fp32: {self.caption_agreement:.1%} of {self.images} images; "
+                 f"tokens agreeing (common prefix): {self.token_agreement:.1%}"]
+        lines += [f"{name:<8} fp32 {self.metrics_fp32[name] * 100:6.2f}  {candidate} {self.metrics_candidate[name] * 100:6.2f}"
+                  f"  delta {delta * 100:+6.2f}" for name, delta in self.metric_delta.items()]
+        return lines + [f"note: {note}" for note in self.notes]
 
     @property
     def metric_delta(self) -> dict[str, float]:
@@ -73,21 +81,27 @@ def compare_captions(reference, candidate, pixels_batches, options=None,
 
 @dataclass
 class AgreementConfig:
-    reference: Path  # the fp32 export bundle
-    candidate: Path  # the quantised or fp16 sibling
+    reference: Path  # the fp32 export bundle (or a model bundle, with a torch backend)
+    candidate: Path  # the quantised or fp16 sibling (or the same model bundle under another backend)
     images: list[Path] = field(default_factory=list)  # image files: agreement only
     data: Path | None = None  # a caption dataset (clipcap.training.data formats): agreement + metric delta
     image_root: Path | None = None  # None: the data file's directory
     limit: int | None = None  # only the first N images of `data`
     batch_size: int = 16
     max_tokens: int | None = None  # None: the bundle's max_tokens
-    device: str = "cpu"  # both bundles' onnxruntime device (cuda: an fp16 sibling where it is meant to run)
+    device: str = "cpu"  # both bundles' device (cuda: an fp16 sibling where it is meant to run)
+    backends: tuple[str, str] = ("onnxruntime", "onnxruntime")  # the reference's and the candidate's runtime
 
     def check_inputs(self) -> None:
         """Exactly one of images / data, every image file present, the device there; raises with the first problem."""
+        from clipcap.runtimes import RUNTIMES
         from clipcap.runtimes.onnx_runtime import execution_providers
 
-        execution_providers(self.device)  # RuntimeUnavailable names what to install
+        unknown = [b for b in self.backends if b not in RUNTIMES]
+        if len(self.backends) != 2 or unknown:
+            raise BundleError(f"backends: two of {', '.join(RUNTIMES)} (the reference's, the candidate's) expected")
+        if "onnxruntime" in self.backends:
+            execution_providers(self.device)  # RuntimeUnavailable names what to install
         if bool(self.images) == (self.data is not None):
             raise BundleError("compare on either image files or a caption dataset (exactly one of them)")
         if self.data is not None:
@@ -100,7 +114,7 @@ class AgreementConfig:
 
 
 def measure_agreement(config: AgreementConfig) -> Agreement:
-    """Greedy captions of both bundles (onnxruntime on `config.device`) on image files or on a caption dataset."""
+    """Greedy captions of both bundles (their `config.backends` on `config.device`) on image files or on a caption dataset."""
     import torch
     from tqdm import tqdm
 
@@ -116,8 +130,8 @@ def measure_agreement(config: AgreementConfig) -> Agreement:
         root = config.image_root or Path(config.data).parent
         files = [root / r.image for r in records]
         references, keys = [r.captions for r in records], [r.image for r in records]
-    reference = Captioner.from_path(config.reference, backend="onnxruntime", device=config.device)
-    candidate = Captioner.from_path(config.candidate, backend="onnxruntime", device=config.device)
+    reference = Captioner.from_path(config.reference, backend=config.backends[0], device=config.device)
+    candidate = Captioner.from_path(config.candidate, backend=config.backends[1], device=config.device)
     options = DecodingOptions(max_tokens=config.max_tokens or reference.config.max_tokens)
     starts = range(0, len(files), config.batch_size)
     batches = (torch.stack([reference.load_pixels_file(f) for f in files[start: start + config.batch_size]])
