@@ -16,7 +16,7 @@ from pathlib import Path
 from clipcap.cli import USER_ERRORS
 from clipcap.formats.detect import detect
 from clipcap.runtimes import RUNTIMES
-from clipcap.training.agreement import AgreementConfig, measure_agreement
+from clipcap.training.agreement import AgreementConfig, add_agreement_arguments, agreement_inputs, measure_agreement
 from clipcap.training.data import DatasetError
 
 
@@ -26,13 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidate", type=Path, help="the candidate bundle (default: the reference itself)")
     parser.add_argument("--reference-backend", choices=sorted(RUNTIMES), help="default: the one its kind needs")
     parser.add_argument("--candidate-backend", choices=sorted(RUNTIMES), help="default: the one its kind needs")
-    parser.add_argument("--images", type=Path, nargs="*", default=[], help="images to measure agreement on")
-    parser.add_argument("--data", type=Path, help="caption dataset: agreement and BLEU/CIDEr delta")
-    parser.add_argument("--image-root", type=Path, help="images of --data (default: its folder)")
-    parser.add_argument("--limit", type=int, help="only the first N images of --data")
-    parser.add_argument("--max-tokens", type=int, help="default: the reference's max_tokens")
-    parser.add_argument("--batch-size", type=int, default=AgreementConfig.batch_size)
-    parser.add_argument("--device", default=AgreementConfig.device, help="cpu, or cuda[:N]")
+    add_agreement_arguments(parser)
     parser.add_argument("--out", type=Path, help="also write the report here (JSON)")
     args = parser.parse_args(argv)
     candidate = args.candidate or args.reference
@@ -41,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.candidate_backend or detect(candidate).backend)
         if candidate == args.reference and backends[0] == backends[1]:
             parser.error("the candidate is the reference: give --candidate or another --candidate-backend")
-        config = AgreementConfig(args.reference, candidate, images=args.images, data=args.data,
-                                 image_root=args.image_root, limit=args.limit, batch_size=args.batch_size,
-                                 max_tokens=args.max_tokens, device=args.device, backends=backends)
+        config = AgreementConfig(args.reference, candidate, backends=backends, **agreement_inputs(args))
         result = measure_agreement(config)
     except (*USER_ERRORS, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)

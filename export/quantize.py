@@ -19,7 +19,7 @@ from pathlib import Path
 
 from clipcap.cli import USER_ERRORS
 from clipcap.export.quantize import METHODS, QuantizeConfig, quantize_bundle
-from clipcap.training.agreement import AgreementConfig, measure_agreement
+from clipcap.training.agreement import AgreementConfig, add_agreement_arguments, agreement_inputs, measure_agreement
 from clipcap.training.data import DatasetError
 
 
@@ -37,21 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=QuantizeConfig.block_size, help="weight-only: weights per scale")
     parser.add_argument("--accuracy-level", type=int, default=QuantizeConfig.accuracy_level, choices=(0, 1, 2, 3, 4),
                         help="weight-only: 4 = int8 activations inside the kernel, 0/1 = fp32")
-    parser.add_argument("--images", type=Path, nargs="*", default=[], help="images to measure agreement on")
-    parser.add_argument("--data", type=Path, help="caption dataset: agreement and BLEU/CIDEr delta")
-    parser.add_argument("--image-root", type=Path, help="images of --data (default: its folder)")
-    parser.add_argument("--limit", type=int, help="only the first N images of --data")
-    parser.add_argument("--max-tokens", type=int, help="default: the bundle's max_tokens")
-    parser.add_argument("--batch-size", type=int, default=AgreementConfig.batch_size)
-    parser.add_argument("--device", default=AgreementConfig.device,
-                        help="where agreement runs: cpu, or cuda[:N] for an fp16 sibling (onnxruntime-gpu)")
+    add_agreement_arguments(parser, "where agreement runs: cpu, or cuda[:N] for an fp16 sibling (onnxruntime-gpu)")
     args = parser.parse_args(argv)
     config = QuantizeConfig(args.export_dir, args.out, encoder=args.encoder or bool(args.encoder_method),
                             per_channel=args.per_channel, method=args.method, block_size=args.block_size,
                             accuracy_level=args.accuracy_level, encoder_method=args.encoder_method)
-    agreement = AgreementConfig(args.export_dir, config.out_dir, images=args.images, data=args.data,
-                                image_root=args.image_root, limit=args.limit, batch_size=args.batch_size,
-                                max_tokens=args.max_tokens, device=args.device)
+    agreement = AgreementConfig(args.export_dir, config.out_dir, **agreement_inputs(args))
     try:
         measure = bool(args.images or args.data)
         if measure:

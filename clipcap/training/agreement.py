@@ -113,6 +113,24 @@ class AgreementConfig:
             raise BundleError(f"image file(s) not found: {', '.join(missing[:3])}")
 
 
+def add_agreement_arguments(parser, device_help: str = "cpu, or cuda[:N]") -> None:
+    """The flags a script needs for an `AgreementConfig`'s inputs (--images, --data, --image-root, --limit,
+    --max-tokens, --batch-size, --device); `agreement_inputs(args)` reads them back."""
+    parser.add_argument("--images", type=Path, nargs="*", default=[], help="images to measure agreement on")
+    parser.add_argument("--data", type=Path, help="caption dataset: agreement and BLEU/CIDEr delta")
+    parser.add_argument("--image-root", type=Path, help="images of --data (default: its folder)")
+    parser.add_argument("--limit", type=int, help="only the first N images of --data")
+    parser.add_argument("--max-tokens", type=int, help="default: the reference's max_tokens")
+    parser.add_argument("--batch-size", type=int, default=AgreementConfig.batch_size)
+    parser.add_argument("--device", default=AgreementConfig.device, help=device_help)
+
+
+def agreement_inputs(args) -> dict:
+    """`AgreementConfig` keyword arguments from the flags `add_agreement_arguments` added."""
+    return {"images": args.images, "data": args.data, "image_root": args.image_root, "limit": args.limit,
+            "max_tokens": args.max_tokens, "batch_size": args.batch_size, "device": args.device}
+
+
 def measure_agreement(config: AgreementConfig) -> Agreement:
     """Greedy captions of both bundles (their `config.backends` on `config.device`) on image files or on a caption dataset."""
     import torch
