@@ -60,9 +60,9 @@ class TorchRuntime:
 
 class TorchBf16Runtime(TorchRuntime):
     """`TorchRuntime` with the CLIP image tower in bfloat16, weights and arithmetic: oneDNN's AVX-512
-    BF16 / AMX kernels on CPUs that have them (export/README, "Encoder options": measured), slower than
-    float32 on CPUs that do not (same numbers, emulated). The mapper and GPT-2 stay float32, and the
-    CLIP embedding leaves the tower as float32."""
+    BF16 / AMX kernels on CPUs that have them (export/README, "Encoder options": measured), kernels
+    without bf16 arithmetic on CPUs that do not (the same numbers). The mapper and GPT-2 stay float32,
+    and the CLIP embedding leaves the tower as float32."""
 
     def __init__(self, model, device: str = "cpu"):
         super().__init__(model, device)
