@@ -57,6 +57,7 @@ class CaptionRequest:
     request_id: str = ""  # names the request in log lines
     deadline: float | None = None  # time.monotonic() after which it is dropped (504); None: none
     stream: bool = False  # deliver a TokenEvent per settled token
+    preprocess_ms: float = 0.0  # reading and decoding its image before it was submitted (given pixels)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class CaptionResult:
     caption: str  # decoded text, stripped
     token_ids: list[int]  # generated ids, the stop token included when one was produced
     timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess, queue, encode, decode, first_token
+    batch_rows: int = 1  # the most rows it shared a decode step with (itself included)
 
 
 class CaptionFailed(Exception):
@@ -179,6 +181,7 @@ class _Running:
         self.handle, self.sequence, self.prefix = handle, sequence, prefix
         self.tokens: list[int] = []  # settled so far
         self.text = ""  # their text as streamed
+        self.batch_rows = 0  # the most rows in a step it took part in
 
 
 class CaptionEngine:
@@ -318,7 +321,7 @@ class CaptionEngine:
             prefix = self.runtime.encode(torch.stack([h.request.pixels for h in handles]))
         except Exception:
             if len(handles) == 1:
-                logger.exception("request %s: encoding failed", handles[0].request.request_id)
+                logger.exception("request %s: captioning failed (encoding its image)", handles[0].request.request_id)
                 handles[0]._finish(CaptionFailed(500, "captioning failed: internal error (logged on the server)"))
                 return
             logger.exception("engine: encoding %d images together failed; encoding them one by one", len(handles))
@@ -334,7 +337,7 @@ class CaptionEngine:
         for entry in running:
             self._running[id(entry.sequence)] = entry
         finished = self._batch.add([entry.sequence for entry in running], prefix)
-        self._settle([entry.sequence for entry in running], finished)
+        self._settle([entry.sequence for entry in running], finished, len(running))
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -343,13 +346,14 @@ class CaptionEngine:
         finished = self._batch.step()
         if self.on_step is not None:
             self.on_step(rows, time.perf_counter() - start)
-        self._settle(live, finished)
+        self._settle(live, finished, rows)
 
-    def _settle(self, advanced: list[DecodeSequence], finished: list[DecodeSequence]) -> None:
-        """Stream what the advanced sequences settled; finish the ones done."""
+    def _settle(self, advanced: list[DecodeSequence], finished: list[DecodeSequence], rows: int) -> None:
+        """Stream what the advanced sequences (a step of `rows` rows) settled; finish the ones done."""
         now = time.perf_counter()
         for sequence in advanced:
             entry = self._running[id(sequence)]
+            entry.batch_rows = max(entry.batch_rows, rows)
             if sequence.emitted:
                 entry.handle.times.setdefault("first_token", now)
                 if entry.handle.request.stream:
@@ -358,7 +362,8 @@ class CaptionEngine:
             entry = self._running.pop(id(sequence))
             token_ids = sequence.result()
             handle = entry.handle
-            handle._finish(CaptionResult(self.captioner.tokenizer.decode(token_ids), token_ids, _timings(handle.times, now)))
+            handle._finish(CaptionResult(self.captioner.tokenizer.decode(token_ids), token_ids, _timings(handle, now),
+                                         entry.batch_rows))
 
     def _stream(self, entry: _Running, tokens: list[int]) -> None:
         """A TokenEvent of the newly settled tokens and the text they complete (the tokenizer holds back an
@@ -411,7 +416,7 @@ class CaptionEngine:
                 continue
             token_ids = sequence.result()
             handle._finish(CaptionResult(self.captioner.tokenizer.decode(token_ids), token_ids,
-                                         _timings(handle.times, time.perf_counter())))
+                                         _timings(handle, time.perf_counter())))
 
     def _sequence(self, request: CaptionRequest) -> DecodeSequence:
         options = request.options
@@ -432,13 +437,14 @@ def _rows(options: DecodingOptions) -> int:
     return options.beam_size if options.strategy == "beam" else 1
 
 
-def _timings(times: dict[str, float], end: float) -> dict[str, float]:
-    """Per request, ms: preprocess (image decode), queue (waiting to be encoded), encode, decode, first_token
-    (from submission)."""
-    marks = {"preprocess": ("submitted", "pixels"), "queue": ("pixels", "encode"), "encode": ("encode", "decode")}
-    timings = {name: round((times[b] - times[a]) * 1e3, 3) for name, (a, b) in marks.items() if a in times and b in times}
-    if "decode" in times:
-        timings["decode"] = round((end - times["decode"]) * 1e3, 3)
+def _timings(handle: CaptionHandle, end: float) -> dict[str, float]:
+    """Per request, ms: preprocess (reading and decoding its image), queue (waiting to be encoded), encode,
+    decode (joining the decode to its last token), first_token (from submission)."""
+    times = handle.times
+    timings = {"preprocess": handle.request.preprocess_ms + (times["pixels"] - times["submitted"]) * 1e3}
+    for name, (start, stop) in {"queue": ("pixels", "encode"), "encode": ("encode", "decode")}.items():
+        timings[name] = (times[stop] - times[start]) * 1e3
+    timings["decode"] = (end - times["decode"]) * 1e3
     if "first_token" in times:
-        timings["first_token"] = round((times["first_token"] - times["submitted"]) * 1e3, 3)
-    return timings
+        timings["first_token"] = (times["first_token"] - times["submitted"]) * 1e3
+    return {name: round(value, 3) for name, value in timings.items()}
