@@ -244,6 +244,7 @@ class RayServer:
         from ray import serve
 
         BatchSettings.from_file(self.config.model_config)  # a bad file fails here, before Ray starts
+        self.token = resolve_token(self.config)  # so does a token file that cannot be written
         if not ray.is_initialized():
             self._started_ray = True
             if not embedded:
@@ -257,9 +258,8 @@ class RayServer:
                          _system_config={"enable_metrics_collection": self.config.metrics},
                          runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
         try:
-            if embedded:
+            if embedded and self._started_ray:
                 _check_loopback(ray.util.get_node_ip_address())
-            self.token = resolve_token(self.config)
             serve.start(http_options={"host": self.config.host, "port": self.config.port})
             app = build_app(self.config, self.token, ray.cluster_resources().get("GPU", 0))
             serve.run(app, name=APP_NAME, route_prefix="/")

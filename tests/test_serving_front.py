@@ -427,3 +427,16 @@ def test_a_light_module_does_not_load_torch():
 
     code = "import sys, clipcap.http_limits; print('torch' in sys.modules or 'PIL' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_serve_ray_refuses_a_token_file_symlink_before_starting_ray(tmp_path, capsys, monkeypatch):
+    from clipcap import cli, http_limits
+    from clipcap.serving_ray import EMBEDDED_RAY_ENV
+
+    for name in (*EMBEDDED_RAY_ENV, http_limits.HEADER_LIMIT_ENV, http_limits.BODY_LIMIT_ENV):
+        monkeypatch.setenv(name, "")  # recorded, so what RayServer sets is undone after the test
+        monkeypatch.delenv(name)
+
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    assert cli.main(["serve-ray", "models/shapes-demo", "--token-file", str(tmp_path / "link")]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
