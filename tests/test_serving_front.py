@@ -258,6 +258,10 @@ def test_the_rayservice_manifest_builds_the_application(monkeypatch):
     deployment = built._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == app["args"]["max_replicas"]
     assert deployment.init_args[2].token == "from-a-secret"
+    from clipcap import http_limits
+
+    env = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "value": http_limits.CALLBACK} in env
 
 
 def test_serve_ray_command_refuses_a_missing_model_config_before_starting_ray(tmp_path, capsys):
