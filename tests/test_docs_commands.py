@@ -219,6 +219,9 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "http://127.0.0.1:8080/predictions/clipcap": Elsewhere(f"{E2E}::test_captions_equal_the_library", FIXED_PORTS),
     'curl -H "Authorization: Bearer $KEY" -T samples/shapes-00.png http://127.0.0.1:8080/predictions/clipcap':
         Elsewhere(f"{E2E}::test_captions_equal_the_library", FIXED_PORTS),
+    'curl -H "Authorization: Bearer $KEY" -H "Content-Type: image/jpeg" --data-binary @photo.jpg '
+    "http://127.0.0.1:8080/predictions/clipcap": Elsewhere(f"{E2E}::test_the_shared_table_and_the_worker_keeps_serving",
+                                                           f"a raw body with its type, as the table's; {FIXED_PORTS}"),
     'curl -H "Authorization: Bearer $KEY" -F data=@samples/shapes-00.png -F decoding=beam -F beam_size=3 '
     "http://127.0.0.1:8080/predictions/clipcap": Elsewhere(f"{E2E}::test_json_and_multipart_requests_with_options",
                                                            FIXED_PORTS),

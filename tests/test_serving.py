@@ -593,3 +593,58 @@ def test_healthcheck_image_and_refused_connection(tmp_path, capsys):
     assert healthcheck.main(["--url", f"http://127.0.0.1:{port}", "--timeout", "2",
                              "--key-file", str(tmp_path / "absent.json")]) == 1
     assert "unhealthy: no caption within 2.0 s" in capsys.readouterr().err
+
+
+def _healthcheck():
+    spec = importlib.util.spec_from_file_location("clipcap_healthcheck", SERVING / "healthcheck.py")
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    return healthcheck
+
+
+def test_healthcheck_reads_either_token_file_and_says_when_a_port_is_not_http(tmp_path, capsys):
+    """TorchServe's key_file.json and Ray Serve's serve-ray-token (the token alone) both authorize the check;
+    a port that answers something other than HTTP is exit 1 with a one-line reason, no traceback."""
+    import http.server
+    import socketserver
+
+    healthcheck = _healthcheck()
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.headers["Authorization"])
+            body = json.dumps({"caption": "a red square", "token_ids": [1, 2]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Garbage(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "ts-key"}}))
+    (tmp_path / "serve-ray-token").write_text("ray-token\n")
+    (tmp_path / "bad.json").write_text('{"management": {"key": "x"}}')
+    for server_class, handler in ((http.server.HTTPServer, Handler), (socketserver.TCPServer, Garbage)):
+        with server_class(("127.0.0.1", 0), handler) as server:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            try:
+                if handler is Handler:
+                    for name in ("key_file.json", "serve-ray-token"):
+                        assert healthcheck.main(["--url", url, "--key-file", str(tmp_path / name)]) == 0
+                    assert seen == ["Bearer ts-key", "Bearer ray-token"]
+                    assert healthcheck.main(["--url", url, "--key-file", str(tmp_path / "bad.json")]) == 1
+                    assert "without TorchServe's inference key" in capsys.readouterr().err
+                else:
+                    assert healthcheck.main(["--url", url, "--timeout", "5"]) == 1
+                    err = capsys.readouterr().err
+                    assert err.startswith("unhealthy: ") and "does not answer HTTP" in err and "Traceback" not in err
+            finally:
+                server.shutdown()

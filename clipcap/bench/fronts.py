@@ -98,7 +98,7 @@ def compare_fronts(config: FrontsConfig, progress: bool = True) -> dict:
     os.environ["OMP_NUM_THREADS"] = str(config.threads)  # the Ray replica's torch threads (inherited)
     ray_config = RayServeConfig(bundle=str(config.bundle), model_config=str(serving / "model-config.yaml"),
                                 port=free_ports(1)[0], replicas=1, cpus_per_replica=config.threads,
-                                token=secrets.token_urlsafe(32))
+                                token=secrets.token_urlsafe(32), metrics=True)  # metrics on, as TorchServe's
     load_before = os.getloadavg()
     with LocalTorchServe(config.work_dir / "torchserve", store, ["clipcap"], config.repo, config.threads) as torchserve, \
             RayServer(ray_config) as ray_server:
