@@ -4,9 +4,9 @@ Untrusted bytes are checked before any pixel is decoded: a format in the accepte
 format's Pillow plugin may parse the header, so the decoders of rarely used formats never see a
 request), a pixel count under the limit (read from the header, so a decompression bomb is refused
 without being expanded), decoded bytes under the limit (`decoded_bytes`: 16-bit samples count at
-their width), and a complete file. A request then adds at most 4x its decoded bytes (+16 MiB) to
-the peak RSS (serving/README.md; measured for every accepted kind by tests/test_images.py). Every failure is an `ImageError` with a message fit to
-return to a client.
+their width), and a complete file. Every failure is an `ImageError` with a message fit to return to
+a client. An accepted image adds at most 4x its decoded bytes + 16 MiB to the peak RSS of decoding
+and preprocessing it (serving/README.md; measured for each accepted kind by tests/test_images.py).
 
 Accepted formats (`FORMATS`; a caller may narrow the set): JPEG, MPO (a JPEG with a multi-picture
 index: camera multi-shot, 3-D and gain-map HDR photos; its primary image), PNG and APNG (the default

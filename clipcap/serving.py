@@ -138,7 +138,8 @@ class CaptionService:
         config = ServingConfig.from_dict(settings.get("handler"))
         workers = settings.get("maxWorkers")  # absent: TorchServe starts a worker per core
         set_compute_threads(worker_threads(config.threads, workers if isinstance(workers, int) else os.cpu_count()),
-                            f"handler.threads {config.threads}, maxWorkers {workers}")
+                            f"handler.threads {config.threads}, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS')}, "
+                            f"maxWorkers {workers}")
         captioner = Captioner.from_path(Path(model_dir) / config.bundle, backend=config.backend,
                                         device=resolve_device(config.device, gpu_id))
         return cls(captioner, config)

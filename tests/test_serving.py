@@ -83,13 +83,17 @@ def test_bad_config_names_the_key(section, fragment):
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 512), st.integers(1, 64), st.none() | st.integers(1, 64))
 def test_worker_threads_leave_a_core_and_share_the_rest(cores, workers, configured):
-    threads = worker_threads(configured, workers, cores)
+    threads = worker_threads(configured, workers, cores, environ={})
     if configured is not None:
         assert threads == configured
+        assert worker_threads(configured, workers, cores, environ={"OMP_NUM_THREADS": "5"}) == configured
     else:
         assert threads >= 1 and (threads * workers <= cores - 1 or threads == 1)
         assert (threads + 1) * workers > cores - 1  # no core left idle that a thread each could use
-    assert worker_threads(None, 1, 2) == 1 and worker_threads(None, 1, 16) == 15 and worker_threads(None, 4, 16) == 3
+        assert worker_threads(None, workers, cores, environ={"OMP_NUM_THREADS": "5"}) == 5  # an explicit setting
+        for unset in ("", "0", "two"):
+            assert worker_threads(None, workers, cores, environ={"OMP_NUM_THREADS": unset}) == threads
+    assert [worker_threads(None, w, c, environ={}) for w, c in ((1, 2), (1, 16), (4, 16))] == [1, 15, 3]
 
 
 @pytest.mark.parametrize("model_config, expected", [
@@ -99,6 +103,7 @@ def test_worker_threads_leave_a_core_and_share_the_rest(cores, workers, configur
 ])
 def test_a_service_from_an_archive_sets_the_compute_threads_before_opening_the_runtime(
         tiny_bundle, tmp_path, monkeypatch, caplog, model_config, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     shutil.copytree(tiny_bundle, tmp_path / "bundle")
     opened_with = []
     monkeypatch.setattr(Captioner, "from_path", classmethod(lambda cls, *a, **k: opened_with.append(
