@@ -27,6 +27,7 @@ import dataclasses
 import http
 import json
 import logging
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,7 @@ import torch
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
 from clipcap.images import ImageError, open_image
 from clipcap.quoting import quote, quote_names
-from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError
+from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError, worker_threads
 
 if TYPE_CHECKING:
     from clipcap.captioner import CaptionBatch, Captioner
@@ -132,10 +133,16 @@ class CaptionService:
     @classmethod
     def from_archive(cls, model_dir: str | Path, model_config: dict | None, gpu_id: int | None = None,
                      ) -> "CaptionService":
-        """Open the bundle unpacked from a .mar, with the settings of its model-config.yaml."""
+        """Open the bundle unpacked from a .mar, with the settings of its model-config.yaml; this process's
+        compute threads are set first (`worker_threads` of handler.threads and maxWorkers)."""
         from clipcap.captioner import Captioner
 
-        config = ServingConfig.from_dict((model_config or {}).get("handler"))
+        settings = model_config or {}
+        config = ServingConfig.from_dict(settings.get("handler"))
+        workers = settings.get("maxWorkers")  # absent: TorchServe starts a worker per core
+        set_compute_threads(worker_threads(config.threads, workers if isinstance(workers, int) else os.cpu_count()),
+                            f"handler.threads {config.threads}, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS')}, "
+                            f"maxWorkers {workers}")
         captioner = Captioner.from_path(Path(model_dir) / config.bundle, backend=config.backend,
                                         device=resolve_device(config.device, gpu_id))
         return cls(captioner, config)
@@ -194,7 +201,8 @@ class CaptionService:
             raise ServingError(400, str(error)) from None
         self._check_size(len(payload))
         try:  # here, in the request's own parse: a failure is this request's alone
-            pixels = self.captioner.load_pixels(bytes(payload), self.config.formats, self.config.max_image_pixels)
+            pixels = self.captioner.load_pixels(bytes(payload), self.config.formats, self.config.max_image_pixels,
+                                                self.config.max_image_bytes)
         except ImageError as error:
             raise ServingError(400, str(error)) from None
         return ImageRequest(pixels, options, (time.perf_counter() - start) * 1e3)
@@ -328,6 +336,13 @@ class CaptionService:
             logger.exception("batched captioning of requests %s failed; captioning them one by one",
                              ", ".join(requests[i].request_id for i in indices))
         return [run for i in indices for run in self._caption_group(requests, [i])]
+
+
+def set_compute_threads(threads: int, why: str) -> None:
+    """This process's torch compute threads, before a runtime is opened (onnxruntime's sessions take
+    torch.get_num_threads()); logged, with `why`."""
+    torch.set_num_threads(threads)
+    logger.info("compute threads: %d (%s)", threads, why)
 
 
 def request_label(request_id: str, headers: dict) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import clipcap
 from clipcap import http_limits
-from clipcap.serving import BatchStats, CaptionService, Reply, resolve_device
+from clipcap.serving import BatchStats, CaptionService, Reply, resolve_device, set_compute_threads
 from clipcap.serving_config import ServingConfig, ServingConfigError
 from clipcap.serving_front import CaptionFront, FrontConfig
 
@@ -100,6 +100,8 @@ class CaptionReplica:
 
         config = settings.handler
         http_limits.log_through_serve("clipcap")  # refusals and tracebacks into the replica's Serve log
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)  # cpus_per_replica
+        set_compute_threads(config.threads or max(1, int(cpus)), f"handler.threads {config.threads}, {cpus} CPUs")
         gpu_id = 0 if ray.get_gpu_ids() else None  # Ray shows a replica only its own GPU
         captioner = Captioner.from_path(bundle, backend=config.backend, device=resolve_device(config.device, gpu_id))
         self.service = CaptionService(captioner, config)

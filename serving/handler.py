@@ -5,12 +5,13 @@ ClipcapBatchSize (histogram), ClipcapTokensGenerated (counter) and
 Clipcap{Preprocess,Encode,Decode}Seconds (histograms of per-batch stage time).
 """
 import os
+import sys
 
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from clipcap.serving import PART_NAMES, BatchStats, CaptionService
+from clipcap.serving import PART_NAMES, BatchStats, CaptionService, ServingConfigError
 
 
 def _recording_part_names(retrieve):
@@ -34,8 +35,12 @@ Service.retrieve_data_for_inference = _recording_part_names(Service.retrieve_dat
 class ClipCapHandler(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
-        self.service = CaptionService.from_archive(properties["model_dir"], context.model_yaml_config,
-                                                   properties.get("gpu_id"))
+        try:
+            self.service = CaptionService.from_archive(properties["model_dir"], context.model_yaml_config,
+                                                       properties.get("gpu_id"))
+        except ServingConfigError as error:  # on stderr: model_log.log has it at WARN (stdout lines are INFO)
+            print(f"ERROR clipcap cannot start: {error}", file=sys.stderr, flush=True)
+            raise
         self.initialized = True
 
     def preprocess(self, data):

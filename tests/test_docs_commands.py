@@ -146,6 +146,9 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python export/to_tensorrt.py models/shapes-demo --out build/shapes-trt [--fp16]":
         Run((("[--fp16]", "--fp16"),), needs="tensorrt", refusal="tensorrt"),
     ".venv/bin/python serving/build_mar.py --bundle models/shapes-demo": Run(expect="clipcap.mar"),
+    "mkdir -p build/ts-tmp && export TMPDIR=$PWD/build/ts-tmp TEMP=$PWD/build/ts-tmp":
+        Elsewhere(E2E, "sets the reader's shell for the TorchServe commands after it; the e2e servers run with "
+                  "their own TMPDIR and TEMP the same way"),
     ".venv/bin/torchserve --start --ncs --ts-config serving/config.properties --models clipcap=clipcap.mar":
         Elsewhere(E2E, FIXED_PORTS),
     "make bench": Elsewhere("tests/test_bench_load.py", f"{SETUP} and records into benchmarks/history/; "
