@@ -693,6 +693,11 @@ def _healthcheck():
     return healthcheck
 
 
+def _content_length(request: bytes) -> int:
+    head = request.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    return next((int(line.split(":", 1)[1]) for line in head.split("\r\n") if line.startswith("content-length:")), 0)
+
+
 def test_healthcheck_reads_either_token_file_and_says_when_a_port_is_not_http(tmp_path, capsys):
     """TorchServe's key_file.json and Ray Serve's serve-ray-token (the token alone) both authorize the check;
     a port that answers something other than HTTP is exit 1 with a one-line reason, no traceback."""
@@ -716,7 +721,13 @@ def test_healthcheck_reads_either_token_file_and_says_when_a_port_is_not_http(tm
             pass
 
     class Garbage(socketserver.BaseRequestHandler):
-        def handle(self):
+        def handle(self):  # reads the whole request first, so the client never meets a closed socket mid-send
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+                chunk = self.request.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
             self.request.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
 
     (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "ts-key"}}))
