@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipcap.bench.history import HISTORY_DIR, load_records
-from clipcap.bench.machine import fingerprint, machine_info
-from clipcap.bench.regression import CheckConfig, changes_markdown, compare, newest_pair
+from clipcap_bench.history import HISTORY_DIR, load_records
+from clipcap_bench.machine import fingerprint, machine_info
+from clipcap_bench.regression import CheckConfig, changes_markdown, compare, newest_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipcap.bench.history import HISTORY_DIR, load_records
-from clipcap.bench.trends import plot_trends
+from clipcap_bench.history import HISTORY_DIR, load_records
+from clipcap_bench.trends import plot_trends
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap.bench import backends
-from clipcap.bench.history import RECORD_SCHEMA, load_records, make_record, write_record
-from clipcap.bench.latency import LatencyConfig, run_latency
-from clipcap.bench.machine import fingerprint, machine_info
-from clipcap.bench.regression import CheckConfig, compare, newest_pair
-from clipcap.bench.trends import plot_trends
+from clipcap_bench import backends
+from clipcap_bench.history import RECORD_SCHEMA, load_records, make_record, write_record
+from clipcap_bench.latency import LatencyConfig, run_latency
+from clipcap_bench.machine import fingerprint, machine_info
+from clipcap_bench.regression import CheckConfig, compare, newest_pair
+from clipcap_bench.trends import plot_trends
 from clipcap.config import GPT2Config
 from clipcap.model import ClipCapModel
 from conftest import tiny_config
@@ -193,7 +193,7 @@ def test_trends_need_records_of_the_profile(tmp_path):
 
 def test_a_record_of_the_history_does_not_make_the_tree_dirty(tmp_path):
     """A latency run writes its record just before the serving run reads the tree's state."""
-    from clipcap.bench.history import HISTORY_DIR, git_state
+    from clipcap_bench.history import HISTORY_DIR, git_state
 
     def git(*args: str) -> None:
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,

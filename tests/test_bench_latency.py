@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap.bench.backends import TimedRuntime, open_backends
-from clipcap.bench.latency import LatencyConfig, run_latency
-from clipcap.bench.report import write_latency_outputs
-from clipcap.bench.schema import check_report
+from clipcap_bench.backends import TimedRuntime, open_backends
+from clipcap_bench.latency import LatencyConfig, run_latency
+from clipcap_bench.report import write_latency_outputs
+from clipcap_bench.schema import check_report
 from clipcap.config import BundleError
 from clipcap.decoding import DecodingOptions, generate
 from clipcap.runtimes.torch_runtime import TorchRuntime

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from clipcap.bench.load import OpenLoopConfig, meets_objective, open_loop, with_options
-from clipcap.bench.open_loop_profile import (Capacity, OpenLoopProfile, capacity, capacity_summary, model_names,
+from clipcap_bench.load import OpenLoopConfig, meets_objective, open_loop, with_options
+from clipcap_bench.open_loop_profile import (Capacity, OpenLoopProfile, capacity, capacity_summary, model_names,
                                              target_verdict)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ def _photo_main(argv: list[str], monkeypatch) -> OpenLoopProfile:
         parser_calls["profile"] = profile
         raise SystemExit(0)
 
-    monkeypatch.setattr("clipcap.bench.open_loop_profile.run_open_loop_profile", capture)
+    monkeypatch.setattr("clipcap_bench.open_loop_profile.run_open_loop_profile", capture)
     with pytest.raises(SystemExit) as exit_info:
         photo["main"](argv)
     assert exit_info.value.code == 0
@@ -169,8 +169,8 @@ def test_an_export_bundle_served_open_loop(tmp_path, tiny_export):
     """The tiny ONNX export packed, served by a real TorchServe and loaded open-loop with samples/ PNGs."""
     import torch
 
-    from clipcap.bench.history import make_record
-    from clipcap.bench.open_loop_profile import open_loop_markdown, run_open_loop_profile, write_open_loop_outputs
+    from clipcap_bench.history import make_record
+    from clipcap_bench.open_loop_profile import open_loop_markdown, run_open_loop_profile, write_open_loop_outputs
     from clipcap.captioner import Captioner
 
     profile = OpenLoopProfile(bundles=[tiny_export], work=tmp_path / "work", rates=[2.0, 4.0], duration_s=1.5,
@@ -194,7 +194,7 @@ def test_an_export_bundle_served_open_loop(tmp_path, tiny_export):
 
 
 def test_a_refused_probe_says_what_the_server_answered():
-    from clipcap.bench.open_loop_profile import probe
+    from clipcap_bench.open_loop_profile import probe
     from test_bench_load import StandInServer
 
     with StandInServer() as server:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from clipcap.bench.statistics import flatness, percentiles
+from clipcap_bench.statistics import flatness, percentiles
 
 
 def test_percentiles_and_flatness_on_known_values():
@@ -41,11 +41,11 @@ def test_median_error_matches_the_normal_theory_on_a_large_sample():
 
 
 def test_ratio_table_is_the_one_source_of_ratios_metrics_and_targets():
-    """Report rows, history metric names and targets all follow `clipcap.bench.ratios.RATIOS` by key:
+    """Report rows, history metric names and targets all follow `clipcap_bench.ratios.RATIOS` by key:
     a display name changed in a report neither drops a metric nor turns a target into "not measured"."""
-    from clipcap.bench.backends import BACKENDS
-    from clipcap.bench.ratios import RATIOS
-    from clipcap.bench.statistics import compute_ratios, evaluate_targets
+    from clipcap_bench.backends import BACKENDS
+    from clipcap_bench.ratios import RATIOS
+    from clipcap_bench.statistics import compute_ratios, evaluate_targets
 
     assert len({r.key for r in RATIOS}) == len(RATIOS) and len({r.name for r in RATIOS}) == len(RATIOS)
     assert all(r.slower in BACKENDS and r.faster in BACKENDS for r in RATIOS)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from clipcap import cli
-from clipcap.bench.torchserve import free_ports
+from clipcap_bench.torchserve import free_ports
 from serving_cases import OPTIONS, cases
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[serve-ray]')")

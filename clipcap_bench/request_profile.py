@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from clipcap.bench.machine import machine_info
-from clipcap.bench.photos import phone_jpeg
-from clipcap.bench.schema import REQUEST_SCHEMA, check_report, jsonable
-from clipcap.bench.statistics import percentiles
+from clipcap_bench.machine import machine_info
+from clipcap_bench.photos import phone_jpeg
+from clipcap_bench.schema import REQUEST_SCHEMA, check_report, jsonable
+from clipcap_bench.statistics import percentiles
 from clipcap.config import BundleError
 
 TARGET_FRACTION_OF_TODAY = 0.5  # issue 20: end to end on the photo profile <= 0.5x today's time
@@ -256,7 +256,7 @@ def request_markdown(report: dict) -> str:
 
 def plot_request(report: dict, path: Path) -> Path:
     """Stacked bars of each option's per-stage p50s: wall time, and the calling thread's CPU time."""
-    from clipcap.bench.report import pyplot, save_figure
+    from clipcap_bench.report import pyplot, save_figure
 
     plt = pyplot()
     names = [cell["option"] for cell in report["cells"]]
@@ -276,6 +276,6 @@ def plot_request(report: dict, path: Path) -> Path:
 
 
 def write_request_outputs(report: dict, out: Path) -> list[Path]:
-    from clipcap.bench.schema import write_outputs
+    from clipcap_bench.schema import write_outputs
 
     return write_outputs(report, out, "request", request_markdown, {"request.png": plot_request})

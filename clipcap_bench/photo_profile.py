@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from clipcap.bench.machine import machine_info
-from clipcap.bench.photos import CLIP_MEAN, CLIP_STD, PIPELINES, input_format, phone_jpeg, photo_inputs
-from clipcap.bench.schema import PHOTO_SCHEMA, check_report, jsonable
-from clipcap.bench.statistics import percentiles
+from clipcap_bench.machine import machine_info
+from clipcap_bench.photos import CLIP_MEAN, CLIP_STD, PIPELINES, input_format, phone_jpeg, photo_inputs
+from clipcap_bench.schema import PHOTO_SCHEMA, check_report, jsonable
+from clipcap_bench.statistics import percentiles
 
 TARGET_SPEEDUP_VS_OPEN_CLIP = 4.0  # issue 19: 12 MP JPEG decode + preprocess >= 4x open_clip's full-decode path
 TARGET_OF_FASTEST_ANCHOR = 1.1  # ... and within 1.1x of the fastest anchor
@@ -140,7 +140,7 @@ def measure_batch(profile: PhotoProfile, repo: Path, progress: bool = True) -> d
 
 PEAK_SCRIPT = """
 import sys
-from clipcap.bench.photo_profile import concurrent_decode_peak
+from clipcap_bench.photo_profile import concurrent_decode_peak
 print(concurrent_decode_peak(sys.argv[1], *map(int, sys.argv[2:])))
 """
 
@@ -167,7 +167,7 @@ def measure_peak_rss(count: int, width: int, height: int, image_size: int, repo:
 
 
 def write_photo_jpeg(path: Path, width: int, height: int) -> Path:
-    from clipcap.bench.photos import photo_like
+    from clipcap_bench.photos import photo_like
 
     path.parent.mkdir(parents=True, exist_ok=True)
     photo_like(width, height).save(path, format="JPEG", quality=90)
@@ -279,7 +279,7 @@ def photo_markdown(report: dict) -> str:
 
 
 def plot_photo(report: dict, path: Path) -> Path:
-    from clipcap.bench.report import pyplot, save_figure
+    from clipcap_bench.report import pyplot, save_figure
 
     plt = pyplot()
     inputs = list(dict.fromkeys(c["input"] for c in report["cells"]))
@@ -298,6 +298,6 @@ def plot_photo(report: dict, path: Path) -> Path:
 
 
 def write_photo_outputs(report: dict, out: Path) -> list[Path]:
-    from clipcap.bench.schema import write_outputs
+    from clipcap_bench.schema import write_outputs
 
     return write_outputs(report, out, "photo", photo_markdown, {"photo.png": plot_photo})

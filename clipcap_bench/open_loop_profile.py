@@ -1,7 +1,7 @@
 """Open-loop serving load for the photo profile: each bundle (the demo model by default; any model or export
 bundle) packed into a .mar and served alone by a private TorchServe with the shipped model-config.yaml,
 images (12 MP phone JPEGs, or samples/ PNGs) arriving as a Poisson process at each offered rate
-(clipcap.bench.load.run_open_loop). Per bundle and rate: p50/p99 and the fraction answered within the
+(clipcap_bench.load.run_open_loop). Per bundle and rate: p50/p99 and the fraction answered within the
 latency objective; per bundle its capacity (the highest rate meeting the objective) and its ratio to the
 first bundle's, against issue 20's target; as markdown and a plot.
 """
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clipcap.bench.load import SERVER_SETTINGS, meets_objective
+from clipcap_bench.load import SERVER_SETTINGS, meets_objective
 
 TARGET_CAPACITY_RATIO = 1.5  # issue 20: the best export's capacity >= 1.5x today's (the first bundle's)
 
@@ -29,7 +29,7 @@ class Payload:
 
 
 def _phone_jpegs(repo: Path, folder: Path, count: int) -> list[Path]:
-    from clipcap.bench.photos import phone_jpeg
+    from clipcap_bench.photos import phone_jpeg
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"phone-{seed}.jpg" for seed in range(count)]
@@ -48,7 +48,7 @@ def _sample_pngs(repo: Path, folder: Path, count: int) -> list[Path]:
 
 PAYLOADS = {p.name: p for p in (
     Payload("phone-jpeg", "12 MP phone JPEGs (4032x3024 on its side, EXIF Orientation 6, Display P3 ICC; "
-                          "clipcap.bench.photos.phone_jpeg)", _phone_jpegs),
+                          "clipcap_bench.photos.phone_jpeg)", _phone_jpegs),
     Payload("samples-png", "the repository's samples/*.png (issue 19's first open-loop numbers)", _sample_pngs),
 )}
 
@@ -111,7 +111,7 @@ def shipped_server_settings(repo: Path) -> dict:
 def packed_archive(bundle: Path, repo: Path, out: Path) -> bool:
     """`bundle` packed into `out` (NAME.mar) with the shipped handler and model-config.yaml, unless the
     .mar already holds exactly these files (a digest stamp next to it); returns whether it was built."""
-    from clipcap.bench.bundles import source_digest
+    from clipcap_bench.bundles import source_digest
     from clipcap.export.mar import ArchiveConfig, build_archive
 
     handler, model_config = repo / "serving" / "handler.py", repo / "serving" / "model-config.yaml"
@@ -155,9 +155,9 @@ def probe(url: str, model: str, key: str, body: tuple[bytes, str], timeout_s: fl
 
 def run_open_loop_profile(profile: OpenLoopProfile, repo: Path, progress: bool = True) -> dict:
     """Each bundle in turn: pack, serve alone, probe, load open-loop at each rate, stop; one report."""
-    from clipcap.bench.bundles import bundle_kind
-    from clipcap.bench.load import OpenLoopConfig, request_bodies, run_open_loop, with_options
-    from clipcap.bench.torchserve import LocalTorchServe
+    from clipcap_bench.bundles import bundle_kind
+    from clipcap_bench.load import OpenLoopConfig, request_bodies, run_open_loop, with_options
+    from clipcap_bench.torchserve import LocalTorchServe
 
     profile.validate()
     work = repo / profile.work
@@ -191,7 +191,7 @@ def run_open_loop_profile(profile: OpenLoopProfile, repo: Path, progress: bool =
 def _merged(reports: list[dict], served: list[dict], profile: OpenLoopProfile, repo: Path) -> dict:
     """One report over the bundles' runs: their cells in turn, the settings they share, each bundle's
     archive and start-up, and the capacities."""
-    from clipcap.bench.schema import check_report
+    from clipcap_bench.schema import check_report
 
     first = reports[0]
     cells = [cell for report in reports for cell in report["cells"]]
@@ -314,7 +314,7 @@ def open_loop_markdown(report: dict) -> str:
 
 
 def plot_open_loop(report: dict, path: Path) -> Path:
-    from clipcap.bench.report import pyplot, save_figure
+    from clipcap_bench.report import pyplot, save_figure
 
     plt = pyplot()
     figure, (latency_axis, slo_axis) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -334,6 +334,6 @@ def plot_open_loop(report: dict, path: Path) -> Path:
 
 
 def write_open_loop_outputs(report: dict, out: Path) -> list[Path]:
-    from clipcap.bench.schema import write_outputs
+    from clipcap_bench.schema import write_outputs
 
     return write_outputs(report, out, "open_loop", open_loop_markdown, {"open_loop.png": plot_open_loop})

@@ -97,8 +97,7 @@ def make_demo_exports(bundle: Path, out: Path, library: Path) -> dict[str, Path]
     from clipcap.export.onnx import ExportOptions, export_bundle
 
     out = Path(out)
-    # The benchmark harness itself builds nothing that is exported.
-    key, stamp = source_digest([Path(bundle), Path(library)], ("__pycache__", "bench")), out / "source.sha256"
+    key, stamp = source_digest([Path(bundle), Path(library)]), out / "source.sha256"
     paths = {"onnx-fp32": out / "onnx", "onnx-int8": out / "onnx-int8"}
     if not stamp.is_file() or stamp.read_text() != key:
         for path in paths.values():

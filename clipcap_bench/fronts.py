@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from clipcap.bench.load import http_sender, open_loop, request_bodies
-from clipcap.bench.machine import machine_info
-from clipcap.bench.schema import jsonable
+from clipcap_bench.load import http_sender, open_loop, request_bodies
+from clipcap_bench.machine import machine_info
+from clipcap_bench.schema import jsonable
 
 FRONTS = ("torchserve", "ray-serve")
 OBJECTIVE_SHARE = 0.99  # a rate is within the p99 objective when this share of its requests is answered within it
@@ -86,7 +86,7 @@ async def _load(config: FrontsConfig, targets: dict[str, tuple[str, str]], bodie
 
 def compare_fronts(config: FrontsConfig, progress: bool = True) -> dict:
     """Start both fronts on `config.bundle`, load them interleaved, stop them; returns the report."""
-    from clipcap.bench.torchserve import LocalTorchServe, free_ports
+    from clipcap_bench.torchserve import LocalTorchServe, free_ports
     from clipcap.export.mar import ArchiveConfig, build_archive
     from clipcap.serving_ray import RayServeConfig, RayServer
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipcap.bench.schema import write_outputs
+from clipcap_bench.schema import write_outputs
 
 
 def _fmt(value: float) -> str:

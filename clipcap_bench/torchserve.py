@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from clipcap.bench.load import read_api_keys
+from clipcap_bench.load import read_api_keys
 
 
 def free_ports(count: int) -> list[int]:

@@ -26,7 +26,7 @@ def commit_order(records: list[dict]) -> list[str]:
 def plot_trends(records: list[dict], out: Path, profile: str = "quick") -> list[Path]:
     """A PNG per metric family (a panel per metric), index.html showing them and summary.md (every value);
     returns the files written."""
-    from clipcap.bench.report import pyplot, save_figure
+    from clipcap_bench.report import pyplot, save_figure
 
     plt = pyplot()
     records = [r for r in records if r["profile"] == profile]

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 LATENCY_SCHEMA = "clipcap-latency/1"
 SERVING_SCHEMA = "clipcap-serving/1"
-PHOTO_SCHEMA = "clipcap-photo/1"  # clipcap.bench.photo_profile
-OPEN_LOOP_SCHEMA = "clipcap-open-loop/1"  # clipcap.bench.load.run_open_loop
-REQUEST_SCHEMA = "clipcap-request/1"  # clipcap.bench.request_profile
+PHOTO_SCHEMA = "clipcap-photo/1"  # clipcap_bench.photo_profile
+OPEN_LOOP_SCHEMA = "clipcap-open-loop/1"  # clipcap_bench.load.run_open_loop
+REQUEST_SCHEMA = "clipcap-request/1"  # clipcap_bench.request_profile
 
 
 def jsonable(value: Any) -> Any:

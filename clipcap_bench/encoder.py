@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipcap.bench.machine import machine_info
-from clipcap.bench.roofline import StepCost, cost_floor_s, measure_peaks, vit_image_cost
-from clipcap.bench.schema import jsonable
+from clipcap_bench.machine import machine_info
+from clipcap_bench.roofline import StepCost, cost_floor_s, measure_peaks, vit_image_cost
+from clipcap_bench.schema import jsonable
 
 EAGER = "open_clip eager"  # the reference option's name: TorchRuntime.encode on the model bundle
 EAGER_BF16 = "open_clip eager bf16"  # TorchBf16Runtime.encode: the tower's weights and arithmetic in bfloat16
@@ -129,7 +129,7 @@ def encoder_markdown(report: dict) -> str:
 
 
 def plot_encoder(report: dict, path: Path) -> Path:
-    from clipcap.bench.report import pyplot, save_figure
+    from clipcap_bench.report import pyplot, save_figure
 
     plt = pyplot()
     batches = sorted({row["batch_size"] for row in report["rows"]})

@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from clipcap.bench.latency import synthetic_images
-from clipcap.bench.machine import machine_info
-from clipcap.bench.schema import OPEN_LOOP_SCHEMA, SERVING_SCHEMA, check_report, jsonable
-from clipcap.bench.statistics import percentiles
+from clipcap_bench.latency import synthetic_images
+from clipcap_bench.machine import machine_info
+from clipcap_bench.schema import OPEN_LOOP_SCHEMA, SERVING_SCHEMA, check_report, jsonable
+from clipcap_bench.statistics import percentiles
 
 
 @dataclass

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipcap.bench.backends import BACKENDS, OpenBackend, open_backends
-from clipcap.bench.machine import machine_info, thread_counts
-from clipcap.bench.roofline import decoder_weight_bytes, encoder_roofline, graph_bytes, measure_peaks, roofline
-from clipcap.bench.schema import LATENCY_SCHEMA, check_report, jsonable
-from clipcap.bench.statistics import compute_ratios, evaluate_targets, summarize_cell
+from clipcap_bench.backends import BACKENDS, OpenBackend, open_backends
+from clipcap_bench.machine import machine_info, thread_counts
+from clipcap_bench.roofline import decoder_weight_bytes, encoder_roofline, graph_bytes, measure_peaks, roofline
+from clipcap_bench.schema import LATENCY_SCHEMA, check_report, jsonable
+from clipcap_bench.statistics import compute_ratios, evaluate_targets, summarize_cell
 from clipcap.config import BundleError
 
 

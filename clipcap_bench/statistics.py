@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipcap.bench.backends import BACKENDS
-from clipcap.bench.ratios import RATIOS
+from clipcap_bench.backends import BACKENDS
+from clipcap_bench.ratios import RATIOS
 
 
 PERCENTILES = (50, 90, 99)
@@ -105,7 +105,7 @@ FLATNESS_TARGET = 0.20  # per-token decode time within ±20% from token 5 to tok
 
 
 def evaluate_targets(report: dict) -> list[dict]:
-    """Every ratio's `SpeedupTarget` (clipcap.bench.ratios) and the flatness target, met or missed where measured."""
+    """Every ratio's `SpeedupTarget` (clipcap_bench.ratios) and the flatness target, met or missed where measured."""
     rows = []
     for ratio in (r for r in RATIOS if r.target is not None):
         target = ratio.target

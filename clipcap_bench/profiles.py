@@ -28,8 +28,8 @@ class QuickProfile:
 
 
 def run_quick_latency(profile: QuickProfile, repo: Path, progress: bool = True) -> dict:
-    from clipcap.bench.bundles import make_demo_exports
-    from clipcap.bench.latency import LatencyConfig, run_latency
+    from clipcap_bench.bundles import make_demo_exports
+    from clipcap_bench.latency import LatencyConfig, run_latency
 
     exports = make_demo_exports(repo / profile.bundle, repo / profile.work / "exports", repo / "clipcap")
     config = LatencyConfig(paths=[repo / profile.bundle, exports["onnx-fp32"], exports["onnx-int8"]],
@@ -41,9 +41,9 @@ def run_quick_latency(profile: QuickProfile, repo: Path, progress: bool = True) 
 
 def run_quick_serving(profile: QuickProfile, repo: Path, progress: bool = True) -> dict:
     """Pack the demo bundle (torch) and its export (onnxruntime) as two models, serve, load, stop."""
-    from clipcap.bench.bundles import make_demo_exports
-    from clipcap.bench.load import ServingLoadConfig, run_serving_load
-    from clipcap.bench.torchserve import LocalTorchServe
+    from clipcap_bench.bundles import make_demo_exports
+    from clipcap_bench.load import ServingLoadConfig, run_serving_load
+    from clipcap_bench.torchserve import LocalTorchServe
     from clipcap.export.mar import ArchiveConfig, build_archive
 
     work = repo / profile.work

@@ -15,8 +15,8 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
-from clipcap.bench.machine import fingerprint, hardware
-from clipcap.bench.schema import (LATENCY_SCHEMA, OPEN_LOOP_SCHEMA, PHOTO_SCHEMA, REQUEST_SCHEMA, SERVING_SCHEMA,
+from clipcap_bench.machine import fingerprint, hardware
+from clipcap_bench.schema import (LATENCY_SCHEMA, OPEN_LOOP_SCHEMA, PHOTO_SCHEMA, REQUEST_SCHEMA, SERVING_SCHEMA,
                                   check_report)
 
 RECORD_SCHEMA = "clipcap-bench-record/1"
