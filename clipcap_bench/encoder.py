@@ -129,7 +129,7 @@ def encoder_markdown(report: dict) -> str:
 
 
 def plot_encoder(report: dict, path: Path) -> Path:
-    from clipcap_bench.report import pyplot, save_figure
+    from clipcap_bench.report import figure_legend, pyplot, save_figure
 
     plt = pyplot()
     batches = sorted({row["batch_size"] for row in report["rows"]})
@@ -140,8 +140,8 @@ def plot_encoder(report: dict, path: Path) -> Path:
         floors = [row.get("cpu_floor_ms", row.get("floor_ms")) for row in rows]  # the bars' clock
         if floors[0] is not None:
             axis.axvline(min(floors), color="tab:red", linestyle="--", label="roofline floor")
-            axis.legend(fontsize=7)
         axis.set_title(f"batch {batch}: encode p50, CPU ms", fontsize=9)
         axis.tick_params(labelsize=7)
+    figure_legend(figure, axes)
     save_figure(figure, path)
     return path

@@ -122,11 +122,9 @@ def write_outputs(report: dict, out: Path) -> list[Path]:
     """fronts.json, fronts.md (the table) and fronts.png (p50/p99 and req/s per level, both fronts)."""
     import json
 
-    import matplotlib
+    from clipcap_bench.report import figure_legend, log_where_spread, pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     (out / "fronts.json").write_text(json.dumps(report, indent=2) + "\n")
     objective = report["settings"]["p99_objective_ms"]
@@ -152,13 +150,12 @@ def write_outputs(report: dict, out: Path) -> list[Path]:
     offered = sorted({c["rate"] for c in report["cells"]})
     rate_axis.plot(offered, offered, ":", color="grey", label="offered")
     latency_axis.axhline(objective, color="grey", linestyle=":", label=f"objective {objective:g} ms")
-    latency_axis.set(xlabel="offered req/s (Poisson)", ylabel="latency from scheduled send (ms)", yscale="log")
+    latency_axis.set(xlabel="offered req/s (Poisson)", ylabel="latency from scheduled send (ms)")
+    log_where_spread(latency_axis, y_base=10)
     rate_axis.set(xlabel="offered req/s (Poisson)", ylabel="answered req/s")
     for axis in (latency_axis, rate_axis):
-        axis.legend()
         axis.grid(alpha=0.3)
+    figure_legend(figure, [latency_axis, rate_axis])
     figure.suptitle("TorchServe vs Ray Serve: one worker / one replica, open loop, interleaved")
-    figure.tight_layout()
-    figure.savefig(out / "fronts.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, out / "fronts.png")
     return [out / "fronts.json", out / "fronts.md", out / "fronts.png"]

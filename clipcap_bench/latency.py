@@ -21,6 +21,7 @@ from clipcap_bench.machine import machine_info, thread_counts
 from clipcap_bench.roofline import decoder_weight_bytes, encoder_roofline, graph_bytes, measure_peaks, roofline
 from clipcap_bench.schema import LATENCY_SCHEMA, check_report, jsonable
 from clipcap_bench.statistics import compute_ratios, evaluate_targets, summarize_cell
+from clipcap_bench.steps import run_steps
 from clipcap.config import BundleError
 
 
@@ -94,7 +95,9 @@ def run_latency(config: LatencyConfig, progress: bool = True) -> dict:
     token_limit = first.captioner.token_limit
     if max(config.tokens) > token_limit:
         raise ValueError(f"tokens {max(config.tokens)} exceed what the model's positions allow ({token_limit})")
-    peaks = measure_peaks(config.device)
+    peaks = {}
+    run_steps([("matmul and memory ceilings", lambda: peaks.update(measure_peaks(config.device)))], "machine peaks",
+              progress)
     names = list(opened)
     cells = [(tokens, batch) for tokens in config.tokens for batch in config.batch_sizes]
     samples: dict[tuple[str, int, int], list[dict]] = {}

@@ -314,7 +314,7 @@ def open_loop_markdown(report: dict) -> str:
 
 
 def plot_open_loop(report: dict, path: Path) -> Path:
-    from clipcap_bench.report import pyplot, save_figure
+    from clipcap_bench.report import figure_legend, log_where_spread, pyplot, save_figure
 
     plt = pyplot()
     figure, (latency_axis, slo_axis) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -325,11 +325,11 @@ def plot_open_loop(report: dict, path: Path) -> Path:
         latency_axis.plot(rates, [c["latency_ms"]["p99"] for c in cells], "s--", label=f"{model} p99")
         slo_axis.plot(rates, [c["within_slo"] for c in cells], "o-", label=model)
     latency_axis.axhline(report["settings"]["slo_ms"], color="gray", linewidth=0.8, linestyle=":")
-    latency_axis.set(xlabel="offered requests/s", ylabel="latency, ms", yscale="log", title="Open-loop latency")
+    latency_axis.set(xlabel="offered requests/s", ylabel="latency, ms", title="Open-loop latency")
+    log_where_spread(latency_axis, y_base=10)
     slo_axis.set(xlabel="offered requests/s", ylabel="fraction", ylim=(0, 1.05),
                  title=f"answered within {report['settings']['slo_ms']:g} ms")
-    latency_axis.legend(fontsize="small")
-    slo_axis.legend(fontsize="small")
+    figure_legend(figure, [latency_axis, slo_axis])
     return save_figure(figure, path)
 
 

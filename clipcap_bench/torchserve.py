@@ -74,18 +74,26 @@ class LocalTorchServe:
 
     def __enter__(self) -> "LocalTorchServe":
         import psutil
+        from tqdm import tqdm
 
         self._torchserve("--start", "--ncs", "--ts-config", "config.properties",
                          "--models", *(f"{m}={m}.mar" for m in self.models))
         java = psutil.Process(int((self.root / "tmp" / ".model_server.pid").read_text()))
         self.processes = [java]
         try:
-            deadline = time.monotonic() + self.start_timeout_s
-            while not all(self._ready(m) for m in self.models):
-                if not java.is_running() or time.monotonic() > deadline:
-                    raise RuntimeError(f"TorchServe did not get {', '.join(self.models)} ready within "
-                                       f"{self.start_timeout_s:.0f} s; see {self.root / 'logs'}")
-                time.sleep(1)
+            deadline, ready = time.monotonic() + self.start_timeout_s, set()
+            with tqdm(total=len(self.models), desc="TorchServe start", unit="model") as bar:
+                while True:
+                    for model in set(self.models) - ready:
+                        if self._ready(model):
+                            ready.add(model)
+                            bar.update()
+                    if len(ready) == len(self.models):
+                        break
+                    if not java.is_running() or time.monotonic() > deadline:
+                        raise RuntimeError(f"TorchServe did not get {', '.join(self.models)} ready within "
+                                           f"{self.start_timeout_s:.0f} s; see {self.root / 'logs'}")
+                    time.sleep(1)
             self.processes += java.children(recursive=True)  # the Python workers
         except BaseException:
             self.__exit__()

@@ -216,6 +216,17 @@ def test_newest_pair_and_append_only_files(tmp_path):
         write_record(first, tmp_path)
 
 
+def test_trend_plots_of_one_record_one_legend_and_the_hardware_in_words(records, tmp_path, monkeypatch):
+    from test_bench_latency import figures_drawn
+
+    drawn = figures_drawn(monkeypatch)
+    plot_trends([records[0]], tmp_path, profile="test")
+    assert drawn and all(f["figure_legends"] == 1 and f["axis_legends"] == 0 for f in drawn)
+    assert all(scales == ("linear", "linear") for f in drawn for scales in f["scales"])
+    page = (tmp_path / "index.html").read_text()
+    assert "logical cores" in page and "{" not in page.split("<table", 1)[1]  # words, not a dict
+
+
 def test_trends_need_records_of_the_profile(tmp_path):
     with pytest.raises(ValueError, match="no records"):
         plot_trends([synthetic(1, 0)], tmp_path, profile="full")
