@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipcap_bench.experiment import rotation
 from clipcap_bench.machine import machine_info
 from clipcap_bench.roofline import StepCost, cost_floor_s, measure_peaks, vit_image_cost
 from clipcap_bench.schema import jsonable
@@ -72,8 +73,7 @@ def run_encoder_bench(config: EncoderBenchConfig, progress: bool = True) -> dict
             reference = runtimes[EAGER].encode_image(pixels)
             wall, cpu = ({name: [] for name in names} for _ in range(2))
             for round_index in range(config.warmup + config.rounds):
-                shift = round_index % len(names)
-                for name in names[shift:] + names[:shift]:
+                for name in rotation(names, round_index):
                     start, start_cpu = time.perf_counter(), time.thread_time()
                     runtimes[name].encode(pixels)
                     if round_index >= config.warmup:

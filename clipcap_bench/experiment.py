@@ -8,10 +8,12 @@ from __future__ import annotations
 from typing import Callable, Hashable, Iterable, TypeVar
 
 Sample = TypeVar("Sample")
+Arm = TypeVar("Arm")
 
 
-def rotation(names: list[str], index: int) -> list[str]:
-    """`names` in the order of round `index`: rotated by one every round."""
+def rotation(names: list[Arm], index: int) -> list[Arm]:
+    """`names` (arms) in the order of round `index`: rotated by one every round, so over len(names) rounds
+    every arm runs once in every position."""
     shift = index % len(names) if names else 0
     return names[shift:] + names[:shift]
 

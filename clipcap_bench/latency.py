@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipcap_bench.experiment import rotation
 from clipcap_bench.backends import BACKENDS, OpenBackend, open_backends
 from clipcap_bench.machine import machine_info, thread_counts
 from clipcap_bench.roofline import decoder_weight_bytes, encoder_roofline, graph_bytes, measure_peaks, roofline
@@ -107,9 +108,7 @@ def run_latency(config: LatencyConfig, progress: bool = True) -> dict:
             images = synthetic_images(batch_size, config.image_size, config.seed)
             spent = dict.fromkeys(names, 0.0)
             for iteration in range(config.warmup + config.iters):
-                # Rotate the order every iteration: no backend always runs first (or right after another).
-                shift = iteration % len(names)
-                for name in names[shift:] + names[:shift]:
+                for name in rotation(names, iteration):
                     bar.set_postfix_str(f"{name} b{batch_size} t{tokens}")
                     measured = samples.setdefault((name, batch_size, tokens), [])
                     over_budget = (config.time_budget_s is not None and len(measured) >= config.min_iters

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from clipcap_bench.experiment import rotation
 from clipcap_bench.latency import synthetic_images
 from clipcap_bench.machine import machine_info
 from clipcap_bench.schema import OPEN_LOOP_SCHEMA, SERVING_SCHEMA, check_report, jsonable
@@ -171,8 +172,7 @@ async def _serving_load(config: ServingLoadConfig, keys: dict[str, str] | None, 
         with tqdm(total=total, desc="serving load", unit="block", disable=not progress) as bar:
             for level in config.concurrency:
                 for round_index in range(config.rounds):
-                    shift = round_index % len(config.models)
-                    for model in config.models[shift:] + config.models[:shift]:
+                    for model in rotation(list(config.models), round_index):
                         cell = results.setdefault((model, level), {"records": [], "wall_s": 0.0, "rounds": []})
                         remaining = config.requests - len(cell["records"])
                         # The duration cap counts this model's own sending time at this level, over its rounds.

@@ -3,7 +3,7 @@ bundle) packed into a .mar and served alone by a private TorchServe with the shi
 images (12 MP phone JPEGs, or samples/ PNGs) arriving as a Poisson process at each offered rate
 (clipcap_bench.load.run_open_loop). Per bundle and rate: p50/p99 and the fraction answered within the
 latency objective; per bundle its capacity (the highest rate meeting the objective) and its ratio to the
-first bundle's, against issue 20's target; as markdown and a plot.
+first bundle's, against the capacity target (targets.toml); as markdown and a plot.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from clipcap_bench.load import SERVER_SETTINGS, meets_objective
+from clipcap_bench.targets import TARGETS
 
-TARGET_CAPACITY_RATIO = 1.5  # issue 20: the best export's capacity >= 1.5x today's (the first bundle's)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _sample_pngs(repo: Path, folder: Path, count: int) -> list[Path]:
 PAYLOADS = {p.name: p for p in (
     Payload("phone-jpeg", "12 MP phone JPEGs (4032x3024 on its side, EXIF Orientation 6, Display P3 ICC; "
                           "clipcap_bench.photos.phone_jpeg)", _phone_jpegs),
-    Payload("samples-png", "the repository's samples/*.png (issue 19's first open-loop numbers)", _sample_pngs),
+    Payload("samples-png", "the repository's samples/*.png (the first open-loop numbers)", _sample_pngs),
 )}
 
 
@@ -63,12 +63,12 @@ class OpenLoopProfile:
     slo_ms: float = 1000.0  # the latency objective: capacity is the highest rate whose p99 is within it
     payload: str = "phone-jpeg"  # a PAYLOADS name
     payloads: int = 2  # distinct phone JPEGs sent in turn (samples-png: every sample)
-    max_tokens: int | None = 20  # sent with every request as a form field (issue 19's numbers: 20 tokens);
+    max_tokens: int | None = 20  # sent with every request as a form field (20 tokens, as the first numbers);
     # None: the image alone, decoded with the handler's defaults (up to the bundle's max_tokens)
     threads: int = 1  # OMP_NUM_THREADS of the worker (torch threads; onnxruntime intra-op threads follow)
     stop_after_miss: bool = True  # a bundle's rates after the first that misses the objective are not run
     start_timeout_s: float = 600.0  # TorchServe start until the worker is READY (a full-size .mar is ~1 GB)
-    target_ratio: float = TARGET_CAPACITY_RATIO  # each later bundle's capacity over the first's
+    target_ratio: float = TARGETS.serving_capacity_ratio  # each later bundle's capacity over the first's (targets.toml)
 
     def validate(self) -> "OpenLoopProfile":
         if self.payload not in PAYLOADS:
@@ -303,7 +303,7 @@ def open_loop_markdown(report: dict) -> str:
     if "capacity" in report:
         summary = report["capacity"]
         lines += [f"Capacity: the highest offered rate at which, as at every lower rate, every request was answered "
-                  f"200 with p99 <= {summary['slo_ms']:g} ms (on the grid of rates measured). Target (issue 20): "
+                  f"200 with p99 <= {summary['slo_ms']:g} ms (on the grid of rates measured). Target: "
                   f">= {summary['target_ratio']:g}x the baseline, {summary['baseline']}.", "",
                   "| model | capacity req/s | vs baseline | target |", "|---|---|---|---|"]
         for row in summary["models"]:

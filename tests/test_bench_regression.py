@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from clipcap_bench.experiment import interleaved_rounds, rotation
 from clipcap_bench.ab import ABConfig, base_tree, judge_rounds, round_metrics, run_paired
 from clipcap_bench.history import HISTORY_DIR, load_records
 from clipcap_bench.noise import NoiseModel, fit_noise, flag_rate
@@ -107,7 +108,24 @@ def test_fewer_rounds_lose_the_power():
 
 
 # ---------------------------------------------------------------------------------------------
-# The A/B run's plumbing, with scripted arms.
+# The experiment skeleton and the A/B run's plumbing, with scripted arms.
+
+
+@given(st.lists(st.text(min_size=1, max_size=3), min_size=1, max_size=6, unique=True), st.integers(0, 50))
+def test_rotation_puts_every_arm_in_every_position_once_per_cycle(names, start):
+    orders = [rotation(names, start + index) for index in range(len(names))]
+    assert all(sorted(order) == sorted(names) for order in orders)
+    for position in range(len(names)):
+        assert sorted(order[position] for order in orders) == sorted(names)
+
+
+def test_interleaved_rounds_drop_the_warm_up_and_keep_one_sample_per_round():
+    calls = []
+    arms = {name: (lambda item, name=name: calls.append((name, item)) or len(calls)) for name in ("a", "b", "c")}
+    samples = interleaved_rounds(arms, ["x", "y"], rounds=3, warmup=1, progress=False)
+    assert calls[:6] == [("a", "x"), ("b", "x"), ("c", "x"), ("b", "x"), ("c", "x"), ("a", "x")]
+    assert {key: len(values) for key, values in samples.items()} == {(n, i): 3 for n in "abc" for i in "xy"}
+    assert samples[("a", "x")] == [6, 8, 10]  # the call numbers of a's measured rounds on x
 
 
 class ScriptedArm:
