@@ -1,9 +1,8 @@
-"""Benchmark harness: per-stage latency of every backend side by side, serving load, roofline, history.
+"""clipcap_bench: the benchmark harness, beside the `clipcap` library and using only its public API.
 
-One job per module: `backends` (what each name runs, timed), `latency` (the interleaved run),
-`statistics`, `roofline`, `machine`, `schema` (report JSON), `bundles` (bundle kinds, the
-full-size model), `report` (Markdown and plots), `load` (HTTP load generator), `torchserve` (a
-private local server for the quick profile), `history` (records), `regression` (the check),
-`trends` (the plots over commits), `profiles` (the quick profile). The scripts in benchmarks/ only
-parse arguments and call these.
+One experiment skeleton (`experiment`: arms x inputs -> interleaved rounds -> samples), one report
+envelope and registry of report kinds (`schema`), goals as data (`targets.toml`), one HTTP client
+(`client`), one capacity rule (`capacity`), one server launcher (`torchserve`), the paired
+regression check (`ab`, `paired`, `noise`). The scripts in benchmarks/ only parse arguments and
+call these; benchmarks/README.md lists every module.
 """

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clipcap_bench.load import SERVER_SETTINGS, meets_objective
+from clipcap_bench import client
+from clipcap_bench.capacity import capacity_summary
+from clipcap_bench.load import SERVER_SETTINGS
 from clipcap_bench.targets import TARGETS
 
 
@@ -108,22 +108,6 @@ def shipped_server_settings(repo: Path) -> dict:
             "decode_threads": handler.get("decode_threads"), "defaults": handler.get("defaults")}
 
 
-def packed_archive(bundle: Path, repo: Path, out: Path) -> bool:
-    """`bundle` packed into `out` (NAME.mar) with the shipped handler and model-config.yaml, unless the
-    .mar already holds exactly these files (a digest stamp next to it); returns whether it was built."""
-    from clipcap_bench.bundles import source_digest
-    from clipcap.export.mar import ArchiveConfig, build_archive
-
-    handler, model_config = repo / "serving" / "handler.py", repo / "serving" / "model-config.yaml"
-    key, stamp = source_digest([bundle, handler, model_config]), out.with_suffix(".sha256")
-    if out.is_file() and stamp.is_file() and stamp.read_text() == key:
-        return False
-    stamp.unlink(missing_ok=True)
-    build_archive(ArchiveConfig(bundle=bundle, handler=handler, model_config=model_config, out=out))
-    stamp.write_text(key)
-    return True
-
-
 def graph_weights(bundle: Path) -> str:
     """An export bundle's encoder and decoder weights as its manifest records them ("encoder fp32, decoder
     int8"); a model bundle's: "torch fp32". Two int8 siblings share a kind; this tells them apart."""
@@ -139,25 +123,19 @@ def graph_weights(bundle: Path) -> str:
 
 def probe(url: str, model: str, key: str, body: tuple[bytes, str], timeout_s: float = 120.0) -> dict:
     """One request, alone: its answer's token count and handler stage times (what each open-loop request costs)."""
-    data, content_type = body
-    request = urllib.request.Request(f"{url}/predictions/{model}", data=data, method="POST",
-                                     headers={"Content-Type": content_type, "Authorization": f"Bearer {key}"})
-    start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        raise RuntimeError(f"model {model!r}: the probe request answered {error.code}: "
-                           f"{error.read()[:300].decode(errors='replace')}") from None
-    return {"tokens": len(answer["token_ids"]), "latency_ms": (time.perf_counter() - start) * 1e3,
-            "handler_ms": answer["timings_ms"]}
+    status, answer, latency_ms = client.probe(f"{url}/predictions/{model}", key, body, timeout_s)
+    if status != 200:
+        raise RuntimeError(f"model {model!r}: the probe request answered {status}: "
+                           f"{answer[:300].decode(errors='replace')}")
+    answer = json.loads(answer)
+    return {"tokens": len(answer["token_ids"]), "latency_ms": latency_ms, "handler_ms": answer["timings_ms"]}
 
 
 def run_open_loop_profile(profile: OpenLoopProfile, repo: Path, progress: bool = True) -> dict:
     """Each bundle in turn: pack, serve alone, probe, load open-loop at each rate, stop; one report."""
     from clipcap_bench.bundles import bundle_kind
     from clipcap_bench.load import OpenLoopConfig, request_bodies, run_open_loop, with_options
-    from clipcap_bench.torchserve import LocalTorchServe
+    from clipcap_bench.torchserve import LocalTorchServe, packed_archive
 
     profile.validate()
     work = repo / profile.work
@@ -205,66 +183,6 @@ def _merged(reports: list[dict], served: list[dict], profile: OpenLoopProfile, r
     check_report(report)
     return report
 
-
-# -- capacity --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Capacity:
-    rate: float | None  # the highest offered rate at which, as at every lower rate measured, every request
-    # was answered 200 with p99 within the objective; None: the lowest rate measured already missed
-    censored: bool  # no rate measured missed: the capacity is at least `rate`, maybe more
-
-
-def capacity(cells: list[dict], slo_ms: float) -> dict[str, Capacity]:
-    """Per model of `cells` (open-loop report cells), its capacity under `slo_ms`. A rate counts only if
-    every lower one measured also met the objective: a miss bounds the capacity, whatever follows it."""
-    by_model: dict[str, list[dict]] = {}
-    for cell in cells:
-        by_model.setdefault(cell["model"], []).append(cell)
-    result = {}
-    for model, rows in by_model.items():
-        rate, censored = None, True
-        for cell in sorted(rows, key=lambda c: c["rate"]):
-            if not meets_objective(cell, slo_ms):
-                censored = False
-                break
-            rate = cell["rate"]
-        result[model] = Capacity(rate, censored)
-    return result
-
-
-def target_verdict(baseline: Capacity, other: Capacity, target: float) -> tuple[float | None, str]:
-    """(capacity ratio other / baseline, or None; "met" | "missed" | "undetermined: why") for `target`."""
-    if baseline.rate is None:
-        return None, "undetermined: the baseline missed the objective at the lowest rate (add lower rates)"
-    if other.rate is None:
-        return 0.0, "missed"
-    ratio = other.rate / baseline.rate
-    if baseline.censored:
-        return ratio, "undetermined: the baseline met the objective at every rate measured (add higher rates)"
-    if ratio >= target:
-        return ratio, "met"
-    if other.censored:
-        return ratio, "undetermined: it met the objective at every rate measured (add higher rates)"
-    return ratio, "missed"
-
-
-def capacity_summary(cells: list[dict], models: list[str], slo_ms: float, target: float) -> dict:
-    """Each model's capacity and, after the first (the baseline), its ratio to the baseline's and verdict."""
-    capacities = capacity(cells, slo_ms)
-    baseline = capacities.get(models[0], Capacity(None, False))
-    rows = []
-    for index, model in enumerate(models):
-        found = capacities.get(model, Capacity(None, False))
-        if index:
-            ratio, verdict = target_verdict(baseline, found, target)
-        else:
-            ratio, verdict = (None if found.rate is None else 1.0), "baseline"
-        rows.append({"model": model, **asdict(found), "ratio": ratio, "verdict": verdict})
-    return {"slo_ms": slo_ms, "target_ratio": target, "baseline": models[0], "models": rows}
-
-
-# -- outputs ---------------------------------------------------------------------------------------
 
 def open_loop_markdown(report: dict) -> str:
     settings = report["settings"]

@@ -12,15 +12,13 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from clipcap_bench.experiment import rotation
-from clipcap_bench.machine import machine_info
 from clipcap_bench.photos import CLIP_MEAN, CLIP_STD, PIPELINES, input_format, phone_jpeg, photo_inputs
-from clipcap_bench.schema import PHOTO_SCHEMA, check_report, jsonable
+from clipcap_bench.schema import PHOTO_SCHEMA, Envelope, check_report
 from clipcap_bench.statistics import percentiles
 from clipcap_bench.targets import TARGETS, PhotoTargets
 
@@ -45,7 +43,7 @@ class PhotoProfile:
 def run_photo_profile(profile: PhotoProfile, repo: Path, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    load_before = os.getloadavg()
+    envelope = Envelope(PHOTO_SCHEMA)
     inputs = photo_inputs(profile.seed)
     pipelines = [p for p in PIPELINES.values() if p.module is None or importlib.util.find_spec(p.module)]
     plan = [(name, p) for name, data in inputs.items()
@@ -68,16 +66,14 @@ def run_photo_profile(profile: PhotoProfile, repo: Path, progress: bool = True) 
     cells = [{"input": name, "pipeline": pipeline, "stages_ms": {stage: percentiles([s[stage] for s in runs])
                                                                  for stage in runs[0]}}
              for (name, pipeline), runs in samples.items() if runs]
-    report = {"schema": PHOTO_SCHEMA, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(), "settings": jsonable(asdict(profile)),
-              "inputs": {name: {"format": input_format(data), "bytes": len(data)} for name, data in inputs.items()},
-              "cells": cells, "failures": failures, "ratios": _ratios(cells),
-              "accuracy": {name: _mean_abs_levels(data, profile.image_size) for name, data in inputs.items()},
-              "batch": measure_batch(profile, repo, progress),
-              "memory": measure_peak_rss(profile.memory_images, 6000, 6000, profile.image_size, repo,
-                                         repo / profile.work)}
+    body = {"inputs": {name: {"format": input_format(data), "bytes": len(data)} for name, data in inputs.items()},
+            "cells": cells, "failures": failures, "ratios": _ratios(cells),
+            "accuracy": {name: _mean_abs_levels(data, profile.image_size) for name, data in inputs.items()},
+            "batch": measure_batch(profile, repo, progress),
+            "memory": measure_peak_rss(profile.memory_images, 6000, 6000, profile.image_size, repo,
+                                       repo / profile.work)}
+    report = envelope.report(asdict(profile), **body)
     report["targets"] = _targets(report)
-    report["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     check_report(report)
     return report
 

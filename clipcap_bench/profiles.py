@@ -43,20 +43,13 @@ def run_quick_serving(profile: QuickProfile, repo: Path, progress: bool = True) 
     """Pack the demo bundle (torch) and its export (onnxruntime) as two models, serve, load, stop."""
     from clipcap_bench.bundles import make_demo_exports
     from clipcap_bench.load import ServingLoadConfig, run_serving_load
-    from clipcap_bench.steps import run_steps
-    from clipcap_bench.torchserve import LocalTorchServe
-    from clipcap.export.mar import ArchiveConfig, build_archive
+    from clipcap_bench.torchserve import LocalTorchServe, pack_archives
 
     work = repo / profile.work
     exports = make_demo_exports(repo / profile.bundle, work / "exports", repo / "clipcap", progress)
     store = work / "model_store"
-    archives = [ArchiveConfig(bundle=bundle, handler=repo / "serving" / "handler.py",
-                              model_config=repo / "serving" / "model-config.yaml", out=store / f"{name}.mar",
-                              backend=backend)
-                for name, bundle, backend in (("clipcap-torch", repo / profile.bundle, None),
-                                              ("clipcap-onnx", exports["onnx-fp32"], "onnxruntime"))]
-    run_steps([(config.out.name, lambda config=config: build_archive(config)) for config in archives],
-              "pack .mar", progress)
+    pack_archives(store, {"clipcap-torch": (repo / profile.bundle, None),
+                          "clipcap-onnx": (exports["onnx-fp32"], "onnxruntime")}, repo, progress)
     images = sorted((repo / "samples").glob("*.png"))
     with LocalTorchServe(work / "torchserve", store, ["clipcap-torch", "clipcap-onnx"], repo,
                          threads=profile.threads) as server:

@@ -10,18 +10,15 @@ ignored), so every option decodes exactly `tokens` tokens.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from clipcap_bench.experiment import rotation
-from clipcap_bench.machine import machine_info
 from clipcap_bench.photos import phone_jpeg
-from clipcap_bench.schema import REQUEST_SCHEMA, check_report, jsonable
+from clipcap_bench.schema import REQUEST_SCHEMA, Envelope, check_report
 from clipcap_bench.statistics import percentiles
 from clipcap_bench.targets import TARGETS
 from clipcap.config import BundleError
@@ -148,7 +145,7 @@ def run_request_profile(profile: RequestProfile, progress: bool = True) -> dict:
 
     profile.validate()
     torch.set_num_threads(profile.threads)
-    load_before = os.getloadavg()
+    envelope = Envelope(REQUEST_SCHEMA)
     opened, unavailable = open_options(profile.options, profile.bundles)
     if BASELINE not in opened or len(opened) < 2:
         raise BundleError("the baseline and at least one other option must open: "
@@ -172,18 +169,13 @@ def run_request_profile(profile: RequestProfile, progress: bool = True) -> dict:
                     samples[name].append(sample)
                 bar.update()
     cells = [summarize_option(name, runs) for name, runs in samples.items()]
-    report = {
-        "schema": REQUEST_SCHEMA,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "settings": {**jsonable(asdict(profile)), "image_bytes": len(data),
-                     "onnxruntime_intra_op_threads": _intra_op_threads(next(iter(opened.values())))},
-        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
-        "options": {name: {"available": name in opened, "what": OPTIONS[name].what,
-                           "path": str(Path(profile.bundles) / OPTIONS[name].bundle), "reason": unavailable.get(name)}
-                    for name in profile.options},
-        "cells": cells,
-    }
+    report = envelope.report(
+        {**asdict(profile), "image_bytes": len(data),
+         "onnxruntime_intra_op_threads": _intra_op_threads(next(iter(opened.values())))},
+        options={name: {"available": name in opened, "what": OPTIONS[name].what,
+                        "path": str(Path(profile.bundles) / OPTIONS[name].bundle), "reason": unavailable.get(name)}
+                 for name in profile.options},
+        cells=cells)
     report["targets"] = [end_to_end_target(cells, clock) for clock in CLOCKS]
     check_report(report)
     return report

@@ -1,7 +1,11 @@
-"""The JSON schema of latency and serving reports: a check naming the first wrong key, and the writer."""
+"""The report envelope every benchmark report starts with, the report kinds' JSON schemas (a check naming the
+first wrong key), and the writer."""
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,6 +15,30 @@ SERVING_SCHEMA = "clipcap-serving/1"
 PHOTO_SCHEMA = "clipcap-photo/1"  # clipcap_bench.photo_profile
 OPEN_LOOP_SCHEMA = "clipcap-open-loop/1"  # clipcap_bench.load.run_open_loop
 REQUEST_SCHEMA = "clipcap-request/1"  # clipcap_bench.request_profile
+ENCODER_SCHEMA = "clipcap-encoder/1"  # clipcap_bench.encoder
+FRONTS_SCHEMA = "clipcap-fronts/1"  # clipcap_bench.fronts
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Envelope:
+    """What every report starts with: its schema, when it was measured, on what machine, with which settings,
+    under what load. Made when a run starts (the load average before it); `report` closes it."""
+    schema: str  # the report kind (one of the *_SCHEMA names)
+    device: str = "cpu"  # the device whose GPU the machine record names
+    created_utc: str = field(default_factory=_now)  # when the run started, UTC
+    load_before: list[float] = field(default_factory=lambda: list(os.getloadavg()))  # 1/5/15-minute load average
+
+    def report(self, settings: dict, **body: Any) -> dict:
+        """The report: the envelope's keys (the machine now, the load average before and now) and `body`."""
+        from clipcap_bench.machine import machine_info
+
+        return {"schema": self.schema, "created_utc": self.created_utc, "machine": machine_info(self.device),
+                "settings": jsonable(settings),
+                "load_average": {"before": self.load_before, "after": list(os.getloadavg())}, **body}
 
 
 def jsonable(value: Any) -> Any:
@@ -21,63 +49,71 @@ def jsonable(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
-_LATENCY_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
-                 "peaks": dict, "backends": dict, "cells": list, "ratios": list, "roofline": dict, "targets": list}
-_CELL_KEYS = {"backend": str, "batch_size": int, "tokens": int, "iterations": int, "stages_ms": dict,
-              "throughput": dict, "per_token_ms": list}
-_RATIO_KEYS = {"key": str, "name": str, "slower": str, "faster": str, "stage": str, "batch_size": int, "tokens": int,
-               "speedup": float}
-_SERVING_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
-                 "cells": list}
-_SERVING_CELL_KEYS = {"model": str, "concurrency": int, "sent": int, "ok": int, "statuses": dict,
-                      "wall_s": float, "requests_per_s": float, "latency_ms": dict}
+ENVELOPE_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict}
+STATS_KEYS = {"p50": float, "p90": float, "p99": float, "mean": float, "n": int}  # statistics.percentiles
 
 
-_PHOTO_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
-               "cells": list, "ratios": list, "accuracy": dict, "batch": dict, "memory": dict, "targets": list}
-_OPEN_LOOP_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
-                   "cells": list}
-_REQUEST_KEYS = {"schema": str, "created_utc": str, "machine": dict, "settings": dict, "load_average": dict,
-                 "options": dict, "cells": list, "targets": list}
-_REQUEST_CELL_KEYS = {"option": str, "rounds": int, "tokens": int, "stages_ms": dict, "cpu_ms": dict, "shares": dict}
-_OPEN_LOOP_CELL_KEYS = {"model": str, "rate": float, "sent": int, "ok": int, "statuses": dict,
-                        "within_slo": float, "latency_ms": dict}
+@dataclass(frozen=True)
+class ReportKind:
+    """One kind of report, declared once: its schema, the keys its report and cells hold beyond the envelope's,
+    which of a cell's values are percentile summaries, and the history's name for it (None: never recorded).
+    Its history metrics are `clipcap_bench.history.METRICS[record]`."""
+    schema: str
+    keys: dict[str, type]  # top-level keys besides ENVELOPE_KEYS
+    cells: str  # the key of its list of cells
+    cell_keys: dict[str, type]
+    stats: Callable[[dict], list[dict]] = lambda cell: []  # a cell's percentile summaries (STATS_KEYS each)
+    check: Callable[[dict], None] = lambda report: None  # what else must hold
+    record: str | None = None  # the history's kind name
+
+
+def _latency_check(report: dict) -> None:
+    for index, cell in enumerate(report["cells"]):
+        if len(cell["per_token_ms"]) != cell["tokens"] - 1:
+            raise ValueError(f"cells[{index}].per_token_ms: {len(cell['per_token_ms'])} values for "
+                             f"{cell['tokens']} tokens (expected tokens - 1)")
+    for index, ratio in enumerate(report["ratios"]):
+        _check_keys(ratio, {"key": str, "name": str, "slower": str, "faster": str, "stage": str, "batch_size": int,
+                            "tokens": int, "speedup": float}, f"ratios[{index}]")
+
+
+KINDS = {kind.schema: kind for kind in (
+    ReportKind(LATENCY_SCHEMA, {"peaks": dict, "backends": dict, "cells": list, "ratios": list, "roofline": dict,
+                                "targets": list}, "cells",
+               {"backend": str, "batch_size": int, "tokens": int, "iterations": int, "stages_ms": dict,
+                "throughput": dict, "per_token_ms": list},
+               stats=lambda cell: list(cell["stages_ms"].values()), check=_latency_check, record="latency"),
+    ReportKind(SERVING_SCHEMA, {"cells": list}, "cells",
+               {"model": str, "concurrency": int, "sent": int, "ok": int, "statuses": dict, "wall_s": float,
+                "requests_per_s": float, "latency_ms": dict},
+               stats=lambda cell: [cell["latency_ms"]], record="serving"),
+    ReportKind(PHOTO_SCHEMA, {"cells": list, "ratios": list, "accuracy": dict, "batch": dict, "memory": dict,
+                              "targets": list}, "cells", {"input": str, "pipeline": str, "stages_ms": dict},
+               record="photo"),
+    ReportKind(OPEN_LOOP_SCHEMA, {"cells": list}, "cells",
+               {"model": str, "rate": float, "sent": int, "ok": int, "statuses": dict, "within_slo": float,
+                "latency_ms": dict}, record="open-loop"),
+    ReportKind(REQUEST_SCHEMA, {"options": dict, "cells": list, "targets": list}, "cells",
+               {"option": str, "rounds": int, "tokens": int, "stages_ms": dict, "cpu_ms": dict, "shares": dict},
+               stats=lambda cell: [*cell["stages_ms"].values(), *cell["cpu_ms"].values()], record="request"),
+    ReportKind(ENCODER_SCHEMA, {"peaks": dict, "rows": list}, "rows",
+               {"option": str, "batch_size": int, "p50_ms": float, "cpu_p50_ms": float}),
+    ReportKind(FRONTS_SCHEMA, {"cells": list, "capacity_at_p99_objective": dict, "worker_memory": dict}, "cells",
+               {"front": str, "rate": float, "sent": int, "ok": int, "within_slo": float}),
+)}
 
 
 def check_report(report: dict) -> None:
     """Raise ValueError naming the first key that is missing or of the wrong type."""
-    schema = report.get("schema")
-    if schema == PHOTO_SCHEMA:
-        _check_keys(report, _PHOTO_KEYS, "report")
-        for index, cell in enumerate(report["cells"]):
-            _check_keys(cell, {"input": str, "pipeline": str, "stages_ms": dict}, f"cells[{index}]")
-        return
-    if schema == REQUEST_SCHEMA:
-        _check_keys(report, _REQUEST_KEYS, "report")
-        for index, cell in enumerate(report["cells"]):
-            _check_keys(cell, _REQUEST_CELL_KEYS, f"cells[{index}]")
-            for stat in [*cell["stages_ms"].values(), *cell["cpu_ms"].values()]:
-                _check_keys(stat, {"p50": float, "p90": float, "p99": float, "mean": float, "n": int}, f"cells[{index}]")
-        return
-    if schema == OPEN_LOOP_SCHEMA:
-        _check_keys(report, _OPEN_LOOP_KEYS, "report")
-        for index, cell in enumerate(report["cells"]):
-            _check_keys(cell, _OPEN_LOOP_CELL_KEYS, f"cells[{index}]")
-        return
-    if schema not in (LATENCY_SCHEMA, SERVING_SCHEMA):
-        raise ValueError(f"unknown report schema {schema!r}")
-    latency = schema == LATENCY_SCHEMA
-    _check_keys(report, _LATENCY_KEYS if latency else _SERVING_KEYS, "report")
-    for index, cell in enumerate(report["cells"]):
-        _check_keys(cell, _CELL_KEYS if latency else _SERVING_CELL_KEYS, f"cells[{index}]")
-        stats = cell["stages_ms"].values() if latency else [cell["latency_ms"]]
-        for stat in stats:
-            _check_keys(stat, {"p50": float, "p90": float, "p99": float, "mean": float, "n": int}, f"cells[{index}]")
-        if latency and len(cell["per_token_ms"]) != cell["tokens"] - 1:
-            raise ValueError(f"cells[{index}].per_token_ms: {len(cell['per_token_ms'])} values for "
-                             f"{cell['tokens']} tokens (expected tokens - 1)")
-    for index, ratio in enumerate(report["ratios"] if latency else []):
-        _check_keys(ratio, _RATIO_KEYS, f"ratios[{index}]")
+    kind = KINDS.get(report.get("schema"))
+    if kind is None:
+        raise ValueError(f"unknown report schema {report.get('schema')!r}")
+    _check_keys(report, ENVELOPE_KEYS | kind.keys, "report")
+    for index, cell in enumerate(report[kind.cells]):
+        _check_keys(cell, kind.cell_keys, f"{kind.cells}[{index}]")
+        for stat in kind.stats(cell):
+            _check_keys(stat, STATS_KEYS, f"{kind.cells}[{index}]")
+    kind.check(report)
 
 
 def _check_keys(data: dict, keys: dict[str, type], where: str) -> None:

@@ -247,3 +247,14 @@ def test_a_record_of_the_history_does_not_make_the_tree_dirty(tmp_path):
     assert git_state(tmp_path)["dirty"] is False
     (tmp_path / "changed.py").write_text("")
     assert git_state(tmp_path)["dirty"] is True
+
+
+def test_every_report_kind_is_declared_once_and_recorded_kinds_have_metrics():
+    from clipcap_bench.history import METRICS
+    from clipcap_bench.schema import KINDS, check_report
+
+    assert {k.record for k in KINDS.values() if k.record} == set(METRICS)
+    with pytest.raises(ValueError, match="unknown report schema"):
+        check_report({"schema": "clipcap-nothing/1"})
+    with pytest.raises(ValueError, match="missing key 'machine'"):
+        check_report({"schema": "clipcap-fronts/1", "created_utc": "now"})

@@ -183,3 +183,18 @@ def test_open_loop_report_against_a_stand_in_server(tmp_path):
     assert all(c["ok"] == c["sent"] > 0 and c["within_slo"] == 1.0 for c in report["cells"])
     written = write_open_loop_outputs(report, tmp_path)
     assert all(p.exists() for p in written) and "offered req/s" in (tmp_path / "open_loop.md").read_text()
+
+
+def test_a_warm_up_without_an_answer_stops_the_run_naming_the_target():
+    import asyncio
+
+    from clipcap_bench import client
+    from clipcap_bench.torchserve import free_ports
+
+    async def warm() -> None:
+        async with client.session("key", timeout_s=5) as session:
+            await client.warm_up(session, f"http://127.0.0.1:{free_ports(1)[0]}/predictions/m", [(b"x", "image/png")],
+                                 2, "model 'm'")
+
+    with pytest.raises(RuntimeError, match="model 'm': warm-up request got no answer"):
+        asyncio.run(warm())
