@@ -110,10 +110,14 @@ class Worker:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(harness), str(tree)]), "OMP_NUM_THREADS": str(config.threads)}
         self.process = subprocess.Popen([sys.executable, "-m", "clipcap_bench.ab", settings], env=env, cwd=tree,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        ready = self.process.stdout.readline().strip()
-        if ready != "ready":
+        said = self.process.stdout.readline().split()
+        if not said or said[0] != "ready":
             self.close()
-            raise RuntimeError(f"the worker on {tree} did not start (said {ready!r}; its error is above)")
+            raise RuntimeError(f"the worker on {tree} did not start (said {' '.join(said)!r}; its error is above)")
+        self.library = said[1]  # the clipcap package it imported: the tree's, or the comparison is void
+        if Path(self.library).resolve().parent != Path(tree).resolve():
+            self.close()
+            raise RuntimeError(f"the worker on {tree} imported clipcap from {self.library}, not from that tree")
 
     def __call__(self) -> dict:
         self.process.stdin.write("round\n")
@@ -151,11 +155,12 @@ def paired_workers(config: ABConfig, repo: Path) -> Iterator[tuple[dict[str, Wor
 
 def run_ab(config: ABConfig, repo: Path, test: PairedTest = PairedTest(), progress: bool = True) -> dict:
     """Both arms' paired rounds and the verdicts, as a JSON-able report."""
-    with paired_workers(config, repo) as (workers, old_tree):
+    with paired_workers(config, repo) as (workers, _):
         rounds = run_paired(workers, config.rounds, progress)
+        libraries = {name: worker.library for name, worker in workers.items()}
     verdicts = judge_rounds(rounds, test)
     return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-            "test": asdict(test), "old_tree": str(old_tree), "rounds": rounds,
+            "test": asdict(test), "libraries": libraries, "rounds": rounds,
             "verdicts": [asdict(v) for v in verdicts], "load_average": list(os.getloadavg())}
 
 
@@ -186,8 +191,10 @@ def worker_main(settings: dict) -> None:
                              "e2e": sample["end_to_end"]})
         return {"requests": requests, "wall_s": time.perf_counter() - start}
 
+    import clipcap
+
     one_round()  # warm-up
-    print("ready", flush=True)
+    print("ready", Path(clipcap.__file__).resolve().parent, flush=True)
     for line in sys.stdin:
         if line.strip() == "round":
             print(json.dumps(one_round()), flush=True)

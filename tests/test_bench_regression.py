@@ -178,6 +178,21 @@ def test_check_script_refuses_an_unknown_base(tmp_path):
     assert result.returncode == 2 and "not a commit" in result.stderr
 
 
+def test_a_real_paired_run_measures_each_arm_with_its_own_library(tmp_path):
+    """Structure only (no verdict is asserted): two workers, the old one on HEAD's unpacked clipcap."""
+    import json
+
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check.py"), "--base", "HEAD", "--rounds", "2",
+                             "--quiet", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert len(report["rounds"]["old"]) == len(report["rounds"]["new"]) == 2
+    assert "build/bench/ab/base-" in report["libraries"]["old"]
+    assert report["libraries"]["new"] == str((ROOT / "clipcap").resolve())
+    assert {"ttft", "tpot", "e2e"} <= {v["metric"] for v in report["verdicts"]}
+    assert "| e2e | 2 |" in (tmp_path / "check.md").read_text()
+
+
 @pytest.mark.timing
 @pytest.mark.parametrize("slowdown, code", [(1.0, 0), (1.25, 1)])
 def test_a_real_paired_run_catches_a_planted_slowdown(slowdown, code, tmp_path):
