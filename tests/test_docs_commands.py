@@ -271,7 +271,7 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
               "--warmup 0 --iters 1 --out build/latency")), expect="onnxruntime"),
     'taskset -c 0 python benchmarks/latency.py $F/model $F/onnx $F/onnx-int8 $F/onnx-int8-wo $F/onnx-int4-wo '
     "--backends torch,onnxruntime,onnxruntime-int8,onnxruntime-int8-wo,onnxruntime-int4-wo --batch-sizes 1,8 "
-    '--tokens 67 --warmup 1 --iters 3 --threads 1 --peers hf-generate,optimum --out build/bench/results/issue12 '
+    '--tokens 67 --warmup 1 --iters 3 --threads 1 --peers hf-generate,optimum --out build/bench/results/decoder-peers '
     '--record full --note "..."': Elsewhere("tests/test_bench_peers.py", f"{FULL_SIZE}; the harness and peers run "
                                             "on tiny bundles in tests/test_bench_latency.py and this test"),
     "python export/to_onnx.py BUNDLE --out build/bench/serve/onnx":
