@@ -86,7 +86,9 @@ def run_latency(config: LatencyConfig, progress: bool = True) -> dict:
     config.validate()
     torch.set_num_threads(config.threads)
     envelope = Envelope(LATENCY_SCHEMA, config.device)
-    opened, unavailable = open_backends(config.backends, config.paths, config.device)
+    [(opened, unavailable)] = run_steps(  # a full-size model takes seconds to load
+        [("load " + ", ".join(config.backends), lambda: open_backends(config.backends, config.paths, config.device))],
+        "backends", progress)
     if not opened:
         raise BundleError("no backend could run: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
     first = next(iter(opened.values()))
@@ -94,9 +96,8 @@ def run_latency(config: LatencyConfig, progress: bool = True) -> dict:
     token_limit = first.captioner.token_limit
     if max(config.tokens) > token_limit:
         raise ValueError(f"tokens {max(config.tokens)} exceed what the model's positions allow ({token_limit})")
-    peaks = {}
-    run_steps([("matmul and memory ceilings", lambda: peaks.update(measure_peaks(config.device)))], "machine peaks",
-              progress)
+    [peaks] = run_steps([("matmul and memory ceilings", lambda: measure_peaks(config.device))], "machine peaks",
+                        progress)
     names = list(opened)
     cells = [(tokens, batch) for tokens in config.tokens for batch in config.batch_sizes]
     samples: dict[tuple[str, int, int], list[dict]] = {}

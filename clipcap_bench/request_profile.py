@@ -20,6 +20,7 @@ from clipcap_bench.experiment import rotation
 from clipcap_bench.photos import phone_jpeg
 from clipcap_bench.schema import REQUEST_SCHEMA, Envelope, check_report
 from clipcap_bench.statistics import percentiles
+from clipcap_bench.steps import run_steps
 from clipcap_bench.targets import TARGETS
 from clipcap.config import BundleError
 
@@ -146,7 +147,9 @@ def run_request_profile(profile: RequestProfile, progress: bool = True) -> dict:
     profile.validate()
     torch.set_num_threads(profile.threads)
     envelope = Envelope(REQUEST_SCHEMA)
-    opened, unavailable = open_options(profile.options, profile.bundles)
+    [(opened, unavailable)] = run_steps(  # full-size bundles take seconds each to load
+        [("load " + ", ".join(profile.options), lambda: open_options(profile.options, profile.bundles))],
+        "options", progress)
     if BASELINE not in opened or len(opened) < 2:
         raise BundleError("the baseline and at least one other option must open: "
                           + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))

@@ -34,3 +34,23 @@ def test_make_bench_records_nothing():
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
     assert "benchmarks/quick.py" in recipe and "--record" not in recipe
+
+
+def test_steps_run_in_order_under_one_bar_and_return_their_results(capsys):
+    from clipcap_bench.steps import run_steps
+
+    order = []
+    assert run_steps([("a", lambda: order.append("a") or 1), ("b", lambda: order.append("b") or 2)], "build") == [1, 2]
+    assert order == ["a", "b"] and "build" in capsys.readouterr().err  # the bar, on stderr
+    assert run_steps([], "nothing") == [] and capsys.readouterr().err == ""
+
+
+def test_the_envelope_holds_what_every_report_starts_with():
+    from clipcap_bench.schema import ENVELOPE_KEYS, SERVING_SCHEMA, Envelope
+
+    envelope = Envelope(SERVING_SCHEMA)
+    report = envelope.report({"path": Path("x")}, cells=[])
+    assert set(ENVELOPE_KEYS) <= set(report) and report["schema"] == SERVING_SCHEMA
+    assert report["settings"] == {"path": "x"}  # JSON-able
+    assert report["load_average"]["before"] == envelope.load_before and len(report["load_average"]["after"]) == 3
+    assert report["created_utc"] == envelope.created_utc and report["cells"] == []
