@@ -47,6 +47,16 @@ class ABConfig:
     slowdown: float = 1.0  # planted slowdown of the new arm (every runtime call takes this many times as long)
     work: Path = Path("build/bench/ab")  # the base tree, the harness link and the results
 
+    def validate(self) -> "ABConfig":
+        if self.rounds < 1 or self.requests < 1 or self.threads < 1:
+            raise ValueError(f"rounds, requests and threads must be >= 1, got {self.rounds}, {self.requests}, "
+                             f"{self.threads}")
+        if self.tokens < 2:
+            raise ValueError(f"tokens must be >= 2 (time per output token needs a second one), got {self.tokens}")
+        if self.slowdown < 1:
+            raise ValueError(f"slowdown is a factor >= 1 (1: none), got {self.slowdown}")
+        return self
+
 
 def round_metrics(requests: list[dict], wall_s: float, objective_ms: float) -> dict[str, float]:
     """One arm's round (each request's `ttft`, `tpot`, `e2e` in ms) reduced to one value per metric."""
@@ -136,6 +146,7 @@ class Worker:
 @contextmanager
 def paired_workers(config: ABConfig, repo: Path) -> Iterator[tuple[dict[str, Worker], Path]]:
     """({"old": worker, "new": worker}, the old arm's tree); the workers stop on leaving."""
+    config.validate()
     work = (repo / config.work).resolve()
     harness = work / "harness"  # holds only a link to this harness: the arms' own `clipcap` comes from their tree
     harness.mkdir(parents=True, exist_ok=True)

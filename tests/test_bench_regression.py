@@ -172,6 +172,18 @@ def test_the_base_tree_is_the_revision_s_library(tmp_path):
         base_tree(ROOT, "no-such-revision", tmp_path)
 
 
+@pytest.mark.parametrize("field, value, message", [("rounds", 0, "rounds"), ("tokens", 1, "tokens"),
+                                                   ("slowdown", 0.5, "slowdown"), ("requests", 0, "requests")])
+def test_bad_ab_settings_are_refused_before_any_worker_starts(field, value, message, tmp_path):
+    from clipcap_bench.ab import paired_workers
+
+    config = ABConfig(**{field: value}, work=tmp_path)
+    with pytest.raises(ValueError, match=message):
+        with paired_workers(config, ROOT):
+            pass
+    assert not (tmp_path / "harness").exists()
+
+
 def test_check_script_refuses_an_unknown_base(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check.py"), "--base", "no-such-revision",
                              "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
