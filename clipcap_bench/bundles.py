@@ -40,8 +40,8 @@ def make_full_size_bundles(out: Path, int8: bool = True, exports: bool = True, p
     `exports=False` builds the model bundle alone (a GPU run of the torch backend needs no ONNX).
 
     Steps whose output already exists are skipped, so a second call costs nothing. Random weights
-    time exactly like trained ones: the same shapes do the same arithmetic. The whole build takes about
-    3.5 minutes on 2 cores and peaks at 5.5 GiB of memory; a progress bar names each step.
+    time exactly like trained ones: the same shapes do the same arithmetic. The whole build takes minutes
+    and peaks at 5.5 GiB of memory; a progress bar names each step.
     """
     from clipcap.formats.model_bundle import save_bundle
     from clipcap.config import TokenizerConfig
