@@ -208,6 +208,8 @@ def test_newest_pair_and_append_only_files(tmp_path):
     assert newest_pair([first, other, last], "m1", "latency", "quick") == (first, last)
     assert newest_pair([first, other], "m2", "latency", "quick") == (first, other)  # another machine: ratios
     assert newest_pair([first], "m9", "latency", "quick") == (None, None)
+    later_elsewhere = synthetic(1, 0, "m2", "2026-01-05T00:00:00+00:00", scope="ratio")
+    assert newest_pair([first, later_elsewhere], "m1", "latency", "quick") == (None, first)  # never a later record
     for record in (first, last):
         record["commit"]["short"], record["kind"] = "abc1234", "latency"
         write_record(record, tmp_path)
