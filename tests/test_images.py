@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipcap.bench.photos import display_profile, gray_profile, photo_like
 from clipcap.images import (DEFAULT_FORMATS, FORMATS, ImageError, check_formats, decode_image, decoded_bytes,
                             decode_as_stored, load_pixels, open_image, preprocess, preprocess_image, to_rgb)
 from conftest import png_bytes, random_images

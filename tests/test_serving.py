@@ -673,7 +673,7 @@ def test_any_float_option_gives_a_caption_or_a_clean_refusal(service, strategy, 
 def test_healthcheck_image_and_refused_connection(tmp_path, capsys):
     """serving/healthcheck.py without a server: its built-in PNG is an image the service accepts, and a
     server that does not answer is unhealthy (exit 1). The real checks are in tests/test_serving_e2e.py."""
-    from clipcap.bench.torchserve import free_ports
+    from clipcap_bench.torchserve import free_ports
     from clipcap.images import decode_image
 
     spec = importlib.util.spec_from_file_location("clipcap_healthcheck", SERVING / "healthcheck.py")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap.bench.torchserve import free_ports
+from clipcap_bench.torchserve import free_ports
 from clipcap.captioner import Captioner
 from clipcap.export.mar import ArchiveConfig, build_archive
 from clipcap.images import decode_image

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clipcap import cli
-from clipcap.bench.torchserve import free_ports
+from clipcap_bench.torchserve import free_ports
 from serving_cases import OPTIONS, cases, message
 
 # Before Ray is imported (RayServer sets it too, but this module imports Ray first): the embedded Ray keeps
