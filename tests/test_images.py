@@ -25,6 +25,7 @@ from PIL import Image
 
 from clipcap.images import (DEFAULT_FORMATS, FORMATS, ImageError, check_formats, decode_image, decoded_bytes,
                             decode_as_stored, load_pixels, open_image, preprocess, preprocess_image, to_rgb)
+from clipcap_bench.photos import display_profile, gray_profile, photo_like
 from conftest import png_bytes, random_images
 
 MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
