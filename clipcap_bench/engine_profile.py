@@ -230,7 +230,7 @@ class EngineProfileConfig:
 
 def sample_images() -> dict[str, list[bytes]]:
     """Small PNGs (the demo's shapes renders) and 12 MP phone JPEGs."""
-    from clipcap.bench.photos import phone_jpeg
+    from clipcap_bench.photos import phone_jpeg
     from clipcap.training.shapes import generate
 
     small = []
