@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
 from clipcap.engine import CaptionEngine, CaptionFailed, CaptionRequest, CaptionResult, EngineBusy, EngineConfig
