@@ -1,10 +1,11 @@
 """Serving: everything the TorchServe handler does, written so it runs (and is tested) without TorchServe.
 
-A TorchServe batch arrives as one row per HTTP request. Each row is checked and preprocessed on
-its own (content type, body size, decoding options, image decoding, resize/normalise), so a bad
-request gets its own 4xx answer (a bug, its own 500) and never fails the others; the good rows
-are captioned together, one batched decode per distinct set of decoding options. If a batched
-decode raises, its requests are captioned one by one, so only the failing one answers 500. The
+Each request is checked and preprocessed on its own (content type, body size, decoding options,
+image decoding, resize/normalise), so a bad request gets its own 4xx answer (a bug, its own 500)
+and never fails the others; the good ones go to the worker's `CaptionEngine` (clipcap.engine),
+which decodes every running request together step by step, each with its own options, and
+isolates a failure to the request that causes it. A full engine queue answers 503 with
+Retry-After; a request past `handler.deadline_s` answers 504 and stops consuming decode steps. The
 handler's settings (`ServingConfig`) are clipcap.serving_config's; clipcap.export.mar packs a
 bundle, the handler and `model-config.yaml` into a `.mar`.
 
@@ -23,7 +24,6 @@ URLs are never fetched: an image arrives in the request or not at all.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import http
 import json
 import logging
@@ -31,19 +31,21 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
+from clipcap.engine import CaptionEngine, CaptionFailed, CaptionRequest, CaptionResult, EngineBusy, EngineConfig
 from clipcap.images import ImageError, open_image
 from clipcap.quoting import quote, quote_names
 from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError, worker_threads
 
 if TYPE_CHECKING:
-    from clipcap.captioner import CaptionBatch, Captioner
+    from clipcap.captioner import Captioner
+    from clipcap.engine import CaptionHandle
 
 logger = logging.getLogger(__name__)
 
@@ -78,49 +80,57 @@ class ServingError(Exception):
         self.status = status
         self.message = message
         self.request_id = ""  # set by parse_batch: the request_label its log lines carry
+        self.headers: dict[str, str] = {}  # to send with the answer (Retry-After)
 
     def reply(self) -> "Reply":
         # The same shape as TorchServe's own errors, so clients parse one format.
-        kind = http.HTTPStatus(self.status).phrase.replace(" ", "")
-        return Reply(self.status, {"code": self.status, "type": kind, "message": self.message})
+        kind = http.HTTPStatus(self.status).phrase.replace(" ", "") if self.status in _KNOWN else "ClientClosedRequest"
+        return Reply(self.status, {"code": self.status, "type": kind, "message": self.message}, dict(self.headers))
+
+
+_KNOWN = {status.value for status in http.HTTPStatus}
 
 
 @dataclass
 class Reply:
     status: int  # HTTP status for this request
     body: dict  # JSON response body
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (Retry-After)
+    batch_rows: int = 0  # a caption: the most rows its request shared a decode step with (metrics; not sent)
 
     @property
     def phrase(self) -> str:
-        return http.HTTPStatus(self.status).phrase
-
-
-@dataclass
-class ImageRequest:
-    """One request that passed every check, its image already preprocessed (the decoded image is not kept)."""
-
-    pixels: torch.Tensor  # (3, S, S) model input
-    options: DecodingOptions  # validated against the server's bounds
-    preprocess_ms: float  # reading, checking, decoding and preprocessing this request's image
-    request_id: str = ""  # set by parse_batch: the request_label its log lines carry
+        return http.HTTPStatus(self.status).phrase if self.status in _KNOWN else "Client Closed Request"
 
 
 @dataclass
 class BatchStats:
-    """What one TorchServe batch cost; the handler turns it into metrics."""
+    """What a set of answered requests cost; the fronts turn it into metrics."""
 
-    batch_size: int  # requests in the batch, refused ones included
+    batch_size: int  # requests, refused ones included
     captioned: int  # requests that got a caption
-    tokens: int  # tokens generated over the batch
-    timings_ms: dict[str, float]  # preprocess (per request) / encode / decode (per decode run), summed
+    tokens: int  # tokens generated over them
+    timings_ms: dict[str, float]  # preprocess / encode / decode per request, summed
+    rows: list[int] = field(default_factory=list)  # per caption: the most rows it shared a decode step with
+
+    @classmethod
+    def of(cls, replies: list["Reply"]) -> "BatchStats":
+        captions = [reply for reply in replies if reply.status == 200]
+        totals = {stage: sum(reply.body["timings_ms"].get(stage, 0.0) for reply in captions)
+                  for stage in ("preprocess", "encode", "decode")}
+        return cls(len(replies), len(captions), sum(len(reply.body["token_ids"]) for reply in captions), totals,
+                   [reply.batch_rows for reply in captions])
 
 
 class CaptionService:
-    """Request parsing, validation and batched captioning over a `Captioner`."""
+    """Request parsing and validation, and captioning through the worker's one `CaptionEngine`."""
 
     def __init__(self, captioner: "Captioner", config: ServingConfig):
         self.captioner = captioner
         self.config = config
+        self.engine = CaptionEngine(captioner, EngineConfig(
+            max_rows=config.batch_rows, encode_batch=config.encode_batch, encode_wait_ms=config.encode_wait_ms,
+            max_queued=config.max_queued, decode_threads=config.decode_threads))
         # The most tokens a request may ask for: the configured cap, never beyond the model's positions.
         self.token_limit = min(config.max_tokens or captioner.config.max_tokens, captioner.token_limit)
         base = captioner.default_options().replace(max_tokens=min(captioner.config.max_tokens, self.token_limit))
@@ -150,7 +160,7 @@ class CaptionService:
     # -- requests -------------------------------------------------------------------------------
 
     def parse_batch(self, rows: list[dict], headers: list[dict], request_ids: list[str] | None = None,
-                    ) -> list[ImageRequest | ServingError]:
+                    ) -> list[CaptionRequest | ServingError]:
         """TorchServe rows (one dict per request: part name -> value), their request headers and the
         server's request ids; each result carries its request's `request_label` for the log lines.
 
@@ -160,7 +170,7 @@ class CaptionService:
         ids = [request_label(request_ids[i] if request_ids else str(i), h) for i, h in enumerate(headers)]
         return list(self._decode_pool.map(self._parse_isolated, rows, headers, ids))
 
-    def _parse_isolated(self, row: dict, headers: dict, request_id: str) -> ImageRequest | ServingError:
+    def _parse_isolated(self, row: dict, headers: dict, request_id: str) -> CaptionRequest | ServingError:
         try:
             result = self.parse(row, headers)
         except ServingError as error:
@@ -172,8 +182,8 @@ class CaptionService:
         result.request_id = request_id
         return result
 
-    def parse(self, row: dict, headers: dict) -> ImageRequest:
-        """One request -> a checked image and decoding options, or ServingError."""
+    def parse(self, row: dict, headers: dict) -> CaptionRequest:
+        """One request -> its checked image as pixels and its decoding options, or ServingError."""
         start = time.perf_counter()
         if all(_is_empty(value) for value in row.values()):
             raise ServingError(400, f"empty request: {HOW_TO_SEND}")
@@ -205,7 +215,8 @@ class CaptionService:
                                                 self.config.max_image_bytes)
         except ImageError as error:
             raise ServingError(400, str(error)) from None
-        return ImageRequest(pixels, options, (time.perf_counter() - start) * 1e3)
+        return CaptionRequest(options, pixels=pixels, preprocess_ms=(time.perf_counter() - start) * 1e3,
+                              deadline=None if self.config.deadline_s is None else time.monotonic() + self.config.deadline_s)
 
     def _form_image(self, row: dict) -> bytes:
         """The body of a form-urlencoded request when it is an image of an accepted format (its header is
@@ -295,47 +306,63 @@ class CaptionService:
 
     # -- captioning -----------------------------------------------------------------------------
 
-    def caption_batch(self, requests: list[ImageRequest | ServingError]) -> tuple[list[Reply], BatchStats]:
-        """Caption every good request; one batched decode per distinct set of options."""
-        replies: list[Reply | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for index, request in enumerate(requests):
-            if isinstance(request, ServingError):
-                replies[index] = request.reply()
-            else:
-                groups.setdefault(_group_key(index, request.options), []).append(index)
-        totals = {"preprocess": sum(r.preprocess_ms for r in requests if isinstance(r, ImageRequest)),
-                  "encode": 0.0, "decode": 0.0}
-        tokens = captioned = 0
-        for indices in groups.values():
-            for run, batch in self._caption_group(requests, indices):
-                if batch is None:
-                    replies[run[0]] = ServingError(500, "captioning failed: internal error (logged on the server)").reply()
-                    continue
-                totals["encode"] += batch.timings_ms["encode"]
-                totals["decode"] += batch.timings_ms["decode"]
-                for i, caption in zip(run, batch.captions):
-                    timings = {"preprocess": requests[i].preprocess_ms, **batch.timings_ms}
-                    replies[i] = Reply(200, {"caption": caption.caption, "token_ids": caption.token_ids,
-                                             "timings_ms": {k: round(v, 3) for k, v in timings.items()}})
-                    tokens += len(caption.token_ids)
-                    captioned += 1
-        return replies, BatchStats(len(requests), captioned, tokens, totals)
-
-    def _caption_group(self, requests: list, indices: list[int]) -> list[tuple[list[int], "CaptionBatch | None"]]:
-        """(request indices, captions) per decode run: one batched run for requests sharing options; if it
-        raises, one run per request, so only the request that fails alone gets None (its 500)."""
-        options = requests[indices[0]].options
+    def submit(self, request: CaptionRequest | ServingError) -> "CaptionHandle | ServingError":
+        """Hand a parsed request to the engine; a refusal (a bad request, a full queue) comes back as ServingError."""
+        if isinstance(request, ServingError):
+            return request
         try:
-            pixels = torch.stack([requests[i].pixels for i in indices])
-            return [(indices, self.captioner.caption_pixels(pixels, options))]
-        except Exception:  # never the worker, never a batch mate
-            if len(indices) == 1:
-                logger.exception("request %s: captioning failed", requests[indices[0]].request_id)
-                return [(indices, None)]
-            logger.exception("batched captioning of requests %s failed; captioning them one by one",
-                             ", ".join(requests[i].request_id for i in indices))
-        return [run for i in indices for run in self._caption_group(requests, [i])]
+            return self.engine.submit(request)
+        except EngineBusy as busy:
+            logger.warning("request %s refused: %d %s", request.request_id, busy.status, busy.message)
+            return _refusal(busy, request.request_id)
+
+    def reply(self, handle: "CaptionHandle | ServingError", result: CaptionResult | CaptionFailed) -> Reply:
+        """The answer to a finished request."""
+        if isinstance(result, CaptionFailed):
+            if result.status >= 500:
+                logger.warning("request %s failed: %d %s", handle.request.request_id, result.status, result.message)
+            else:
+                logger.info("request %s ended: %d %s", handle.request.request_id, result.status, result.message)
+            return _refusal(result, handle.request.request_id).reply()
+        return Reply(200, {"caption": result.caption, "token_ids": result.token_ids, "timings_ms": result.timings_ms},
+                     batch_rows=result.batch_rows)
+
+    def caption_batch(self, requests: list[CaptionRequest | ServingError]) -> tuple[list[Reply], BatchStats]:
+        """Caption every good request of a batch (they decode together with whatever else is running) and
+        wait for all of them: TorchServe's synchronous handler."""
+        handles = [self.submit(request) for request in requests]
+        replies = []
+        for handle in handles:
+            if isinstance(handle, ServingError):
+                replies.append(handle.reply())
+                continue
+            try:
+                replies.append(self.reply(handle, handle.result()))
+            except CaptionFailed as failure:
+                replies.append(self.reply(handle, failure))
+        return replies, BatchStats.of(replies)
+
+    async def caption(self, request: CaptionRequest | ServingError) -> Reply:
+        """One request's reply, awaited; cancelling the awaiting task (the client went away) cancels it."""
+        handle = self.submit(request)
+        if isinstance(handle, ServingError):
+            return handle.reply()
+        try:
+            result = await handle.wait()
+        except CaptionFailed as failure:
+            return self.reply(handle, failure)
+        return self.reply(handle, result)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _refusal(failure: CaptionFailed, request_id: str) -> ServingError:
+    error = ServingError(failure.status, failure.message)
+    error.request_id = request_id
+    if isinstance(failure, EngineBusy):
+        error.headers["Retry-After"] = str(failure.retry_after_s)
+    return error
 
 
 def set_compute_threads(threads: int, why: str) -> None:
@@ -407,9 +434,3 @@ def _form_value(name: str, value: Any) -> Any:
         return json.loads(value)
     except (ValueError, RecursionError):
         return value
-
-
-def _group_key(index: int, options: DecodingOptions) -> tuple:
-    # A seeded nucleus request samples row i with seed + i; alone in its group it gets exactly its seed.
-    own_group = options.strategy == "nucleus" and options.seed is not None
-    return dataclasses.astuple(options), index if own_group else None

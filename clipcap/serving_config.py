@@ -36,6 +36,11 @@ class ServingConfig:
     max_options_bytes: int = 4096  # a request's options (JSON keys besides "image", form fields) in all
     formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))  # image formats read (clipcap.images)
     decode_threads: int = 2  # a batch's images decoded at once (Pillow releases the GIL); memory: that many images
+    batch_rows: int = 16  # rows the engine decodes together at most (a beam request takes beam_size of them)
+    encode_batch: int = 8  # images the engine encodes together at most
+    encode_wait_ms: float = 5.0  # an idle engine waits this long for more images to encode with the first
+    max_queued: int = 64  # requests waiting to start; one more is answered 503 with Retry-After
+    deadline_s: float | None = 60.0  # a request not finished this long after it arrived: 504, its rows freed
     threads: int | None = None  # torch and onnxruntime compute threads a worker; None: `worker_threads`' default
 
     @classmethod
@@ -65,6 +70,11 @@ class ServingConfig:
         check(self.max_body_bytes >= 1, "max_body_bytes", "must be >= 1")
         check(self.max_options_bytes >= 1, "max_options_bytes", "must be >= 1")
         check(self.decode_threads >= 1, "decode_threads", "must be >= 1")
+        check(self.batch_rows >= 1, "batch_rows", "must be >= 1")
+        check(self.encode_batch >= 1, "encode_batch", "must be >= 1")
+        check(self.encode_wait_ms >= 0, "encode_wait_ms", "must be >= 0")
+        check(self.max_queued >= 1, "max_queued", "must be >= 1")
+        check(self.deadline_s is None or self.deadline_s > 0, "deadline_s", "must be > 0 (or null: no deadline)")
         check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
         check(isinstance(self.formats, list) and all(isinstance(f, str) for f in self.formats), "formats",
               "must be a list of format names")

@@ -1,9 +1,9 @@
 """`clipcap serve-ray`: the caption service on Ray Serve, the scale-out front next to TorchServe.
 
-Each replica holds one `CaptionService` (the TorchServe handler's) and a `CaptionFront`
-(clipcap.serving_front: TorchServe's inference API and the Open Inference Protocol); requests are
-batched by `@serve.batch` with model-config.yaml's `batchSize` and `maxBatchDelay`, and each batch
-goes through `parse_batch` and `caption_batch` as a TorchServe batch does. Replicas are a fixed
+Each replica holds one `CaptionService` (the TorchServe handler's, with its `CaptionEngine`) and a
+`CaptionFront` (clipcap.serving_front: TorchServe's inference API and the Open Inference Protocol);
+each request is parsed on a thread and handed to the engine, which decodes every running request
+together step by step; a request whose client disconnects is cancelled (Ray Serve cancels its task). Replicas are a fixed
 count (default one per GPU, else one) or autoscaled by ongoing requests. The handler's metrics
 (`ClipcapBatchSize`, ...) are Ray metrics: Ray's Prometheus endpoint exports them lower-cased with
 a `ray_` prefix (`ray_clipcapbatchsize_bucket`), when metrics are on. Imported only for `serve-ray`
@@ -13,6 +13,7 @@ stats, and clipcap.http_limits in its HTTP proxy.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -48,8 +49,8 @@ class RayServeConfig:
     target_ongoing_requests: float = 8.0  # autoscaling's target per replica: about one batch in flight
     cpus_per_replica: float = 1.0  # Ray CPUs each replica reserves
     gpus_per_replica: float | None = None  # None: 1 where the cluster has GPUs, else 0
-    # Per replica; None: 8 x batchSize. Requests past it wait in Ray's router, which backs off while every
-    # replica is full: at 2 x batchSize an overloaded replica answered 9 req/s of its 40 (benchmarks/README).
+    # Per replica; None: the engine's queue and rows (handler.max_queued + handler.batch_rows), so a replica holds
+    # no more than its engine admits. Requests past it wait in Ray's router.
     max_ongoing_requests: int | None = None
     max_queued_requests: int = 100  # waiting beyond every replica's batches: 503, as TorchServe's job_queue_size
     token: str | None = None  # the bearer token; None: generate one and write it to token_file (unless no_auth)
@@ -66,10 +67,9 @@ class RayServeConfig:
 
 @dataclass
 class BatchSettings:
-    """What the replicas read from model-config.yaml."""
+    """What the replicas read from model-config.yaml: its handler: section (batchSize and maxBatchDelay are
+    TorchServe's; the engine's own settings are in the handler section)."""
 
-    max_batch_size: int  # batchSize: requests per batched decode
-    batch_wait_s: float  # maxBatchDelay (ms there): the longest a batch waits to fill
     handler: ServingConfig  # the handler: section, exactly as the TorchServe handler reads it
 
     @classmethod
@@ -80,12 +80,7 @@ class BatchSettings:
         if not path.is_file():
             raise ServingConfigError(f"{path}: file not found (pass --model-config serving/model-config.yaml)")
         data = yaml.safe_load(path.read_text()) or {}
-        size, delay = data.get("batchSize", 1), data.get("maxBatchDelay", 100)  # TorchServe's own defaults
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ServingConfigError(f"{path}: batchSize must be an integer >= 1, got {size!r}")
-        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
-            raise ServingConfigError(f"{path}: maxBatchDelay must be a number of ms >= 0, got {delay!r}")
-        return cls(size, delay / 1e3, ServingConfig.from_dict(data.get("handler")))
+        return cls(ServingConfig.from_dict(data.get("handler")))
 
 
 class CaptionReplica:
@@ -105,13 +100,11 @@ class CaptionReplica:
         gpu_id = 0 if ray.get_gpu_ids() else None  # Ray shows a replica only its own GPU
         captioner = Captioner.from_path(bundle, backend=config.backend, device=resolve_device(config.device, gpu_id))
         self.service = CaptionService(captioner, config)
-        self._batched = serve.batch(max_batch_size=settings.max_batch_size,
-                                    batch_wait_timeout_s=settings.batch_wait_s)(self._caption_rows)
         replica = serve.get_replica_context().replica_id.unique_id
         self.front = CaptionFront(dataclasses.replace(front, headers={"x-clipcap-replica": replica}), self._caption_one)
         self.metrics = {
             "ClipcapBatchSize": metrics.Histogram("ClipcapBatchSize", boundaries=HISTOGRAM_BOUNDARIES,
-                                                  description="requests in the batch"),
+                                                  description="the most rows a request shared a decode step with"),
             "ClipcapTokensGenerated": metrics.Counter("ClipcapTokensGenerated", description="tokens generated"),
             **{f"Clipcap{stage}Seconds": metrics.Histogram(f"Clipcap{stage}Seconds", boundaries=HISTOGRAM_BOUNDARIES,
                                                             description=f"{stage.lower()} time per batch")
@@ -125,23 +118,14 @@ class CaptionReplica:
         return Response(answer.body, status_code=answer.status, headers=answer.headers)
 
     async def _caption_one(self, row: dict, headers: dict, request_id: str) -> Reply:
-        return await self._batched((row, headers, request_id))
-
-    async def _caption_rows(self, items: list[tuple[dict, dict, str]]) -> list[Reply]:
-        # On the replica's user-code loop, not in a thread: @serve.batch forms the next batch as soon as one
-        # starts, so while a batch runs in a thread the next forms from a lone arrival plus the wait; with the
-        # loop busy, arrivals queue and the next batch takes them all, as TorchServe's does (measured: 32
-        # concurrent requests in 5 batches here, 8 to 13 from a thread). Ray's health checks run on another loop.
-        return self._caption_now(items)
-
-    def _caption_now(self, items: list[tuple[dict, dict, str]]) -> list[Reply]:
-        rows, headers, ids = (list(column) for column in zip(*items))
-        replies, stats = self.service.caption_batch(self.service.parse_batch(rows, headers, ids))
-        self._record(stats)
-        return replies
+        request = (await asyncio.to_thread(self.service.parse_batch, [row], [headers], [request_id]))[0]
+        reply = await self.service.caption(request)  # this task cancelled (client gone): the request is too
+        self._record(BatchStats.of([reply]))
+        return reply
 
     def _record(self, stats: BatchStats) -> None:
-        self.metrics["ClipcapBatchSize"].observe(stats.batch_size)
+        for rows in stats.rows:
+            self.metrics["ClipcapBatchSize"].observe(rows)
         if stats.captioned:
             self.metrics["ClipcapTokensGenerated"].inc(stats.tokens)
             for stage, milliseconds in stats.timings_ms.items():
@@ -182,7 +166,7 @@ def build_app(config: RayServeConfig, token: str | None, gpus_in_cluster: float 
                                           "target_ongoing_requests": config.target_ongoing_requests}}
     deployment = serve.deployment(
         CaptionReplica, name="CaptionReplica", **scaling,
-        max_ongoing_requests=config.max_ongoing_requests or 8 * settings.max_batch_size,
+        max_ongoing_requests=config.max_ongoing_requests or settings.handler.max_queued + settings.handler.batch_rows,
         max_queued_requests=config.max_queued_requests,
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": gpus})
     front = FrontConfig(model_name=config.model_name, token=token, max_request_bytes=config.max_request_bytes,

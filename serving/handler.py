@@ -1,9 +1,15 @@
-"""TorchServe handler for ClipCap: four thin stages over `clipcap.serving`, where all request logic lives.
+"""TorchServe handler for ClipCap: TorchServe's rows in, the worker's CaptionEngine (clipcap.engine) does the rest.
+
+With `asyncCommunication: true` (the shipped model-config.yaml) TorchServe hands every request to the
+worker as it arrives and the handler awaits each one's caption, so requests join the running decode
+step by step; without it, TorchServe's batches are captioned together and answered when the last is done.
+All request logic lives in clipcap.serving.
 
 Custom metrics (declared in serving/metrics.yaml, so the prometheus endpoint shows them):
-ClipcapBatchSize (histogram), ClipcapTokensGenerated (counter) and
-Clipcap{Preprocess,Encode,Decode}Seconds (histograms of per-batch stage time).
+ClipcapBatchSize (histogram: the most rows a request shared a decode step with), ClipcapTokensGenerated
+(counter) and Clipcap{Preprocess,Encode,Decode}Seconds (histograms of per-request stage time).
 """
+import asyncio
 import os
 import sys
 
@@ -41,27 +47,51 @@ class ClipCapHandler(BaseHandler):
         except ServingConfigError as error:  # on stderr: model_log.log has it at WARN (stdout lines are INFO)
             print(f"ERROR clipcap cannot start: {error}", file=sys.stderr, flush=True)
             raise
+        self.asynchronous = bool(context.model_yaml_config.get("asyncCommunication"))
         self.initialized = True
 
+    def handle(self, data, context):
+        """A list of answers (TorchServe's batches), or with asyncCommunication the coroutine TorchServe awaits."""
+        if self.asynchronous:
+            return self._handle_async(data, context)
+        return super().handle(data, context)
+
+    async def _handle_async(self, data, context):
+        # `context` is this request's own copy: never self.context, which another request's call may hold.
+        requests = await asyncio.to_thread(self._parse, data, context)
+        replies = await asyncio.gather(*(self.service.caption(request) for request in requests))
+        return self._answer(replies, context)
+
     def preprocess(self, data):
-        headers = [self.context.get_all_request_header(index) for index in range(len(data))]
-        ids = [self.context.get_request_id(index) for index in range(len(data))]
-        return self.service.parse_batch(data, headers, ids)
+        return self._parse(data, self.context)
 
     def inference(self, requests):
         replies, stats = self.service.caption_batch(requests)
-        self._record(stats)
+        self._record(self.context, stats)
         return replies
 
     def postprocess(self, replies):
+        return self._answer(replies, self.context, recorded=True)
+
+    def _parse(self, data, context):
+        headers = [context.get_all_request_header(index) for index in range(len(data))]
+        ids = [context.get_request_id(index) for index in range(len(data))]
+        return self.service.parse_batch(data, headers, ids)
+
+    def _answer(self, replies, context, recorded: bool = False):
         for index, reply in enumerate(replies):
-            self.context.set_response_status(reply.status, reply.phrase, idx=index)
-            self.context.set_response_content_type(index, "application/json")
+            context.set_response_status(reply.status, reply.phrase, idx=index)
+            context.set_response_content_type(index, "application/json")
+            for name, value in reply.headers.items():
+                context.set_response_header(index, name, value)
+        if not recorded:
+            self._record(context, BatchStats.of(replies))
         return [reply.body for reply in replies]
 
-    def _record(self, stats: BatchStats) -> None:
-        metrics = self.context.metrics
-        metrics.add_metric("ClipcapBatchSize", stats.batch_size, "count", metric_type=MetricTypes.HISTOGRAM)
+    def _record(self, context, stats: BatchStats) -> None:
+        metrics = context.metrics
+        for rows in stats.rows:
+            metrics.add_metric("ClipcapBatchSize", rows, "count", metric_type=MetricTypes.HISTOGRAM)
         if stats.captioned:
             metrics.add_counter("ClipcapTokensGenerated", stats.tokens)
             for stage, milliseconds in stats.timings_ms.items():

@@ -1,6 +1,8 @@
 """Serving without TorchServe: request parsing and limits, batched captioning, the handler, clipcap.mar."""
+import asyncio
 import base64
 import importlib.util
+import inspect
 import io
 import json
 import logging
@@ -18,7 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clipcap.captioner import Captioner
-from clipcap.serving import CaptionService, ImageRequest, ServingConfig, ServingConfigError, ServingError
+from clipcap.engine import CaptionRequest
+from clipcap.serving import CaptionService, ServingConfig, ServingConfigError, ServingError
 from clipcap.serving_config import check_model_config, read_model_config, worker_threads
 from conftest import png_bytes, random_images
 
@@ -182,7 +185,7 @@ def test_max_tokens_caps_requests_and_defaults(captioner):
 ])
 def test_accepted_forms_give_the_same_image(service, captioner, row, headers):
     request = service.parse(row, headers)
-    assert isinstance(request, ImageRequest)
+    assert isinstance(request, CaptionRequest)
     assert torch.equal(request.pixels, captioner.preprocess([IMAGES[1]])[0])
     assert request.options == service.defaults
 
@@ -268,22 +271,24 @@ def test_batch_captions_match_library_and_bad_rows_fail_alone(service, captioner
     for reply, expected in zip([replies[0], replies[3], replies[2]], greedy + beam):
         assert reply.body["caption"] == expected.caption
         assert reply.body["token_ids"] == expected.token_ids
-        assert set(reply.body["timings_ms"]) == {"preprocess", "encode", "decode"}
+        assert set(reply.body["timings_ms"]) == {"preprocess", "queue", "encode", "decode", "first_token"}
     assert "not a recognised image" in replies[1].body["message"]
     assert (stats.batch_size, stats.captioned) == (5, 3)
     assert stats.tokens == sum(len(c.token_ids) for c in greedy + beam)
     assert all(stats.timings_ms[stage] > 0 for stage in ("preprocess", "encode", "decode"))
 
 
-def test_failing_group_answers_500_others_succeed(service, monkeypatch):
-    real = service.captioner.caption_pixels
+def test_a_failing_decode_answers_500_others_succeed(service, captioner, monkeypatch):
+    """The decode (not the encoder) fails for one request's prefix: only that request answers 500."""
+    real = captioner.runtime.step
+    poison = captioner.runtime.encode(captioner.preprocess([IMAGES[1]]))[0]
 
-    def fail_on_beam(pixels, options):
-        if options.strategy == "beam":
+    def step(embeds, cache):
+        if embeds.shape[1] > 1 and any(torch.allclose(row, poison, atol=1e-4) for row in embeds):
             raise RuntimeError("simulated backend failure")
-        return real(pixels, options)
+        return real(embeds, cache)
 
-    monkeypatch.setattr(service.captioner, "caption_pixels", fail_on_beam)
+    monkeypatch.setattr(captioner.runtime, "step", step)
     rows = [{"body": bytearray(PNGS[0])}, {"body": {"image": _b64(PNGS[1]), "decoding": "beam"}}]
     replies, stats = service.caption_batch(service.parse_batch(rows, [RAW, JSON]))
     assert [r.status for r in replies] == [200, 500]
@@ -368,7 +373,7 @@ def test_a_batch_decodes_on_threads_like_one_by_one(captioner, monkeypatch, thre
     assert most[0] <= threads
     assert [getattr(r, "status", 200) for r in threaded] == [200] * 8 + [400] * 3
     for one, other in zip(serial, threaded):
-        if isinstance(one, ImageRequest):
+        if isinstance(one, CaptionRequest):
             assert torch.equal(one.pixels, other.pixels)
         else:
             assert (one.status, one.message) == (other.status, other.message)
@@ -414,7 +419,7 @@ def test_unexpected_parse_error_costs_one_request(service, monkeypatch):
     monkeypatch.setattr(service, "parse", parse)
     parsed = service.parse_batch([{"body": bytearray(b"boom")}, {"body": bytearray(PNGS[0])}], [RAW, RAW])
     assert isinstance(parsed[0], ServingError) and parsed[0].status == 500
-    assert isinstance(parsed[1], ImageRequest)
+    assert isinstance(parsed[1], CaptionRequest)
 
 
 def test_seeded_nucleus_does_not_depend_on_the_batch(service, captioner):
@@ -465,11 +470,14 @@ def _run_batch(handler, context, rows, headers):
     context.request_processor = [RequestProcessor(h) for h in headers]
     context.request_ids = {i: f"request-{i}" for i in range(len(rows))}
     context.metrics.set_request_ids(context.request_ids)
-    return handler.handle(rows, context)
+    answer = handler.handle(rows, context)
+    return asyncio.run(answer) if inspect.iscoroutine(answer) else answer  # asyncCommunication: TorchServe awaits it
 
 
-def test_handler_answers_each_request_with_its_own_status(handler_setup, captioner, caplog):
+@pytest.mark.parametrize("asynchronous", [True, False], ids=["asyncCommunication", "batches"])
+def test_handler_answers_each_request_with_its_own_status(handler_setup, captioner, caplog, monkeypatch, asynchronous):
     handler, context, _ = handler_setup
+    monkeypatch.setattr(handler, "asynchronous", asynchronous)
     declared = {kind: set(names) for kind, names in context.metrics.cache.items()}
     rows = [{"body": bytearray(PNGS[0])}, {"body": bytearray()}, {"body": "hi"},
             {"data": bytearray(PNGS[1]), "decoding": bytearray(b"beam")}]
@@ -487,7 +495,7 @@ def test_handler_answers_each_request_with_its_own_status(handler_setup, caption
     # TorchServe's metric log lines: [METRICS]Name.Unit:value|#dimensions|...
     emitted = {line[len("[METRICS]"):].split(".")[0]: float(line.split(":", 1)[1].split("|")[0])
                for line in (r.getMessage() for r in caplog.records) if line.startswith("[METRICS]Clipcap")}
-    assert emitted["ClipcapBatchSize"] == 4
+    assert 1 <= emitted["ClipcapBatchSize"] <= handler.service.config.batch_rows  # rows sharing a decode step
     assert emitted["ClipcapTokensGenerated"] == len(bodies[0]["token_ids"]) + len(bodies[3]["token_ids"])
     assert all(emitted[f"Clipcap{stage}Seconds"] > 0 for stage in ("Preprocess", "Encode", "Decode"))
 
@@ -630,14 +638,10 @@ def test_request_ids_in_log_lines(service, caplog, monkeypatch):
     messages = [record.getMessage() for record in caplog.records]
     assert "request ts-0 (X-Request-ID 'client-7') refused: 400" in messages[0]
     assert all("\n" not in message for message in messages)
-    real = service.captioner.caption_pixels
+    def fail(pixels):
+        raise RuntimeError("simulated")
 
-    def fail_alone(pixels, options):
-        if len(pixels) == 1:
-            raise RuntimeError("simulated")
-        return real(pixels, options)
-
-    monkeypatch.setattr(service.captioner, "caption_pixels", fail_alone)
+    monkeypatch.setattr(service.captioner.runtime, "encode", fail)
     with caplog.at_level(logging.INFO, logger="clipcap.serving"):
         replies, _ = service.caption_batch(service.parse_batch(rows[2:], headers[2:], ["ts-9"]))
     assert replies[0].status == 500

@@ -222,9 +222,9 @@ def test_v2_infer_with_tritonclient_encoding(service, images):
 
 def test_model_config_batching_and_token_file(tmp_path):
     settings_ = BatchSettings.from_file("serving/model-config.yaml")
-    assert (settings_.max_batch_size, settings_.batch_wait_s) == (8, 0.005)
-    (tmp_path / "bad.yaml").write_text("batchSize: 0\n")
-    with pytest.raises(ValueError, match="batchSize"):
+    assert (settings_.handler.batch_rows, settings_.handler.max_queued) == (16, 64)
+    (tmp_path / "bad.yaml").write_text("handler:\n  batch_rows: 0\n")
+    with pytest.raises(ValueError, match="batch_rows"):
         BatchSettings.from_file(tmp_path / "bad.yaml")
     token_file = tmp_path / "token"
     token_file.write_text("old")

@@ -15,6 +15,12 @@ against each; tests/test_decoding_loops.py checks that decoding keeps its side):
 - What `step` returns as logits belongs to the caller: no later call overwrites it. `embeds` and
   `index` are only read.
 - Calls on one runtime are made one at a time (not from two threads at once).
+
+Rows of one cache may hold different lengths: `join` puts the rows of two caches in one (a request
+joining a running decode), and every `step` gives each row its own positions. How a backend pads
+the shorter rows is its own (left padding with an attention mask: clipcap.runtimes.padding; the
+in-place onnxruntime decoder pads on the right); a row's logits do not depend on its batch mates
+beyond fp32 rounding.
 """
 from __future__ import annotations
 
@@ -60,3 +66,6 @@ class Runtime(Protocol):
 
         `index` may repeat, reorder and drop rows; `cache` is spent.
         """
+
+    def join(self, first: Any, second: Any) -> Any:
+        """One cache holding the rows of `first`, then those of `second`, whatever their lengths; both are spent."""

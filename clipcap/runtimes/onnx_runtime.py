@@ -13,7 +13,8 @@ with `new` / `step` / `select`; the runtime holds its class and never branches o
 the past input and the present output, so a step writes only its new positions into the cache it
 is given; it binds them once per buffer set and a step binds only its embeddings, positions and
 logits (binding GPT-2 small's 24 buffers anew cost 0.3 ms a step, ~3% of a batch-1 CPU step).
-`ConcatCache`'s step returns new, longer tensors. Both obey the `Runtime` protocol's cache
+`ConcatCache`'s step returns new, longer tensors. Both hold rows of different lengths (so a row can
+join a running decode, `join`): the in-place cache pads on the right, the concat cache on the left. Both obey the `Runtime` protocol's cache
 contract (clipcap.runtimes.base): a cache given to `step` or `select` is spent.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from clipcap.config import ClipCapConfig
 from clipcap.formats.export_bundle import ExportManifest, load_manifest, load_token_table
 from clipcap.formats.graph_specs import BATCH, CAPACITY, PAST, SEQUENCE, GraphSpec, graph_specs, kv_names
 from clipcap.formats.model_bundle import load_config
+from clipcap.runtimes import padding
 from clipcap.runtimes.base import RuntimeUnavailable
 
 # torch dtype -> the numpy type onnxruntime's binding API takes as the element type.
@@ -36,9 +38,11 @@ _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.in
 
 @dataclass
 class ConcatCache:
-    """The concat decoder's cache: each step's presents, new tensors one step longer, are the next past."""
+    """The concat decoder's cache: each step's presents, new tensors one step longer, are the next past.
+    Rows of different lengths are left-padded (clipcap.runtimes.padding) and masked by `attention_mask`."""
 
     past: list[torch.Tensor]  # the decoder's past inputs in spec order, each (B, H, past, D)
+    pads: torch.Tensor | None = None  # (B,) padding positions before each row's first; None: none padded
 
     @property
     def length(self) -> int:
@@ -53,32 +57,44 @@ class ConcatCache:
     def step(self, runtime: "OnnxRuntime", embeds: torch.Tensor) -> tuple[torch.Tensor, "ConcatCache"]:
         batch, length, _ = embeds.shape
         past = self.length
+        mask, positions = padding.step_inputs(self.pads, past, length, batch, runtime.device)
         inputs = {
             "inputs_embeds": embeds,
-            # Rows are never padded (finished rows leave the batch), so every position is attended.
-            "attention_mask": torch.ones(batch, past + length, dtype=torch.int64, device=runtime.device),
-            "position_ids": torch.arange(past, past + length, device=runtime.device).expand(batch, length),
+            "attention_mask": torch.ones(batch, past + length, dtype=torch.int64, device=runtime.device)
+            if mask is None else mask,
+            "position_ids": positions,
             **dict(zip(runtime.past_names, self.past)),
         }
         outputs = runtime._run(runtime.specs["decoder"], inputs, {BATCH: batch, SEQUENCE: length, PAST: past})
-        return outputs["logits"], ConcatCache([outputs[name] for name in runtime.present_names])
+        return outputs["logits"], ConcatCache([outputs[name] for name in runtime.present_names], self.pads)
 
     def select(self, index: torch.Tensor) -> "ConcatCache":
-        return ConcatCache([t.index_select(0, index) for t in self.past])
+        return ConcatCache(*padding.select(self.past, self.pads, index))
+
+    def join(self, other: "ConcatCache") -> "ConcatCache":
+        return ConcatCache(*padding.join(self.past, self.pads, other.past, other.pads))
 
 
 @dataclass
 class InPlaceCache:
-    """The in-place decoder's cache: buffers of `capacity` positions that a step writes its new positions into."""
+    """The in-place decoder's cache: buffers of `capacity` positions that a step writes its new positions into.
 
-    buffers: list[torch.Tensor]  # the decoder's caches in spec order, each (B, H, capacity, D); positions >= length unset
-    length: int  # positions filled
+    Each row has its own length (`lengths`): rows pad on the right, and the attention op reads and
+    writes each row at its own positions (its `seqlens_k`), so rows of different lengths share a step."""
+
+    buffers: list[torch.Tensor]  # the decoder's caches in spec order, each (B, H, capacity, D); positions >= a row's length unset
+    lengths: torch.Tensor  # (B,) positions filled per row
     binding: object | None = field(default=None, repr=False)  # onnxruntime IOBinding with `buffers` bound as past
     #   and present (made by the first step; one per buffer set, so per generation: never shared across threads)
 
     @property
     def capacity(self) -> int:
         return self.buffers[0].shape[2]
+
+    @property
+    def length(self) -> int:
+        """The longest row's length."""
+        return int(self.lengths.max()) if self.lengths.numel() else 0
 
     @classmethod
     def new(cls, runtime: "OnnxRuntime", batch_size: int) -> "InPlaceCache":
@@ -87,51 +103,61 @@ class InPlaceCache:
         capacity = min(config.gpt2.n_positions, config.mapper.prefix_length + config.max_tokens)
         sizes = {BATCH: batch_size, CAPACITY: capacity}
         return cls([torch.zeros(spec.shape(spec.tensor(name), sizes), device=runtime.device)
-                    for name in runtime.past_names], 0)
+                    for name in runtime.past_names], torch.zeros(batch_size, dtype=torch.long, device=runtime.device))
 
     def step(self, runtime: "OnnxRuntime", embeds: torch.Tensor) -> tuple[torch.Tensor, "InPlaceCache"]:
         batch, length, _ = embeds.shape
-        past = self.length
-        if length > 1 and past > 0 and batch > 1:
+        if length > 1 and batch > 1 and bool(self.lengths.any()):
             # onnxruntime's GroupQueryAttention takes several new positions after a past at batch 1
             # only; one at a time is the same causal computation.
             cache = self
             for position in range(length):
                 logits, cache = cache.step(runtime, embeds[:, position:position + 1])
             return logits, cache
-        cache = self._reserve(past + length, runtime.config.gpt2.n_positions)
+        cache = self._reserve(self.length + length, runtime.config.gpt2.n_positions)
         spec, kept = runtime.specs["decoder"], []
         binding = cache.binding
         if binding is None:
             # The buffers themselves are bound (contiguous, the spec's dtype: no copy that could be freed), as
-            # past inputs and as present outputs: aliases, the op writes positions past..past+length of each.
+            # past inputs and as present outputs: aliases, the op writes each row's positions length..length+T.
             assert all(b.is_contiguous() and b.dtype == spec.tensor(n).dtype for b, n in zip(cache.buffers, runtime.past_names))
             binding = runtime.sessions[spec.name].io_binding()
             runtime._bind(binding, spec, dict(zip(runtime.past_names, cache.buffers)),
                           dict(zip(runtime.present_names, cache.buffers)), kept)
-        inputs = {"inputs_embeds": embeds,
-                  "position_ids": torch.arange(past, past + length, device=runtime.device).expand(batch, length)}
+        positions = cache.lengths[:, None] + torch.arange(length, device=runtime.device)
+        inputs = {"inputs_embeds": embeds, "position_ids": positions}
         logits_spec = spec.tensor("logits")
         logits = torch.empty(spec.shape(logits_spec, {BATCH: batch, CAPACITY: cache.capacity}), dtype=logits_spec.dtype,
                              device=runtime.device)
         runtime._bind(binding, spec, inputs, {"logits": logits}, kept)
         runtime._run_bound(spec, binding)
-        return logits, InPlaceCache(cache.buffers, past + length, binding)
+        return logits, InPlaceCache(cache.buffers, cache.lengths + length, binding)
 
     def _reserve(self, needed: int, limit: int) -> "InPlaceCache":
         """Itself if it holds `needed` positions, else a copy with room (doubling, up to `limit`: GPT-2's positions)."""
         if needed <= self.capacity:
             return self
-        capacity = min(limit, max(needed, 2 * self.capacity))
+        return self._grown(min(limit, max(needed, 2 * self.capacity)))
+
+    def _grown(self, capacity: int) -> "InPlaceCache":
+        if capacity == self.capacity:
+            return self
+        used = self.length
         grown = []
         for buffer in self.buffers:
             bigger = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[3])
-            bigger[:, :, :self.length] = buffer[:, :, :self.length]
+            bigger[:, :, :used] = buffer[:, :, :used]
             grown.append(bigger)
-        return InPlaceCache(grown, self.length)
+        return InPlaceCache(grown, self.lengths)
 
     def select(self, index: torch.Tensor) -> "InPlaceCache":
-        return InPlaceCache([t.index_select(0, index) for t in self.buffers], self.length)
+        return InPlaceCache([t.index_select(0, index) for t in self.buffers], self.lengths.index_select(0, index))
+
+    def join(self, other: "InPlaceCache") -> "InPlaceCache":
+        capacity = max(self.capacity, other.capacity)
+        first, second = self._grown(capacity), other._grown(capacity)
+        return InPlaceCache([torch.cat((a, b)) for a, b in zip(first.buffers, second.buffers)],
+                            torch.cat((first.lengths, second.lengths)))
 
 
 def execution_providers(device: str, engine_cache: Path | None = None) -> tuple[list, torch.device]:
@@ -222,6 +248,9 @@ class OnnxRuntime:
 
     def select(self, cache: ConcatCache | InPlaceCache, index: torch.Tensor) -> ConcatCache | InPlaceCache:
         return cache.select(index.to(self.device))
+
+    def join(self, first: ConcatCache | InPlaceCache, second: ConcatCache | InPlaceCache) -> ConcatCache | InPlaceCache:
+        return first.join(second)
 
     def _run(self, spec: GraphSpec, inputs: dict[str, torch.Tensor], sizes: dict[str, int],
              bound_outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

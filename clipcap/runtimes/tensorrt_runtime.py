@@ -23,6 +23,7 @@ from clipcap.formats.export_bundle import load_token_table
 from clipcap.formats.graph_specs import BATCH, PAST, SEQUENCE, TOTAL, GraphSpec, graph_specs, kv_names
 from clipcap.formats.model_bundle import load_config
 from clipcap.formats.tensorrt_profiles import TENSORRT_DECODER, load_profiles
+from clipcap.runtimes import padding
 from clipcap.runtimes.base import RuntimeUnavailable
 
 
@@ -31,6 +32,7 @@ class TrtCache:
     buffers: list[list[torch.Tensor]]  # two sets of flat buffers, one per past tensor: this decode's own
     past: list[torch.Tensor]  # views into buffer set `slot`, each (B, H, past, D), spec order
     slot: int  # which of the two sets holds `past`; the next write goes to the other
+    pads: torch.Tensor | None = None  # (B,) left padding per row (clipcap.runtimes.padding); None: none padded
 
     @property
     def length(self) -> int:
@@ -110,9 +112,6 @@ class TensorRTRuntime:
             decoder = self.engines["decoder"]
             limits = [profile.max_sizes(decoder.spec) for profile in decoder.profiles]
             self.kv_limits = {dim: max(limit[dim] for limit in limits) for dim in (BATCH, TOTAL)}
-            # Every step attends to every position (rows are never padded): one ones-buffer serves all.
-            for buffers in decoder.buffers:
-                buffers["attention_mask"].fill_(1)
 
     @classmethod
     def from_path(cls, path: Path, device: str = "cuda", config: ClipCapConfig | None = None) -> "TensorRTRuntime":
@@ -186,22 +185,35 @@ class TensorRTRuntime:
             "position_ids": engine.view(profile, "position_ids", shapes["position_ids"]),
             **dict(zip(self.past_names, cache.past)),
         }
-        torch.arange(past, past + length, device=self.device, out=inputs["position_ids"][0])
-        inputs["position_ids"][1:] = inputs["position_ids"][0]
+        mask, positions = padding.step_inputs(cache.pads, past, length, batch, self.device)
+        inputs["position_ids"].copy_(positions)
+        if mask is None:
+            inputs["attention_mask"].fill_(1)
+        else:
+            inputs["attention_mask"].copy_(mask)
         next_slot = 1 - cache.slot
         presents = self._kv_views(cache.buffers, next_slot, self._kv_shape({BATCH: batch, PAST: past + length}))
         logits = engine.view(profile, "logits", spec.shape(spec.tensor("logits"), sizes))
         engine.execute(profile, inputs, {"logits": logits, **dict(zip(self.present_names, presents))})
-        return logits.float().clone(), TrtCache(cache.buffers, presents, next_slot)
+        return logits.float().clone(), TrtCache(cache.buffers, presents, next_slot, cache.pads)
 
     def select(self, cache: TrtCache, index: torch.Tensor) -> TrtCache:
         index = index.to(self.device)
-        shape = (index.numel(), *cache.past[0].shape[1:])
-        next_slot = 1 - cache.slot
-        targets = self._kv_views(cache.buffers, next_slot, shape)
-        for source, target in zip(cache.past, targets):
-            torch.index_select(source, 0, index, out=target)
-        return TrtCache(cache.buffers, targets, next_slot)
+        past, pads = padding.select(cache.past, cache.pads, index)  # new tensors: the copy below may not alias
+        return self._stored(cache.buffers, 1 - cache.slot, past, pads)
+
+    def join(self, first: TrtCache, second: TrtCache) -> TrtCache:
+        """Unverified: no TensorRT in this workplace (the padding logic is the torch and concat runtimes', tested)."""
+        past, pads = padding.join(first.past, first.pads, second.past, second.pads)
+        return self._stored([[], []], 0, past, pads)
+
+    def _stored(self, buffers: list[list[torch.Tensor]], slot: int, past: list[torch.Tensor],
+                pads: torch.Tensor | None) -> TrtCache:
+        """`past` copied into buffer set `slot` (the engines write presents only into these buffers)."""
+        targets = self._kv_views(buffers, slot, tuple(past[0].shape))
+        for source, target in zip(past, targets):
+            target.copy_(source)
+        return TrtCache(buffers, targets, slot, pads)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

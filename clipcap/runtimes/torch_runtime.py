@@ -1,13 +1,39 @@
-"""The PyTorch reference runtime: `ClipCapModel` in eager mode, KV cache as transformers' DynamicCache."""
+"""The PyTorch reference runtime: `ClipCapModel` in eager mode, KV cache as transformers' DynamicCache.
+
+Rows of different lengths (a row joining a running decode) are left-padded (clipcap.runtimes.padding):
+GPT-2 then gets an attention mask and each row's own position ids; an unpadded batch runs without a mask.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from clipcap.config import ClipCapConfig
 from clipcap.formats.model_bundle import load_config, load_model
+from clipcap.runtimes import padding
 from clipcap.runtimes.base import RuntimeUnavailable
+
+
+@dataclass
+class TorchCache:
+    """transformers' DynamicCache and the left padding of each row (None: no row padded)."""
+
+    layers: object  # transformers.DynamicCache
+    pads: torch.Tensor | None = None  # (B,) padding positions before each row's first
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers.layers for t in (layer.keys, layer.values)]
+
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor], pads: torch.Tensor | None) -> "TorchCache":
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer in range(len(tensors) // 2):
+            cache.update(tensors[2 * layer], tensors[2 * layer + 1], layer)
+        return cls(cache, pads)
 
 
 class TorchRuntime:
@@ -38,24 +64,31 @@ class TorchRuntime:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(token_ids.to(self.device))
 
-    def new_cache(self, batch_size: int):
+    def new_cache(self, batch_size: int) -> TorchCache:
         from transformers import DynamicCache
 
-        return DynamicCache()
+        return TorchCache(DynamicCache())
 
     @torch.inference_mode()
-    def step(self, embeds: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
+    def step(self, embeds: torch.Tensor, cache: TorchCache) -> tuple[torch.Tensor, TorchCache]:
         batch, length, _ = embeds.shape
-        past = cache.get_seq_length()
-        positions = torch.arange(past, past + length, device=self.device).expand(batch, length)
+        mask, positions = padding.step_inputs(cache.pads, cache.layers.get_seq_length(), length, batch, self.device)
         # `cache=`: the keyword transformers keeps (`past_key_values` is deprecated, removed in 5.40).
-        out = self.model.gpt(inputs_embeds=embeds, cache=cache, position_ids=positions,
+        out = self.model.gpt(inputs_embeds=embeds, cache=cache.layers, position_ids=positions, attention_mask=mask,
                              use_cache=True, logits_to_keep=1)  # only the last position's logits are used
-        return out.logits[:, -1].float(), out.cache
+        return out.logits[:, -1].float(), TorchCache(out.cache, cache.pads)
 
-    def select(self, cache, index: torch.Tensor):
-        cache.reorder_cache(index.to(self.device))
-        return cache
+    @torch.inference_mode()
+    def select(self, cache: TorchCache, index: torch.Tensor) -> TorchCache:
+        index = index.to(self.device)
+        if cache.pads is None:
+            cache.layers.reorder_cache(index)
+            return cache
+        return TorchCache.from_tensors(*padding.select(cache.tensors(), cache.pads, index))
+
+    @torch.inference_mode()
+    def join(self, first: TorchCache, second: TorchCache) -> TorchCache:
+        return TorchCache.from_tensors(*padding.join(first.tensors(), first.pads, second.tensors(), second.pads))
 
 
 class TorchBf16Runtime(TorchRuntime):
