@@ -1,7 +1,7 @@
 """clipcap: ClipCap image captioning for deployment — model, bundles, decoding and runtimes.
 
 Every module, these names included, is imported on use, so `import clipcap` (and a light module such
-as clipcap.http_limits, which Ray Serve's HTTP proxy imports) does not load torch or Pillow.
+as clipcap.serving.http_limits, which Ray Serve's HTTP proxy imports) does not load torch or Pillow.
 """
 import importlib
 

@@ -179,8 +179,8 @@ def cmd_import_original(args: argparse.Namespace) -> int:
 def cmd_serve_ray(args: argparse.Namespace) -> int:
     import os
 
-    from clipcap.serving_config import ServingConfigError
-    from clipcap.serving_ray import RayServeConfig, RayServer
+    from clipcap.serving.config import ServingConfigError
+    from clipcap.serving.ray_serve import RayServeConfig, RayServer
 
     config = RayServeConfig(bundle=args.bundle, model_config=args.model_config, host=args.host, port=args.port,
                             model_name=args.model_name, replicas=args.replicas, max_replicas=args.max_replicas,

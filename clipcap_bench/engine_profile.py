@@ -163,7 +163,7 @@ class EngineArm:
         self.engine = engine
 
     def submit(self, arrival: Arrival, outcome: Outcome, finished) -> None:
-        from clipcap.engine import CaptionFailed, CaptionRequest, TokenEvent
+        from clipcap.serving.engine import CaptionFailed, CaptionRequest, TokenEvent
 
         try:
             handle = self.engine.submit(CaptionRequest(arrival.options, image=arrival.image, stream=True))
@@ -246,8 +246,8 @@ def run_engine_profile(config: EngineProfileConfig, progress: bool = True) -> di
     from tqdm import tqdm
 
     from clipcap.captioner import Captioner
-    from clipcap.engine import CaptionEngine, EngineConfig
-    from clipcap.serving_config import ServingConfig
+    from clipcap.serving.engine import CaptionEngine, EngineConfig
+    from clipcap.serving.config import ServingConfig
 
     torch.set_num_threads(config.threads)
     captioner = Captioner.from_path(config.bundle)

@@ -81,7 +81,7 @@ async def _load(config: FrontsConfig, targets: dict[str, tuple[str, str]], bodie
 def compare_fronts(config: FrontsConfig, progress: bool = True) -> dict:
     """Start both fronts on `config.bundle`, load them interleaved, stop them; returns the report."""
     from clipcap_bench.torchserve import LocalTorchServe, free_ports, pack_archives
-    from clipcap.serving_ray import RayServeConfig, RayServer
+    from clipcap.serving.ray_serve import RayServeConfig, RayServer
 
     serving = config.repo / "serving"
     store = config.work_dir / "model_store"

@@ -104,8 +104,8 @@ def measure_batch(profile: PhotoProfile, repo: Path, progress: bool = True) -> d
     from tqdm import tqdm
 
     from clipcap.captioner import Captioner
-    from clipcap.serving import CaptionService
-    from clipcap.serving_config import ServingConfig
+    from clipcap.serving.service import CaptionService
+    from clipcap.serving.config import ServingConfig
 
     captioner = Captioner.from_path(repo / profile.bundle)
     rows = [{"body": bytearray(phone_jpeg(seed=profile.seed + i))} for i in range(profile.batch_images)]

@@ -1,4 +1,4 @@
-"""TorchServe handler for ClipCap: TorchServe's rows in, the worker's CaptionEngine (clipcap.engine) does the rest.
+"""TorchServe handler for ClipCap: TorchServe's rows in, the worker's CaptionEngine (clipcap.serving.engine) does the rest.
 
 With `asyncCommunication: true` (the shipped model-config.yaml) TorchServe hands every request to the
 worker as it arrives and the handler awaits each one's caption, so requests join the running decode
@@ -17,7 +17,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from clipcap.serving import PART_NAMES, BatchStats, CaptionService, ServingConfigError
+from clipcap.serving.service import PART_NAMES, BatchStats, CaptionService, ServingConfigError
 
 
 def _recording_part_names(retrieve):

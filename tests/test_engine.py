@@ -15,7 +15,7 @@ import torch
 
 from clipcap.captioner import Captioner
 from clipcap.decoding import DecodingOptions
-from clipcap.engine import CLIENT_GONE, CaptionEngine, CaptionFailed, CaptionRequest, EngineBusy, EngineConfig
+from clipcap.serving.engine import CLIENT_GONE, CaptionEngine, CaptionFailed, CaptionRequest, EngineBusy, EngineConfig
 from conftest import random_images
 
 LONG = DecodingOptions(max_tokens=12, ignore_stop=True)  # exactly 12 tokens: many steps to act within

@@ -14,16 +14,16 @@ HARNESS = PACKAGE.parent / "clipcap_bench"  # the benchmark harness: beside the 
 # layer and of the layers below. An entry names a module or a package (and everything in it);
 # "clipcap" is the package's own __init__.
 LAYERS = [
-    ("clipcap.mappers", "clipcap.quoting", "clipcap.http_limits"),
+    ("clipcap.mappers", "clipcap.quoting", "clipcap.serving.http_limits"),
     ("clipcap.config",),
     ("clipcap.hub",),
     ("clipcap.tokenizer", "clipcap.images", "clipcap.model"),
     ("clipcap.formats",),
     ("clipcap.runtimes",),
-    ("clipcap.decoding", "clipcap.captioner", "clipcap.serving_config", "clipcap"),
+    ("clipcap.decoding", "clipcap.captioner", "clipcap.serving.config", "clipcap"),
     ("clipcap.export",),
-    ("clipcap.training", "clipcap.bulk", "clipcap.serving", "clipcap.cli", "clipcap.http_rows",
-     "clipcap.oip", "clipcap.serving_front", "clipcap.serving_ray"),
+    ("clipcap.training", "clipcap.bulk", "clipcap.serving", "clipcap.cli", "clipcap.serving.rows",
+     "clipcap.serving.oip", "clipcap.serving.front", "clipcap.serving.ray_serve"),
 ]
 # Builders' dependencies that the on-disk formats must not need.
 NOT_IN_FORMATS = ("onnx", "onnxruntime", "tensorrt", "torch.onnx")

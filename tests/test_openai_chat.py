@@ -1,4 +1,4 @@
-"""The OpenAI chat completions wire format (clipcap.openai_chat), without a server.
+"""The OpenAI chat completions wire format (clipcap.serving.openai_chat), without a server.
 
 The real `openai` client against a running front is tested in tests/test_serving_front.py and
 tests/test_serving_ray.py; here every field rule and refusal, over generated bodies too.
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipcap import openai_chat
-from clipcap.openai_chat import ChatError, parse_chat
+from clipcap.serving import openai_chat
+from clipcap.serving.openai_chat import ChatError, parse_chat
 
 IMAGE = b"\x89PNG\r\n\x1a\n fake bytes"
 DATA_URL = "data:image/png;base64," + base64.b64encode(IMAGE).decode()

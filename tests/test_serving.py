@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clipcap.captioner import Captioner
-from clipcap.engine import CaptionRequest
-from clipcap.serving import CaptionService, ServingConfig, ServingConfigError, ServingError
-from clipcap.serving_config import check_model_config, read_model_config, worker_threads
+from clipcap.serving.engine import CaptionRequest
+from clipcap.serving.service import CaptionService, ServingConfig, ServingConfigError, ServingError
+from clipcap.serving.config import check_model_config, read_model_config, worker_threads
 from conftest import png_bytes, random_images
 
 SERVING = Path(__file__).resolve().parent.parent / "serving"
@@ -599,7 +599,7 @@ def test_unknown_form_field_is_named_as_an_unknown_option(service):
 @pytest.mark.parametrize("names", [["data", "data"], ["decoding", "data", "decoding"]])
 def test_repeated_parts_and_fields_are_refused(service, names):
     """TorchServe's row keeps the last of a repeated name; the handler lists every name under PART_NAMES."""
-    from clipcap.serving import PART_NAMES
+    from clipcap.serving.service import PART_NAMES
 
     row = {"data": bytearray(PNGS[0]), "decoding": bytearray(b"beam")}
     headers = {**FORM, "data": FILE, "decoding": FIELD, PART_NAMES: names}

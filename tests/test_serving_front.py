@@ -1,5 +1,5 @@
-"""The Ray-free parts of the Ray Serve front: HTTP request -> TorchServe row (clipcap.http_rows), the
-Open Inference Protocol codec (clipcap.oip) checked against tritonclient's own encoder and decoder,
+"""The Ray-free parts of the Ray Serve front: HTTP request -> TorchServe row (clipcap.serving.rows), the
+Open Inference Protocol codec (clipcap.serving.oip) checked against tritonclient's own encoder and decoder,
 and CaptionFront answering the shared request table over a real CaptionService in this process."""
 import asyncio
 import base64
@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipcap import oip
+from clipcap.serving import oip
 from clipcap.captioner import Captioner
-from clipcap.http_rows import request_row
+from clipcap.serving.rows import request_row
 from clipcap.images import decode_image
-from clipcap.serving import PART_NAMES, CaptionService
-from clipcap.serving_config import ServingConfig
-from clipcap.serving_front import BAD_TOKEN, CaptionFront, FrontConfig
-from clipcap.serving_ray import BatchSettings, RayServeConfig, resolve_token
+from clipcap.serving.service import PART_NAMES, CaptionService
+from clipcap.serving.config import ServingConfig
+from clipcap.serving.front import BAD_TOKEN, CaptionFront, FrontConfig
+from clipcap.serving.ray_serve import BatchSettings, RayServeConfig, resolve_token
 from conftest import png_bytes, random_images
 from serving_cases import BOUNDARY, cases, message, multipart
 
@@ -258,7 +258,7 @@ def test_the_rayservice_manifest_builds_the_application(monkeypatch):
     deployment = built._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == app["args"]["max_replicas"]
     assert deployment.init_args[2].token == "from-a-secret"
-    from clipcap import http_limits
+    from clipcap.serving import http_limits
 
     env = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "value": http_limits.CALLBACK} in env
@@ -349,9 +349,9 @@ def _proxy_call(middleware, headers: list[tuple[bytes, bytes]], path: str = "/pr
 
 
 def test_the_proxy_limits_answer_from_the_head_before_any_body_byte(caplog):
-    """clipcap.http_limits in Ray Serve's proxy: a head over 16 KiB is 431 and a Content-Length over the body
+    """clipcap.serving.http_limits in Ray Serve's proxy: a head over 16 KiB is 431 and a Content-Length over the body
     limit 413, both before the body is read (so no "100 Continue" goes out), logged; the rest pass untouched."""
-    from clipcap import http_limits
+    from clipcap.serving import http_limits
 
     def middleware(app):
         return http_limits.RequestLimits(app, max_header_bytes=16 * 2**10, max_request_bytes=1000)
@@ -393,8 +393,8 @@ def test_the_embedded_ray_starts_on_loopback_without_dashboard_or_metrics(monkey
     """What RayServer asks of ray.init (caught before a Ray starts): loopback, no dashboard, metrics off unless
     asked for; the environment that keeps Ray's node address on loopback and puts http_limits in the proxy."""
     ray = pytest.importorskip("ray", reason="Ray Serve is not installed (the serve-ray extra)")
-    from clipcap import http_limits
-    from clipcap.serving_ray import RayServer
+    from clipcap.serving import http_limits
+    from clipcap.serving.ray_serve import RayServer
 
     class Started(Exception):
         pass
@@ -425,17 +425,17 @@ def test_the_embedded_ray_starts_on_loopback_without_dashboard_or_metrics(monkey
 
 
 def test_a_light_module_does_not_load_torch():
-    """Ray Serve's proxy imports clipcap.http_limits: `import clipcap` must not bring torch or Pillow."""
+    """Ray Serve's proxy imports clipcap.serving.http_limits: `import clipcap` must not bring torch or Pillow."""
     import subprocess
     import sys
 
-    code = "import sys, clipcap.http_limits; print('torch' in sys.modules or 'PIL' in sys.modules)"
+    code = "import sys, clipcap.serving.http_limits; print('torch' in sys.modules or 'PIL' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_serve_ray_refuses_a_token_file_symlink_before_starting_ray(tmp_path, capsys, monkeypatch):
     from clipcap import cli, http_limits
-    from clipcap.serving_ray import EMBEDDED_RAY_ENV
+    from clipcap.serving.ray_serve import EMBEDDED_RAY_ENV
 
     for name in (*EMBEDDED_RAY_ENV, http_limits.HEADER_LIMIT_ENV, http_limits.BODY_LIMIT_ENV):
         monkeypatch.setenv(name, "")  # recorded, so what RayServer sets is undone after the test

@@ -26,11 +26,11 @@ from clipcap_bench.torchserve import free_ports
 from serving_cases import OPTIONS, cases, message
 
 # Before Ray is imported (RayServer sets it too, but this module imports Ray first): the embedded Ray keeps
-# 127.0.0.1 as its node address instead of swapping in the host's (clipcap.serving_ray.EMBEDDED_RAY_ENV).
+# 127.0.0.1 as its node address instead of swapping in the host's (clipcap.serving.ray_serve.EMBEDDED_RAY_ENV).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[serve-ray]')")
 
-from clipcap.serving_ray import RayServeConfig, RayServer  # noqa: E402
+from clipcap.serving.ray_serve import RayServeConfig, RayServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE, SAMPLES = ROOT / "models" / "shapes-demo", ROOT / "samples"
@@ -161,7 +161,7 @@ def test_every_listening_socket_is_loopback_but_each_replicas_internal_grpc(serv
 
 
 def test_over_the_limit_is_413_before_100_continue_and_a_head_over_16_kib_is_431(server):
-    """The proxy answers from the head (clipcap.http_limits): a client that sends Expect: 100-continue with a
+    """The proxy answers from the head (clipcap.serving.http_limits): a client that sends Expect: 100-continue with a
     Content-Length over 16 MiB gets the 413, never "100 Continue", and sends no body byte; a 20 KiB head: 431."""
     auth = f"Authorization: Bearer {server.token}\r\n".encode()
     connection = _raw(server, b"POST /predictions/clipcap HTTP/1.1\r\nHost: x\r\n" + auth +

@@ -1,7 +1,7 @@
 """A bundle packed into a TorchServe archive (.mar) with torch-model-archiver.
 
 The archive holds the bundle (as `bundle/`), the handler file and model-config.yaml, whose
-`handler:` section and TorchServe keys (clipcap.serving_config) are checked here, not at worker start.
+`handler:` section and TorchServe keys (clipcap.serving.config) are checked here, not at worker start.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def build_archive(config: ArchiveConfig) -> Path:
 
     from clipcap import __version__
     from clipcap.formats.model_bundle import load_config
-    from clipcap.serving_config import MODEL_CONFIG_FILE, check_model_config, read_model_config
+    from clipcap.serving.config import MODEL_CONFIG_FILE, check_model_config, read_model_config
 
     load_config(config.bundle)  # a broken bundle fails here, not in a TorchServe worker
     for path in (config.handler, config.model_config):

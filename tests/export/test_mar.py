@@ -8,7 +8,7 @@ import yaml
 
 from clipcap.config import BundleError
 from clipcap.export.mar import ArchiveConfig, build_archive
-from clipcap.serving_config import ServingConfigError
+from clipcap.serving.config import ServingConfigError
 
 SERVING = Path(__file__).resolve().parents[2] / "serving"
 

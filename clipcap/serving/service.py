@@ -2,11 +2,11 @@
 
 Each request is checked and preprocessed on its own (content type, body size, decoding options,
 image decoding, resize/normalise), so a bad request gets its own 4xx answer (a bug, its own 500)
-and never fails the others; the good ones go to the worker's `CaptionEngine` (clipcap.engine),
+and never fails the others; the good ones go to the worker's `CaptionEngine` (clipcap.serving.engine),
 which decodes every running request together step by step, each with its own options, and
 isolates a failure to the request that causes it. A full engine queue answers 503 with
 Retry-After; a request past `handler.deadline_s` answers 504 and stops consuming decode steps. The
-handler's settings (`ServingConfig`) are clipcap.serving_config's; clipcap.export.mar packs a
+handler's settings (`ServingConfig`) are clipcap.serving.config's; clipcap.export.mar packs a
 bundle, the handler and `model-config.yaml` into a `.mar`.
 
 Requests (TorchServe's own parsing already split multipart forms; the handler has it pass JSON on as bytes):
@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
-from clipcap.engine import CaptionEngine, CaptionFailed, CaptionRequest, CaptionResult, EngineBusy, EngineConfig
+from clipcap.serving.engine import CaptionEngine, CaptionFailed, CaptionRequest, CaptionResult, EngineBusy, EngineConfig
 from clipcap.images import ImageError, open_image
 from clipcap.quoting import quote, quote_names
-from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError, worker_threads
+from clipcap.serving.config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError, worker_threads
 
 if TYPE_CHECKING:
     from clipcap.captioner import Captioner
-    from clipcap.engine import CaptionHandle
+    from clipcap.serving.engine import CaptionHandle
 
 logger = logging.getLogger(__name__)
 

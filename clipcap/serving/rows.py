@@ -1,6 +1,6 @@
 """An HTTP request as TorchServe hands it to the clipcap handler: one `row` (part name -> value) and its headers.
 
-Fronts other than TorchServe (clipcap.serving_front) turn each request into exactly this pair, so
+Fronts other than TorchServe (clipcap.serving.front) turn each request into exactly this pair, so
 `CaptionService.parse_batch` applies every request rule (forms, options, limits, errors) once, for
 all fronts. What TorchServe 0.12 builds with serving/handler.py, and so what `request_row` builds:
 - query-string parameters (only on the routes where TorchServe passes them on): one part each, text;
@@ -22,7 +22,7 @@ from email import errors, policy
 from email.parser import BytesParser
 from urllib.parse import parse_qsl
 
-from clipcap.serving import MULTIPART_TYPE, PART_NAMES, ServingError
+from clipcap.serving.service import MULTIPART_TYPE, PART_NAMES, ServingError
 
 Part = tuple[str, bytes, str]  # name, value, content type ('' for a text field)
 

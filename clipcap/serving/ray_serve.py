@@ -1,7 +1,7 @@
 """`clipcap serve-ray`: the caption service on Ray Serve, the scale-out front next to TorchServe.
 
 Each replica holds one `CaptionService` (the TorchServe handler's, with its `CaptionEngine`) and a
-`CaptionFront` (clipcap.serving_front: TorchServe's inference API and the Open Inference Protocol);
+`CaptionFront` (clipcap.serving.front: TorchServe's inference API and the Open Inference Protocol);
 each request is parsed on a thread and handed to the engine, which decodes every running request
 together step by step; a request whose client disconnects is cancelled (Ray Serve cancels its task). Replicas are a fixed
 count (default one per GPU, else one) or autoscaled by ongoing requests. The handler's metrics
@@ -9,7 +9,7 @@ count (default one per GPU, else one) or autoscaled by ongoing requests. The han
 a `ray_` prefix (`ray_clipcapbatchsize_bucket`), when metrics are on. Imported only for `serve-ray`
 (Ray Serve is the `serve-ray` extra). Without an address an embedded Ray is started on this machine:
 every socket of it on 127.0.0.1, no dashboard, no Prometheus endpoint unless `metrics`, no usage
-stats, and clipcap.http_limits in its HTTP proxy.
+stats, and clipcap.serving.http_limits in its HTTP proxy.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import clipcap
-from clipcap import http_limits
-from clipcap.serving import BatchStats, CaptionService, Reply, resolve_device, set_compute_threads
-from clipcap.serving_config import ServingConfig, ServingConfigError
-from clipcap.serving_front import CaptionFront, FrontConfig
+from clipcap.serving import http_limits
+from clipcap.serving.service import BatchStats, CaptionService, Reply, resolve_device, set_compute_threads
+from clipcap.serving.config import ServingConfig, ServingConfigError
+from clipcap.serving.front import CaptionFront, FrontConfig
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def build_app(config: RayServeConfig, token: str | None, gpus_in_cluster: float 
 
 def application(args: dict):
     """Ray Serve's application builder, for a Serve config file or a KubeRay RayService
-    (`import_path: clipcap.serving_ray:application`): `args` are RayServeConfig fields (host and port
+    (`import_path: clipcap.serving.ray_serve:application`): `args` are RayServeConfig fields (host and port
     are the Serve config's http_options instead). The token is $CLIPCAP_SERVE_TOKEN (a Kubernetes
     Secret) unless `no_auth: true`; nothing is written to a file."""
     import ray
@@ -190,7 +190,7 @@ def application(args: dict):
 
 # Set before an embedded Ray starts (its processes inherit them). Ray replaces a node address of 127.0.0.1
 # with the host's own unless it runs as on a laptop (a single-machine "cluster"), and binds every server of
-# a node with another address to all interfaces; the proxy callback puts clipcap.http_limits in front.
+# a node with another address to all interfaces; the proxy callback puts clipcap.serving.http_limits in front.
 EMBEDDED_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": http_limits.CALLBACK}
 

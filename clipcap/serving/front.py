@@ -4,19 +4,19 @@ two APIs over one caption function.
 - TorchServe's inference API: `/predictions/<model>` with any method (TorchServe 0.12 hands a GET or
   DELETE to the handler too: "empty request"), and `POST /invocations` and `POST /<model>/predict`,
   whose query strings TorchServe passes on as fields (each request made into TorchServe's row by
-  clipcap.http_rows, answered by CaptionService with the same status and error JSON); `GET /ping`; a
+  clipcap.serving.rows, answered by CaptionService with the same status and error JSON); `GET /ping`; a
   missing or wrong token answers what TorchServe 0.12 answers (400 InvalidKeyException). The request
   id is the X-Request-ID header (Ray Serve's proxy sets it: the client's own, else a new one),
   answered in X-Request-ID and named in the log lines: CaptionService's, and the front's own line for
   each request it refuses itself (status and reason; never a token or body bytes).
-- The Open Inference Protocol (clipcap.oip): `GET /v2/health/live|ready` (no token: for probes),
+- The Open Inference Protocol (clipcap.serving.oip): `GET /v2/health/live|ready` (no token: for probes),
   `GET /v2`, `GET /v2/models/<model>[/ready]`, `POST /v2/models/<model>/infer`; its errors are
   `{"error": "..."}`, a missing or wrong token 401.
 
 Header names are read case-insensitively, and a header sent twice counts once, its last value (as
 TorchServe's frontend reads them). A body is read within `body_timeout_s`, else 408 and the
 connection closed. No web framework here: `CaptionFront.answer` takes the request's parts and
-returns an `Answer`, so it is tested without a server; clipcap.serving_ray adapts it to Ray Serve.
+returns an `Answer`, so it is tested without a server; clipcap.serving.ray_serve adapts it to Ray Serve.
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from clipcap import oip
-from clipcap.http_rows import request_row
+from clipcap.serving import oip
+from clipcap.serving.rows import request_row
 from clipcap.quoting import quote
-from clipcap.serving import Reply, ServingError
+from clipcap.serving.service import Reply, ServingError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import os
 
 from clipcap.quoting import quote
 
-CALLBACK = "clipcap.http_limits:proxy_middlewares"  # the value of RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+CALLBACK = "clipcap.serving.http_limits:proxy_middlewares"  # the value of RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
 HEADER_LIMIT_ENV = "CLIPCAP_MAX_HEADER_BYTES"
 BODY_LIMIT_ENV = "CLIPCAP_MAX_REQUEST_BYTES"
 MAX_HEADER_BYTES = 16 * 2**10  # request line and headers together
