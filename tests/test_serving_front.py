@@ -82,11 +82,7 @@ def images():
 
 
 def _front(service, token=TOKEN, **config) -> CaptionFront:
-    async def caption_one(row, headers, request_id):
-        replies, _ = service.caption_batch(service.parse_batch([row], [headers], [request_id]))
-        return replies[0]
-
-    return CaptionFront(FrontConfig(token=token, **config), caption_one)
+    return CaptionFront(FrontConfig(token=token, **config), service)
 
 
 async def _chunks(body: bytes, size: int = 65536):
@@ -434,7 +430,8 @@ def test_a_light_module_does_not_load_torch():
 
 
 def test_serve_ray_refuses_a_token_file_symlink_before_starting_ray(tmp_path, capsys, monkeypatch):
-    from clipcap import cli, http_limits
+    from clipcap import cli
+    from clipcap.serving import http_limits
     from clipcap.serving.ray_serve import EMBEDDED_RAY_ENV
 
     for name in (*EMBEDDED_RAY_ENV, http_limits.HEADER_LIMIT_ENV, http_limits.BODY_LIMIT_ENV):

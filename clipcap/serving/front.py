@@ -11,7 +11,11 @@ two APIs over one caption function.
   each request it refuses itself (status and reason; never a token or body bytes).
 - The Open Inference Protocol (clipcap.serving.oip): `GET /v2/health/live|ready` (no token: for probes),
   `GET /v2`, `GET /v2/models/<model>[/ready]`, `POST /v2/models/<model>/infer`; its errors are
-  `{"error": "..."}`, a missing or wrong token 401.
+  `{"error": "..."}`, a missing or wrong token 401. Each image's bytes (raw in the binary extension)
+  go to CaptionService.build as they are.
+- OpenAI's chat completions (clipcap.serving.openai_chat): `POST /v1/chat/completions`, streamed as
+  server-sent events with `"stream": true` (the answer's body is then an async iterator of events;
+  the request is cancelled when the client goes away), and `GET /v1/models`; errors in OpenAI's shape.
 
 Header names are read case-insensitively, and a header sent twice counts once, its last value (as
 TorchServe's frontend reads them). A body is read within `body_timeout_s`, else 408 and the
@@ -21,26 +25,26 @@ returns an `Answer`, so it is tested without a server; clipcap.serving.ray_serve
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from clipcap.serving import oip
-from clipcap.serving.rows import request_row
 from clipcap.quoting import quote
-from clipcap.serving.service import Reply, ServingError
+from clipcap.serving import oip, openai_chat
+from clipcap.serving.engine import CaptionFailed
+from clipcap.serving.rows import request_row
+from clipcap.serving.service import CaptionService, Reply, ServingError
 
 logger = logging.getLogger(__name__)
 
 JSON_HEADERS = {"content-type": "application/json"}
 BAD_TOKEN = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"  # TorchServe's words
 
-CaptionFn = Callable[[dict, dict, str], Awaitable[Reply]]  # (row, headers, request id) of one request -> its reply
+ReplyHook = Callable[[Reply], None]  # called with every request's reply (the replica's metrics)
 
 
 @dataclass
@@ -56,7 +60,7 @@ class FrontConfig:
 @dataclass
 class Answer:
     status: int  # HTTP status
-    body: bytes  # response body
+    body: bytes | AsyncIterator[bytes]  # response body; an async iterator: streamed (server-sent events)
     headers: dict[str, str]  # response headers
     refusal: str = ""  # why the front itself refused the request (logged); "" otherwise
 
@@ -82,11 +86,12 @@ def _v2_error(status: int, message: str) -> Answer:
 
 
 class CaptionFront:
-    """Answers one HTTP request; `caption` captions one request's row (the server batches the calls)."""
+    """Answers one HTTP request through the worker's CaptionService (its engine batches the requests)."""
 
-    def __init__(self, config: FrontConfig, caption: CaptionFn):
+    def __init__(self, config: FrontConfig, service: CaptionService, on_reply: ReplyHook | None = None):
         self.config = config
-        self.caption = caption
+        self.service = service
+        self.on_reply = on_reply
 
     async def answer(self, method: str, path: str, query: str, headers: dict[str, str],
                      body: AsyncIterator[bytes]) -> Answer:
@@ -102,6 +107,8 @@ class CaptionFront:
     async def _route(self, method: str, path: str, query: str, headers: dict, body: AsyncIterator[bytes],
                      request_id: str) -> Answer:
         name = self.config.model_name
+        if path.startswith("/v1/"):
+            return await self._openai(method, path, headers, body, request_id)
         if path in ("/v2/health/live", "/v2/health/ready"):
             return _json(200, {path.rsplit("/", 1)[1]: True})
         if path.startswith("/v2"):
@@ -157,12 +164,16 @@ class CaptionFront:
                                     f"({size} bytes came)") from None
         return b"".join(chunks)
 
-    async def _caption(self, row: dict, headers: dict, request_id: str) -> Reply:
+    async def _caption(self, request, request_id: str) -> Reply:
+        """A parsed request's reply (a refusal's too), recorded by `on_reply`."""
         try:
-            return await self.caption(row, headers, request_id)
-        except Exception:  # the batcher or the replica failed: this request's 500, never the server's end
+            reply = await self.service.caption(request)
+        except Exception:  # the engine or the replica failed: this request's 500, never the server's end
             logger.exception("request %s: captioning failed outside CaptionService", request_id)
-            return ServingError(500, "internal error while captioning (logged on the server)").reply()
+            reply = ServingError(500, "internal error while captioning (logged on the server)").reply()
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        return reply
 
     async def _predict(self, query: str, headers: dict, body: AsyncIterator[bytes], request_id: str) -> Answer:
         try:
@@ -171,8 +182,9 @@ class CaptionFront:
         except ServingError as error:
             reply = error.reply()
             return _refused(reply.status, reply.body, error.message)
-        reply = await self._caption(row, row_headers, request_id)
-        return _json(reply.status, reply.body)
+        request = await self.service.parse_async(row, row_headers, request_id)
+        reply = await self._caption(request, request_id)
+        return Answer(reply.status, json.dumps(reply.body).encode(), {**JSON_HEADERS, **reply.headers})
 
     async def _infer(self, headers: dict, body: AsyncIterator[bytes], request_id: str) -> Answer:
         try:
@@ -180,8 +192,10 @@ class CaptionFront:
             request = oip.parse_infer(data, headers.get(oip.HEADER_LENGTH.lower()), self.config.max_images_per_request)
         except (ServingError, oip.ProtocolError) as error:
             return _v2_error(error.status, error.message)
-        replies = await asyncio.gather(*(self._caption(*_image_row(image, request.options, index), f"{request_id}/{index}")
-                                         for index, image in enumerate(request.images)))
+        parsed = await asyncio.gather(*(self.service.build_async(image, _image_options(request.options, index),
+                                                                 f"{request_id}/{index}")
+                                        for index, image in enumerate(request.images)))
+        replies = await asyncio.gather(*(self._caption(one, f"{request_id}/{index}") for index, one in enumerate(parsed)))
         for index, reply in enumerate(replies):
             if reply.status != 200:  # the request fails as a whole; the first failing image says why
                 return _json(reply.status, {"error": f"image {index} of {len(replies)}: {reply.body['message']}"})
@@ -190,12 +204,79 @@ class CaptionFront:
                                                     [r.body["token_ids"] for r in replies])
         return Answer(200, body, response_headers)
 
+    async def _openai(self, method: str, path: str, headers: dict, body: AsyncIterator[bytes], request_id: str,
+                      ) -> Answer:
+        name = self.config.model_name
+        if not self._authorized(headers):
+            return _openai_error(openai_chat.ChatError(401, "invalid or missing API key (the server's bearer token)",
+                                                       code="invalid_api_key"))
+        if path == "/v1/models" and method == "GET":
+            return _json(200, openai_chat.models(name))
+        if path != "/v1/chat/completions" or method != "POST":
+            return _openai_error(openai_chat.ChatError(404, f"no such endpoint: {quote(method)} {quote(path)}"))
+        try:
+            chat = openai_chat.parse_chat(await self._read(headers, body), name)
+        except ServingError as error:
+            return _openai_error(openai_chat.ChatError(error.status, error.message))
+        except openai_chat.ChatError as error:
+            return _openai_error(error)
+        request = await self.service.build_async(chat.image, chat.options, request_id)
+        if isinstance(request, ServingError):
+            return _openai_error(openai_chat.ChatError(request.status, request.message))
+        request.stream = chat.stream
+        handle = self.service.submit(request)
+        if isinstance(handle, ServingError):  # the queue is full
+            answer = _openai_error(openai_chat.ChatError(handle.status, handle.message))
+            answer.headers.update(handle.headers)
+            return answer
+        config = self.service.captioner.config
+        stops, prefix = set(config.tokenizer.stop_token_ids), config.mapper.prefix_length
+        if not chat.stream:
+            try:
+                result = await handle.wait()  # this task cancelled (client gone): the request is cancelled
+            except CaptionFailed as failure:
+                self._record(self.service.reply(handle, failure))
+                return _openai_error(openai_chat.ChatError(failure.status, failure.message))
+            self._record(self.service.reply(handle, result))
+            finished = bool(result.token_ids) and result.token_ids[-1] in stops
+            return _json(200, openai_chat.completion(chat, name, result.caption, result.token_ids, finished, prefix))
+        return Answer(200, self._events(chat, handle, stops, prefix),
+                      {"content-type": "text/event-stream", "cache-control": "no-cache"})
 
-def _image_row(image: bytes | str, options: dict, index: int) -> tuple[dict, dict]:
-    """One image of a v2 request as a JSON request form's row (so every JSON rule and limit applies);
-    image i of a seeded request samples with seed + i, as item i of `clipcap caption` does."""
+    async def _events(self, chat: openai_chat.ChatRequest, handle, stops: set[int], prefix: int) -> AsyncIterator[bytes]:
+        """The streamed answer: a role chunk, a chunk per settled token, the finish, usage if asked, [DONE].
+        The client going away ends the iteration early, and that cancels the request (CaptionHandle.stream)."""
+        name = self.config.model_name
+        yield openai_chat.chunk(chat, name, {"role": "assistant", "content": ""})
+        tokens: list[int] = []
+        try:
+            async for event in handle.stream():
+                tokens += event.token_ids
+                if event.text:
+                    yield openai_chat.chunk(chat, name, {"content": event.text})
+        except CaptionFailed as failure:
+            self._record(self.service.reply(handle, failure))
+            yield openai_chat.event(openai_chat.ChatError(failure.status, failure.message).body())
+            yield openai_chat.DONE
+            return
+        self._record(self.service.reply(handle, handle.result()))
+        yield openai_chat.chunk(chat, name, {}, "stop" if tokens and tokens[-1] in stops else "length")
+        if chat.include_usage:
+            yield openai_chat.chunk(chat, name, {}, usage_counts=openai_chat.usage(prefix, len(tokens)))
+        yield openai_chat.DONE
+
+    def _record(self, reply: Reply) -> None:
+        if self.on_reply is not None:
+            self.on_reply(reply)
+
+
+def _openai_error(error: "openai_chat.ChatError") -> Answer:
+    return _refused(error.status, error.body(), error.message)
+
+
+def _image_options(options: dict, index: int) -> dict:
+    """Image i of a seeded v2 request samples with seed + i, as item i of `clipcap caption` does."""
     seed = options.get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool):
-        options = {**options, "seed": seed + index}
-    text = image if isinstance(image, str) else base64.b64encode(image).decode()
-    return request_row(dict(JSON_HEADERS), json.dumps({"image": text, **options}).encode())
+        return {**options, "seed": seed + index}
+    return options

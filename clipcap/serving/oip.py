@@ -9,6 +9,7 @@ longest). Image and option rules are CaptionService's; this module only reads an
 """
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from collections import Counter
@@ -37,7 +38,7 @@ class ProtocolError(Exception):
 
 @dataclass
 class InferRequest:
-    images: list[bytes | str]  # encoded images in request order: raw bytes (binary data) or base64 text (JSON)
+    images: list[bytes]  # encoded images in request order (the JSON form's base64 decoded here)
     options: dict  # decoding options in request keys, checked by CaptionService
     id: str | None = None  # echoed in the response
     outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))  # outputs to return, in order
@@ -117,7 +118,7 @@ def _read_images(tensor: dict, binary: bytes, max_images: int) -> list[bytes]:
         data = tensor.get("data")
         if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
             raise ProtocolError(400, f'input "{INPUT_NAME}" needs "data": a flat list of base64 strings, one per image')
-        images = data  # base64 text: CaptionService decodes and checks it like the JSON request form's
+        images = [_base64(item, index) for index, item in enumerate(data)]
     if len(images) != count:
         raise ProtocolError(400, f'input "{INPUT_NAME}" has shape {_shape_text(shape)} ({count} elements) '
                                  f'but holds {len(images)}')
@@ -194,3 +195,11 @@ def deserialize_bytes(blob: bytes) -> list[bytes]:
         items.append(blob[offset:offset + length])
         offset += length
     return items
+
+
+def _base64(text: str, index: int) -> bytes:
+    """An image of the JSON form: base64 text (the body's size is already bounded by the front)."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error, or text that is not ASCII
+        raise ProtocolError(400, f'image {index} of input "{INPUT_NAME}" is not valid base64') from None

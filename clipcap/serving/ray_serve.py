@@ -13,7 +13,6 @@ stats, and clipcap.serving.http_limits in its HTTP proxy.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import clipcap
 from clipcap.serving import http_limits
-from clipcap.serving.service import BatchStats, CaptionService, Reply, resolve_device, set_compute_threads
+from clipcap.serving.service import BatchStats, CaptionService, resolve_device, set_compute_threads
 from clipcap.serving.config import ServingConfig, ServingConfigError
 from clipcap.serving.front import CaptionFront, FrontConfig
 
@@ -101,7 +100,8 @@ class CaptionReplica:
         captioner = Captioner.from_path(bundle, backend=config.backend, device=resolve_device(config.device, gpu_id))
         self.service = CaptionService(captioner, config)
         replica = serve.get_replica_context().replica_id.unique_id
-        self.front = CaptionFront(dataclasses.replace(front, headers={"x-clipcap-replica": replica}), self._caption_one)
+        self.front = CaptionFront(dataclasses.replace(front, headers={"x-clipcap-replica": replica}), self.service,
+                                  lambda reply: self._record(BatchStats.of([reply])))
         self.metrics = {
             "ClipcapBatchSize": metrics.Histogram("ClipcapBatchSize", boundaries=HISTOGRAM_BOUNDARIES,
                                                   description="the most rows a request shared a decode step with"),
@@ -111,17 +111,14 @@ class CaptionReplica:
                for stage in ("Preprocess", "Encode", "Decode")}}
 
     async def __call__(self, request):
-        from starlette.responses import Response
+        from starlette.responses import Response, StreamingResponse
 
+        # A client that goes away cancels this task (Ray Serve), and with it the request's decode.
         answer = await self.front.answer(request.method, request.url.path, request.url.query,
                                          dict(request.headers.items()), request.stream())  # a repeated header: its last
-        return Response(answer.body, status_code=answer.status, headers=answer.headers)
-
-    async def _caption_one(self, row: dict, headers: dict, request_id: str) -> Reply:
-        request = (await asyncio.to_thread(self.service.parse_batch, [row], [headers], [request_id]))[0]
-        reply = await self.service.caption(request)  # this task cancelled (client gone): the request is too
-        self._record(BatchStats.of([reply]))
-        return reply
+        if isinstance(answer.body, bytes):
+            return Response(answer.body, status_code=answer.status, headers=answer.headers)
+        return StreamingResponse(answer.body, status_code=answer.status, headers=answer.headers)
 
     def _record(self, stats: BatchStats) -> None:
         for rows in stats.rows:

@@ -23,6 +23,7 @@ URLs are never fetched: an image arrives in the request or not at all.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import http
 import json
@@ -171,8 +172,11 @@ class CaptionService:
         return list(self._decode_pool.map(self._parse_isolated, rows, headers, ids))
 
     def _parse_isolated(self, row: dict, headers: dict, request_id: str) -> CaptionRequest | ServingError:
+        return self._isolated(lambda: self.parse(row, headers), request_id)
+
+    def _isolated(self, read, request_id: str) -> CaptionRequest | ServingError:
         try:
-            result = self.parse(row, headers)
+            result = read()
         except ServingError as error:
             logger.info("request %s refused: %d %s", request_id, error.status, error.message)
             result = error
@@ -204,19 +208,40 @@ class CaptionService:
             payload, options = self._form_image(row), self._fields(row, "body")
         else:
             raise ServingError(415, f"content type {quote(content_type)} is not accepted: {HOW_TO_SEND}")
+        return self.build(payload, options, start)
+
+    def build(self, image: bytes, options: dict, start: float | None = None) -> CaptionRequest:
+        """An image's bytes and its options (the JSON request form's keys), however a front read them off the
+        wire -> a checked CaptionRequest, or ServingError. The options are checked before the image is read."""
+        start = time.perf_counter() if start is None else start
         self._check_options(options)
         try:
             options = DecodingOptions.from_request(options, self.defaults).validate(self.token_limit)
         except DecodingError as error:
             raise ServingError(400, str(error)) from None
-        self._check_size(len(payload))
+        self._check_size(len(image))
         try:  # here, in the request's own parse: a failure is this request's alone
-            pixels = self.captioner.load_pixels(bytes(payload), self.config.formats, self.config.max_image_pixels,
+            pixels = self.captioner.load_pixels(bytes(image), self.config.formats, self.config.max_image_pixels,
                                                 self.config.max_image_bytes)
         except ImageError as error:
             raise ServingError(400, str(error)) from None
         return CaptionRequest(options, pixels=pixels, preprocess_ms=(time.perf_counter() - start) * 1e3,
                               deadline=None if self.config.deadline_s is None else time.monotonic() + self.config.deadline_s)
+
+    async def parse_async(self, row: dict, headers: dict, request_id: str) -> CaptionRequest | ServingError:
+        """One row parsed on the service's decode threads (at most decode_threads images decode at once)."""
+        label = request_label(request_id, headers)
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._parse_isolated, row,
+                                                                headers, label)
+
+    async def build_async(self, image: bytes, options: dict, request_id: str) -> CaptionRequest | ServingError:
+        """`build_isolated` on the service's decode threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self.build_isolated, image,
+                                                                options, request_id)
+
+    def build_isolated(self, image: bytes, options: dict, request_id: str) -> CaptionRequest | ServingError:
+        """`build` for a front: a refusal comes back (logged) instead of raised, a bug as its own 500."""
+        return self._isolated(lambda: self.build(image, options), request_id)
 
     def _form_image(self, row: dict) -> bytes:
         """The body of a form-urlencoded request when it is an image of an accepted format (its header is
