@@ -283,8 +283,7 @@ def _strip_png() -> bytes:
 
 
 async def _blocked_batch(server, blocker: tuple[bytes, str], bodies: list[tuple[bytes, str]]) -> list[tuple[int, dict]]:
-    """Send `blocker`, then `bodies` concurrently while the worker is busy with it, so they queue and
-    TorchServe hands them to the worker as one batch (batchSize 8). Returns (status, body) per body."""
+    """Send `blocker`, then `bodies` concurrently while the worker is busy with it. Returns (status, body) per body."""
     import aiohttp
 
     url = f"http://127.0.0.1:{server.inference}/predictions/{server.model}"
@@ -304,14 +303,10 @@ async def _blocked_batch(server, blocker: tuple[bytes, str], bodies: list[tuple[
     return replies
 
 
-def _batch_sizes(server) -> tuple[float, float]:
-    text = server.get(server.metrics, "/metrics", key=None)[1].decode()
-    return _metric(text, "ClipcapBatchSize_count"), _metric(text, "ClipcapBatchSize_sum")
-
-
-def test_one_poison_in_a_batch_of_seven_valid_requests(served):
-    """Each poison kind inside one TorchServe batch with seven valid requests: the seven get 200 and the
-    library's captions, the poison its own answer. The batch is checked on the ClipcapBatchSize metric."""
+def test_one_poison_among_seven_valid_requests(served):
+    """Each poison kind sent together with seven valid requests while the worker is busy: the seven get 200 and
+    the library's captions (they decode together in the worker's engine), the poison its own answer, and the
+    worker lives on."""
     server, bundle, images = served
     valid = [list(images.values())[i % len(images)] for i in range(7)]
     captioner = Captioner.from_path(bundle)
@@ -331,32 +326,21 @@ def test_one_poison_in_a_batch_of_seven_valid_requests(served):
         # Not a poison any more: an extreme strip gets the caption of its centre square, not a 500 for all.
         ("extreme strip", strip, "image/png", 200),
     ]
-    # The blocker keeps the worker busy while the eight queue: decoding a 6000x6000 PNG (legal: at the pixel
-    # limit, ~120 KB) takes ~0.6 s on an idle core and slows with the machine, as sending the eight does.
+    # The blocker keeps the worker busy while the eight arrive: decoding a 6000x6000 PNG (legal: at the pixel
+    # limit, ~120 KB) takes ~0.6 s on an idle core.
     blocker = (png_bytes(Image.new("RGB", (6000, 6000), (200, 30, 30))), "image/png")
     worker = _worker_pids(server)
     for name, poison, content_type, status in poisons:
-        for attempt in range(3):  # the batch is TorchServe's scheduling: retried if it split the eight
-            count, total = _batch_sizes(server)
-            bodies = [(data, "image/png") for data in valid[:3]] + [(poison, content_type)] + \
-                     [(data, "image/png") for data in valid[3:]]
-            replies = asyncio.run(_blocked_batch(server, blocker, bodies))
-            poison_reply = replies.pop(3)
-            assert [s for s, _ in replies] == [200] * 7, f"{name}: {replies}"
-            assert [body["token_ids"] for _, body in replies] == expected, name
-            assert poison_reply[0] == status, f"{name}: {poison_reply}"
-            assert len(json.dumps(poison_reply[1])) < 1000, f"{name}: a long reply"  # quotes a short prefix at most
-            if status == 200:
-                assert poison_reply[1]["token_ids"] == captioner.caption_images([decode_image(strip)]).captions[0].token_ids
-            deadline = time.monotonic() + 30  # the frontend reads the worker's metric log lines asynchronously
-            while _batch_sizes(server)[0] < count + 2 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            batches, requests = (now - before for now, before in zip(_batch_sizes(server), (count, total)))
-            if (batches, requests) == (2, 9):  # the blocker alone, then the eight together
-                print(f"\n{name}: the eight shared one batch on attempt {attempt + 1}")
-                break
-        else:
-            pytest.fail(f"{name}: the eight requests never shared one batch in 3 rounds")
+        bodies = [(data, "image/png") for data in valid[:3]] + [(poison, content_type)] + \
+                 [(data, "image/png") for data in valid[3:]]
+        replies = asyncio.run(_blocked_batch(server, blocker, bodies))
+        poison_reply = replies.pop(3)
+        assert [s for s, _ in replies] == [200] * 7, f"{name}: {replies}"
+        assert [body["token_ids"] for _, body in replies] == expected, name
+        assert poison_reply[0] == status, f"{name}: {poison_reply}"
+        assert len(json.dumps(poison_reply[1])) < 1000, f"{name}: a long reply"  # quotes a short prefix at most
+        if status == 200:
+            assert poison_reply[1]["token_ids"] == captioner.caption_images([decode_image(strip)]).captions[0].token_ids
     assert _worker_pids(server) == worker, "the worker restarted: a request took it down"
 
 
