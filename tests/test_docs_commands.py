@@ -249,6 +249,11 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     ".venv/bin/python -m pytest tests/export/test_mar.py": Elsewhere("tests/export/test_mar.py", "a part of the suite"),
     ".venv/bin/python -m pytest tests/test_serving_e2e.py": Elsewhere(E2E, "a part of the suite"),
     ".venv/bin/clipcap serve-ray models/shapes-demo": Elsewhere(f"{RAY}::test_the_shared_table", SERVE_RAY),
+    'curl -N -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" '
+    "http://127.0.0.1:8000/v1/chat/completions -d '{\"model\": \"clipcap\", \"stream\": true, \"messages\": "
+    "[{\"role\": \"user\", \"content\": [{\"type\": \"image_url\", \"image_url\": {\"url\": "
+    "\"data:image/png;base64,'$IMG'\"}}]}]}'": Elsewhere("tests/test_openai_route.py::test_curl_streams_server_sent_events",
+                                                   f"{SERVE_RAY}; the same curl -N against the same front under uvicorn"),
     'curl -H "Authorization: Bearer $KEY" -H "Content-Type: image/png" --data-binary @samples/shapes-00.png '
     "http://127.0.0.1:8000/predictions/clipcap": Elsewhere(f"{RAY}::test_token_file_and_captions_equal_the_cli",
                                                            SERVE_RAY),

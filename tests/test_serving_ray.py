@@ -87,6 +87,22 @@ def test_token_file_and_captions_equal_the_cli(server, samples):
         assert (reply["caption"], reply["token_ids"]) == (cli_result["caption"], cli_result["token_ids"]), path.name
 
 
+def test_openai_client_streamed_and_not(server, samples):
+    """OpenAI's chat completions on serve-ray with the real client: the CLI's caption, whole and streamed."""
+    openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[dev]')")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.config.port}/v1", api_key=server.token)
+    path = samples[0]
+    expected = _cli_captions(str(path))[0]
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+    completion = client.chat.completions.create(model="clipcap", messages=messages)
+    assert completion.choices[0].message.content == expected["caption"]
+    assert completion.usage.completion_tokens == len(expected["token_ids"])
+    chunks = list(client.chat.completions.create(model="clipcap", messages=messages, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == expected["caption"]
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
 def test_the_shared_table(server, samples):
     good = samples[0].read_bytes()
     [plain] = _cli_captions(str(samples[0]))
