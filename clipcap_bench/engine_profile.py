@@ -225,6 +225,7 @@ class EngineProfileConfig:
     duration_s: float = 30.0  # per arm and rate
     threads: int = 1  # compute threads (torch and onnxruntime), the same for both arms
     seed: int = 0
+    unloaded_rounds: int = 20  # single requests per arm before the load
     workload: Workload = field(default_factory=Workload)
 
 
@@ -241,14 +242,50 @@ def sample_images() -> dict[str, list[bytes]]:
     return {"small": small, "photo": [phone_jpeg(seed=seed) for seed in range(2)]}
 
 
+def unloaded(arms: dict, captioner, images: dict[str, list[bytes]], rounds: int) -> dict:
+    """One request at a time (greedy, 20 tokens, a small PNG), arms interleaved: each arm's end-to-end p50,
+    the engine's streamed first token p50, and what the first token cannot beat: one encode plus one decode
+    step at batch 1 (runtime calls, p50)."""
+    from clipcap_bench.experiment import rotation
+
+    options = DecodingOptions(max_tokens=min(20, captioner.token_limit), ignore_stop=True)
+    single = [Arrival(0.0, images["small"][0], options)]
+    samples: dict[str, list[Outcome]] = {name: [] for name in arms}
+    opened = {name: make() for name, make in arms.items()}
+    try:
+        for index in range(rounds):
+            for name in rotation(list(opened), index):
+                samples[name] += _drive(single, opened[name].submit)
+    finally:
+        for arm in opened.values():
+            arm.close()
+    runtime = captioner.runtime
+    pixels = captioner.load_pixels(images["small"][0])[None]
+    encode_ms, step_ms = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        prefix = runtime.encode(pixels)
+        encode_ms.append((time.perf_counter() - start) * 1e3)
+        logits, cache = runtime.step(prefix, runtime.new_cache(1))
+        embeds = runtime.embed(logits.argmax(-1)[:, None])
+        start = time.perf_counter()
+        runtime.step(embeds, cache)
+        step_ms.append((time.perf_counter() - start) * 1e3)
+    return {**{f"{name}_e2e_p50_ms": float(np.median([o.e2e_ms for o in outcomes])) for name, outcomes in samples.items()},
+            "engine_ttft_p50_ms": float(np.median([o.ttft_ms for o in samples["engine"]])),
+            "encode_p50_ms": float(np.median(encode_ms)), "step_p50_ms": float(np.median(step_ms)), "rounds": rounds}
+
+
 def run_engine_profile(config: EngineProfileConfig, progress: bool = True) -> dict:
-    """Each rate: the static arm then the engine arm (alternating which goes first), same arrivals."""
+    """Unloaded single requests, then each rate: both arms on the same arrivals (alternating which goes first)."""
     from tqdm import tqdm
 
     from clipcap.captioner import Captioner
-    from clipcap.serving.engine import CaptionEngine, EngineConfig
     from clipcap.serving.config import ServingConfig
+    from clipcap.serving.engine import CaptionEngine, EngineConfig
+    from clipcap_bench.schema import ENGINE_SCHEMA, Envelope
 
+    envelope = Envelope(ENGINE_SCHEMA)
     torch.set_num_threads(config.threads)
     captioner = Captioner.from_path(config.bundle)
     handler = ServingConfig()
@@ -263,8 +300,9 @@ def run_engine_profile(config: EngineProfileConfig, progress: bool = True) -> di
             "engine": lambda: EngineArm(CaptionEngine(captioner, EngineConfig(
                 max_rows=handler.batch_rows, encode_batch=handler.encode_batch, encode_wait_ms=handler.encode_wait_ms,
                 max_queued=handler.max_queued, decode_threads=handler.decode_threads), load_pixels=load))}
+    alone = unloaded(arms, captioner, images, config.unloaded_rounds)
     warm = arrivals(4.0, 2.0, images, workload, seed=999)
-    cells: dict[str, list[dict]] = {name: [] for name in arms}
+    cells: list[dict] = []
     with tqdm(total=len(config.rates) * len(arms), desc="engine profile", unit="run", disable=not progress) as bar:
         for index, rate in enumerate(config.rates):
             schedule = arrivals(rate, config.duration_s, images, workload, config.seed + index)
@@ -272,9 +310,59 @@ def run_engine_profile(config: EngineProfileConfig, progress: bool = True) -> di
                 arm = arms[name]()
                 try:
                     _drive(warm, arm.submit)
-                    cells[name].append(summarize(_drive(schedule, arm.submit), rate, config.duration_s))
+                    cells.append({"arm": name, **summarize(_drive(schedule, arm.submit), rate, config.duration_s)})
                 finally:
                     arm.close()
                 bar.update()
-    return {"config": {**asdict(config), "slo_s": SLO_S, "slo_share": SLO_SHARE},
-            "arms": {name: {"cells": arm_cells, "capacity_rps": capacity(arm_cells)} for name, arm_cells in cells.items()}}
+    return envelope.report({**asdict(config), "slo_s": SLO_S, "slo_share": SLO_SHARE, "handler": asdict(handler)},
+                           cells=cells, unloaded=alone,
+                           capacity_rps={name: capacity([c for c in cells if c["arm"] == name]) for name in arms})
+
+
+def engine_markdown(report: dict) -> str:
+    settings, alone = report["settings"], report["unloaded"]
+    lines = [f"# Scheduler profile: {settings['bundle']}", "",
+             f"Open-loop Poisson arrivals, {settings['duration_s']:g} s per arm and rate, {settings['threads']} compute "
+             f"thread(s); workload: {settings['workload']}; SLO: {settings['slo_share']:.0%} within "
+             f"{settings['slo_s']:g} s. Load average before/after: {report['load_average']['before'][0]:.2f} / "
+             f"{report['load_average']['after'][0]:.2f}.", "",
+             "| arm | req/s | requests | errors | e2e p50 ms | e2e p99 ms | TTFT p50 ms | TPOT p50 ms | within SLO | goodput req/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in sorted(report["cells"], key=lambda c: (c["rate"], c["arm"])):
+        tpot = "-" if c["tpot_p50_ms"] is None else f"{c['tpot_p50_ms']:.1f}"
+        lines.append(f"| {c['arm']} | {c['rate']:g} | {c['requests']} | {c['errors']} | {c['e2e_p50_ms']:.0f} | "
+                     f"{c['e2e_p99_ms']:.0f} | {c['ttft_p50_ms']:.0f} | {tpot} | {c['within_slo']:.1%} | "
+                     f"{c['goodput_rps']:.2f} |")
+    capacity_rps = report["capacity_rps"]
+    lines += ["", "Capacity at the SLO: " + ", ".join(f"{arm} {value:g} req/s" for arm, value in capacity_rps.items())
+              + (f" ({capacity_rps['engine'] / capacity_rps['static']:.2f}x)" if capacity_rps.get("static") else ""),
+              "", f"Unloaded, one request at a time (greedy, 20 tokens, {alone['rounds']} rounds interleaved): "
+              f"static e2e p50 {alone['static_e2e_p50_ms']:.1f} ms, engine {alone['engine_e2e_p50_ms']:.1f} ms "
+              f"({alone['engine_e2e_p50_ms'] / alone['static_e2e_p50_ms']:.2f}x); engine first token p50 "
+              f"{alone['engine_ttft_p50_ms']:.1f} ms against encode {alone['encode_p50_ms']:.1f} + one step "
+              f"{alone['step_p50_ms']:.1f} + 10 ms = {alone['encode_p50_ms'] + alone['step_p50_ms'] + 10:.1f} ms.", ""]
+    return "\n".join(lines)
+
+
+def plot_engine(report: dict, path):
+    from clipcap_bench.report import figure_legend, pyplot, save_figure
+
+    plt = pyplot()
+    figure, (latency, goodput) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm in report["capacity_rps"]:
+        cells = sorted((c for c in report["cells"] if c["arm"] == arm), key=lambda c: c["rate"])
+        rates = [c["rate"] for c in cells]
+        latency.plot(rates, [c["e2e_p99_ms"] for c in cells], marker="o", label=f"{arm}")
+        goodput.plot(rates, [c["goodput_rps"] for c in cells], marker="o")
+    latency.axhline(report["settings"]["slo_s"] * 1e3, color="grey", linestyle=":")
+    latency.set(xlabel="offered req/s", ylabel="end-to-end p99 (ms)", title="p99 by offered load")
+    goodput.set(xlabel="offered req/s", ylabel="req/s within the SLO", title="goodput")
+    figure_legend(figure, [latency])
+    figure.suptitle(f"static batches vs CaptionEngine: {report['settings']['bundle']}")
+    return save_figure(figure, path)
+
+
+def write_engine_outputs(report: dict, out) -> list:
+    from clipcap_bench.schema import write_outputs
+
+    return write_outputs(report, out, "engine", engine_markdown, {"engine.png": plot_engine})

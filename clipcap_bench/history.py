@@ -191,8 +191,22 @@ def request_metrics(report: dict) -> tuple[dict, list]:
     return metrics, cells
 
 
+def engine_metrics(report: dict) -> tuple[dict, list]:
+    """(metrics, compact cells) of an engine-profile report: each arm's capacity at the SLO, and per arm and
+    rate its end-to-end p99, time to first token p50 and goodput."""
+    metrics = {f"engine capacity rps {arm}": _metric(value, 0.0, "req/s", "higher", "machine", "engine_capacity", checked=False)
+               for arm, value in report["capacity_rps"].items()}
+    for cell in report["cells"]:
+        where = f"{cell['arm']} {cell['rate']:g}/s"
+        metrics[f"engine e2e p99 ms {where}"] = _metric(cell["e2e_p99_ms"], 0.0, "ms", "lower", "machine", "e2e_p99", checked=False)
+        metrics[f"engine ttft p50 ms {where}"] = _metric(cell["ttft_p50_ms"], 0.0, "ms", "lower", "machine", "ttft_p50", checked=False)
+        metrics[f"engine goodput {where}"] = _metric(cell["goodput_rps"], 0.0, "req/s", "higher", "machine", "goodput", checked=False)
+    return metrics, report["cells"]
+
+
 METRICS = {"latency": latency_metrics, "serving": serving_metrics, "photo": photo_metrics,
-           "open-loop": open_loop_metrics, "request": request_metrics}  # a recorded kind's name -> its metrics
+           "open-loop": open_loop_metrics, "request": request_metrics,
+           "engine": engine_metrics}  # a recorded kind's name -> its metrics
 
 
 def make_record(report: dict, profile: str, root: Path, note: str = "") -> dict:

@@ -17,6 +17,7 @@ OPEN_LOOP_SCHEMA = "clipcap-open-loop/1"  # clipcap_bench.load.run_open_loop
 REQUEST_SCHEMA = "clipcap-request/1"  # clipcap_bench.request_profile
 ENCODER_SCHEMA = "clipcap-encoder/1"  # clipcap_bench.encoder
 FRONTS_SCHEMA = "clipcap-fronts/1"  # clipcap_bench.fronts
+ENGINE_SCHEMA = "clipcap-engine/1"  # clipcap_bench.engine_profile
 
 
 def _now() -> str:
@@ -100,6 +101,9 @@ KINDS = {kind.schema: kind for kind in (
                {"option": str, "batch_size": int, "p50_ms": float, "cpu_p50_ms": float}),
     ReportKind(FRONTS_SCHEMA, {"cells": list, "capacity_at_p99_objective": dict, "worker_memory": dict}, "cells",
                {"front": str, "rate": float, "sent": int, "ok": int, "within_slo": float}),
+    ReportKind(ENGINE_SCHEMA, {"cells": list, "capacity_rps": dict, "unloaded": dict}, "cells",
+               {"arm": str, "rate": float, "requests": int, "errors": int, "e2e_p50_ms": float, "e2e_p99_ms": float,
+                "ttft_p50_ms": float, "within_slo": float, "goodput_rps": float}, record="engine"),
 )}
 
 
