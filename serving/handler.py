@@ -1,8 +1,8 @@
 """TorchServe handler for ClipCap: TorchServe's rows in, the worker's CaptionEngine (clipcap.serving.engine) does the rest.
 
-With `asyncCommunication: true` (the shipped model-config.yaml) TorchServe hands every request to the
-worker as it arrives and the handler awaits each one's caption, so requests join the running decode
-step by step; without it, TorchServe's batches are captioned together and answered when the last is done.
+TorchServe's batches (the shipped model-config.yaml) join the engine together and are answered when the
+last is done; with `asyncCommunication: true` TorchServe hands every request to the worker as it arrives
+and the handler awaits each one's caption, so requests join the running decode step by step.
 All request logic lives in clipcap.serving.
 
 Custom metrics (declared in serving/metrics.yaml, so the prometheus endpoint shows them):

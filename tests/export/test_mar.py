@@ -44,7 +44,7 @@ BUILD_MAR = SERVING / "build_mar.py"
 
 
 @pytest.mark.parametrize("edit, fragment", [
-    (lambda text: text.replace("batchSize: 1", "batchSize: eight"), "batchSize must be an integer >= 1, got 'eight'"),
+    (lambda text: text.replace("batchSize: 8", "batchSize: eight"), "batchSize must be an integer >= 1, got 'eight'"),
     (lambda text: text.replace("minWorkers: 1", "minWorkers: 2"), "minWorkers (2) must be <= maxWorkers (1)"),
     (lambda text: text.replace("responseTimeout: 120", "responseTimeout: -5"), "responseTimeout must be an integer"),
     (lambda text: text + "batchsize: 8\n", "unknown key 'batchsize'"),
