@@ -6,8 +6,9 @@ and the handler awaits each one's caption, so requests join the running decode s
 All request logic lives in clipcap.serving.
 
 Custom metrics (declared in serving/metrics.yaml, so the prometheus endpoint shows them):
-ClipcapBatchSize (histogram: the most rows a request shared a decode step with), ClipcapTokensGenerated
-(counter) and Clipcap{Preprocess,Encode,Decode}Seconds (histograms of per-request stage time).
+ClipcapBatchSize (histogram: per handler call, the most rows its requests shared a decode step with),
+ClipcapTokensGenerated (counter) and Clipcap{Preprocess,Encode,Decode}Seconds (histograms of stage time,
+summed over the call's requests).
 """
 import asyncio
 import os
@@ -90,8 +91,8 @@ class ClipCapHandler(BaseHandler):
 
     def _record(self, context, stats: BatchStats) -> None:
         metrics = context.metrics
-        for rows in stats.rows:
-            metrics.add_metric("ClipcapBatchSize", rows, "count", metric_type=MetricTypes.HISTOGRAM)
+        if stats.rows:  # once per handler call: the most rows its requests shared a decode step with
+            metrics.add_metric("ClipcapBatchSize", max(stats.rows), "count", metric_type=MetricTypes.HISTOGRAM)
         if stats.captioned:
             metrics.add_counter("ClipcapTokensGenerated", stats.tokens)
             for stage, milliseconds in stats.timings_ms.items():
