@@ -1,10 +1,10 @@
 """clipcap: ClipCap image captioning for deployment — model, bundles, decoding and runtimes.
 
-Heavy modules (open_clip, transformers) are imported on use, so `import clipcap` stays cheap.
+Heavy modules (torch, open_clip, transformers) are imported on use, so `import clipcap` stays cheap.
 """
 from clipcap.config import BundleError, ClipCapConfig
-from clipcap.decoding import DecodingError, DecodingOptions
-from clipcap.images import ImageError
+from clipcap.decoding_options import DecodingError, DecodingOptions
+from clipcap.image_formats import ImageError
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clipcap"
 # layer and of the layers below. An entry names a module or a package (and everything in it);
 # "clipcap" is the package's own __init__.
 LAYERS = [
-    ("clipcap.mappers", "clipcap.quoting"),
+    ("clipcap.mappers", "clipcap.quoting", "clipcap.decoding_options", "clipcap.image_formats"),
     ("clipcap.config",),
     ("clipcap.hub",),
     ("clipcap.tokenizer", "clipcap.images", "clipcap.model"),

@@ -137,7 +137,10 @@ BAD_REQUESTS = [
      400, "beam_size must be an integer in 1..16"),
     ("max_tokens out of range", {"body": {"image": _b64(PNGS[0]), "max_tokens": 10_000}}, JSON, 400,
      "max_tokens must be an integer in 1..24"),
-    ("top_p wrong type", {"body": {"image": _b64(PNGS[0]), "top_p": "high"}}, JSON, 400, "top_p must be a number in"),
+    ("top_p wrong type", {"body": {"image": _b64(PNGS[0]), "decoding": "nucleus", "top_p": "high"}}, JSON, 400,
+     "top_p must be a number in"),
+    ("option the strategy ignores", {"body": {"image": _b64(PNGS[0]), "beam_size": 3}}, JSON, 400,
+     "beam_size is used only by decoding beam, not by decoding greedy"),
     ("unknown strategy", {"body": {"image": _b64(PNGS[0]), "decoding": "best"}}, JSON, 400, "decoding must be"),
     ("unknown option", {"body": {"image": _b64(PNGS[0]), "url": "http://example.com/a.png"}}, JSON, 400,
      "unknown option(s) 'url'"),
@@ -562,12 +565,14 @@ FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True) | 
 @given(temperature=FLOATS, top_p=FLOATS)
 def test_any_float_option_gives_a_caption_or_a_clean_refusal(service, strategy, temperature, top_p):
     """Issue 18: temperature and top_p over the whole float range, through the JSON request path (the
-    float as JSON text, as a client sends it): a 200 of real tokens or a 400 naming the option, never a 500."""
-    body = json.dumps({**VALID_JSON, "decoding": strategy, "beam_size": 3, "max_tokens": 6, "seed": 1,
-                       "temperature": temperature, "top_p": top_p}).encode()  # NaN/Infinity as Python writes them
+    float as JSON text, as a client sends it): a 200 of real tokens or a 400 naming the option, never a 500.
+    Each strategy gets the options it uses (greedy uses neither: refused by name whatever the value)."""
+    used = {"greedy": {}, "beam": {"beam_size": 3}, "nucleus": {"seed": 1, "top_p": top_p}}[strategy]
+    body = json.dumps({**VALID_JSON, "decoding": strategy, "max_tokens": 6, "temperature": temperature,
+                       **used}).encode()  # NaN/Infinity as Python writes them
     replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(body)}], [JSON]))
     reply = replies[0]
-    valid = 0 < temperature <= 10 and 0 < top_p <= 1
+    valid = strategy != "greedy" and 0 < temperature <= 10 and (strategy != "nucleus" or 0 < top_p <= 1)
     if not valid:
         assert reply.status == 400 and ("temperature" in reply.body["message"] or "top_p" in reply.body["message"])
         return

@@ -18,11 +18,12 @@ against each; tests/test_decoding_loops.py checks that decoding keeps its side):
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:  # annotations only: the command line names backends without importing torch
+    import torch
 
-from clipcap.config import ClipCapConfig
+    from clipcap.config import ClipCapConfig
 
 
 class RuntimeUnavailable(RuntimeError):
