@@ -51,6 +51,8 @@ RAW_TYPES = ("application/octet-stream", "")  # plus every image/*: the bytes, n
 TORCHSERVE_PARAMETERS = ("model_name",)
 # The handler lists every part and field name of a request here: TorchServe's row keeps one per name.
 PART_NAMES = "clipcap-part-names"
+# ClipcapBatchSize's bucket bounds (le=): batch sizes are small integers, so powers of two, not seconds.
+BATCH_SIZE_BUCKETS = tuple(2**i for i in range(11))  # 1, 2, 4, ... 1024
 HOW_TO_SEND = ('send the image as the raw body (Content-Type: image/png, image/jpeg, ...), as a multipart/form-data '
                'file part, or as JSON {"image": "<base64>"}')
 
@@ -99,6 +101,11 @@ class ImageRequest:
     options: DecodingOptions  # validated against the server's bounds
     preprocess_ms: float  # reading, checking, decoding and preprocessing this request's image
     request_id: str = ""  # set by parse_batch: the request_label its log lines carry
+
+
+def batch_size_bucket(size: int) -> int:
+    """The smallest of BATCH_SIZE_BUCKETS holding `size` (the last one for anything larger)."""
+    return next((bound for bound in BATCH_SIZE_BUCKETS if size <= bound), BATCH_SIZE_BUCKETS[-1])
 
 
 @dataclass

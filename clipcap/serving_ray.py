@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import clipcap
-from clipcap.serving import BatchStats, CaptionService, Reply, resolve_device
+from clipcap.serving import BATCH_SIZE_BUCKETS, BatchStats, CaptionService, Reply, resolve_device
 from clipcap.serving_config import ServingConfig, ServingConfigError
 from clipcap.serving_front import CaptionFront, FrontConfig
 
@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "clipcap"
 EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20  # request bodies over ~100 kB pass through it
-# Prometheus' default buckets, as TorchServe's histograms use: the same le= bounds on both fronts.
+# Prometheus' default buckets, as TorchServe's histograms use: the same le= bounds on both fronts (seconds).
 HISTOGRAM_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+BATCH_SIZE_BOUNDARIES = [float(bound) for bound in BATCH_SIZE_BUCKETS]  # ClipcapBatchSize: 1, 2, 4, 8, ...
 
 
 @dataclass
@@ -101,7 +102,7 @@ class CaptionReplica:
         replica = serve.get_replica_context().replica_id.unique_id
         self.front = CaptionFront(dataclasses.replace(front, headers={"x-clipcap-replica": replica}), self._caption_one)
         self.metrics = {
-            "ClipcapBatchSize": metrics.Histogram("ClipcapBatchSize", boundaries=HISTOGRAM_BOUNDARIES,
+            "ClipcapBatchSize": metrics.Histogram("ClipcapBatchSize", boundaries=BATCH_SIZE_BOUNDARIES,
                                                   description="requests in the batch"),
             "ClipcapTokensGenerated": metrics.Counter("ClipcapTokensGenerated", description="tokens generated"),
             **{f"Clipcap{stage}Seconds": metrics.Histogram(f"Clipcap{stage}Seconds", boundaries=HISTOGRAM_BOUNDARIES,

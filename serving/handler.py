@@ -1,16 +1,18 @@
 """TorchServe handler for ClipCap: four thin stages over `clipcap.serving`, where all request logic lives.
 
 Custom metrics (declared in serving/metrics.yaml, so the prometheus endpoint shows them):
-ClipcapBatchSize (histogram), ClipcapTokensGenerated (counter) and
+ClipcapBatchSize (histogram), ClipcapBatches (counter of batches by BatchSizeUpTo, the power-of-two
+bucket TorchServe's histogram cannot be given), ClipcapTokensGenerated (counter) and
 Clipcap{Preprocess,Encode,Decode}Seconds (histograms of per-batch stage time).
 """
 import os
 
+from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from clipcap.serving import PART_NAMES, BatchStats, CaptionService
+from clipcap.serving import PART_NAMES, BatchStats, CaptionService, batch_size_bucket
 
 
 def _recording_part_names(retrieve):
@@ -57,6 +59,9 @@ class ClipCapHandler(BaseHandler):
     def _record(self, stats: BatchStats) -> None:
         metrics = self.context.metrics
         metrics.add_metric("ClipcapBatchSize", stats.batch_size, "count", metric_type=MetricTypes.HISTOGRAM)
+        metrics.add_counter("ClipcapBatches", 1, dimensions=[  # in metrics.yaml's dimension order
+            Dimension("ModelName", metrics.model_name), Dimension("Level", "Model"),
+            Dimension("BatchSizeUpTo", str(batch_size_bucket(stats.batch_size)))])
         if stats.captioned:
             metrics.add_counter("ClipcapTokensGenerated", stats.tokens)
             for stage, milliseconds in stats.timings_ms.items():

@@ -410,6 +410,8 @@ def test_handler_answers_each_request_with_its_own_status(handler_setup, caption
     emitted = {line[len("[METRICS]"):].split(".")[0]: float(line.split(":", 1)[1].split("|")[0])
                for line in (r.getMessage() for r in caplog.records) if line.startswith("[METRICS]Clipcap")}
     assert emitted["ClipcapBatchSize"] == 4
+    batches = [m for m in (r.getMessage() for r in caplog.records) if m.startswith("[METRICS]ClipcapBatches.")]
+    assert len(batches) == 1 and "|#ModelName:clipcap,Level:Model,BatchSizeUpTo:4|" in batches[0]
     assert emitted["ClipcapTokensGenerated"] == len(bodies[0]["token_ids"]) + len(bodies[3]["token_ids"])
     assert all(emitted[f"Clipcap{stage}Seconds"] > 0 for stage in ("Preprocess", "Encode", "Decode"))
 
@@ -598,3 +600,14 @@ def test_healthcheck_image_and_refused_connection(tmp_path, capsys):
     assert healthcheck.main(["--url", f"http://127.0.0.1:{port}", "--timeout", "2",
                              "--key-file", str(tmp_path / "absent.json")]) == 1
     assert "unhealthy: no caption within 2.0 s" in capsys.readouterr().err
+
+
+def test_batch_size_buckets_are_powers_of_two_on_both_fronts():
+    """ClipcapBatchSize counts batch sizes in le=1, 2, 4, 8 ... buckets, not latency buckets (0.005 .. 10)."""
+    from clipcap.serving import BATCH_SIZE_BUCKETS, batch_size_bucket
+    from clipcap.serving_ray import BATCH_SIZE_BOUNDARIES
+
+    assert BATCH_SIZE_BUCKETS[:6] == (1, 2, 4, 8, 16, 32) and BATCH_SIZE_BUCKETS[-1] >= 256
+    assert BATCH_SIZE_BOUNDARIES == [float(b) for b in BATCH_SIZE_BUCKETS]
+    assert [batch_size_bucket(size) for size in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 2, 4, 4, 8, 8, 16, 16, 32]
+    assert batch_size_bucket(10**6) == BATCH_SIZE_BUCKETS[-1]
