@@ -97,6 +97,7 @@ class CaptionReplica:
         gpu_id = 0 if ray.get_gpu_ids() else None  # Ray shows a replica only its own GPU
         captioner = Captioner.from_path(bundle, backend=config.backend, device=resolve_device(config.device, gpu_id))
         self.service = CaptionService(captioner, config)
+        self.service.warm_up(settings.max_batch_size)  # before the replica reports ready
         self._batched = serve.batch(max_batch_size=settings.max_batch_size,
                                     batch_wait_timeout_s=settings.batch_wait_s)(self._caption_rows)
         replica = serve.get_replica_context().replica_id.unique_id
