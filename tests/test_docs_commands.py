@@ -168,9 +168,6 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "clipcap caption-embeddings build/shapes-onnx EMB.npy --backend onnxruntime":
         Run((("EMB.npy", "data/emb.npy"),), expect="\n1\t"),
     "python training/shapes.py --out build/heldout --n 500 --seed 2026": Run((("--n 500", "--n 12"),)),
-    "python export/quantize.py build/shapes-onnx --data build/demo/data/eval/captions.jsonl --limit 500":
-        Run((("build/demo/data/eval/captions.jsonl", "build/heldout/captions.jsonl"), ("--limit 500", "--limit 6")),
-            expect="greedy captions identical to fp32"),
     "python export/quantize.py build/shapes-onnx --data build/heldout/captions.jsonl --limit 500":
         Run((("--limit 500", "--limit 6"),), expect="greedy captions identical to fp32"),
     "clipcap caption build/shapes-onnx-int8 IMAGE... --backend onnxruntime": Run((IMAGE,), expect="shapes-00.png\t"),

@@ -212,3 +212,26 @@ def test_fused_encoder_attention(tiny_bundle, tiny_export, tmp_path):
     graphs, model = concat_graphs(tmp_path / "fused", tmp_path / "work")  # TensorRT's graphs: re-exported portable
     assert graphs != tmp_path / "fused" and model == tiny_bundle.resolve()
     assert load_manifest(graphs, load_config(tiny_bundle)).encoder_attention == "open_clip"
+
+
+def test_the_export_suggested_for_a_model_bundle_is_one_to_onnx_runs(tiny_bundle, tmp_path, monkeypatch):
+    """quantize.py (or --backend onnxruntime) given a model bundle suggests a to_onnx.py command; that command,
+    as printed, exports (it once suggested --out into the model bundle, which to_onnx.py refuses)."""
+    import shlex
+
+    from clipcap.export.onnx import ExportOptions, export_bundle
+
+    with pytest.raises(BundleError, match="not an export bundle") as error:
+        load_manifest(tiny_bundle, load_config(tiny_bundle))
+    command = shlex.split(str(error.value).split("make one with: ", 1)[1])
+    assert command[:2] == ["python", "export/to_onnx.py"] and command[2] == str(tiny_bundle) and command[3] == "--out"
+    monkeypatch.chdir(tmp_path)
+    export_bundle(command[2], ExportOptions(out=command[4], check_parity=False))
+    assert (tmp_path / command[4] / "export.json").is_file()
+
+
+def test_an_export_bundle_where_a_model_bundle_is_needed_says_so(tiny_export):
+    from clipcap.formats.model_bundle import load_bundle
+
+    with pytest.raises(BundleError, match=r"an export bundle \(export.json.*a model bundle .* is needed"):
+        load_bundle(tiny_export)
