@@ -1,6 +1,10 @@
 """Decoding over the torch runtime: cache vs no-cache, batched vs one-by-one, beam, nucleus, options."""
+from types import SimpleNamespace
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clipcap.decoding import DecodingError, DecodingOptions, TopP, generate
 from clipcap.formats.model_bundle import load_bundle
@@ -54,6 +58,58 @@ def test_beam_matches_paper_generate_beam(setup):
     reference = [paper_beam(bundle.model, prefix[i], stop, 24) for i in range(len(prefix))]
     assert ours == reference
     assert ours == generate(runtime, prefix, DecodingOptions(strategy="beam", use_cache=False), stop, 24)
+
+
+class PositionalLM:
+    """A made-up language model that is both a `Runtime` and the paper's `model.gpt`: embeddings are one-hot
+    token rows, the logits of position p are `embedding @ table[p]`. Position-dependent, so no two token
+    orders tie (as they would in a Markov table), and flat enough that the temperature moves the beams."""
+
+    VOCAB, STOP, POSITIONS = 8, [7], 16
+
+    def __init__(self, seed: int):
+        self.table = 2 * torch.randn(self.POSITIONS, self.VOCAB, self.VOCAB, generator=torch.Generator().manual_seed(seed))
+        self.transformer = SimpleNamespace(wte=self.embed)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(token_ids, self.VOCAB).float()
+
+    def new_cache(self, batch_size: int) -> torch.Tensor:
+        return torch.zeros(batch_size, dtype=torch.long)  # the next position of each row
+
+    def step(self, embeds: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        last = cache + embeds.shape[1] - 1
+        return torch.einsum("bv,bvw->bw", embeds[:, -1], self.table[last]), cache + embeds.shape[1]
+
+    def select(self, cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return cache[index]
+
+    def __call__(self, inputs_embeds: torch.Tensor) -> SimpleNamespace:  # the paper's model.gpt(...)
+        positions = inputs_embeds.shape[1]
+        return SimpleNamespace(logits=torch.einsum("bnv,nvw->bnw", inputs_embeds, self.table[:positions]))
+
+    def beams(self, temperature: float) -> list[list[int]]:
+        prefix = self.embed(torch.arange(4)[:, None])  # four "images": start tokens 0..3
+        options = DecodingOptions(strategy="beam", beam_size=3, temperature=temperature)
+        return generate(self, prefix, options, self.STOP, 10)
+
+    def paper_beams(self, temperature: float) -> list[list[int]]:
+        prefix = self.embed(torch.arange(4)[:, None])
+        model = SimpleNamespace(gpt=self)
+        return [paper_beam(model, prefix[i], self.STOP, 10, beam_size=3, temperature=temperature) for i in range(4)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**20), temperature=st.sampled_from([0.5, 2.0]))
+def test_beam_matches_paper_generate_beam_at_other_temperatures(seed, temperature):
+    lm = PositionalLM(seed)
+    assert lm.beams(temperature) == lm.paper_beams(temperature)
+
+
+def test_the_temperature_moves_the_beams_of_the_made_up_model():
+    """What makes the property above bite: at 0.5 and at 2.0 the beams differ from temperature 1's."""
+    lm = PositionalLM(19)
+    assert lm.beams(0.5) != lm.beams(1.0) != lm.beams(2.0)
 
 
 def test_beam_of_one_is_greedy(setup):
