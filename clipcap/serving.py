@@ -230,7 +230,7 @@ class CaptionService:
         image = body.get("image")
         if not isinstance(image, str) or not image:
             raise ServingError(400, 'a JSON body needs "image": a non-empty base64 string of the image bytes')
-        self._check_size(len(image) * 3 // 4)  # refuse before decoding
+        self._check_size(len(image) * 3 // 4 - image[-2:].count("="))  # the decoded size, known before decoding
         try:
             payload = base64.b64decode(image, validate=True)
         except ValueError as error:  # binascii.Error, or text that is not ASCII

@@ -171,6 +171,32 @@ def test_option_bounds(options, message):
         options.validate(token_limit=40)
 
 
+def test_every_documented_maximum_is_accepted(setup):
+    """The bounds are inclusive: beam_size 16, temperature 10, top_p 1, max_tokens = the token limit."""
+    _, runtime, prefix, stop = setup
+    beam = DecodingOptions(strategy="beam", beam_size=DecodingOptions.MAX_BEAM_SIZE,
+                           temperature=DecodingOptions.MAX_TEMPERATURE, max_tokens=40).validate(token_limit=40)
+    assert DecodingOptions.MAX_BEAM_SIZE == 16 and DecodingOptions.MAX_TEMPERATURE == 10.0
+    assert len(generate(runtime, prefix[:1], beam, stop, 4)) == 1
+    DecodingOptions(strategy="nucleus", top_p=1.0, seed=2**63 - 1).validate(token_limit=40)
+    with pytest.raises(DecodingError, match="temperature"):
+        DecodingOptions(temperature=10.000001).validate(token_limit=40)
+
+
+def test_a_request_option_its_strategy_ignores_is_refused():
+    defaults = DecodingOptions(max_tokens=20)
+    for request, named in (({"beam_size": 3}, "beam_size is used only by decoding beam, not by decoding greedy"),
+                           ({"decoding": "beam", "seed": 1}, "seed is used only by decoding nucleus"),
+                           ({"temperature": 0.5}, "temperature is used only by decoding beam or nucleus"),
+                           ({"decoding": "greedy", "top_p": 0.5}, "top_p is used only by decoding nucleus")):
+        with pytest.raises(DecodingError, match=named):
+            DecodingOptions.from_request(request, defaults)
+    nucleus = DecodingOptions.from_request({"decoding": "nucleus", "seed": 1, "top_p": 0.5, "temperature": 2}, defaults)
+    assert (nucleus.seed, nucleus.top_p, nucleus.temperature) == (1, 0.5, 2)
+    # Defaults of another strategy are the server's, not the request's: a beam server takes a greedy request.
+    assert DecodingOptions.from_request({"decoding": "greedy"}, defaults.replace(strategy="beam")).strategy == "greedy"
+
+
 def test_request_options():
     defaults = DecodingOptions(max_tokens=20)
     options = DecodingOptions.from_request({"decoding": "beam", "beam_size": 3}, defaults)

@@ -176,6 +176,23 @@ def test_size_and_pixel_limits(captioner):
     assert error.value.status == 400
 
 
+def test_an_image_at_the_body_limit_is_accepted_in_every_form(captioner):
+    """max_body_bytes counts image bytes: as base64 in JSON they grow by 4/3 and still fit, with a full
+    max_options_bytes of options beside them; one byte more is a 413."""
+    limit = len(PNGS[0])
+    service = CaptionService(captioner, ServingConfig(max_body_bytes=limit, max_options_bytes=128))
+    options = {"decoding": "beam", "beam_size": 2, "max_tokens": 5, "temperature": 1.0}
+    body = json.dumps({"image": _b64(PNGS[0]), **options}, separators=(", ", ": ")).encode()
+    assert len(body) > 4 * limit // 3 + 40  # the raw JSON is well over the image limit...
+    assert service.parse({"body": bytearray(body)}, JSON).options.beam_size == 2  # ...and accepted
+    for row, headers in (({"body": bytearray(PNGS[0])}, RAW), ({"data": bytearray(PNGS[0])}, FORM)):
+        service.parse(row, headers)
+    tight = CaptionService(captioner, ServingConfig(max_body_bytes=limit - 1, max_options_bytes=128))
+    with pytest.raises(ServingError, match="over the limit") as error:
+        tight.parse({"body": bytearray(body)}, JSON)
+    assert error.value.status == 413
+
+
 # -- batched captioning ---------------------------------------------------------------------------
 
 def test_batch_captions_match_library_and_bad_rows_fail_alone(service, captioner):
