@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from clipcap.serving_front import BAD_TOKEN, CaptionFront, FrontConfig
 from clipcap.serving_ray import BatchSettings, RayServeConfig, resolve_token
 from conftest import png_bytes, random_images
 from serving_cases import BOUNDARY, cases, multipart
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: paths below never depend on pytest's working directory
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -216,8 +219,9 @@ def test_v2_infer_with_tritonclient_encoding(service, images):
         [c.token_ids for c in expected]
 
 
-def test_model_config_batching_and_token_file(tmp_path):
-    settings_ = BatchSettings.from_file("serving/model-config.yaml")
+def test_model_config_batching_and_token_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anywhere but the checkout
+    settings_ = BatchSettings.from_file(ROOT / "serving" / "model-config.yaml")
     assert (settings_.max_batch_size, settings_.batch_wait_s) == (8, 0.005)
     (tmp_path / "bad.yaml").write_text("batchSize: 0\n")
     with pytest.raises(ValueError, match="batchSize"):
@@ -233,7 +237,7 @@ def test_model_config_batching_and_token_file(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
-def test_the_rayservice_manifest_builds_the_application(monkeypatch):
+def test_the_rayservice_manifest_builds_the_application(monkeypatch, tmp_path):
     """serving/kserve/rayservice.yaml's import_path and args build the app (paths moved to this checkout)."""
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the serve-ray extra)")
     import importlib
@@ -241,11 +245,13 @@ def test_the_rayservice_manifest_builds_the_application(monkeypatch):
     import yaml
     from ray.serve import Application
 
-    manifest = yaml.safe_load(open("serving/kserve/rayservice.yaml"))
+    monkeypatch.chdir(tmp_path)  # anywhere but the checkout
+    manifest = yaml.safe_load((ROOT / "serving" / "kserve" / "rayservice.yaml").read_text())
     [app] = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
     module, name = app["import_path"].split(":")
     builder = getattr(importlib.import_module(module), name)
-    args = {**app["args"], "bundle": "models/shapes-demo", "model_config": "serving/model-config.yaml"}
+    args = {**app["args"], "bundle": str(ROOT / "models" / "shapes-demo"),
+            "model_config": str(ROOT / "serving" / "model-config.yaml")}
     with pytest.raises(ValueError, match="CLIPCAP_SERVE_TOKEN"):
         builder(args)
     monkeypatch.setenv("CLIPCAP_SERVE_TOKEN", "from-a-secret")
@@ -263,3 +269,24 @@ def test_serve_ray_command_refuses_a_missing_model_config_before_starting_ray(tm
                      "--token-file", str(tmp_path / "token")]) == 2
     assert "none.yaml: file not found" in capsys.readouterr().err
     assert not (tmp_path / "token").exists()
+
+
+def test_v2_binary_data_output_returns_every_output_as_binary():
+    """parameters.binary_data_output: true asks for every output in the binary extension (and is no decoding
+    option); false, or absent, answers JSON."""
+    image = base64.b64encode(b"img").decode()
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}],
+            "parameters": {"binary_data_output": True, "decoding": "beam"}}
+    request = oip.parse_infer(json.dumps(body).encode(), None, 8)
+    assert request.binary_outputs == set(oip.OUTPUTS) and request.options == {"decoding": "beam"}
+    payload, headers = oip.infer_response("clipcap", request, ["a square."], [[1, 2, 3]])
+    length = int(headers[oip.HEADER_LENGTH])
+    header = json.loads(payload[:length])
+    assert all("data" not in o and o["parameters"]["binary_data_size"] > 0 for o in header["outputs"])
+    assert oip.deserialize_bytes(payload[length:length + header["outputs"][0]["parameters"]["binary_data_size"]]) \
+        == [b"a square."]
+    for value in (False, None):
+        body["parameters"]["binary_data_output"] = value
+        request = oip.parse_infer(json.dumps(body).encode(), None, 8)
+        assert request.binary_outputs == set()
+        assert oip.infer_response("clipcap", request, ["a"], [[1]])[1] == {"content-type": "application/json"}
