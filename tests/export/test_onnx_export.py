@@ -91,6 +91,73 @@ def test_decoding_parity_fails_on_a_token_difference(tiny_export, tiny_bundle):
         check_decoding_parity(bundle, runtime, 3)
 
 
+class _SwappedTokens:
+    """A runtime that decodes exactly like `inner` with token ids `a` and `b` exchanged: the same lengths and
+    stops, different tokens. What a parity check that compares lengths only would wave through."""
+
+    def __init__(self, inner, a: int, b: int):
+        self.inner, self.device, self.swap = inner, inner.device, (a, b)
+
+    def _swapped(self, ids):
+        a, b = self.swap
+        return torch.where(ids == a, b, torch.where(ids == b, a, ids))
+
+    def encode(self, pixels):
+        return self.inner.encode(pixels)
+
+    def new_cache(self, batch_size):
+        return self.inner.new_cache(batch_size)
+
+    def embed(self, token_ids):
+        return self.inner.embed(self._swapped(token_ids))
+
+    def step(self, embeds, cache):
+        logits, cache = self.inner.step(embeds, cache)
+        a, b = self.swap
+        order = torch.arange(logits.shape[-1], device=logits.device)
+        order[a], order[b] = b, a
+        return logits[:, order], cache
+
+    def select(self, cache, index):
+        return self.inner.select(cache, index)
+
+
+def test_decoding_parity_compares_tokens_not_lengths(tiny_export, tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    runtime = OnnxRuntime.from_path(tiny_export)
+    report = check_decoding_parity(bundle, runtime, 3)
+    stops = set(bundle.config.tokenizer.stop_token_ids)
+    from clipcap.decoding import DecodingOptions, generate
+
+    prefix = runtime.encode(torch.randn(3, 3, bundle.config.clip.image_size, bundle.config.clip.image_size,
+                                        generator=torch.Generator().manual_seed(0)))
+    used = [t for ids in generate(runtime, prefix, DecodingOptions(), list(stops), report["max_tokens"]) for t in ids]
+    a = next(t for t in used if t not in stops)
+    b = next(t for t in range(bundle.config.gpt2.vocab_size) if t not in stops and t != a)
+    with pytest.raises(ExportError, match="greedy tokens differ"):
+        check_decoding_parity(bundle, _SwappedTokens(runtime, a, b), 3)
+
+
+def test_graph_parity_fails_on_a_difference_at_one_shape_only(tiny_export, tiny_bundle):
+    """The bound applies to the worst shape: a graph that is off at batch 3 alone fails the check."""
+    from clipcap.export.onnx import MapperGraph, check_graph_parity
+    from clipcap.formats.graph_specs import PARITY_SIZES, mapper_spec
+
+    model = load_bundle(tiny_bundle).model
+    spec = mapper_spec(model.config)
+    assert check_graph_parity(MapperGraph(model).eval(), spec, tiny_export / spec.file, PARITY_SIZES)["max_abs_diff"] \
+        <= spec.atol
+
+    class OffAtBatchThree(MapperGraph):
+        def forward(self, clip_embeddings):
+            out = super().forward(clip_embeddings)
+            return out + 1e-2 if clip_embeddings.shape[0] == 3 else out
+
+    assert any(sizes[BATCH] == 3 for sizes in PARITY_SIZES) and any(sizes[BATCH] != 3 for sizes in PARITY_SIZES)
+    with pytest.raises(ExportError, match="exceeds the bound"):
+        check_graph_parity(OffAtBatchThree(model).eval(), spec, tiny_export / spec.file, PARITY_SIZES)
+
+
 def test_graph_axes_stay_symbolic(tiny_concat_export):
     """Exported with batch 2, seq 3, past 5: none of these may be baked into the graph."""
     tiny_export = tiny_concat_export
@@ -155,6 +222,8 @@ def test_manifest_errors_are_clear(tiny_export, tiny_bundle, tmp_path):
     (lambda m: m.pop("decoder_cache"), r"field 'decoder_cache' missing .*re-export"),
     (lambda m: m.update(decoder_cache="ring"), r"field 'decoder_cache' is 'ring'; this library reads in-place, concat"),
     (lambda m: m.update(format_version=2), r"unsupported export format version 2"),
+    (lambda m: m.update(decoder_logits="all_positions"), r"field 'decoder_logits' is 'all_positions'.*re-export"),
+    (lambda m: m.update(encoder_attention="flash"), r"field 'encoder_attention' is 'flash'; this library reads"),
     (lambda m: m.update(graphs=[]), r"field 'graphs' must be dict"),
 ])
 def test_manifest_fields_are_checked(tiny_export, tmp_path, change, message):
