@@ -225,6 +225,25 @@ def test_ray_engine_resumes_a_partial_output_of_tars(collection, reference, tiny
     assert manifest["counts"]["this_run"]["captioned"] + manifest["counts"]["this_run"]["failed"] == GOOD + len(BAD) - 60
 
 
+def test_local_resume_of_tars_is_keyed_on_the_id(collection, reference, tiny_bundle, tmp_path):
+    """Every image of a tar shares its `path` (the shard): resume must match on `id` (tar/key) to caption
+    exactly the rows whose shards were lost, no more, no fewer. The local engine: no Ray needed."""
+    root, _ = collection
+    out = tmp_path / "out"
+    config = BulkConfig(bundle=str(tiny_bundle), source=str(root / "shards"), out=str(out), shard_size=60,
+                        batch_size=int(BATCH), progress=False)
+    caption_dataset(config)
+    for path in shard_paths(out)[1:]:
+        path.unlink()
+    kept = {row["id"] for row in read_rows(out)}
+    manifest = caption_dataset(config)
+    rows = read_rows(out)
+    assert len(kept) == 60 and manifest["counts"]["this_run"]["skipped_done"] == 60
+    assert len(rows) == len({row["id"] for row in rows}) == GOOD + len(BAD)
+    this_run = manifest["counts"]["this_run"]
+    assert this_run["captioned"] + this_run["failed"] == GOOD + len(BAD) - 60
+
+
 # -- a real kill, then resume -------------------------------------------------------------------------
 
 
