@@ -570,6 +570,15 @@ def test_formats_outside_the_registry_are_never_parsed(header, monkeypatch):
     assert called == []
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_samples_round_to_eight_bits(mode):
+    """v -> round(v / 257): 200 is 1 (not 0), 65535 white, and a value just past a step rounds up."""
+    values = np.array([[0, 128, 129, 200, 257 * 100 + 128, 257 * 100 + 129, 65535]], dtype=np.int32)
+    image = Image.fromarray(values.astype(np.uint16) if mode == "I;16" else values)
+    assert image.mode == mode
+    assert np.asarray(to_rgb(image))[0, :, 0].tolist() == [0, 0, 1, 1, 100, 101, 255]
+
+
 def test_the_pixel_limit_is_inclusive():
     """An image of exactly max_pixels is read; one pixel more is refused, before decoding."""
     data = png_bytes(Image.new("RGB", (50, 40), (10, 200, 30)))
