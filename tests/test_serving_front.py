@@ -290,3 +290,19 @@ def test_v2_binary_data_output_returns_every_output_as_binary():
         request = oip.parse_infer(json.dumps(body).encode(), None, 8)
         assert request.binary_outputs == set()
         assert oip.infer_response("clipcap", request, ["a"], [[1]])[1] == {"content-type": "application/json"}
+
+
+def test_v2_limits_at_their_boundaries():
+    """max_images images are accepted, one more is refused; a header length past the body is refused."""
+    def body(count):
+        return json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [count],
+                                       "data": ["aW1n"] * count}]}).encode()
+
+    assert len(oip.parse_infer(body(4), None, 4).images) == 4
+    with pytest.raises(oip.ProtocolError, match="5 images in one request, over the limit of 4"):
+        oip.parse_infer(body(5), None, 4)
+    whole = body(1)
+    assert len(oip.parse_infer(whole, str(len(whole)), 4).images) == 1  # a header that is the whole body
+    for length in (str(len(whole) + 1), "-1"):
+        with pytest.raises(oip.ProtocolError, match="Inference-Header-Content-Length is"):
+            oip.parse_infer(whole, length, 4)
