@@ -139,7 +139,7 @@ def test_decoding_parity_compares_tokens_not_lengths(tiny_export, tiny_bundle):
 
 
 def test_graph_parity_fails_on_a_difference_at_one_shape_only(tiny_export, tiny_bundle):
-    """The bound applies to the worst shape: a graph that is off at batch 3 alone fails the check."""
+    """The bound applies to the worst shape: a graph off by twice the bound at batch 3 alone fails the check."""
     from clipcap.export.onnx import MapperGraph, check_graph_parity
     from clipcap.formats.graph_specs import PARITY_SIZES, mapper_spec
 
@@ -148,10 +148,10 @@ def test_graph_parity_fails_on_a_difference_at_one_shape_only(tiny_export, tiny_
     assert check_graph_parity(MapperGraph(model).eval(), spec, tiny_export / spec.file, PARITY_SIZES)["max_abs_diff"] \
         <= spec.atol
 
-    class OffAtBatchThree(MapperGraph):
+    class OffAtBatchThree(MapperGraph):  # twice the bound off, at one shape: the bound itself must hold
         def forward(self, clip_embeddings):
             out = super().forward(clip_embeddings)
-            return out + 1e-2 if clip_embeddings.shape[0] == 3 else out
+            return out + 2 * spec.atol if clip_embeddings.shape[0] == 3 else out
 
     assert any(sizes[BATCH] == 3 for sizes in PARITY_SIZES) and any(sizes[BATCH] != 3 for sizes in PARITY_SIZES)
     with pytest.raises(ExportError, match="exceeds the bound"):
