@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from clipcap.bench.device_parity import DeviceParityConfig, check_device_parity
+from clipcap_bench.device_parity import DeviceParityConfig, check_device_parity
 from clipcap.cli import USER_ERRORS
 
 

@@ -5,7 +5,7 @@
 
 The first path is the model bundle (open_clip eager, the reference embeddings; with --torch-bf16
 also in bfloat16); the others are export bundles whose encoder graphs are timed. Writes encoder.json, encoder.md and encoder.png to
---out and prints the Markdown (clipcap.bench.encoder).
+--out and prints the Markdown (clipcap_bench.encoder).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from clipcap.bench.encoder import EncoderBenchConfig, encoder_markdown, plot_encoder, run_encoder_bench
+from clipcap_bench.encoder import EncoderBenchConfig, encoder_markdown, plot_encoder, run_encoder_bench
 from clipcap.cli import USER_ERRORS
 
 

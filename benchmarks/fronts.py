@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipcap.bench.fronts import FrontsConfig, compare_fronts, write_outputs
+from clipcap_bench.fronts import FrontsConfig, compare_fronts, write_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ reason. Generation is fixed length (the stop token is ignored) so backends do id
 Writes latency.json, latency.md, latency_vs_batch.png and per_token_decode.png to --out and prints
 the Markdown. `--peers` then decodes the same prefixes with other CPU systems (hf-generate; a peer
 that cannot run, such as optimum, only when named, to say why), interleaved with our fp32
-onnxruntime bundle (clipcap.bench.peers), into peers.json and peers.md.
+onnxruntime bundle (clipcap_bench.peers), into peers.json and peers.md.
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipcap.bench.backends import BACKENDS
-from clipcap.bench.bundles import make_full_size_bundles
-from clipcap.bench.history import record_report
-from clipcap.bench.latency import LatencyConfig, run_latency
-from clipcap.bench.peers import DEFAULT_PEERS, PEERS
-from clipcap.bench.report import write_latency_outputs
+from clipcap_bench.backends import BACKENDS
+from clipcap_bench.bundles import make_full_size_bundles
+from clipcap_bench.history import record_report
+from clipcap_bench.latency import LatencyConfig, run_latency
+from clipcap_bench.peers import DEFAULT_PEERS, PEERS
+from clipcap_bench.report import write_latency_outputs
 from clipcap.cli import USER_ERRORS
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout whose commit a record names
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also add the run to benchmarks/history/ under this profile name (e.g. full)")
     parser.add_argument("--note", default="", help="a remark stored with the record (e.g. 'machine busy')")
     parser.add_argument("--peers", nargs="?", const=",".join(DEFAULT_PEERS), default="",
-                        help="also decode with peers, interleaved with our fp32 onnxruntime bundle (clipcap.bench.peers):"
+                        help="also decode with peers, interleaved with our fp32 onnxruntime bundle (clipcap_bench.peers):"
                         f" {', '.join(PEERS)}; alone: {', '.join(DEFAULT_PEERS)} (the others cannot run and say why); "
                         "writes peers.json and peers.md")
     args = parser.parse_args(argv)
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run_peers(args, paths: list[Path]) -> list[Path]:
     import json
 
-    from clipcap.bench.bundles import bundle_kind
-    from clipcap.bench.peers import PeerConfig, peers_markdown, run_peers
+    from clipcap_bench.bundles import bundle_kind
+    from clipcap_bench.peers import PeerConfig, peers_markdown, run_peers
 
     kinds = {bundle_kind(p): p for p in paths}
     if "model" not in kinds or "onnx-fp32" not in kinds:

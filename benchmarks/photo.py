@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from clipcap.bench.history import record_report
-from clipcap.bench.photo_profile import PhotoProfile, run_photo_profile, write_photo_outputs
+from clipcap_bench.history import record_report
+from clipcap_bench.photo_profile import PhotoProfile, run_photo_profile, write_photo_outputs
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout measured, whose commit a record names
 
@@ -34,7 +34,7 @@ FULL_SIZE_DEFAULT = "onnx-int8,onnx-int8-encoder"  # today's full-size export (f
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clipcap.bench.open_loop_profile import PAYLOADS, OpenLoopProfile
+    from clipcap_bench.open_loop_profile import PAYLOADS, OpenLoopProfile
 
     defaults, serve_defaults = PhotoProfile(), OpenLoopProfile()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"the capacity baseline); default: {serve_defaults.bundles[0]} unless --make-full-size")
     parser.add_argument("--make-full-size", type=Path, metavar="DIR",
                         help="build (once) ViT-B-32 + GPT-2 small with random weights and its exports in DIR "
-                             "(clipcap.bench.bundles.make_full_size_bundles) and serve those --full-size names, "
+                             "(clipcap_bench.bundles.make_full_size_bundles) and serve those --full-size names, "
                              "after any --bundle")
     parser.add_argument("--full-size", default=FULL_SIZE_DEFAULT, metavar="NAMES",
                         help="with --make-full-size: which to serve, in order, of model, onnx-fp32, onnx-int8, "
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         written += write_photo_outputs(reports[0], args.out)
         print((args.out / "photo.md").read_text())
     if serve is not None:
-        from clipcap.bench.open_loop_profile import run_open_loop_profile, write_open_loop_outputs
+        from clipcap_bench.open_loop_profile import run_open_loop_profile, write_open_loop_outputs
 
         reports.append(run_open_loop_profile(serve, ROOT))
         written += write_open_loop_outputs(reports[-1], args.out)
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serving_profile(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The OpenLoopProfile the arguments ask for (building the full-size bundles first), or a usage error."""
-    from clipcap.bench.bundles import bundle_kind, make_full_size_bundles
-    from clipcap.bench.open_loop_profile import OpenLoopProfile
+    from clipcap_bench.bundles import bundle_kind, make_full_size_bundles
+    from clipcap_bench.open_loop_profile import OpenLoopProfile
 
     given = [b.resolve() for b in args.bundle]  # relative to the working directory, as typed
     profile = OpenLoopProfile(bundles=given or OpenLoopProfile().bundles, rates=args.rates,

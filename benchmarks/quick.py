@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from clipcap.bench.history import record_report
-from clipcap.bench.profiles import QuickProfile, run_quick_latency, run_quick_serving
-from clipcap.bench.report import write_latency_outputs, write_serving_outputs
+from clipcap_bench.history import record_report
+from clipcap_bench.profiles import QuickProfile, run_quick_latency, run_quick_serving
+from clipcap_bench.report import write_latency_outputs, write_serving_outputs
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout measured, whose commit a record names
 

@@ -4,7 +4,7 @@
     python benchmarks/request.py --bundles build/bench/full-size --options today,int8-encoder --rounds 5
 
 In process (no HTTP), batch 1, exactly --tokens tokens; bytes -> pixels, encoder and token decoding
-timed for every option, the options interleaved round-robin in one run (clipcap.bench.request_profile).
+timed for every option, the options interleaved round-robin in one run (clipcap_bench.request_profile).
 --bundles is a directory in make_full_size_bundles' layout (onnx-int8, onnx-int8-encoder, ...).
 Writes request.json, request.md and request.png to --out and prints the Markdown; with --record adds
 the run to benchmarks/history/ under that profile name.
@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from clipcap.bench.bundles import make_full_size_bundles
-from clipcap.bench.history import record_report
-from clipcap.bench.request_profile import OPTIONS, RequestProfile, run_request_profile, write_request_outputs
+from clipcap_bench.bundles import make_full_size_bundles
+from clipcap_bench.history import record_report
+from clipcap_bench.request_profile import OPTIONS, RequestProfile, run_request_profile, write_request_outputs
 from clipcap.cli import USER_ERRORS
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout whose commit a record names

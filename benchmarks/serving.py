@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipcap.bench.history import record_report
-from clipcap.bench.load import ServingLoadConfig, read_api_keys, run_serving_load
-from clipcap.bench.report import write_serving_outputs
+from clipcap_bench.history import record_report
+from clipcap_bench.load import ServingLoadConfig, read_api_keys, run_serving_load
+from clipcap_bench.report import write_serving_outputs
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout whose commit a record names
 

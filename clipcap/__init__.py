@@ -1,12 +1,21 @@
 """clipcap: ClipCap image captioning for deployment — model, bundles, decoding and runtimes.
 
-Heavy modules (torch, open_clip, transformers) are imported on use, so `import clipcap` stays cheap.
+Every module, these names included, is imported on use, so `import clipcap` (and a light module such
+as clipcap.http_limits, which Ray Serve's HTTP proxy imports) does not load torch or Pillow.
 """
-from clipcap.config import BundleError, ClipCapConfig
-from clipcap.decoding_options import DecodingError, DecodingOptions
-from clipcap.image_formats import ImageError
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {"BundleError": "clipcap.config", "ClipCapConfig": "clipcap.config",
+            "DecodingError": "clipcap.decoding_options", "DecodingOptions": "clipcap.decoding_options",
+            "ImageError": "clipcap.image_formats"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'clipcap' has no attribute {name!r}")
 
 
 def load_bundle(path):

@@ -13,7 +13,7 @@ from PIL import Image
 from clipcap.config import BundleError, ClipCapConfig
 from clipcap.decoding import DecodingOptions, generate
 from clipcap.formats.model_bundle import load_config, load_tokenizer
-from clipcap.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_pixels, load_pixels_file, preprocess
+from clipcap.images import DEFAULT_FORMATS, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_pixels, load_pixels_file, preprocess
 from clipcap.runtimes import Runtime, open_runtime
 from clipcap.tokenizer import CaptionTokenizer
 
@@ -56,17 +56,17 @@ class Captioner:
         return preprocess(images, clip.image_size, clip.mean, clip.std)
 
     def load_pixels(self, data: bytes, formats: Iterable[str] = DEFAULT_FORMATS,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+                    max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
         """Image bytes -> (3, S, S) pixels by clipcap.images.load_pixels (a JPEG decoded at the scale this
         bundle's input needs), or ImageError. Stack rows for `caption_pixels`."""
         clip = self.config.clip
-        return load_pixels(data, clip.image_size, clip.mean, clip.std, formats, max_pixels)
+        return load_pixels(data, clip.image_size, clip.mean, clip.std, formats, max_pixels, max_bytes)
 
     def load_pixels_file(self, path: str | Path, formats: Iterable[str] = DEFAULT_FORMATS,
-                         max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+                         max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
         """`load_pixels` of a file; the ImageError names it."""
         clip = self.config.clip
-        return load_pixels_file(path, clip.image_size, clip.mean, clip.std, formats, max_pixels)
+        return load_pixels_file(path, clip.image_size, clip.mean, clip.std, formats, max_pixels, max_bytes)
 
     def caption_images(self, images: list[Image.Image], options: DecodingOptions | None = None,
                        seeds: Sequence[int] | None = None) -> CaptionBatch:

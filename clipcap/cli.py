@@ -237,7 +237,8 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
                             model_name=args.model_name, replicas=args.replicas, max_replicas=args.max_replicas,
                             min_replicas=args.min_replicas, gpus_per_replica=args.gpus_per_replica,
                             token=os.environ.get("CLIPCAP_SERVE_TOKEN"), token_file=args.token_file,
-                            no_auth=args.no_auth, ray_address=args.ray_address, metrics_port=args.metrics_port)
+                            no_auth=args.no_auth, ray_address=args.ray_address,
+                            metrics=args.metrics or args.metrics_port is not None, metrics_port=args.metrics_port)
     try:
         with RayServer(config) as server:
             where = "no token (--no-auth)" if server.token is None else (
@@ -298,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "$CLIPCAP_SERVE_TOKEN is used instead of generating one")
     ray_serve.add_argument("--no-auth", action="store_true", help="no bearer token (local demos only)")
     ray_serve.add_argument("--ray-address", default=None, help="existing Ray cluster; default: an embedded local Ray")
+    ray_serve.add_argument("--metrics", action="store_true",
+                           help="the embedded Ray exports Prometheus metrics (ray_clipcap*) on 127.0.0.1; default: off")
     ray_serve.add_argument("--metrics-port", type=int, default=None,
-                           help="the embedded Ray's Prometheus endpoint (ray_clipcap* metrics); default: Ray picks one")
+                           help="that endpoint's port (implies --metrics); default: Ray picks one")
     ray_serve.set_defaults(run=cmd_serve_ray)
 
     original = commands.add_parser("import-original", help="bundle a checkpoint of the paper's code")

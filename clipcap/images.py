@@ -3,8 +3,10 @@
 Untrusted bytes are checked before any pixel is decoded: a format in the accepted set (only that
 format's Pillow plugin may parse the header, so the decoders of rarely used formats never see a
 request), a pixel count under the limit (read from the header, so a decompression bomb is refused
-without being expanded), and a complete file. Every failure is an `ImageError` with a message fit to
-return to a client.
+without being expanded), decoded bytes under the limit (`decoded_bytes`: 16-bit samples count at
+their width), and a complete file. Every failure is an `ImageError` with a message fit to return to
+a client. An accepted image adds at most 4x its decoded bytes + 16 MiB to the peak RSS of decoding
+and preprocessing it (serving/README.md; measured for each accepted kind by tests/test_images.py).
 
 Accepted formats (`FORMATS`; a caller may narrow the set): JPEG, MPO (a JPEG with a multi-picture
 index: camera multi-shot, 3-D and gain-map HDR photos; its primary image), PNG and APNG (the default
@@ -48,6 +50,7 @@ import functools
 import importlib
 import io
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -60,6 +63,8 @@ from clipcap.image_formats import DEFAULT_FORMATS, FORMATS, ImageError, check_fo
 
 EXIF_ORIENTATION = 0x0112
 DEFAULT_MAX_PIXELS = 36_000_000  # 6000x6000: above any camera a caption needs, far below a bomb
+DEFAULT_MAX_BYTES = 4 * DEFAULT_MAX_PIXELS  # decoded bytes (`decoded_bytes`): any 8-bit image within the pixel limit
+CONVERSION_PIXELS = 1 << 18  # to_rgb converts a larger image this many pixels at a time, into the result
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 PROFILED_MODES = ("L", "CMYK")  # modes whose own ICC profile is applied before they become RGB
@@ -70,28 +75,30 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def load_pixels(data: bytes, image_size: int, mean: list[float], std: list[float],
-                formats: Iterable[str] = DEFAULT_FORMATS, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+                formats: Iterable[str] = DEFAULT_FORMATS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
     """Bytes -> model input float32 (3, image_size, image_size), decoding no more pixels than needed
     (module docstring), or ImageError; never another exception from the bytes."""
-    decoded = decode_as_stored(open_image(data, formats, max_pixels), shrink_to=image_size)
+    decoded = decode_as_stored(open_image(data, formats, max_pixels), shrink_to=image_size, max_bytes=max_bytes)
     return preprocess_image(decoded.image, image_size, mean, std, decoded.picture, decoded.orientation)
 
 
 def load_pixels_file(path: str | Path, image_size: int, mean: list[float], std: list[float],
-                     formats: Iterable[str] = DEFAULT_FORMATS, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+                     formats: Iterable[str] = DEFAULT_FORMATS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
     """`load_pixels` of a file; the ImageError names the file."""
     data = read_image_file(path)
     try:
-        return load_pixels(data, image_size, mean, std, formats, max_pixels)
+        return load_pixels(data, image_size, mean, std, formats, max_pixels, max_bytes)
     except ImageError as error:
         raise ImageError(f"{path}: {error}") from None
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 formats: Iterable[str] = DEFAULT_FORMATS) -> Image.Image:
+                 formats: Iterable[str] = DEFAULT_FORMATS, max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
     """Bytes -> the whole upright 8-bit sRGB picture (module rules), or ImageError. `load_pixels` is
     cheaper for model input: it decodes a JPEG at the scale preprocessing needs."""
-    decoded = decode_as_stored(open_image(data, formats, max_pixels))
+    decoded = decode_as_stored(open_image(data, formats, max_pixels), max_bytes=max_bytes)
     return to_srgb(decoded.upright(), decoded.image.info.get("icc_profile"))
 
 
@@ -134,6 +141,8 @@ def open_image(data: bytes, formats: Iterable[str] = DEFAULT_FORMATS,
         raise ImageError(f"image is over the limit of {max_pixels} pixels ({error})") from None
     except UnidentifiedImageError:
         other = _format_by_signature(data)
+        if other in {fmt.opener for fmt in accepted} | {fmt.name for fmt in accepted}:  # its plugin refused it
+            raise ImageError(f"corrupt {other} image: its header cannot be read") from None
         raise ImageError(f"image format {other} not accepted (accepted: {names})" if other else
                          f"not a recognised image (accepted formats: {names})") from None
     except Exception as error:  # a plugin that recognised the header and choked on it: bad bytes
@@ -161,16 +170,24 @@ def _load_plugin(module: str) -> None:
 
 
 def _format_by_signature(data: bytes) -> str | None:
-    """The format whose signature the bytes start with, by Pillow's prefix checks alone (no decoder runs)."""
+    """The format the bytes are, by Pillow's prefix checks alone (no decoder runs); None when unsure."""
+    if data.endswith(TGA_FOOTER):  # TGA has no leading signature; version 2 files (Pillow's) end with this
+        return "TGA"
     Image.init()
     prefix = data[:16]
     for name, (_, accept) in Image.OPEN.items():
         try:
-            if accept is not None and accept(prefix):
+            if accept is not None and accept(prefix) and SIGNATURE_CHECKS.get(name, bool)(data):
                 return name
         except Exception:  # a prefix check that fails on these bytes names nothing
             continue
     return None
+
+
+TGA_FOOTER = b"TRUEVISION-XFILE.\0"
+# Prefix checks too weak to name a format alone: CUR's (00 00 02 00) is also how an uncompressed TGA
+# without a palette starts, whose next two bytes are 0 where a CUR counts its pictures (at least one).
+SIGNATURE_CHECKS = {"CUR": lambda data: data[4:6] != b"\0\0"}
 
 
 class Decoded(NamedTuple):
@@ -194,26 +211,62 @@ TRANSPOSITIONS = {1: (False, False, False), 2: (False, True, False), 3: (False, 
                   7: (True, True, True), 8: (True, False, True)}
 
 
-def decode_as_stored(image: Image.Image, shrink_to: int | None = None) -> Decoded:
+def decode_as_stored(image: Image.Image, shrink_to: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Decoded:
     """Decode an opened image (`open_image`) as stored, with the orientation to apply; `shrink_to`: a
     decoder that can scale (`ImageFormat.shrinks_on_load`) stops at the smallest scale with both sides
     >= shrink_to. A scaled decode's last row and column may cover part of a pixel: `picture` says where
-    the picture lies. (Pillow's TIFF loader and libheif apply their orientation while decoding.)"""
+    the picture lies. (Pillow's TIFF loader and libheif apply their orientation while decoding.)
+    An image whose `decoded_bytes` are over `max_bytes` is refused before decoding (after scaling is
+    chosen), and after it when the decoder made it larger than its header said."""
     try:
-        width, height = image.size
+        drafted = None
         if shrink_to is not None and FORMATS[image.format].shrinks_on_load:
             drafted = image.draft(None, (shrink_to, shrink_to))  # both sides >= shrink_to: the shorter one is too
             if drafted is not None:
-                width, height = drafted[1][2:]
+                width, height = drafted[1][2:]  # the whole picture, in the scaled decode's pixels
+        _check_bytes(image, max_bytes)
         image.load()
+        if getattr(image, "_decoder", None) is not None:  # WebP's and AVIF's plugins keep libwebp's / libavif's
+            image._decoder = None  # decoder and its frame buffers (up to 8 bytes a pixel) until the file closes
+        if drafted is None:  # the size decoded, not the header's: a corrupt HEIF crop box can disagree
+            width, height = image.size
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)  # read after load: a loader may apply it
-    except MemoryError:
+    except (MemoryError, ImageError):
         raise
     except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         raise ImageError(f"corrupt or truncated image ({error})") from None
+    _check_bytes(image, max_bytes)
     if image.mode == "CMYK" and image.format in ("JPEG", "MPO") and "adobe" not in image.info:
         image = ImageChops.invert(image)  # Pillow reads every CMYK JPEG as Adobe's inverted ink
     return Decoded(image, (0.0, 0.0, width, height), orientation if orientation in UPRIGHT else 1)
+
+
+BANDS = {"RGBA": 4, "RGBa": 4, "RGB": 3, "CMYK": 4, "YCbCr": 3, "LA": 2, "La": 2, "PA": 2}  # others: 1
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """What decoding an opened image costs, in bytes, known before it is decoded: its pixels (as decoded:
+    a JPEG's after `Image.draft`) times 4 (a pixel of Pillow's RGB, RGBA, CMYK, I or F, and of the RGB
+    picture every image becomes), or times the bytes a pixel holds in the file when more: 16-, 32- and
+    64-bit samples take 2, 4 and 8 bytes a band (a 16-bit RGBA PNG, which Pillow reads into 8-bit RGBA,
+    costs 8 a pixel to inflate). Only the first frame is ever decoded: one frame is kept."""
+    sample = 1
+    for tile in image.tile:  # the raw mode the decoder reads names wide samples: "RGBA;16B", "F;32F", ...
+        args = tile.args if isinstance(tile.args, tuple) else (tile.args,)
+        rawmode = next((arg for arg in args if isinstance(arg, str)), "")
+        wide = re.match(r"[A-Za-z]+;(16|32|64)", rawmode)  # not BMP's packed "BGR;16" (5-6-5 bits)
+        if wide and not rawmode.startswith("BGR;"):
+            sample = max(sample, int(wide.group(1)) // 8)
+    if (image.info.get("bit_depth") or 8) > 8:  # HEIF of 10 or 12 bits: libheif decodes 16-bit samples first
+        sample = max(sample, 2)
+    return image.width * image.height * max(4, BANDS.get(image.mode, 1) * sample)
+
+
+def _check_bytes(image: Image.Image, max_bytes: int) -> None:
+    size = decoded_bytes(image)
+    if size > max_bytes:
+        raise ImageError(f"image is {image.width}x{image.height} {image.mode}, {size} bytes decoded, over the limit "
+                         f"of {max_bytes} decoded bytes")
 
 
 def _upright_box(box: tuple[float, float, float, float], size: tuple[int, int],
@@ -271,7 +324,21 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit RGB: alpha composited over white, high bit depth scaled (module docstring)."""
+    """Any PIL image -> 8-bit RGB: alpha composited over white, high bit depth scaled (module docstring).
+    A large image is converted CONVERSION_PIXELS at a time into the result (every rule is per pixel), so
+    the conversion costs the result (4 bytes a pixel) and a few bands of rows, never copies of the whole."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    rows = max(1, CONVERSION_PIXELS // image.width)
+    if image.height <= rows:
+        return _to_rgb(image)
+    result = Image.new("RGB", image.size)
+    for top in range(0, image.height, rows):
+        result.paste(_to_rgb(image.crop((0, top, image.width, min(image.height, top + rows)))), (0, top))
+    return result
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
         samples = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
         image = Image.fromarray(((samples + 128) // 257).astype(np.uint8), "L")  # round(v / 257)

@@ -10,10 +10,12 @@ longest). Image and option rules are CaptionService's; this module only reads an
 from __future__ import annotations
 
 import json
-import math
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+from clipcap.quoting import QUOTE_NAMES, quote, quote_names
 
 INPUT_NAME = "image"
 OUTPUTS = {"caption": "BYTES", "token_ids": "INT64"}
@@ -21,6 +23,7 @@ TOKEN_PAD = -1  # token ids are >= 0
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary extension: the JSON part's length in bytes
 # Request parameters the protocol reserves (tritonclient sends it); every other one is a decoding option.
 RESERVED_PARAMETERS = ("binary_data_output",)
+MAX_ID_CHARS = 256  # a request "id" is echoed in the answer: a longer one is refused, not echoed
 
 
 class ProtocolError(Exception):
@@ -56,12 +59,12 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Infe
         try:
             length = int(header_length)
         except ValueError:
-            raise ProtocolError(400, f"{HEADER_LENGTH} must be an integer, got {header_length[:40]!r}") from None
+            raise ProtocolError(400, f"{HEADER_LENGTH} must be an integer, got {quote(header_length)}") from None
         if not 0 <= length <= len(body):
             raise ProtocolError(400, f"{HEADER_LENGTH} is {length}, the body has {len(body)} bytes")
         header, binary = body[:length], body[length:]
     try:
-        request = json.loads(header)
+        request = json.loads(header, object_pairs_hook=_object_without_repeated_keys)
     except (ValueError, RecursionError) as error:
         raise ProtocolError(400, f"the inference header is not valid JSON ({str(error)[:200]})") from None
     if not isinstance(request, dict):
@@ -79,25 +82,36 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Infe
         raise ProtocolError(400, f'"{INPUT_NAME}" is the input tensor, not a parameter')
     options = {key: value for key, value in parameters.items() if key not in RESERVED_PARAMETERS}
     request_id = request.get("id")
+    if isinstance(request_id, str) and len(request_id) > MAX_ID_CHARS:
+        raise ProtocolError(400, f'"id" is {len(request_id)} characters, over the limit of {MAX_ID_CHARS}')
     return InferRequest(images, options, request_id if isinstance(request_id, str) else None, outputs, binary_outputs)
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are each given once (else ProtocolError), as CaptionService reads the JSON form."""
+    counts = Counter(name for name, _ in pairs)
+    if len(counts) != len(pairs):
+        repeated = sorted(name for name, count in counts.items() if count > 1)
+        raise ProtocolError(400, f"key(s) given more than once: {quote_names(repeated)}")
+    return dict(pairs)
 
 
 def _read_images(tensor: dict, binary: bytes, max_images: int) -> list[bytes]:
     if tensor.get("datatype") != "BYTES":
-        raise ProtocolError(400, f'input "{INPUT_NAME}" must have datatype BYTES, got {str(tensor.get("datatype"))[:40]!r}')
+        raise ProtocolError(400, f'input "{INPUT_NAME}" must have datatype BYTES, got {quote(tensor.get("datatype"))}')
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                            for d in shape):
         raise ProtocolError(400, f'input "{INPUT_NAME}" needs a shape: a list of sizes, e.g. [N]')
-    count = math.prod(shape)
+    count = _elements(shape, max_images)
     if count == 0:
         raise ProtocolError(400, f'input "{INPUT_NAME}" holds no image')
     if count > max_images:
-        raise ProtocolError(400, f"{count} images in one request, over the limit of {max_images}")
+        raise ProtocolError(400, f"shape {_shape_text(shape)} holds more than {max_images} images, the limit of one request")
     size = (tensor.get("parameters") or {}).get("binary_data_size") if isinstance(tensor.get("parameters"), dict) else None
     if size is not None:
         if not isinstance(size, int) or size != len(binary):
-            raise ProtocolError(400, f"binary_data_size is {size!r}, the binary data holds {len(binary)} bytes")
+            raise ProtocolError(400, f"binary_data_size is {quote(size)}, the binary data holds {len(binary)} bytes")
         images = deserialize_bytes(binary)
     else:
         data = tensor.get("data")
@@ -105,8 +119,27 @@ def _read_images(tensor: dict, binary: bytes, max_images: int) -> list[bytes]:
             raise ProtocolError(400, f'input "{INPUT_NAME}" needs "data": a flat list of base64 strings, one per image')
         images = data  # base64 text: CaptionService decodes and checks it like the JSON request form's
     if len(images) != count:
-        raise ProtocolError(400, f'input "{INPUT_NAME}" has shape {shape} but holds {len(images)} elements')
+        raise ProtocolError(400, f'input "{INPUT_NAME}" has shape {_shape_text(shape)} ({count} elements) '
+                                 f'but holds {len(images)}')
     return images
+
+
+def _shape_text(shape: list[int]) -> str:
+    """A shape as a message shows it: its first sizes, each quoted (a 4,000-digit size is not written out)."""
+    shown = ", ".join(quote(size) for size in shape[:QUOTE_NAMES])
+    return f"[{shown}]" if len(shape) <= QUOTE_NAMES else f"[{shown}, ...] ({len(shape)} sizes)"
+
+
+def _elements(shape: list[int], limit: int) -> int:
+    """The product of the sizes, counted only up to just past `limit` (a shape of 15,000 sizes of 2 is never multiplied out)."""
+    if 0 in shape:
+        return 0
+    count = 1
+    for size in shape:
+        count *= size
+        if count > limit:
+            return limit + 1
+    return count
 
 
 def _requested_outputs(outputs: Any, all_binary: bool) -> tuple[list[str], set[str]]:

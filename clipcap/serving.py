@@ -11,7 +11,9 @@ bundle, the handler and `model-config.yaml` into a `.mar`.
 Requests (TorchServe's own parsing already split multipart forms; the handler has it pass JSON on as bytes):
 - raw image bytes as the body (Content-Type image/*, application/octet-stream or none);
 - multipart/form-data: one file part (the image) plus optional text fields named after `REQUEST_OPTIONS`;
-- application/json: {"image": "<base64>", "decoding": "beam", "beam_size": 3, ...}.
+- application/json: {"image": "<base64>", "decoding": "beam", "beam_size": 3, ...};
+- application/x-www-form-urlencoded whose body is an image of an accepted format (what `curl --data-binary
+  @photo.jpg` sends without -H Content-Type) is read as a raw body; any other form body is refused (415).
 Query-string parameters, where TorchServe passes them on, are fields like a form's. Every option is
 a JSON scalar, all of them within `max_options_bytes`; a name given twice, an unknown name, deep
 JSON are refused; a message quotes client input only through clipcap.quoting. Every log line about
@@ -27,6 +29,7 @@ import http
 import io
 import json
 import logging
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
-from clipcap.images import ImageError
+from clipcap.images import ImageError, open_image
 from clipcap.quoting import quote, quote_names
-from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError
+from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError, worker_threads
 
 if TYPE_CHECKING:
     from clipcap.captioner import CaptionBatch, Captioner
@@ -48,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
 MULTIPART_TYPE = "multipart/form-data"
+FORM_TYPE = "application/x-www-form-urlencoded"  # curl's default for -d / --data-binary: an image body is sniffed
 RAW_TYPES = ("application/octet-stream", "")  # plus every image/*: the bytes, not the header, decide the format
 # TorchServe's own routing parameter, passed to the handler as a field by /invocations?model_name=...
 TORCHSERVE_PARAMETERS = ("model_name",)
@@ -138,14 +142,20 @@ class CaptionService:
     @classmethod
     def from_archive(cls, model_dir: str | Path, model_config: dict | None, gpu_id: int | None = None,
                      ) -> "CaptionService":
-        """Open the bundle unpacked from a .mar, with the settings of its model-config.yaml."""
+        """Open the bundle unpacked from a .mar, with the settings of its model-config.yaml; this process's
+        compute threads are set first (`worker_threads` of handler.threads and maxWorkers)."""
         from clipcap.captioner import Captioner
 
-        config = ServingConfig.from_dict((model_config or {}).get("handler"))
+        settings = model_config or {}
+        config = ServingConfig.from_dict(settings.get("handler"))
+        workers = settings.get("maxWorkers")  # absent: TorchServe starts a worker per core
+        set_compute_threads(worker_threads(config.threads, workers if isinstance(workers, int) else os.cpu_count()),
+                            f"handler.threads {config.threads}, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS')}, "
+                            f"maxWorkers {workers}")
         captioner = Captioner.from_path(Path(model_dir) / config.bundle, backend=config.backend,
                                         device=resolve_device(config.device, gpu_id))
         service = cls(captioner, config)
-        service.warm_up((model_config or {}).get("batchSize", 1))
+        service.warm_up(settings.get("batchSize", 1))
         return service
 
     def warm_up(self, max_batch_size: int) -> list[int]:
@@ -208,6 +218,8 @@ class CaptionService:
             payload, options = row.get("body"), self._fields(row, "body")
             if not isinstance(payload, (bytes, bytearray)):
                 raise ServingError(400, f"no request body: {HOW_TO_SEND}")
+        elif content_type == FORM_TYPE:
+            payload, options = self._form_image(row), self._fields(row, "body")
         else:
             raise ServingError(415, f"content type {quote(content_type)} is not accepted: {HOW_TO_SEND}")
         self._check_options(options)
@@ -217,10 +229,27 @@ class CaptionService:
             raise ServingError(400, str(error)) from None
         self._check_size(len(payload))
         try:  # here, in the request's own parse: a failure is this request's alone
-            pixels = self.captioner.load_pixels(bytes(payload), self.config.formats, self.config.max_image_pixels)
+            pixels = self.captioner.load_pixels(bytes(payload), self.config.formats, self.config.max_image_pixels,
+                                                self.config.max_image_bytes)
         except ImageError as error:
             raise ServingError(400, str(error)) from None
         return ImageRequest(pixels, options, (time.perf_counter() - start) * 1e3)
+
+    def _form_image(self, row: dict) -> bytes:
+        """The body of a form-urlencoded request when it is an image of an accepted format (its header is
+        read, nothing decoded), else 415: an image sent with curl's default content type is captioned."""
+        payload = row.get("body")
+        if isinstance(payload, (bytes, bytearray)) and payload:
+            try:
+                open_image(bytes(payload), self.config.formats, self.config.max_image_pixels).close()
+                return payload
+            except ImageError as error:
+                reason = f"its body is not an image this server accepts ({error})"
+        else:
+            reason = "it holds no image"
+        raise ServingError(415, f"content type {FORM_TYPE} (curl's default for -d and --data-binary) is not "
+                                f"accepted: {reason}; {HOW_TO_SEND}, e.g. curl -H 'Content-Type: image/jpeg' "
+                                f"--data-binary @photo.jpg")
 
     def _from_json(self, body: Any) -> tuple[bytes, dict]:
         if isinstance(body, (bytes, bytearray)):  # the handler has TorchServe hand on the bytes: read here
@@ -356,6 +385,13 @@ def warm_up_image() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def set_compute_threads(threads: int, why: str) -> None:
+    """This process's torch compute threads, before a runtime is opened (onnxruntime's sessions take
+    torch.get_num_threads()); logged, with `why`."""
+    torch.set_num_threads(threads)
+    logger.info("compute threads: %d (%s)", threads, why)
 
 
 def request_label(request_id: str, headers: dict) -> str:

@@ -1,18 +1,22 @@
 """The HTTP front of a caption server other than TorchServe: routes, bearer token, request size, and
 two APIs over one caption function.
 
-- TorchServe's inference API: `POST|PUT /predictions/<model>`, and `POST /invocations` and
-  `POST /<model>/predict`, whose query strings TorchServe passes on as fields (each request made
-  into TorchServe's row by clipcap.http_rows, answered by CaptionService with the same status and
-  error JSON); `GET /ping`; a missing or wrong token answers what TorchServe 0.12 answers (400
-  InvalidKeyException). The request id is the X-Request-ID header (Ray Serve's proxy sets it: the
-  client's own, else a new one), answered in X-Request-ID and named in CaptionService's log lines.
+- TorchServe's inference API: `/predictions/<model>` with any method (TorchServe 0.12 hands a GET or
+  DELETE to the handler too: "empty request"), and `POST /invocations` and `POST /<model>/predict`,
+  whose query strings TorchServe passes on as fields (each request made into TorchServe's row by
+  clipcap.http_rows, answered by CaptionService with the same status and error JSON); `GET /ping`; a
+  missing or wrong token answers what TorchServe 0.12 answers (400 InvalidKeyException). The request
+  id is the X-Request-ID header (Ray Serve's proxy sets it: the client's own, else a new one),
+  answered in X-Request-ID and named in the log lines: CaptionService's, and the front's own line for
+  each request it refuses itself (status and reason; never a token or body bytes).
 - The Open Inference Protocol (clipcap.oip): `GET /v2/health/live|ready` (no token: for probes),
   `GET /v2`, `GET /v2/models/<model>[/ready]`, `POST /v2/models/<model>/infer`; its errors are
   `{"error": "..."}`, a missing or wrong token 401.
 
-No web framework here: `CaptionFront.answer` takes the request's parts and returns an `Answer`, so
-it is tested without a server; clipcap.serving_ray adapts it to Ray Serve.
+Header names are read case-insensitively, and a header sent twice counts once, its last value (as
+TorchServe's frontend reads them). A body is read within `body_timeout_s`, else 408 and the
+connection closed. No web framework here: `CaptionFront.answer` takes the request's parts and
+returns an `Answer`, so it is tested without a server; clipcap.serving_ray adapts it to Ray Serve.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 from clipcap import oip
 from clipcap.http_rows import request_row
@@ -44,6 +49,7 @@ class FrontConfig:
     token: str | None = None  # the bearer token every call but /v2/health needs; None: no token (--no-auth)
     max_request_bytes: int = 16 * 2**20  # whole HTTP body, as TorchServe's max_request_size in config.properties
     max_images_per_request: int = 16  # images in one v2 infer request (each is captioned as one request)
+    body_timeout_s: float = 30.0  # the whole body must arrive within this, else 408 (a slow client holds no slot)
     headers: dict[str, str] = field(default_factory=dict)  # added to every answer (the replica serving it)
 
 
@@ -52,14 +58,27 @@ class Answer:
     status: int  # HTTP status
     body: bytes  # response body
     headers: dict[str, str]  # response headers
+    refusal: str = ""  # why the front itself refused the request (logged); "" otherwise
 
 
 def _json(status: int, body: dict) -> Answer:
     return Answer(status, json.dumps(body).encode(), dict(JSON_HEADERS))
 
 
+def _refused(status: int, body: dict, reason: str) -> Answer:
+    answer = _json(status, body)
+    answer.refusal = reason
+    if status == 408:  # the body never came: the connection is not reused
+        answer.headers["connection"] = "close"
+    return answer
+
+
 def _torchserve_error(status: int, kind: str, message: str) -> Answer:
-    return _json(status, {"code": status, "type": kind, "message": message})
+    return _refused(status, {"code": status, "type": kind, "message": message}, message)
+
+
+def _v2_error(status: int, message: str) -> Answer:
+    return _refused(status, {"error": message}, message)
 
 
 class CaptionFront:
@@ -71,9 +90,12 @@ class CaptionFront:
 
     async def answer(self, method: str, path: str, query: str, headers: dict[str, str],
                      body: AsyncIterator[bytes]) -> Answer:
-        request_id = next((v for k, v in headers.items() if k.lower() == "x-request-id"), "") or uuid.uuid4().hex
-        headers = {k: v for k, v in headers.items() if k.lower() != "x-request-id"}  # the id itself, not the client's
+        headers = {k.lower(): v for k, v in headers.items()}  # one value per name: the last one sent
+        request_id = headers.pop("x-request-id", "") or uuid.uuid4().hex  # the id itself, not the client's header
         answer = await self._route(method, path.rstrip("/") or "/", query, headers, body, request_id)
+        if answer.refusal:
+            logger.info("request %s refused: %d %s (%s %s)", request_id, answer.status, answer.refusal, method,
+                        quote(path, 64))
         answer.headers.update({**self.config.headers, "x-request-id": request_id})
         return answer
 
@@ -84,7 +106,7 @@ class CaptionFront:
             return _json(200, {path.rsplit("/", 1)[1]: True})
         if path.startswith("/v2"):
             if not self._authorized(headers):
-                return _json(401, {"error": BAD_TOKEN})
+                return _v2_error(401, BAD_TOKEN)
             if path == "/v2" and method == "GET":
                 return _json(200, {"name": name, "version": "2", "extensions": ["binary_tensor_data"]})
             if path == f"/v2/models/{name}" and method == "GET":
@@ -93,14 +115,17 @@ class CaptionFront:
                 return _json(200, {"name": name, "ready": True})
             if path == f"/v2/models/{name}/infer" and method == "POST":
                 return await self._infer(headers, body, request_id)
-            return _json(404, {"error": f"no such v2 endpoint: {method} {quote(path)}"})
+            return _v2_error(404, f"v2 endpoint not found: {quote(method)} {quote(path)}")
         if not self._authorized(headers):
             return _torchserve_error(400, "InvalidKeyException", BAD_TOKEN)
         if path == "/ping" and method == "GET":
             return _json(200, {"status": "Healthy"})
-        if path == f"/predictions/{name}" and method in ("POST", "PUT"):
+        if path == f"/predictions/{name}":
             return await self._predict("", headers, body, request_id)  # TorchServe drops this route's query string
         if (path == "/invocations" or path == f"/{name}/predict") and method == "POST":
+            routed = dict(parse_qsl(query, keep_blank_values=True)).get("model_name", name)
+            if path == "/invocations" and routed != name:  # TorchServe routes /invocations by this parameter
+                return _torchserve_error(404, "ModelNotFoundException", f"Model not found: {quote(routed)}")
             return await self._predict(query, headers, body, request_id)
         if path.startswith("/predictions/"):
             return _torchserve_error(404, "ModelNotFoundException", f"Model not found: {quote(path[13:])}")
@@ -110,21 +135,26 @@ class CaptionFront:
     def _authorized(self, headers: dict) -> bool:
         if self.config.token is None:
             return True
-        sent = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
-        return hmac.compare_digest(sent.encode(), f"Bearer {self.config.token}".encode())
+        return hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {self.config.token}".encode())
 
     async def _read(self, headers: dict, body: AsyncIterator[bytes]) -> bytes:
-        """The whole body, refused (413) from Content-Length before it is read or as soon as it is over."""
+        """The whole body, refused (413) from Content-Length before it is read or as soon as it is over;
+        408 when it has not all arrived within body_timeout_s."""
         limit = self.config.max_request_bytes
-        declared = next((v for k, v in headers.items() if k.lower() == "content-length"), "0")
+        declared = headers.get("content-length", "0")
         if declared.isdigit() and int(declared) > limit:
-            raise ServingError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+            raise ServingError(413, f"request body of {quote(declared)} bytes is over the limit of {limit} bytes")
         chunks, size = [], 0
-        async for chunk in body:
-            size += len(chunk)
-            if size > limit:
-                raise ServingError(413, f"request body is over the limit of {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                async for chunk in body:
+                    size += len(chunk)
+                    if size > limit:
+                        raise ServingError(413, f"request body is over the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ServingError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s "
+                                    f"({size} bytes came)") from None
         return b"".join(chunks)
 
     async def _caption(self, row: dict, headers: dict, request_id: str) -> Reply:
@@ -137,22 +167,19 @@ class CaptionFront:
     async def _predict(self, query: str, headers: dict, body: AsyncIterator[bytes], request_id: str) -> Answer:
         try:
             data = await self._read(headers, body)
+            row, row_headers = await asyncio.to_thread(request_row, headers, data, query)  # multipart: CPU work
         except ServingError as error:
             reply = error.reply()
-            return _json(reply.status, reply.body)
-        row, row_headers = await asyncio.to_thread(request_row, headers, data, query)  # multipart: CPU work
+            return _refused(reply.status, reply.body, error.message)
         reply = await self._caption(row, row_headers, request_id)
         return _json(reply.status, reply.body)
 
     async def _infer(self, headers: dict, body: AsyncIterator[bytes], request_id: str) -> Answer:
         try:
             data = await self._read(headers, body)
-            header_length = next((v for k, v in headers.items() if k.lower() == oip.HEADER_LENGTH.lower()), None)
-            request = oip.parse_infer(data, header_length, self.config.max_images_per_request)
-        except ServingError as error:
-            return _json(error.status, {"error": error.message})
-        except oip.ProtocolError as error:
-            return _json(error.status, {"error": error.message})
+            request = oip.parse_infer(data, headers.get(oip.HEADER_LENGTH.lower()), self.config.max_images_per_request)
+        except (ServingError, oip.ProtocolError) as error:
+            return _v2_error(error.status, error.message)
         replies = await asyncio.gather(*(self._caption(*_image_row(image, request.options, index), f"{request_id}/{index}")
                                          for index, image in enumerate(request.images)))
         for index, reply in enumerate(replies):

@@ -6,8 +6,10 @@ batched by `@serve.batch` with model-config.yaml's `batchSize` and `maxBatchDela
 goes through `parse_batch` and `caption_batch` as a TorchServe batch does. Replicas are a fixed
 count (default one per GPU, else one) or autoscaled by ongoing requests. The handler's metrics
 (`ClipcapBatchSize`, ...) are Ray metrics: Ray's Prometheus endpoint exports them lower-cased with
-a `ray_` prefix (`ray_clipcapbatchsize_bucket`). Imported only for `serve-ray` (Ray Serve is the `serve-ray` extra). Without an address
-an embedded Ray is started on this machine (no dashboard, 127.0.0.1, no usage stats).
+a `ray_` prefix (`ray_clipcapbatchsize_bucket`), when metrics are on. Imported only for `serve-ray`
+(Ray Serve is the `serve-ray` extra). Without an address an embedded Ray is started on this machine:
+every socket of it on 127.0.0.1, no dashboard, no Prometheus endpoint unless `metrics`, no usage
+stats, and clipcap.http_limits in its HTTP proxy.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import clipcap
-from clipcap.serving import BATCH_SIZE_BUCKETS, BatchStats, CaptionService, Reply, resolve_device
+from clipcap import http_limits
+from clipcap.serving import BATCH_SIZE_BUCKETS, BatchStats, CaptionService, Reply, resolve_device, set_compute_threads
 from clipcap.serving_config import ServingConfig, ServingConfigError
 from clipcap.serving_front import CaptionFront, FrontConfig
 
@@ -54,9 +57,12 @@ class RayServeConfig:
     token_file: str = "serve-ray-token"  # where a generated token is written, mode 0600
     no_auth: bool = False  # serve without a token (local demos only)
     max_request_bytes: int = 16 * 2**20  # the whole HTTP body, as TorchServe's max_request_size
+    max_header_bytes: int = http_limits.MAX_HEADER_BYTES  # request line and headers (the embedded Ray's proxy)
+    body_timeout_s: float = 30.0  # a request body must arrive within this, else 408 and the connection closed
     max_images_per_request: int = 16  # images in one v2 infer request
     ray_address: str | None = None  # an existing cluster; None: an embedded Ray on this machine
-    metrics_port: int | None = None  # the embedded Ray's Prometheus endpoint; None: a port Ray picks
+    metrics: bool = False  # the embedded Ray's metrics agent exports Prometheus metrics (on 127.0.0.1)
+    metrics_port: int | None = None  # that endpoint's port, with metrics on; None: a port Ray picks
 
 
 @dataclass
@@ -94,6 +100,9 @@ class CaptionReplica:
         from clipcap.captioner import Captioner
 
         config = settings.handler
+        http_limits.log_through_serve("clipcap")  # refusals and tracebacks into the replica's Serve log
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)  # cpus_per_replica
+        set_compute_threads(config.threads or max(1, int(cpus)), f"handler.threads {config.threads}, {cpus} CPUs")
         gpu_id = 0 if ray.get_gpu_ids() else None  # Ray shows a replica only its own GPU
         captioner = Captioner.from_path(bundle, backend=config.backend, device=resolve_device(config.device, gpu_id))
         self.service = CaptionService(captioner, config)
@@ -114,7 +123,7 @@ class CaptionReplica:
         from starlette.responses import Response
 
         answer = await self.front.answer(request.method, request.url.path, request.url.query,
-                                         dict(request.headers), request.stream())
+                                         dict(request.headers.items()), request.stream())  # a repeated header: its last
         return Response(answer.body, status_code=answer.status, headers=answer.headers)
 
     async def _caption_one(self, row: dict, headers: dict, request_id: str) -> Reply:
@@ -142,14 +151,21 @@ class CaptionReplica:
 
 
 def resolve_token(config: RayServeConfig) -> str | None:
-    """The token to require: None with no_auth, the given one, else a new one written to token_file (0600)."""
+    """The token to require: None with no_auth, the given one, else a new one written to token_file (0600;
+    ServingConfigError when token_file is a symbolic link, which would have the token written elsewhere)."""
     if config.no_auth:
         return None
     if config.token:
         return config.token
     token = secrets.token_urlsafe(32)
     path = Path(config.token_file)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as error:
+        if path.is_symlink():
+            raise ServingConfigError(f"{path} is a symbolic link: the token is not written through it "
+                                     f"(remove it, or pass another --token-file)") from None
+        raise ServingConfigError(f"{path}: cannot write the token file ({error.strerror})") from None
     os.fchmod(descriptor, 0o600)  # an existing file keeps its mode on open: make it private before writing
     with os.fdopen(descriptor, "w") as file:
         file.write(token + "\n")
@@ -172,7 +188,7 @@ def build_app(config: RayServeConfig, token: str | None, gpus_in_cluster: float 
         max_queued_requests=config.max_queued_requests,
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": gpus})
     front = FrontConfig(model_name=config.model_name, token=token, max_request_bytes=config.max_request_bytes,
-                        max_images_per_request=config.max_images_per_request)
+                        max_images_per_request=config.max_images_per_request, body_timeout_s=config.body_timeout_s)
     return deployment.bind(str(Path(config.bundle).resolve()), settings, front)
 
 
@@ -188,6 +204,21 @@ def application(args: dict):
     if not config.no_auth and not token:
         raise ServingConfigError("set CLIPCAP_SERVE_TOKEN (the bearer token clients send), or no_auth: true")
     return build_app(config, token, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0)
+
+
+# Set before an embedded Ray starts (its processes inherit them). Ray replaces a node address of 127.0.0.1
+# with the host's own unless it runs as on a laptop (a single-machine "cluster"), and binds every server of
+# a node with another address to all interfaces; the proxy callback puts clipcap.http_limits in front.
+EMBEDDED_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": http_limits.CALLBACK}
+
+
+def _check_loopback(node_address: str) -> None:
+    if node_address not in ("127.0.0.1", "::1"):
+        raise ServingConfigError(
+            f"the embedded Ray took node address {node_address}, so its servers would listen on every interface: "
+            f"Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set (clipcap serve-ray sets it; "
+            f"in Python, set it before importing ray)")
 
 
 def worker_pythonpath() -> str:
@@ -207,23 +238,32 @@ class RayServer:
 
     def __enter__(self) -> "RayServer":
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        embedded = not self.config.ray_address
+        if embedded:
+            for name, value in EMBEDDED_RAY_ENV.items():
+                os.environ.setdefault(name, value)
+            os.environ.update({http_limits.HEADER_LIMIT_ENV: str(self.config.max_header_bytes),
+                               http_limits.BODY_LIMIT_ENV: str(self.config.max_request_bytes)})
         import ray
         from ray import serve
 
         BatchSettings.from_file(self.config.model_config)  # a bad file fails here, before Ray starts
+        self.token = resolve_token(self.config)  # so does a token file that cannot be written
         if not ray.is_initialized():
             self._started_ray = True
-            if self.config.ray_address:
+            if not embedded:
                 ray.init(address=self.config.ray_address, logging_level=logging.WARNING)
             else:
                 replicas = self.config.max_replicas or self.config.replicas or 1
                 ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * self.config.cpus_per_replica) + 1),
                          object_store_memory=EMBEDDED_OBJECT_STORE_BYTES, include_dashboard=False,
                          _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
-                         _metrics_export_port=self.config.metrics_port,
+                         _metrics_export_port=self.config.metrics_port if self.config.metrics else None,
+                         _system_config={"enable_metrics_collection": self.config.metrics},
                          runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
         try:
-            self.token = resolve_token(self.config)
+            if embedded and self._started_ray:
+                _check_loopback(ray.util.get_node_ip_address())
             serve.start(http_options={"host": self.config.host, "port": self.config.port})
             app = build_app(self.config, self.token, ray.cluster_resources().get("GPU", 0))
             serve.run(app, name=APP_NAME, route_prefix="/")

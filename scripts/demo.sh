@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo` (after scripts/setup.sh): the embedded demo model behind TorchServe, captioning samples/.
 #   1. pack build/model_store/clipcap.mar from models/shapes-demo            (serving/build_mar.py)
-#   2. start TorchServe on 127.0.0.1:8080-8082, token authorization on      (serving/config.properties)
+#   2. start TorchServe on 127.0.0.1:8080-8082 (gRPC 7070-7071), token on    (serving/config.properties)
 #   3. wait for the model's worker, caption every samples/*.png over HTTP, print the captions
 #   4. print how to call the API yourself, then stop TorchServe and wait until its processes are gone
 # KEEP_SERVER=1 leaves TorchServe running instead (stop it with: TMPDIR=build/demo-tmp .venv/bin/torchserve --stop).
@@ -26,7 +26,7 @@ command -v java >/dev/null 2>&1 \
   || die "demo bundle $BUNDLE not found: it ships with the repository; rebuild it with 'make demo-model'"
 compgen -G "$SAMPLES/*.png" >/dev/null \
   || die "no $SAMPLES/*.png: recreate them with '$PY training/shapes.py --out samples --n 8 --seed 77 --samples'"
-for port in 8080 8081 8082; do
+for port in 8080 8081 8082 7070 7071; do  # every port serving/config.properties sets
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     die "port $port is in use (a TorchServe running? the demo's own stops with 'TMPDIR=build/demo-tmp $TORCHSERVE --stop')"
   fi

@@ -86,7 +86,7 @@ mapfile -t gpu_tests < <(grep -rlE "pytest\.mark\.gpu" tests --include='*.py' | 
 gpu_step gpu-tests 150 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$RESULTS/gpu-tests.xml" \
   "${gpu_tests[@]}"
 gpu_step full-size 90 "$PYTHON" -c \
-  "from clipcap.bench.bundles import make_full_size_bundles; make_full_size_bundles('$FULL_SIZE', exports=False)"
+  "from clipcap_bench.bundles import make_full_size_bundles; make_full_size_bundles('$FULL_SIZE', exports=False)"
 # fp32 greedy and beam tokens on CUDA against the CPU: the trained demo model and the full-size one.
 gpu_step parity 120 "$PYTHON" benchmarks/device_parity.py models/shapes-demo "$FULL_SIZE/model" --device cuda \
   --max-tokens 20 --out "$RESULTS/parity.json"

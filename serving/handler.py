@@ -6,13 +6,14 @@ bucket TorchServe's histogram cannot be given), ClipcapTokensGenerated (counter)
 Clipcap{Preprocess,Encode,Decode}Seconds (histograms of per-batch stage time).
 """
 import os
+import sys
 
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from clipcap.serving import PART_NAMES, BatchStats, CaptionService, batch_size_bucket
+from clipcap.serving import PART_NAMES, BatchStats, CaptionService, ServingConfigError, batch_size_bucket
 
 
 def _recording_part_names(retrieve):
@@ -36,8 +37,12 @@ Service.retrieve_data_for_inference = _recording_part_names(Service.retrieve_dat
 class ClipCapHandler(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
-        self.service = CaptionService.from_archive(properties["model_dir"], context.model_yaml_config,
-                                                   properties.get("gpu_id"))
+        try:
+            self.service = CaptionService.from_archive(properties["model_dir"], context.model_yaml_config,
+                                                       properties.get("gpu_id"))
+        except ServingConfigError as error:  # on stderr: model_log.log has it at WARN (stdout lines are INFO)
+            print(f"ERROR clipcap cannot start: {error}", file=sys.stderr, flush=True)
+            raise
         self.initialized = True
 
     def preprocess(self, data):

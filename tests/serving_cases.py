@@ -1,8 +1,11 @@
 """The request table every serving front must answer alike: TorchServe (tests/test_serving_e2e.py),
 Ray Serve (tests/test_serving_ray.py) and the Ray-free front in this process (tests/test_serving_front.py).
 
-Each case is one HTTP request to /predictions/<model> and the status and message fragment that
-serving/README.md documents for it; the good forms come first and must caption like the library.
+Each case is one HTTP request (to /predictions/<model> unless it names a path) and the status and
+message fragment that serving/README.md documents for it; the good forms come first and must caption
+like the library. Where one front cannot answer like the others (TorchServe's Java frontend, or Ray's
+HTTP proxy, decides before any code of ours runs), the case says what that front answers and why
+(`differs`), and serving/README.md says it too.
 """
 from __future__ import annotations
 
@@ -21,10 +24,28 @@ BOUNDARY = "clipcap-test-boundary"
 class Case:
     name: str
     body: bytes
-    headers: dict
-    status: int  # the HTTP status both fronts answer
+    headers: dict  # two names that differ only in case are one header sent twice
+    status: int  # the HTTP status every front answers
     fragment: str  # in the error message; for a 200: "" (default options) or "options" (OPTIONS)
     method: str = "POST"
+    path: str = "/predictions/clipcap"  # with its query string, if any
+    torchserve: tuple[int, str] | None = None  # (status, fragment) TorchServe answers instead, for `differs`
+    ray: tuple[int, str] | None = None  # (status, fragment) Ray Serve's proxy answers instead, for `differs`
+    differs: str = ""  # why a front answers otherwise
+    over_http: bool = False  # about the HTTP framing itself: the in-process front never sees it
+
+    def expected(self, front: str) -> tuple[int, str]:
+        """(status, fragment) that `front` ("torchserve", "ray" or "in-process") answers."""
+        return {"torchserve": self.torchserve, "ray": self.ray}.get(front) or (self.status, self.fragment)
+
+
+def message(body: bytes) -> str:
+    """An error answer's text: TorchServe's "message", the v2 protocol's "error", else the raw body."""
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        return body.decode("latin-1")
+    return str(reply.get("message", reply.get("error", reply))) if isinstance(reply, dict) else str(reply)
 
 
 def form(parts: list[tuple[str, bytes, str | None]]) -> tuple[bytes, dict]:
@@ -51,8 +72,19 @@ def bomb() -> bytes:
     return buffer.getvalue()
 
 
+def chunked(body: bytes) -> bytes:
+    """`body` in HTTP/1.1 chunked transfer coding, as one chunk."""
+    return f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+
+
 def cases(good: bytes) -> list[Case]:
     b64 = base64.b64encode(good).decode()
+    file_part = b'Content-Disposition: form-data; name="data"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n' + good
+    whole, form_headers = form([("data", good, "a.png")])
+    nested = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="outer"\r\n'
+              f'Content-Type: multipart/mixed; boundary=inner\r\n\r\n--inner\r\n').encode() + file_part \
+        + f"\r\n--inner--\r\n\r\n--{BOUNDARY}--\r\n".encode()
+    java = "TorchServe's Java frontend decodes multipart forms before the handler"
     return [
         Case("raw body", good, {"Content-Type": "image/png"}, 200, ""),
         Case("raw body, no content type (curl -T)", good, {}, 200, "", method="PUT"),
@@ -84,4 +116,31 @@ def cases(good: bytes) -> list[Case]:
         Case("options over 4 KiB", *as_json({"image": b64, "decoding": "A" * 5000}), 413, "max_options_bytes"),
         Case("wrong content type", b"hello", {"Content-Type": "text/plain"}, 415, "not accepted"),
         Case("over-size image", b"\0" * (9 * 2**20), {"Content-Type": "image/png"}, 413, "over the limit of 8388608"),
+        # curl --data-binary @photo.jpg without -H Content-Type sends application/x-www-form-urlencoded
+        Case("form-urlencoded image", good, {"Content-Type": "application/x-www-form-urlencoded"}, 200, "",
+             torchserve=(415, "not accepted"), differs="TorchServe's Java frontend decodes the form before the "
+             "handler: a PNG reaches it without its bytes (415), a JPEG photo gets a Java 500"),
+        Case("form-urlencoded text", b"hello=world", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
+             "not accepted"),
+        Case("multipart part without Content-Disposition", f"--{BOUNDARY}\r\nContent-Type: image/png\r\n\r\n".encode()
+             + good + f"\r\n--{BOUNDARY}--\r\n".encode(), form_headers, 400, "no Content-Disposition",
+             torchserve=(500, "NullPointerException"), differs=java),
+        Case("multipart without a boundary", whole, {"Content-Type": "multipart/form-data"}, 400,
+             "not a recognised image"),
+        Case("multipart nested", nested, form_headers, 400, "itself multipart", torchserve=(500, "Filename not found"),
+             differs=java),
+        Case("multipart unclosed", whole[: -len(f"--{BOUNDARY}--\r\n")], form_headers, 400, "empty request"),
+        Case("two Content-Type headers: the last counts", good,
+             {"Content-Type": "image/png", "content-type": "application/json"}, 400, "not valid JSON"),
+        Case("Content-Length and chunked", chunked(good),
+             {"Content-Type": "image/png", "Content-Length": "5", "Transfer-Encoding": "chunked"}, 200, "",
+             ray=(400, "Invalid HTTP request"), over_http=True, differs="Ray's HTTP proxy (uvicorn) refuses a request "
+             "with both, as RFC 9112 allows; TorchServe's Netty follows Transfer-Encoding"),
+        Case("GET /predictions", b"", {}, 400, "empty request", method="GET"),
+        Case("v2 infer, a JSON key repeated", b'{"inputs": [], "inputs": [], "id": "a"}',
+             {"Content-Type": "application/json"}, 400, "given more than once", path="/v2/models/clipcap/infer"),
+        Case("/invocations for another model", good, {"Content-Type": "image/png"}, 404, "Model not found",
+             path="/invocations?model_name=nope"),
+        Case("v2 infer of a model version", b"{}", {"Content-Type": "application/json"}, 404, "not found",
+             path="/v2/models/clipcap/versions/1/infer"),
     ]

@@ -1,69 +1,98 @@
-"""Benchmark history: records from real runs, the regression check against the runs' own noise, the trend plots.
+"""Benchmark history: records of runs with scripted timings, the record-to-record check, the trend plots.
 
-The planted regression is the KV cache turned off in the `torch` backend (what a scratch branch
-breaking the cache would do). On a one-layer decoder of width 256 at batch 8 x 56 tokens the
-recomputing step does ~32x the arithmetic of the cached one (4 prefix + 28 positions on average
-against one), so the KV-cache speed-up, measured side by side within each run, falls from
-several times to ~1. The check judges ratios only here: on this shared machine two runs seconds
-apart were seen to differ 2x in absolute time (the neighbours' load), which no run's own
-iterations can see; ratios from one interleaved run cancel it.
+The runs are real runs of the harness on a tiny model, except for the clock: every encode and
+decoder step advances a scripted clock by a cost proportional to the positions it processes
+(with a small deterministic jitter), so the numbers, and the verdicts on them, are the same on any
+machine under any load. The planted regression is the KV cache turned off in the `torch` backend
+(what a scratch branch breaking the cache would do): the recomputing step processes every
+position again, so the KV-cache speed-up falls from several times to ~1.
 """
 import copy
 import dataclasses
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from clipcap.bench import backends
-from clipcap.bench.history import RECORD_SCHEMA, load_records, make_record, write_record
-from clipcap.bench.latency import LatencyConfig, run_latency
-from clipcap.bench.machine import fingerprint, machine_info
-from clipcap.bench.regression import CheckConfig, compare, newest_pair
-from clipcap.bench.trends import plot_trends
-from clipcap.config import GPT2Config
-from clipcap.model import ClipCapModel
-from conftest import tiny_config
+from clipcap_bench import backends
+from clipcap_bench.history import RECORD_SCHEMA, load_records, make_record, write_record
+from clipcap_bench.latency import LatencyConfig, run_latency
+from clipcap_bench.machine import fingerprint, machine_info
+from clipcap_bench.regression import CheckConfig, compare, newest_pair
+from clipcap_bench.trends import plot_trends
 
 ROOT = Path(__file__).resolve().parent.parent
-CELL = "b8 t56"
+CELL = "b4 t20"
 SHARED_MACHINE = CheckConfig(z=3.0, min_change=0.25, ratios_only=True)
+ENCODE_MS, POSITION_MS = 3.0, 0.5  # the scripted cost of encoding one image, of one position in a decoder step
+PEAKS = {"matmul_gflops": 50.0, "matmul_library": "torch", "matmul_size": 512,
+         "matmul_gflops_by_library": {"torch": {512: 50.0}}, "bandwidth_gbps": 10.0, "read_gbps": 10.0,
+         "copy_gbps": 8.0, "bandwidth_mb": 256, "threads": 1, "device": "cpu", "clock": "wall"}
+
+
+class ScriptedClock:
+    """perf_counter() that moves only when a scripted runtime works: cost x (1 + jitter of up to 4%)."""
+
+    def __init__(self):
+        self.now, self.calls = 0.0, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, milliseconds: float) -> None:
+        self.calls += 1
+        self.now += milliseconds * (1 + 0.04 * ((self.calls * 7919) % 11 - 5) / 5) / 1e3
+
+
+class ScriptedRuntime:
+    """A real runtime (its outputs are used) whose encode and step cost scripted time on `clock`."""
+
+    def __init__(self, inner, clock: ScriptedClock):
+        self.inner, self.clock = inner, clock
+        self.config, self.device = inner.config, inner.device
+
+    def __getattr__(self, name):  # map_embeddings, embed, new_cache, select
+        return getattr(self.inner, name)
+
+    def encode(self, pixels):
+        self.clock.advance(ENCODE_MS * pixels.shape[0])
+        return self.inner.encode(pixels)
+
+    def step(self, embeds, cache):
+        self.clock.advance(POSITION_MS * embeds.shape[0] * embeds.shape[1])  # (B, positions, E)
+        return self.inner.step(embeds, cache)
+
+
+def scripted_run(config: LatencyConfig, monkeypatch: pytest.MonkeyPatch) -> dict:
+    import clipcap.captioner
+    import clipcap.runtimes
+    import clipcap_bench.latency
+
+    clock = ScriptedClock()
+    real_open = clipcap.runtimes.open_runtime
+    scripted_time = types.SimpleNamespace(perf_counter=clock.perf_counter)
+    with monkeypatch.context() as patch:
+        patch.setattr(clipcap.runtimes, "open_runtime", lambda *a, **k: ScriptedRuntime(real_open(*a, **k), clock))
+        for module in (clipcap.captioner, clipcap_bench.latency, backends):
+            patch.setattr(module, "time", scripted_time)
+        patch.setattr(clipcap_bench.latency, "measure_peaks", lambda device: PEAKS)
+        return run_latency(config, progress=False)
 
 
 @pytest.fixture(scope="module")
-def wide_tiny_bundle(tiny_tokenizer, tmp_path_factory):
-    """The tiny model with a one-layer, 256-wide decoder: per-step arithmetic outweighs per-step overhead."""
-    import torch
-
-    from clipcap.formats.model_bundle import save_bundle
-
-    config = tiny_config(tiny_tokenizer)
-    config = dataclasses.replace(config, gpt2=GPT2Config(vocab_size=tiny_tokenizer.vocab_size, n_positions=64,
-                                                         n_embd=256, n_layer=1, n_head=2))
-    torch.manual_seed(0)
-    return save_bundle(ClipCapModel(config.validate()).eval(), tiny_tokenizer,
-                       tmp_path_factory.mktemp("bundle") / "wide-tiny")
-
-
-@pytest.fixture(scope="module")
-def records(wide_tiny_bundle):
-    """Three real runs: the code as it is, the same again, and a build with the KV cache turned off.
-
-    15 iterations: the p50's order-statistic interval then leaves out the two slowest, so a neighbour
-    that stalls one or two iterations does not swell the noise the check weighs changes by (with 9 it
-    reaches the maximum).
-    """
-    config = LatencyConfig(paths=[wide_tiny_bundle], backends=["torch", "torch-nocache"], batch_sizes=[8],
-                           tokens=[56], warmup=1, iters=15, image_size=(64, 48))
-    baseline = make_record(run_latency(config, progress=False), "test", ROOT)
-    rerun = make_record(run_latency(config, progress=False), "test", ROOT)
-    slowed_torch = dataclasses.replace(backends.BACKENDS["torch"], use_cache=False)
+def records(tiny_bundle):
+    """Three runs: the code as it is, the same again, and a build with the KV cache turned off."""
+    config = LatencyConfig(paths=[tiny_bundle], backends=["torch", "torch-nocache"], batch_sizes=[4],
+                           tokens=[20], warmup=1, iters=9, image_size=(64, 48))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(backends.BACKENDS, "torch", slowed_torch)
-        slowed = make_record(run_latency(config, progress=False), "test", ROOT)
+        baseline = make_record(scripted_run(config, patch), "test", ROOT)
+        rerun = make_record(scripted_run(config, patch), "test", ROOT)
+        patch.setitem(backends.BACKENDS, "torch", dataclasses.replace(backends.BACKENDS["torch"], use_cache=False))
+        slowed = make_record(scripted_run(config, patch), "test", ROOT)
     return baseline, rerun, slowed
 
 
@@ -73,15 +102,15 @@ def test_a_record_holds_commit_machine_cells_and_metrics_with_noise(records):
     assert len(record["commit"]["sha"]) == 40 and isinstance(record["commit"]["dirty"], bool)
     assert {r["machine"]["fingerprint"] for r in records} == {fingerprint(machine_info())}  # one machine, one id
     assert {(c["backend"], c["batch_size"], c["tokens"]) for c in record["cells"]} == {
-        ("torch", 8, 56), ("torch-nocache", 8, 56)}
+        ("torch", 4, 20), ("torch-nocache", 4, 20)}
     stats = record["cells"][0]["stages_ms"]["end_to_end"]
-    assert stats["n"] == 15 and stats["p50"] <= stats["p90"] <= stats["p99"] and stats["iqr"] >= 0
+    assert stats["n"] == 9 and stats["p50"] <= stats["p90"] <= stats["p99"] and stats["iqr"] >= 0
     for name in (f"captions/s torch {CELL}", f"ms/token torch {CELL}", f"ratio kv-cache-e2e {CELL}",
-                 "roofline bandwidth torch b8"):
+                 "roofline bandwidth torch b4"):
         metric = record["metrics"][name]
         assert metric["value"] > 0 and metric["noise"] >= 0 and metric["better"] in ("higher", "lower")
     assert record["metrics"][f"ratio kv-cache-e2e {CELL}"]["scope"] == "ratio"
-    assert not record["metrics"]["roofline bandwidth torch b8"]["checked"]  # the peaks' error is unknown
+    assert not record["metrics"]["roofline bandwidth torch b4"]["checked"]  # the peaks' error is unknown
     json.dumps(record)  # plain JSON
 
 
@@ -109,7 +138,8 @@ def test_check_and_trend_scripts_on_a_history(records, tmp_path):
         record["created_utc"] = f"2026-01-0{index + 1}T00:00:00+00:00"  # distinct, ordered file names
         record["commit"]["short"] = f"c{index}"
         write_record(record, history)
-    command = [sys.executable, str(ROOT / "benchmarks" / "check.py"), "--history", str(history), "--profile", "test",
+    command = [sys.executable, str(ROOT / "benchmarks" / "check.py"), "--records", "--history", str(history),
+               "--profile", "test",
                "--kinds", "latency", "--fingerprint", baseline["machine"]["fingerprint"], "--min-change", "0.25",
                "--ratios-only"]
     result = subprocess.run(command + ["--fail-on-regression"], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -178,12 +208,25 @@ def test_newest_pair_and_append_only_files(tmp_path):
     assert newest_pair([first, other, last], "m1", "latency", "quick") == (first, last)
     assert newest_pair([first, other], "m2", "latency", "quick") == (first, other)  # another machine: ratios
     assert newest_pair([first], "m9", "latency", "quick") == (None, None)
+    later_elsewhere = synthetic(1, 0, "m2", "2026-01-05T00:00:00+00:00", scope="ratio")
+    assert newest_pair([first, later_elsewhere], "m1", "latency", "quick") == (None, first)  # never a later record
     for record in (first, last):
         record["commit"]["short"], record["kind"] = "abc1234", "latency"
         write_record(record, tmp_path)
     assert [r["created_utc"] for r in load_records(tmp_path)] == [first["created_utc"], last["created_utc"]]
     with pytest.raises(FileExistsError):
         write_record(first, tmp_path)
+
+
+def test_trend_plots_of_one_record_one_legend_and_the_hardware_in_words(records, tmp_path, monkeypatch):
+    from test_bench_latency import figures_drawn
+
+    drawn = figures_drawn(monkeypatch)
+    plot_trends([records[0]], tmp_path, profile="test")
+    assert drawn and all(f["figure_legends"] == 1 and f["axis_legends"] == 0 for f in drawn)
+    assert all(scales == ("linear", "linear") for f in drawn for scales in f["scales"])
+    page = (tmp_path / "index.html").read_text()
+    assert "logical cores" in page and "{" not in page.split("<table", 1)[1]  # words, not a dict
 
 
 def test_trends_need_records_of_the_profile(tmp_path):
@@ -193,7 +236,7 @@ def test_trends_need_records_of_the_profile(tmp_path):
 
 def test_a_record_of_the_history_does_not_make_the_tree_dirty(tmp_path):
     """A latency run writes its record just before the serving run reads the tree's state."""
-    from clipcap.bench.history import HISTORY_DIR, git_state
+    from clipcap_bench.history import HISTORY_DIR, git_state
 
     def git(*args: str) -> None:
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
@@ -206,3 +249,14 @@ def test_a_record_of_the_history_does_not_make_the_tree_dirty(tmp_path):
     assert git_state(tmp_path)["dirty"] is False
     (tmp_path / "changed.py").write_text("")
     assert git_state(tmp_path)["dirty"] is True
+
+
+def test_every_report_kind_is_declared_once_and_recorded_kinds_have_metrics():
+    from clipcap_bench.history import METRICS
+    from clipcap_bench.schema import KINDS, check_report
+
+    assert {k.record for k in KINDS.values() if k.record} == set(METRICS)
+    with pytest.raises(ValueError, match="unknown report schema"):
+        check_report({"schema": "clipcap-nothing/1"})
+    with pytest.raises(ValueError, match="missing key 'machine'"):
+        check_report({"schema": "clipcap-fronts/1", "created_utc": "now"})

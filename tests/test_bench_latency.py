@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap.bench.backends import TimedRuntime, open_backends
-from clipcap.bench.latency import LatencyConfig, run_latency
-from clipcap.bench.report import write_latency_outputs
-from clipcap.bench.schema import check_report
+from clipcap_bench.backends import TimedRuntime, open_backends
+from clipcap_bench.latency import LatencyConfig, run_latency
+from clipcap_bench.report import write_latency_outputs
+from clipcap_bench.schema import check_report
 from clipcap.config import BundleError
 from clipcap.decoding import DecodingOptions, generate
 from clipcap.runtimes.torch_runtime import TorchRuntime
@@ -149,3 +149,33 @@ def test_latency_script(tiny_bundle, tmp_path):
                             text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 2 and "neither a model bundle nor an export" in result.stderr
 
+
+
+def figures_drawn(monkeypatch) -> list[dict]:
+    """What each figure saved through clipcap_bench.report.save_figure looked like: its legends and axis scales."""
+    from clipcap_bench import report
+
+    drawn, save = [], report.save_figure
+
+    def capture(figure, path):
+        visible = [axis for axis in figure.axes if axis.get_visible()]
+        drawn.append({"figure_legends": len(figure.legends),
+                      "axis_legends": sum(axis.get_legend() is not None for axis in visible),
+                      "scales": [(axis.get_xscale(), axis.get_yscale()) for axis in visible]})
+        return save(figure, path)
+
+    monkeypatch.setattr(report, "save_figure", capture)
+    return drawn
+
+
+def test_plots_have_one_legend_and_log_axes_only_over_a_range(latency_report, tmp_path, monkeypatch):
+    from clipcap_bench.report import plot_latency
+
+    drawn = figures_drawn(monkeypatch)
+    plot_latency(latency_report, tmp_path / "two-batches.png")
+    one_batch = {**latency_report, "cells": [c for c in latency_report["cells"] if c["batch_size"] == 1]}
+    plot_latency(one_batch, tmp_path / "one-batch.png")
+    two, one = drawn
+    assert two["figure_legends"] == one["figure_legends"] == 1 and two["axis_legends"] == one["axis_legends"] == 0
+    assert {x for x, _ in two["scales"]} == {"log"}  # batch 1 and 2
+    assert {x for x, _ in one["scales"]} == {"linear"}  # a single batch size: no log axis over one point

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap.bench.load import ServingLoadConfig, check_loopback, read_api_keys, run_serving_load
-from clipcap.bench.report import write_serving_outputs
-from clipcap.bench.schema import check_report
+from clipcap_bench.load import ServingLoadConfig, check_loopback, read_api_keys, run_serving_load
+from clipcap_bench.report import write_serving_outputs
+from clipcap_bench.schema import check_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,7 +141,7 @@ def test_a_request_timeout_is_one_failed_request_and_the_run_goes_on():
 def test_open_loop_sends_on_schedule_whatever_the_backlog():
     """A sender slower than the arrival gaps: an open loop still sends every scheduled request (many in
     flight at once); refusals and failures are counted, not raised; the objective counts only 200s."""
-    from clipcap.bench.load import open_loop
+    from clipcap_bench.load import open_loop
 
     in_flight, most = [0], [0]
 
@@ -171,8 +171,8 @@ def test_open_loop_sends_on_schedule_whatever_the_backlog():
 
 
 def test_open_loop_report_against_a_stand_in_server(tmp_path):
-    from clipcap.bench.load import OpenLoopConfig, run_open_loop
-    from clipcap.bench.open_loop_profile import write_open_loop_outputs
+    from clipcap_bench.load import OpenLoopConfig, run_open_loop
+    from clipcap_bench.open_loop_profile import write_open_loop_outputs
 
     with StandInServer() as server:
         config = OpenLoopConfig(url=f"http://127.0.0.1:{server.port}", models=["clipcap"], rates=[5.0, 20.0], duration_s=1.0,
@@ -183,3 +183,18 @@ def test_open_loop_report_against_a_stand_in_server(tmp_path):
     assert all(c["ok"] == c["sent"] > 0 and c["within_slo"] == 1.0 for c in report["cells"])
     written = write_open_loop_outputs(report, tmp_path)
     assert all(p.exists() for p in written) and "offered req/s" in (tmp_path / "open_loop.md").read_text()
+
+
+def test_a_warm_up_without_an_answer_stops_the_run_naming_the_target():
+    import asyncio
+
+    from clipcap_bench import client
+    from clipcap_bench.torchserve import free_ports
+
+    async def warm() -> None:
+        async with client.session("key", timeout_s=5) as session:
+            await client.warm_up(session, f"http://127.0.0.1:{free_ports(1)[0]}/predictions/m", [(b"x", "image/png")],
+                                 2, "model 'm'")
+
+    with pytest.raises(RuntimeError, match="model 'm': warm-up request got no answer"):
+        asyncio.run(warm())

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from clipcap.bench.load import OpenLoopConfig, meets_objective, open_loop, with_options
-from clipcap.bench.open_loop_profile import (Capacity, OpenLoopProfile, capacity, capacity_summary, model_names,
-                                             target_verdict)
+from clipcap_bench.capacity import Capacity, capacity, capacity_summary, meets_objective, target_verdict
+from clipcap_bench.load import OpenLoopConfig, open_loop, with_options
+from clipcap_bench.open_loop_profile import OpenLoopProfile, model_names
 
 ROOT = Path(__file__).resolve().parent.parent
 SLO = 1000.0
@@ -132,7 +132,7 @@ def _photo_main(argv: list[str], monkeypatch) -> OpenLoopProfile:
         parser_calls["profile"] = profile
         raise SystemExit(0)
 
-    monkeypatch.setattr("clipcap.bench.open_loop_profile.run_open_loop_profile", capture)
+    monkeypatch.setattr("clipcap_bench.open_loop_profile.run_open_loop_profile", capture)
     with pytest.raises(SystemExit) as exit_info:
         photo["main"](argv)
     assert exit_info.value.code == 0
@@ -169,8 +169,8 @@ def test_an_export_bundle_served_open_loop(tmp_path, tiny_export):
     """The tiny ONNX export packed, served by a real TorchServe and loaded open-loop with samples/ PNGs."""
     import torch
 
-    from clipcap.bench.history import make_record
-    from clipcap.bench.open_loop_profile import open_loop_markdown, run_open_loop_profile, write_open_loop_outputs
+    from clipcap_bench.history import make_record
+    from clipcap_bench.open_loop_profile import open_loop_markdown, run_open_loop_profile, write_open_loop_outputs
     from clipcap.captioner import Captioner
 
     profile = OpenLoopProfile(bundles=[tiny_export], work=tmp_path / "work", rates=[2.0, 4.0], duration_s=1.5,
@@ -194,9 +194,20 @@ def test_an_export_bundle_served_open_loop(tmp_path, tiny_export):
 
 
 def test_a_refused_probe_says_what_the_server_answered():
-    from clipcap.bench.open_loop_profile import probe
+    from clipcap_bench.open_loop_profile import probe
     from test_bench_load import StandInServer
 
     with StandInServer() as server:
         with pytest.raises(RuntimeError, match="answered 400.*bad token"):
             probe(f"http://127.0.0.1:{server.port}", "clipcap", "wrong-key", (b"image", "image/png"))
+
+
+def test_an_archive_is_packed_once_per_input(tiny_bundle, tiny_export, tmp_path):
+    """The one packer of every served benchmark: rebuilt only when the bundle, handler, config or backend change."""
+    from clipcap_bench.torchserve import packed_archive
+
+    out = tmp_path / "store" / "m.mar"
+    assert packed_archive(tiny_bundle, ROOT, out) is True and out.is_file()
+    assert packed_archive(tiny_bundle, ROOT, out) is False
+    assert packed_archive(tiny_export, ROOT, out) is True  # another bundle
+    assert packed_archive(tiny_export, ROOT, out, backend="onnxruntime") is True  # another backend

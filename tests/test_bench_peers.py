@@ -3,7 +3,7 @@ and match our greedy tokens."""
 import sys
 from types import ModuleType
 
-from clipcap.bench.peers import DEFAULT_PEERS, PEERS, PeerConfig, peer_unavailable, peers_markdown, run_peers
+from clipcap_bench.peers import DEFAULT_PEERS, PEERS, PeerConfig, peer_unavailable, peers_markdown, run_peers
 
 
 def test_peers_that_cannot_run_are_off_by_default(tiny_bundle, tiny_export, monkeypatch):

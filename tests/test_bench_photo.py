@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap.bench.photo_profile import memory_bound, peak_rss_growth, write_photo_jpeg
-from clipcap.bench.photos import ORIENTATION, PIPELINES, photo_like
+from clipcap_bench.photo_profile import memory_bound, peak_rss_growth, write_photo_jpeg
+from clipcap_bench.photos import ORIENTATION, PIPELINES, photo_like
 
 ROOT = Path(__file__).resolve().parent.parent
 

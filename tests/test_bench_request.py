@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from clipcap.bench.history import make_record
-from clipcap.bench.request_profile import (BASELINE, STAGES, RequestProfile, end_to_end_target, run_request_profile,
+from clipcap_bench.history import make_record
+from clipcap_bench.request_profile import (BASELINE, STAGES, RequestProfile, end_to_end_target, run_request_profile,
                                            write_request_outputs)
-from clipcap.bench.schema import check_report
+from clipcap_bench.schema import check_report
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from clipcap.bench.roofline import decode_step_cost, gpt2_parameter_count
+from clipcap_bench.roofline import decode_step_cost, gpt2_parameter_count
 from clipcap.config import GPT2Config
 
 
@@ -28,19 +28,19 @@ def test_decode_step_cost_scales_as_the_arithmetic_says():
 
 
 def test_vit_image_cost_counts_open_clips_parameters():
-    from clipcap.bench.roofline import vit_image_cost
+    from clipcap_bench.roofline import vit_image_cost
     from clipcap.model import build_clip_visual, resolve_clip_config
 
     clip = resolve_clip_config("ViT-B-32")
     cost = vit_image_cost(clip)
     assert cost.weight_bytes == 4 * sum(p.numel() for p in build_clip_visual(clip).parameters())
-    assert cost.flops == pytest.approx(8.82e9, rel=1e-3)  # the figure issue 20 derived by hand
+    assert cost.flops == pytest.approx(8.82e9, rel=1e-3)  # the figure derived by hand for the request work
     resnet = resolve_clip_config("RN50")  # layers is a list: not a ViT, no cost claimed
     assert vit_image_cost(resnet) is None
 
 
 def test_peaks_take_the_fastest_library_and_traffic():
-    from clipcap.bench.roofline import measure_peaks
+    from clipcap_bench.roofline import measure_peaks
 
     peaks = measure_peaks(matmul_sizes=(64, 128), read_mb=4, repeats=2)
     rates = peaks["matmul_gflops_by_library"]
@@ -52,7 +52,7 @@ def test_peaks_take_the_fastest_library_and_traffic():
 
 @given(st.sets(st.sampled_from(["avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "fma", "sse4_2"])))
 def test_isa_names_follow_the_cpu_flags(flags):
-    from clipcap.bench.machine import ISA_FLAGS, cpu_isa, fingerprint
+    from clipcap_bench.machine import ISA_FLAGS, cpu_isa, fingerprint
 
     isa = cpu_isa(flags)
     assert isa == [name for name in ISA_FLAGS if any(flag in flags for flag in ISA_FLAGS[name])]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from clipcap.bench.statistics import flatness, percentiles
+from clipcap_bench.statistics import flatness, percentiles
 
 
 def test_percentiles_and_flatness_on_known_values():
@@ -41,11 +41,12 @@ def test_median_error_matches_the_normal_theory_on_a_large_sample():
 
 
 def test_ratio_table_is_the_one_source_of_ratios_metrics_and_targets():
-    """Report rows, history metric names and targets all follow `clipcap.bench.ratios.RATIOS` by key:
+    """Report rows, history metric names and targets all follow `clipcap_bench.ratios.RATIOS` by key:
     a display name changed in a report neither drops a metric nor turns a target into "not measured"."""
-    from clipcap.bench.backends import BACKENDS
-    from clipcap.bench.ratios import RATIOS
-    from clipcap.bench.statistics import compute_ratios, evaluate_targets
+    from clipcap_bench.backends import BACKENDS
+    from clipcap_bench.ratios import RATIOS
+    from clipcap_bench.statistics import compute_ratios, evaluate_targets
+    from clipcap_bench.targets import TARGETS
 
     assert len({r.key for r in RATIOS}) == len(RATIOS) and len({r.name for r in RATIOS}) == len(RATIOS)
     assert all(r.slower in BACKENDS and r.faster in BACKENDS for r in RATIOS)
@@ -58,9 +59,28 @@ def test_ratio_table_is_the_one_source_of_ratios_metrics_and_targets():
     for row in rows:
         row["name"] = "renamed"
     targets = evaluate_targets({"ratios": rows, "cells": cells, "roofline": {}})
-    expected = {f"{r.name} >= {r.target.minimum:g}x" for r in RATIOS if r.target is not None}
+    names = {r.key: r.name for r in RATIOS}
+    expected = {f"{names[t.ratio]} >= {t.minimum:g}x" for t in TARGETS.latency.speedups}
     assert {t["target"] for t in targets} == expected
     assert all(t["met"] is not None for t in targets)
     by_title = {t["target"]: t for t in targets}
     kv = next(r for r in RATIOS if r.key == "kv-cache-e2e")
-    assert by_title[f"{kv.name} >= {kv.target.minimum:g}x"]["measured"] == "10.00x"
+    kv_goal = next(t for t in TARGETS.latency.speedups if t.ratio == "kv-cache-e2e").minimum
+    assert by_title[f"{kv.name} >= {kv_goal:g}x"]["measured"] == "10.00x"
+
+
+def test_targets_are_data_and_a_bad_file_is_refused(tmp_path):
+    """The goals come from targets.toml; a changed goal changes the verdict, a bad file names what is wrong."""
+    from clipcap_bench.targets import TARGETS_FILE, load_targets
+
+    text = TARGETS_FILE.read_text()
+    assert load_targets().latency.flatness == 0.20
+    changed = tmp_path / "targets.toml"
+    changed.write_text(text.replace("flatness = 0.20", "flatness = 0.05"))
+    assert load_targets(changed).latency.flatness == 0.05
+    changed.write_text(text.replace('ratio = "ort-vs-torch-e2e"', 'ratio = "no-such-ratio"'))
+    with pytest.raises(ValueError, match="no-such-ratio"):
+        load_targets(changed)
+    changed.write_text(text.replace("[request]", "[requests]"))
+    with pytest.raises(ValueError, match="missing or unknown key"):
+        load_targets(changed)

@@ -5,7 +5,7 @@ Marked `gpu`: scripts/gpu_check.sh runs them on a lent GPU; everywhere else they
 import pytest
 import torch
 
-from clipcap.bench.device_parity import DeviceParityConfig, check_device_parity
+from clipcap_bench.device_parity import DeviceParityConfig, check_device_parity
 from clipcap.captioner import Captioner
 from clipcap.decoding import DecodingOptions
 from conftest import random_images

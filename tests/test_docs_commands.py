@@ -158,16 +158,22 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python export/to_tensorrt.py models/shapes-demo --out build/shapes-trt [--fp16]":
         Run((("[--fp16]", "--fp16"),), needs="tensorrt", refusal="tensorrt"),
     ".venv/bin/python serving/build_mar.py --bundle models/shapes-demo": Run(expect="clipcap.mar"),
+    "mkdir -p build/ts-tmp && export TMPDIR=$PWD/build/ts-tmp TEMP=$PWD/build/ts-tmp":
+        Elsewhere(E2E, "sets the reader's shell for the TorchServe commands after it; the e2e servers run with "
+                  "their own TMPDIR and TEMP the same way"),
     ".venv/bin/torchserve --start --ncs --ts-config serving/config.properties --models clipcap=clipcap.mar":
         Elsewhere(E2E, FIXED_PORTS),
-    "make bench": Elsewhere("tests/test_bench_load.py", f"{SETUP} and records into benchmarks/history/; "
-                            "benchmarks/quick.py then measures for about a minute behind a private TorchServe: "
-                            "benchmarks/quick.py itself is not run by the suite, its latency harness, load generator "
-                            "and history records are (tests/test_bench_latency.py, _load.py, _history.py)"),
+    "make bench": Elsewhere("tests/test_bench_load.py", f"{SETUP}; benchmarks/quick.py then measures for about a "
+                            "minute behind a private TorchServe: benchmarks/quick.py itself is not run by the suite, its "
+                            "latency harness, load generator and history records are (tests/test_bench_latency.py, "
+                            "_load.py, _history.py)"),
+    "python benchmarks/check.py --fail-on-regression": Elsewhere(
+        "tests/test_bench_regression.py::test_a_real_paired_run_catches_a_planted_slowdown",
+        "measures real time in two worker processes (a `timing` test: its verdict depends on the load); the paired "
+        "rounds, the test and the script's refusals run on scripted timings in the same file"),
     "python benchmarks/trends.py": Run((("trends.py", "trends.py --out build/trends"),), expect="build/trends"),
-    "python benchmarks/check.py --fail-on-regression": Run(expect="latency"),
     "python benchmarks/latency.py --make-full-size build/bench/full-size --batch-sizes 1,8 --tokens 20,67 "
-    "--threads 1 --out benchmarks/results": Elsewhere("tests/test_bench_latency.py", FULL_SIZE),
+    "--threads 1": Elsewhere("tests/test_bench_latency.py", FULL_SIZE),
     "python benchmarks/serving.py --help": Run(expect="--concurrency"),
     ".venv/bin/clipcap serve-ray models/shapes-demo --replicas 2":
         Elsewhere(f"{RAY}::test_requests_spread_over_both_replicas", SERVE_RAY),
@@ -228,6 +234,9 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "http://127.0.0.1:8080/predictions/clipcap": Elsewhere(f"{E2E}::test_captions_equal_the_library", FIXED_PORTS),
     'curl -H "Authorization: Bearer $KEY" -T samples/shapes-00.png http://127.0.0.1:8080/predictions/clipcap':
         Elsewhere(f"{E2E}::test_captions_equal_the_library", FIXED_PORTS),
+    'curl -H "Authorization: Bearer $KEY" -H "Content-Type: image/jpeg" --data-binary @photo.jpg '
+    "http://127.0.0.1:8080/predictions/clipcap": Elsewhere(f"{E2E}::test_the_shared_table_and_the_worker_keeps_serving",
+                                                           f"a raw body with its type, as the table's; {FIXED_PORTS}"),
     'curl -H "Authorization: Bearer $KEY" -F data=@samples/shapes-00.png -F decoding=beam -F beam_size=3 '
     "http://127.0.0.1:8080/predictions/clipcap": Elsewhere(f"{E2E}::test_json_and_multipart_requests_with_options",
                                                            FIXED_PORTS),
@@ -263,9 +272,12 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     ".venv/bin/python -m pytest tests/test_serving_front.py": Elsewhere("tests/test_serving_front.py", "a part of the suite"),
     ".venv/bin/python -m pytest tests/test_serving_ray.py": Elsewhere(RAY, "a part of the suite"),
     # benchmarks/README.md
+    "python benchmarks/power.py --reruns 40": Elsewhere(
+        "tests/test_bench_regression.py", "80 real checks of 30 paired rounds (a quiet machine's measurement); the "
+        "rates it is compared with are simulated there, and the real paired run is the `timing` test"),
     "make setup": Elsewhere("tests", f"{SETUP}: `make test` runs it before the suite, so CI does"),
     "python benchmarks/latency.py --make-full-size build/bench/full-size --batch-sizes 1,8 --tokens 20,67 --warmup 1 "
-    "--iters 5 --time-budget 30 --min-iters 2 --threads 1 --out benchmarks/results":
+    "--iters 5 --time-budget 30 --min-iters 2 --threads 1 --out build/bench/results":
         Elsewhere("tests/test_bench_latency.py", FULL_SIZE),
     "python benchmarks/latency.py MODEL_BUNDLE FP32_EXPORT INT8_EXPORT [TRT_BUNDLE] --backends torch,onnxruntime":
         Run((("MODEL_BUNDLE", "models/shapes-demo"), ("FP32_EXPORT", "build/shapes-onnx"),
@@ -274,7 +286,7 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
               "--warmup 0 --iters 1 --out build/latency")), expect="onnxruntime"),
     'taskset -c 0 python benchmarks/latency.py $F/model $F/onnx $F/onnx-int8 $F/onnx-int8-wo $F/onnx-int4-wo '
     "--backends torch,onnxruntime,onnxruntime-int8,onnxruntime-int8-wo,onnxruntime-int4-wo --batch-sizes 1,8 "
-    '--tokens 67 --warmup 1 --iters 3 --threads 1 --peers hf-generate,optimum --out benchmarks/results/issue12 '
+    '--tokens 67 --warmup 1 --iters 3 --threads 1 --peers hf-generate,optimum --out build/bench/results/decoder-peers '
     '--record full --note "..."': Elsewhere("tests/test_bench_peers.py", f"{FULL_SIZE}; the harness and peers run "
                                             "on tiny bundles in tests/test_bench_latency.py and this test"),
     "python export/to_onnx.py BUNDLE --out build/bench/serve/onnx":
@@ -288,7 +300,7 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
         Elsewhere(E2E, FIXED_PORTS),
     "python benchmarks/serving.py --url http://127.0.0.1:8080 --management-url http://127.0.0.1:8081 --models "
     "clipcap-torch,clipcap-onnx --concurrency 1,8 --requests 400 --duration 60 --key-file key_file.json --images "
-    "samples/*.png --out benchmarks/results": Elsewhere("tests/test_bench_load.py", f"{FIXED_PORTS}; the load "
+    "samples/*.png --out build/bench/results": Elsewhere("tests/test_bench_load.py", f"{FIXED_PORTS}; the load "
                                                          "generator runs against a local server there"),
     "python benchmarks/latency.py --make-full-size build/bench/full-size --backends torch --batch-sizes 1 --tokens 2 "
     "--warmup 0 --iters 1 --out build/bench/scratch": Elsewhere("tests/test_full_size.py", FULL_SIZE),
@@ -296,7 +308,7 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "--max-tokens 67": Elsewhere("tests/export/test_tensorrt.py", f"needs TensorRT and a CUDA GPU; {FULL_SIZE}"),
     "python benchmarks/latency.py build/bench/full-size/model build/bench/full-size/onnx build/bench/full-size/trt "
     "--device cuda --backends torch,torch-nocache,onnxruntime,tensorrt --batch-sizes 1,8,32 --tokens 20,67 "
-    "--out benchmarks/results/gpu": Elsewhere("tests/test_bench_latency.py", f"needs a CUDA GPU; {FULL_SIZE}"),
+    "--out build/bench/results/gpu": Elsewhere("tests/test_bench_latency.py", f"needs a CUDA GPU; {FULL_SIZE}"),
     "pip install '.[photo]'": Elsewhere("tests/test_bench_photo.py", "installs the optional anchors into the "
                                         "environment; their pipelines are tested where installed, skipped elsewhere"),
     "python benchmarks/photo.py --record": Elsewhere("tests/test_bench_photo.py", "measures 12 MP inputs for ~2 min and "
@@ -314,7 +326,7 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python benchmarks/request.py --bundles build/bench/full-size --options today,int8-encoder --rounds 5":
         Elsewhere("tests/test_bench_request.py::test_the_script_measures_and_writes", FULL_SIZE),
     "OMP_NUM_THREADS=1 python benchmarks/fronts.py --bundle models/shapes-demo --rates 5,10,20,30,40,60,80 "
-    "--duration 15 --images samples/*.png --out benchmarks/results/fronts":
+    "--duration 15 --images samples/*.png --out build/bench/results/fronts":
         Elsewhere(RAY, "starts TorchServe and Ray Serve and loads them for minutes; both fronts answer the shared "
                   "table there and in tests/test_serving_e2e.py"),
     "bash scripts/gpu_wheels.sh": Elsewhere("tests/test_gpu_check.py", "downloads ~8 MB of wheels for the GPU "
@@ -322,10 +334,10 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
                                             "runs there"),
     "bash scripts/gpu_check.sh build/gpu-check": Run(expect="skipped"),
     "python benchmarks/bulk.py models/shapes-demo --images 48 --size 128 --batch-size 8 --out "
-    "benchmarks/results/bulk-demo": Elsewhere("tests/test_caption_dataset.py", "starts Ray (2 actors) four times: "
+    "build/bench/results/bulk-demo": Elsewhere("tests/test_caption_dataset.py", "starts Ray (2 actors) four times: "
                                               "both engines run in the bulk captioning tests"),
     "python benchmarks/bulk.py build/bench/full-size/onnx-int8 --backend onnxruntime --images 16 --size 256 "
-    "--max-tokens 20 --batch-size 8 --out benchmarks/results/bulk-full-int8":
+    "--max-tokens 20 --batch-size 8 --out build/bench/results/bulk-full-int8":
         Elsewhere("tests/test_caption_dataset.py", f"{FULL_SIZE}; starts Ray"),
 }
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipcap.bench.device_parity import DeviceParityConfig, check_device_parity
-from clipcap.bench.bundles import make_full_size_bundles
+from clipcap_bench.device_parity import DeviceParityConfig, check_device_parity
+from clipcap_bench.bundles import make_full_size_bundles
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_STEPS = ["gpu-tests", "full-size", "parity", "latency", "fp16"]

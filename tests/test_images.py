@@ -6,6 +6,8 @@ to exactly its upright 8-bit RGB rendition (alpha over white, 16-bit scaled by 2
 to the same pixels; invalid bytes raise ImageError and nothing else.
 """
 import io
+import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import pillow_heif.HeifImagePlugin  # noqa: F401  (registers the HEIF writer the tests save with)
 import pytest
 import torch
@@ -20,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipcap.bench.photos import display_profile, gray_profile, photo_like
-from clipcap.images import (DEFAULT_FORMATS, FORMATS, ImageError, check_formats, decode_image,
+from clipcap.images import (DEFAULT_FORMATS, FORMATS, ImageError, check_formats, decode_image, decoded_bytes,
                             decode_as_stored, load_pixels, open_image, preprocess, preprocess_image, to_rgb)
+from clipcap_bench.photos import display_profile, gray_profile, photo_like
 from conftest import png_bytes, random_images
 
 MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
@@ -264,6 +267,70 @@ def test_random_bytes_raise_image_error(data):
         decode_image(data)
 
 
+def image_bytes(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@PROPERTY
+@given(st.sampled_from(["RGB", "RGBA", "L"]), st.integers(1, 40), st.integers(1, 40), st.booleans())
+def test_a_tga_file_is_named_tga_or_not_recognised_never_cur(mode, width, height, rle):
+    """TGA has no leading signature, and an uncompressed one without a palette starts like a CUR."""
+    tga = image_bytes(Image.new(mode, (width, height)), "TGA", rle=rle)
+    with pytest.raises(ImageError, match="image format TGA not accepted"):
+        decode_image(tga)
+    footerless = tga[:-26]  # a version 1 TGA: nothing says what it is
+    with pytest.raises(ImageError, match="not a recognised image"):
+        decode_image(footerless)
+    ico = image_bytes(Image.new("RGBA", (width, height)), "ICO")
+    cur = ico[:2] + b"\2" + ico[3:]  # a cursor is an icon file of type 2
+    with pytest.raises(ImageError, match="image format CUR not accepted"):
+        decode_image(cur)
+
+
+@PROPERTY
+@given(st.sampled_from(sorted(SAVED_MODES)), st.integers(4, 40))
+def test_a_broken_header_of_an_accepted_format_says_so(fmt, cut):
+    """A file of an accepted format whose header its plugin cannot read is a corrupt file of that
+    format, not a format refused."""
+    encoded = encode(stored_image(SAVED_MODES[fmt][0], (20, 20), np.random.default_rng(cut)), fmt, 1)
+    try:
+        open_image(encoded[:cut])
+    except ImageError as error:
+        assert "not accepted" not in str(error)
+    tiff = image_bytes(Image.new("RGB", (8, 6)), "TIFF")
+    with pytest.raises(ImageError, match="corrupt TIFF image"):
+        decode_image(tiff[:4 + cut // 2])
+    with pytest.raises(ImageError, match="format TIFF not accepted"):
+        decode_image(tiff[:4 + cut // 2], formats=["PNG"])
+
+
+def heif_with_crop_field(field: int, value: int) -> bytes:
+    """A 40x30 HEIF (coded as 64x64, cropped by its clean-aperture box) with one of the box's eight
+    32-bit fields (width, height, horizontal and vertical offset, each a numerator and a denominator) set."""
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    data = bytearray(image_bytes(picture, "HEIF"))
+    clap = data.find(b"clap")
+    assert clap > 0 and int.from_bytes(data[clap + 4: clap + 8], "big") == 40
+    data[clap + 4 + 4 * field: clap + 8 + 4 * field] = value.to_bytes(4, "big")
+    return bytes(data)
+
+
+# Fields and values whose box pillow-heif 1.9 reports at open while libheif decodes another size
+# (the width: 100 opens as 100x30 and decodes 64x30; a huge horizontal offset decodes wider than it opened).
+@pytest.mark.parametrize("field, value", [(0, 100), (2, 100), (4, 2**31), (5, 1)])
+def test_a_heif_whose_crop_box_disagrees_with_its_decode_is_captioned_from_what_decodes(field, value):
+    """libheif reports a corrupt crop box's size at open and decodes another size: the decoded one holds."""
+    data = heif_with_crop_field(field, value)
+    image = open_image(data)
+    opened = image.size
+    decoded = decode_as_stored(image, shrink_to=32)
+    assert decoded.image.size != opened  # the case itself
+    assert decoded.picture == (0.0, 0.0, *decoded.image.size)
+    assert load_pixels(data, 32, MEAN, STD).shape == (3, 32, 32)
+
+
 def test_decompression_bomb_refused_before_decoding():
     buffer = io.BytesIO()
     Image.new("1", (20000, 20000)).save(buffer, format="PNG")  # tiny file, 400 Mpixel
@@ -273,6 +340,152 @@ def test_decompression_bomb_refused_before_decoding():
     Image.new("1", (8000, 8000)).save(buffer, format="PNG")  # under PIL's own limit, over ours
     with pytest.raises(ImageError, match="8000x8000 = 64000000 pixels, over the limit of 36000000"):
         decode_image(buffer.getvalue())
+
+
+def sixteen_bit_png(samples: np.ndarray, icc_profile: bytes | None = None) -> bytes:
+    """A 16-bit PNG of (h, w) grey or (h, w, 3|4) RGB/RGBA samples, written by hand (Pillow writes 16-bit grey only)."""
+    import struct
+    import zlib
+    height, width = samples.shape[:2]
+    colour_type = {1: 0, 3: 2, 4: 6}[1 if samples.ndim == 2 else samples.shape[2]]
+    rows = samples.astype(">u2").reshape(height, -1)
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + body)))
+    icc = chunk(b"iCCP", b"display\0\0" + zlib.compress(icc_profile)) if icc_profile else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+            + icc + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b""))
+
+
+def tiled(shape: tuple[int, ...], seed: int = 0, high: int = 256, dtype=np.uint8) -> np.ndarray:
+    """Samples of `shape` (rows, columns, bands...): a 64x64 tile of noise repeated, quick to encode and
+    decoded pixel by pixel like any picture."""
+    tile = np.random.default_rng(seed).integers(0, high, (64, 64, *shape[2:]), dtype=dtype)
+    reps = (shape[0] // 64 + 1, shape[1] // 64 + 1) + (1,) * (len(shape) - 2)
+    return np.tile(tile, reps)[:shape[0], :shape[1]]
+
+
+def smooth(shape: tuple[int, ...]) -> np.ndarray:
+    """8-bit samples of `shape` (rows, columns, bands): gradients, which HEIF and AVIF encode quickly."""
+    y, x = np.mgrid[:shape[0], :shape[1]]
+    bands = [(x * (b + 1) + y * (3 - b)) % 256 for b in range(shape[2])]
+    return np.stack(bands, axis=2).astype(np.uint8)
+
+
+def heif_ten_bit(side: int) -> bytes:
+    """A 10-bit RGB HEIF (pillow-heif writes 16-bit input as 10 bits; reading gives 8-bit RGB)."""
+    samples = smooth((side, side, 3)).astype(np.uint16) << 8
+    heif = pillow_heif.from_bytes(mode="RGB;16", size=(side, side), data=samples.tobytes())
+    buffer = io.BytesIO()
+    heif.save(buffer, quality=30)
+    return buffer.getvalue()
+
+
+# The worst accepted image of each kind: the most bytes a pixel (as decoded or as stored), alpha and an
+# ICC profile (composited and colour-managed whole), every frame of an animation. Each builder takes a
+# side and returns the file's bytes; smooth content for HEIF and AVIF, whose encoders are slow on noise.
+WORST_IMAGES = {
+    "PNG 16-bit RGBA + ICC": lambda n: sixteen_bit_png(tiled((n, n, 4), high=65536, dtype=np.uint16),
+                                                       display_profile()),
+    "PNG 16-bit RGB": lambda n: sixteen_bit_png(tiled((n, n, 3), high=65536, dtype=np.uint16)),
+    "PNG 16-bit grey": lambda n: sixteen_bit_png(tiled((n, n), high=65536, dtype=np.uint16)),
+    "PNG RGBA + ICC": lambda n: image_bytes(Image.fromarray(tiled((n, n, 4)), "RGBA"), "PNG", compress_level=1,
+                                            icc_profile=display_profile()),
+    "PNG LA": lambda n: image_bytes(Image.fromarray(tiled((n, n, 2)), "LA"), "PNG", compress_level=1),
+    "PNG palette + alpha": lambda n: encode(stored_image("P+alpha", (n, n), np.random.default_rng(0)), "PNG", 1),
+    "APNG RGBA, 3 frames": lambda n: encode(Image.fromarray(tiled((n, n, 4)), "RGBA"), "PNG", 1,
+                                            [Image.new("RGBA", (n, n))] * 2, compress_level=1),
+    "JPEG CMYK": lambda n: image_bytes(Image.fromarray(tiled((n, n, 4)), "CMYK"), "JPEG"),
+    "TIFF float": lambda n: image_bytes(Image.fromarray(tiled((n, n)).astype(np.float32) / 255, "F"), "TIFF",
+                                        compression="tiff_adobe_deflate"),
+    "TIFF CMYK": lambda n: image_bytes(Image.fromarray(tiled((n, n, 4)), "CMYK"), "TIFF",
+                                             compression="tiff_adobe_deflate"),
+    "TIFF RGBA, 2 pages": lambda n: image_bytes(Image.fromarray(tiled((n, n, 4)), "RGBA"), "TIFF", save_all=True,
+                                                append_images=[Image.new("RGBA", (n, n))],
+                                                compression="tiff_adobe_deflate"),
+    "GIF, 3 frames": lambda n: image_bytes(Image.fromarray(tiled((n, n), high=255), "L").convert("P"), "GIF",
+                                           save_all=True, append_images=[Image.new("P", (n, n))] * 2),
+    "WebP RGBA + ICC, 2 frames": lambda n: image_bytes(Image.fromarray(tiled((n, n, 4)), "RGBA"), "WEBP",
+                                                       lossless=True, method=0, icc_profile=display_profile(),
+                                                       save_all=True, append_images=[Image.new("RGBA", (n, n))]),
+    "BMP RGB": lambda n: image_bytes(Image.fromarray(tiled((n, n, 3))), "BMP"),
+    "HEIF RGBA": lambda n: image_bytes(Image.fromarray(smooth((n, n, 4))), "HEIF", quality=30),
+    "HEIF 10-bit": lambda n: heif_ten_bit(n),
+    "AVIF RGBA": lambda n: image_bytes(Image.fromarray(smooth((n, n, 4))), "AVIF", speed=10, quality=30),
+}
+
+# What load_pixels may add to a process's peak RSS for an image of D decoded bytes (`decoded_bytes`, at
+# most max_bytes): serving/README.md states this bound, per request and times decode_threads per batch.
+DECODE_MEMORY_FACTOR = 4  # WebP's: libwebp's two frame buffers and Pillow's copy of the frame while it loads
+DECODE_MEMORY_SLACK = 16 * 2**20  # code pages a first decode maps, allocator rounding, to_rgb's bands of rows
+# max_bytes the worst images are built up to: 2 Mpixels at 4 bytes a pixel, or (to measure the default's
+# worst case for serving/README.md) CLIPCAP_MEASURED_DECODE_BYTES=144000000.
+MEASURED_LIMIT = int(os.environ.get("CLIPCAP_MEASURED_DECODE_BYTES", 8 * 2**20))
+
+PEAK_DECODE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import pillow_heif.HeifImagePlugin
+    from clipcap.images import load_pixels
+
+    def peak():
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+    folder, limit, growth = sys.argv[1], int(sys.argv[2]), {}
+    for kind in json.loads(sys.argv[3]):
+        load_pixels(open(f"{folder}/{kind}.warm", "rb").read(), 224, [0.5] * 3, [0.5] * 3)  # its codec loaded
+        data = open(f"{folder}/{kind}", "rb").read()
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset the peak (VmHWM) to the current RSS
+        before = peak()
+        load_pixels(data, 224, [0.5] * 3, [0.5] * 3, max_pixels=10**9, max_bytes=limit)
+        growth[kind] = peak() - before
+        del data
+    print(json.dumps(growth))
+""")
+
+
+@pytest.fixture(scope="module")
+def worst_image_peaks(tmp_path_factory) -> dict[str, tuple[int, int]]:
+    """kind -> (decoded bytes, peak RSS growth of load_pixels) of the largest image of each kind within
+    MEASURED_LIMIT, all measured one after another in one fresh process. Large buffers are mapped and
+    unmapped on their own (MALLOC_MMAP_THRESHOLD_), so one decode's freed memory never hides the next's."""
+    folder = tmp_path_factory.mktemp("worst")
+    sizes = {}
+    for kind, build in WORST_IMAGES.items():
+        per_pixel = decoded_bytes(open_image(build(64))) / 64 ** 2
+        side = math.isqrt(int(MEASURED_LIMIT / per_pixel))
+        data = build(side)
+        sizes[kind] = decoded_bytes(open_image(data, max_pixels=side ** 2))
+        assert sizes[kind] <= MEASURED_LIMIT < (side + 1) ** 2 * per_pixel, kind
+        (folder / kind).write_bytes(data)
+        (folder / f"{kind}.warm").write_bytes(build(16))
+    root = Path(__file__).resolve().parent.parent  # this checkout's clipcap, whatever is installed
+    result = subprocess.run([sys.executable, "-c", PEAK_DECODE_SCRIPT, str(folder), str(MEASURED_LIMIT),
+                             json.dumps(list(WORST_IMAGES))], cwd=root, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(root), "MALLOC_MMAP_THRESHOLD_": str(2**17)})
+    assert result.returncode == 0, result.stderr
+    return {kind: (sizes[kind], growth) for kind, growth in json.loads(result.stdout).items()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.parametrize("kind", sorted(WORST_IMAGES))
+def test_the_worst_accepted_image_of_each_kind_decodes_within_the_stated_memory_bound(kind, worst_image_peaks):
+    """The largest image of each kind within max_bytes adds at most DECODE_MEMORY_FACTOR x its decoded bytes
+    + DECODE_MEMORY_SLACK to the peak RSS of a process decoding it."""
+    size, growth = worst_image_peaks[kind]
+    print(f"\n{kind}: {size / 2**20:.1f} MiB decoded, peak RSS +{growth / 2**20:.1f} MiB")
+    assert growth <= DECODE_MEMORY_FACTOR * size + DECODE_MEMORY_SLACK
+
+
+@pytest.mark.parametrize("kind", ["PNG 16-bit RGBA + ICC", "PNG 16-bit grey", "TIFF float", "HEIF 10-bit",
+                                  "GIF, 3 frames"])
+def test_an_image_over_the_decoded_bytes_limit_is_refused_before_decoding(kind, monkeypatch):
+    data = WORST_IMAGES[kind](40)
+    size = decoded_bytes(open_image(data))
+    decode = monkeypatch.setattr  # any decode past the check would fail the test
+    decode(Image.Image, "load", lambda self: pytest.fail("decoded an image over the limit"))
+    with pytest.raises(ImageError, match=f"{size} bytes decoded, over the limit of {size - 1} decoded bytes"):
+        load_pixels(data, 224, MEAN, STD, max_bytes=size - 1)
 
 
 # -- preprocessing ---------------------------------------------------------------------------------

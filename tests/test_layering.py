@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clipcap"
+HARNESS = PACKAGE.parent / "clipcap_bench"  # the benchmark harness: beside the library, never inside it
 
 # Lowest first; this list is where the layering is written down. A module may import modules of its own
 # layer and of the layers below. An entry names a module or a package (and everything in it);
 # "clipcap" is the package's own __init__.
 LAYERS = [
-    ("clipcap.mappers", "clipcap.quoting", "clipcap.decoding_options", "clipcap.image_formats"),
+    ("clipcap.mappers", "clipcap.quoting", "clipcap.http_limits", "clipcap.decoding_options", "clipcap.image_formats"),
     ("clipcap.config",),
     ("clipcap.hub",),
     ("clipcap.tokenizer", "clipcap.images", "clipcap.model"),
@@ -21,7 +22,7 @@ LAYERS = [
     ("clipcap.runtimes",),
     ("clipcap.decoding", "clipcap.captioner", "clipcap.serving_config", "clipcap"),
     ("clipcap.export",),
-    ("clipcap.training", "clipcap.bench", "clipcap.bulk", "clipcap.serving", "clipcap.cli", "clipcap.http_rows",
+    ("clipcap.training", "clipcap.bulk", "clipcap.serving", "clipcap.cli", "clipcap.http_rows",
      "clipcap.oip", "clipcap.serving_front", "clipcap.serving_ray"),
 ]
 # Builders' dependencies that the on-disk formats must not need.
@@ -132,9 +133,41 @@ def test_formats_need_no_builder():
             assert not builders, f"{module} imports {sorted(builders)}"
 
 
-def test_the_checks_see_what_they_check():
+def public_imports_only(path: Path) -> list[str]:
+    """The clipcap names `path` imports that are not public (a module or a name starting with `_`)."""
+    private = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "clipcap":
+            names = [*node.module.split("."), *(alias.name for alias in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [part for alias in node.names if alias.name.split(".")[0] == "clipcap"
+                     for part in alias.name.split(".")]
+        else:
+            continue
+        private += [f"{path.name}: {'.'.join(names)}" for name in names if name.startswith("_")][:1]
+    return private
+
+
+def test_the_library_never_imports_the_harness():
+    assert HARNESS.is_dir()
+    users = sorted(f"{module} imports {name}" for module, path in MODULES.items() for name in imported_names(path)
+                   if name.split(".")[0] == "clipcap_bench")
+    assert not users, "\n".join(users)
+
+
+def test_the_harness_uses_only_the_public_api():
+    files = sorted(HARNESS.rglob("*.py"))
+    assert len(files) > 10
+    private = [name for path in files for name in public_imports_only(path)]
+    assert not private, "\n".join(private)
+
+
+def test_the_checks_see_what_they_check(tmp_path):
     """The walker sees function-level imports and skips TYPE_CHECKING ones; the cycle finder finds cycles."""
     assert "clipcap.formats.model_bundle" in GRAPH["clipcap.cli"]  # imported inside a function
     assert "clipcap.config" not in GRAPH["clipcap.mappers"]  # annotation-only import
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    planted = tmp_path / "planted.py"
+    planted.write_text("from clipcap.runtimes.onnx_runtime import _private\nimport clipcap._hidden\nimport clipcap.images\n")
+    assert len(public_imports_only(planted)) == 2

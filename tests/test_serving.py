@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 
 from clipcap.captioner import Captioner
 from clipcap.serving import CaptionService, ImageRequest, ServingConfig, ServingConfigError, ServingError
+from clipcap.serving_config import check_model_config, read_model_config, worker_threads
 from conftest import png_bytes, random_images
 
 SERVING = Path(__file__).resolve().parent.parent / "serving"
@@ -67,12 +69,92 @@ def test_config_defaults_and_shipped_yaml():
     ({"formats": []}, "handler.formats: at least one image format"),
     ({"formats": "JPEG"}, "handler.formats' must be list"),
     ({"decode_threads": 0}, "handler.decode_threads must be >= 1"),
+    ({"threads": 0}, "handler.threads must be >= 1 or null"),
+    ({"threads": "auto"}, "handler.threads' must be int"),
+    ({"max_image_bytes": 0}, "handler.max_image_bytes must be >= 1"),
     ([1, 2], "must be a JSON object"),
 ])
 def test_bad_config_names_the_key(section, fragment):
     with pytest.raises(ServingConfigError, match="model-config.yaml") as error:
         ServingConfig.from_dict(section)
     assert fragment in str(error.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 512), st.integers(1, 64), st.none() | st.integers(1, 64))
+def test_worker_threads_leave_a_core_and_share_the_rest(cores, workers, configured):
+    threads = worker_threads(configured, workers, cores, environ={})
+    if configured is not None:
+        assert threads == configured
+        assert worker_threads(configured, workers, cores, environ={"OMP_NUM_THREADS": "5"}) == configured
+    else:
+        assert threads >= 1 and (threads * workers <= cores - 1 or threads == 1)
+        assert (threads + 1) * workers > cores - 1  # no core left idle that a thread each could use
+        assert worker_threads(None, workers, cores, environ={"OMP_NUM_THREADS": "5"}) == 5  # an explicit setting
+        for unset in ("", "0", "two"):
+            assert worker_threads(None, workers, cores, environ={"OMP_NUM_THREADS": unset}) == threads
+    assert [worker_threads(None, w, c, environ={}) for w, c in ((1, 2), (1, 16), (4, 16))] == [1, 15, 3]
+
+
+@pytest.mark.parametrize("model_config, expected", [
+    ({"maxWorkers": 1, "handler": {"threads": 3}}, 3),
+    ({"maxWorkers": 2}, max(1, (len(os.sched_getaffinity(0)) - 1) // 2)),
+    (None, 1),  # no maxWorkers: TorchServe starts a worker per core
+])
+def test_a_service_from_an_archive_sets_the_compute_threads_before_opening_the_runtime(
+        tiny_bundle, tmp_path, monkeypatch, caplog, model_config, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    opened_with = []
+    monkeypatch.setattr(Captioner, "from_path", classmethod(lambda cls, *a, **k: opened_with.append(
+        torch.get_num_threads()) or Captioner.__new__(cls)))
+    monkeypatch.setattr(CaptionService, "__init__", lambda self, captioner, config: None)
+    monkeypatch.setattr(CaptionService, "warm_up", lambda self, max_batch_size: [])  # no captioner to warm
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(7)
+        with caplog.at_level(logging.INFO, logger="clipcap.serving"):
+            CaptionService.from_archive(tmp_path, model_config)
+        assert opened_with == [expected] and torch.get_num_threads() == expected
+        assert f"compute threads: {expected} (" in caplog.text
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    ({"batchSize": "eight"}, "batchSize must be an integer >= 1, got 'eight'"),
+    ({"batchSize": 0}, "batchSize must be an integer >= 1, got 0"),
+    ({"batchSize": True}, "batchSize must be an integer >= 1, got True"),
+    ({"minWorkers": 3, "maxWorkers": 2}, "minWorkers (3) must be <= maxWorkers (2)"),
+    ({"minWorkers": 2}, "minWorkers (2) must be <= maxWorkers (1)"),
+    ({"responseTimeout": -5}, "responseTimeout must be an integer >= 1, got -5"),
+    ({"maxBatchDelay": 2.5}, "maxBatchDelay must be an integer >= 0, got 2.5"),
+    ({"deviceType": "tpu"}, "deviceType must be cpu or gpu, got 'tpu'"),
+    ({"parallelType": "dp"}, "parallelType must be pp, tp, pptp or custom"),
+    ({"deviceIds": [0, "1"]}, "deviceIds must be a list of GPU ids"),
+    ({"jobQueueSize": 0}, "jobQueueSize must be an integer >= 1"),
+    ({"asyncCommunication": "yes"}, "asyncCommunication must be true or false"),
+    ({"batchsize": 8}, "unknown key 'batchsize'; TorchServe's keys: minWorkers, maxWorkers, batchSize"),
+    ({"handler": {"threads": -1}}, "handler.threads must be >= 1 or null"),
+])
+def test_model_config_refuses_what_torchserve_would_not_run_as_written(settings, fragment):
+    shipped = yaml.safe_load((SERVING / "model-config.yaml").read_text())
+    assert check_model_config(shipped) == ServingConfig.from_dict(shipped["handler"])
+    with pytest.raises(ServingConfigError) as error:
+        check_model_config({**shipped, **settings})
+    assert fragment in str(error.value)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
+    path = tmp_path / "model-config.yaml"
+    path.write_text("batchSize: 8\nhandler:\n  backend: [torch\n  device: cpu\n")
+    with pytest.raises(ServingConfigError) as error:
+        read_model_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:4:") and "YAML syntax error" in message and "\n" not in message
+    path.write_text("- a list\n")
+    with pytest.raises(ServingConfigError, match="must be a YAML mapping"):
+        read_model_config(path)
 
 
 def test_out_of_range_defaults_refused_at_load(captioner):
@@ -433,12 +515,15 @@ def test_handler_answers_each_request_with_its_own_status(handler_setup, caption
     assert all(emitted[f"Clipcap{stage}Seconds"] > 0 for stage in ("Preprocess", "Encode", "Decode"))
 
 
-def test_handler_refuses_bad_config(handler_setup):
+def test_handler_refuses_bad_config(handler_setup, capfd):
     _, context, module = handler_setup
     context.model_yaml_config = {"handler": {"backend": "nope"}}
     try:
         with pytest.raises(ServingConfigError, match="handler.backend 'nope'"):
             module.ClipCapHandler().initialize(context)
+        # TorchServe logs a worker's stderr at WARN in model_log.log, its stdout (logging's) at INFO
+        err = capfd.readouterr().err.splitlines()
+        assert err[0].startswith("ERROR clipcap cannot start: model-config.yaml: handler.backend 'nope'")
     finally:
         context.model_yaml_config = yaml.safe_load((SERVING / "model-config.yaml").read_text())
 
@@ -450,6 +535,13 @@ def test_server_config_is_safe_and_fits_the_largest_request():
                       if line and not line.startswith("#"))
     for key in ("inference_address", "management_address", "metrics_address"):
         assert properties[key].startswith("http://127.0.0.1:")
+    # TorchServe 0.12 always opens its two gRPC ports too (7070, 7071 unless set): set, so that a copy
+    # for a second server shows every port to change; the workers' socket files are named after initial_worker_port.
+    assert properties["grpc_inference_address"] == properties["grpc_management_address"] == "127.0.0.1"
+    ports = [int(properties[key].rsplit(":", 1)[1]) for key in ("inference_address", "management_address",
+                                                                 "metrics_address")]
+    ports += [int(properties[key]) for key in ("grpc_inference_port", "grpc_management_port")]
+    assert len(set(ports)) == 5 and int(properties["initial_worker_port"]) not in ports
     assert properties["disable_token_authorization"] == "false"
     assert properties["metrics_mode"] == "prometheus"
     handler = ServingConfig.from_dict(yaml.safe_load((SERVING / "model-config.yaml").read_text())["handler"])
@@ -606,7 +698,7 @@ def test_any_float_option_gives_a_caption_or_a_clean_refusal(service, strategy, 
 def test_healthcheck_image_and_refused_connection(tmp_path, capsys):
     """serving/healthcheck.py without a server: its built-in PNG is an image the service accepts, and a
     server that does not answer is unhealthy (exit 1). The real checks are in tests/test_serving_e2e.py."""
-    from clipcap.bench.torchserve import free_ports
+    from clipcap_bench.torchserve import free_ports
     from clipcap.images import decode_image
 
     spec = importlib.util.spec_from_file_location("clipcap_healthcheck", SERVING / "healthcheck.py")
@@ -646,3 +738,69 @@ def test_a_worker_warms_up_each_batch_size_bucket_before_it_is_ready(tiny_bundle
     assert calls == [1, 2, 4, 6]
     replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(PNGS[0])}], [RAW]))
     assert replies[0].status == 200 and calls == [1, 2, 4, 6, 1]
+
+
+def _healthcheck():
+    spec = importlib.util.spec_from_file_location("clipcap_healthcheck", SERVING / "healthcheck.py")
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    return healthcheck
+
+
+def _content_length(request: bytes) -> int:
+    head = request.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    return next((int(line.split(":", 1)[1]) for line in head.split("\r\n") if line.startswith("content-length:")), 0)
+
+
+def test_healthcheck_reads_either_token_file_and_says_when_a_port_is_not_http(tmp_path, capsys):
+    """TorchServe's key_file.json and Ray Serve's serve-ray-token (the token alone) both authorize the check;
+    a port that answers something other than HTTP is exit 1 with a one-line reason, no traceback."""
+    import http.server
+    import socketserver
+
+    healthcheck = _healthcheck()
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.headers["Authorization"])
+            body = json.dumps({"caption": "a red square", "token_ids": [1, 2]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Garbage(socketserver.BaseRequestHandler):
+        def handle(self):  # reads the whole request first, so the client never meets a closed socket mid-send
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+                chunk = self.request.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            self.request.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "ts-key"}}))
+    (tmp_path / "serve-ray-token").write_text("ray-token\n")
+    (tmp_path / "bad.json").write_text('{"management": {"key": "x"}}')
+    for server_class, handler in ((http.server.HTTPServer, Handler), (socketserver.TCPServer, Garbage)):
+        with server_class(("127.0.0.1", 0), handler) as server:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            try:
+                if handler is Handler:
+                    for name in ("key_file.json", "serve-ray-token"):
+                        assert healthcheck.main(["--url", url, "--key-file", str(tmp_path / name)]) == 0
+                    assert seen == ["Bearer ts-key", "Bearer ray-token"]
+                    assert healthcheck.main(["--url", url, "--key-file", str(tmp_path / "bad.json")]) == 1
+                    assert "without TorchServe's inference key" in capsys.readouterr().err
+                else:
+                    assert healthcheck.main(["--url", url, "--timeout", "5"]) == 1
+                    err = capsys.readouterr().err
+                    assert err.startswith("unhealthy: ") and "does not answer HTTP" in err and "Traceback" not in err
+            finally:
+                server.shutdown()

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipcap.bench.torchserve import free_ports
+from clipcap_bench.torchserve import free_ports
 from clipcap.captioner import Captioner
 from clipcap.export.mar import ArchiveConfig, build_archive
 from clipcap.images import decode_image
 from conftest import png_bytes, random_images
-from serving_cases import OPTIONS, cases
+from serving_cases import OPTIONS, cases, message
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_BUNDLE, SAMPLES = ROOT / "models" / "shapes-demo", ROOT / "samples"
@@ -64,13 +64,15 @@ class TorchServe:
         subprocess.run([sys.executable, "-m", "ts.model_server", *args], cwd=self.root, env=self.env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
-    def start(self) -> None:
+    def start(self, wait_for_worker: bool = True) -> None:
         import psutil
 
         self._torchserve("--start", "--ncs", "--ts-config", "config.properties",
                          "--models", f"{self.model}={self.model}.mar")
         java = psutil.Process(int((self.root / "tmp" / ".model_server.pid").read_text()))
         self.processes = [java]
+        if not wait_for_worker:
+            return
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if not java.is_running():
@@ -225,14 +227,13 @@ def test_the_shared_table_and_the_worker_keeps_serving(served):
                 "options": captioner.caption_images([decode_image(good)], with_options).captions[0].token_ids}
     assert OPTIONS == {"decoding": "beam", "beam_size": 3, "max_tokens": 12}  # what with_options asks
     for case in cases(good):
-        status, data = server.request(server.inference, case.method, f"/predictions/{server.model}", case.body,
-                                      case.headers)
-        reply = json.loads(data)
-        assert status == case.status, f"{case.name}: {status} {reply}"
+        status, data = server.request(server.inference, case.method, case.path, case.body, case.headers)
+        expected_status, fragment = case.expected("torchserve")
+        assert status == expected_status, f"{case.name}: {status} {data[:300]}"
         if status == 200:
-            assert reply["token_ids"] == expected[case.fragment], case.name
+            assert json.loads(data)["token_ids"] == expected[case.fragment], case.name
             continue
-        assert case.fragment in reply["message"], f"{case.name}: {reply}"
+        assert fragment in message(data), f"{case.name}: {data[:300]}"
         assert server.predict(good, {"Content-Type": "image/png"})[0] == 200, f"worker broken after: {case.name}"
     # Over max_request_size (16 MiB) TorchServe itself refuses, from the headers: a client that sends
     # "Expect: 100-continue" (curl does for large bodies) gets the 413 before uploading the body.
@@ -511,6 +512,54 @@ def test_healthcheck_fails_while_no_worker_can_caption(served):
     (replacement,) = _worker_pids(server)
     assert replacement != worker
     server.processes.append(psutil.Process(replacement))  # stopped and checked with the others
+
+
+def test_a_second_server_beside_the_first_and_a_wrong_handler_section_fails_loudly(served, tmp_path):
+    """A second TorchServe from a copy of config.properties with its own ports (all five, as the shipped
+    file sets them) and TMPDIR starts and answers while the first serves. Its archive's handler: section is
+    wrong (packed around build_mar.py's check): the handler's first line names the problem, on stderr
+    (model_log.log's WARN: TorchServe logs a worker's stdout at INFO), and the health check fails, while
+    /ping says 200."""
+    import zipfile
+
+    import psutil
+    import yaml
+
+    server, bundle, images = served
+    mar = build_archive(ArchiveConfig(bundle=bundle, handler=ROOT / "serving" / "handler.py",
+                                      model_config=ROOT / "serving" / "model-config.yaml",
+                                      out=tmp_path / "good" / "clipcap.mar"))
+    (tmp_path / "model_store").mkdir()
+    with zipfile.ZipFile(mar) as good, zipfile.ZipFile(tmp_path / "model_store" / "clipcap.mar", "w") as bad:
+        for item in good.infolist():
+            data = good.read(item)
+            if item.filename == "model-config.yaml":
+                settings = yaml.safe_load(data)
+                settings["handler"]["backend"] = "nope"
+                data = yaml.safe_dump(settings).encode()
+            bad.writestr(item, data)
+    second = TorchServe(tmp_path, tmp_path / "model_store" / "clipcap.mar")
+    try:
+        second.start(wait_for_worker=False)
+        model_log = tmp_path / "logs" / "model_log.log"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "clipcap cannot start" not in (model_log.read_text(errors="replace") if model_log.exists() else ""):
+            assert second.processes[0].is_running(), f"the second TorchServe exited:\n{second.log_tail()}"
+            assert time.monotonic() < deadline, f"no start failure logged:\n{second.log_tail()}"
+            time.sleep(1)
+        assert second.get(second.inference, "/ping")[0] == 200
+        reason = next(line for line in model_log.read_text(errors="replace").splitlines()
+                      if "clipcap cannot start" in line)
+        assert "[WARN ]" in reason and "-stderr MODEL_LOG - ERROR clipcap cannot start: model-config.yaml: " \
+            "handler.backend 'nope' is not a backend" in reason
+        assert _healthcheck(second, 5) == 1
+        status, body = server.predict(next(iter(images.values())), {"Content-Type": "image/png"})
+        assert status == 200 and body["token_ids"]  # the first server serves throughout
+        second.processes += second.processes[0].children(recursive=True)
+    finally:
+        assert second.stop() == []
+    time.sleep(2)  # a worker TorchServe was restarting when it stopped exits with it
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
 
 
 def test_stop_leaves_no_process_behind(served):

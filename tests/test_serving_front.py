@@ -22,7 +22,7 @@ from clipcap.serving_config import ServingConfig
 from clipcap.serving_front import BAD_TOKEN, CaptionFront, FrontConfig
 from clipcap.serving_ray import BatchSettings, RayServeConfig, resolve_token
 from conftest import png_bytes, random_images
-from serving_cases import BOUNDARY, cases, multipart
+from serving_cases import BOUNDARY, cases, message, multipart
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: paths below never depend on pytest's working directory
 
@@ -54,8 +54,10 @@ def test_bodies_and_query_strings_as_torchserve_rows():
     row, headers = request_row({}, b"", "beam_size=3&seed=")
     assert row == {"beam_size": b"3", "seed": b"", "body": b""}
     assert headers[PART_NAMES] == ["beam_size", "seed", "body"] and headers["seed"] == {"content-type": ""}
-    # a multipart body without a boundary holds no part: CaptionService answers "empty request"
-    assert request_row({"content-type": "multipart/form-data"}, b"junk")[0] == {}
+    # a multipart body without a boundary is the body, as TorchServe hands it on; without its closing one, no part
+    assert request_row({"content-type": "multipart/form-data"}, b"junk")[0] == {"body": b"junk"}
+    unclosed = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="a"\r\n\r\nb\r\n'.encode()
+    assert request_row({"content-type": f"multipart/form-data; boundary={BOUNDARY}"}, unclosed)[0] == {}
     # a header that names itself like the part list cannot stand in for it
     assert request_row({PART_NAMES: "x"}, b"data")[1][PART_NAMES] == ["body"]
 
@@ -103,16 +105,18 @@ def _ask(front, method, path, body=b"", headers=None, query=""):
 def test_the_shared_table(service, images):
     front, captioner = _front(service), service.captioner
     with_options = captioner.default_options().replace(strategy="beam", beam_size=3, max_tokens=12)
-    for case in cases(images[0]):
-        status, body, _ = _ask(front, case.method, "/predictions/clipcap", case.body, case.headers)
-        reply = json.loads(body)
-        assert status == case.status, f"{case.name}: {status} {reply}"
+    for case in (case for case in cases(images[0]) if not case.over_http):
+        path, _, query = case.path.partition("?")
+        status, body, _ = _ask(front, case.method, path, case.body, case.headers, query)
+        expected_status, fragment = case.expected("in-process")
+        assert status == expected_status, f"{case.name}: {status} {body[:300]}"
         if status == 200:
+            reply = json.loads(body)
             options = with_options if case.fragment == "options" else captioner.default_options()
             expected = captioner.caption_images([decode_image(images[0])], options).captions[0]
             assert (reply["caption"], reply["token_ids"]) == (expected.caption, expected.token_ids), case.name
         else:
-            assert reply["code"] == status and case.fragment in reply["message"], f"{case.name}: {reply}"
+            assert fragment in message(body) and len(body) < 1000, f"{case.name}: {body[:300]}"
 
 
 def test_token_and_routes(service, images):
@@ -125,7 +129,7 @@ def test_token_and_routes(service, images):
     assert _ask(front, "GET", "/v2/health/ready", headers={"Authorization": ""})[:2] == (200, b'{"ready": true}')
     assert _ask(front, "GET", "/ping")[:2] == (200, b'{"status": "Healthy"}')
     assert json.loads(_ask(front, "POST", "/predictions/other", images[0])[1])["type"] == "ModelNotFoundException"
-    assert _ask(front, "GET", "/predictions/clipcap")[0] == 404
+    assert _ask(front, "GET", "/predictions/clipcap")[0] == 400  # TorchServe 0.12 hands it on: "empty request"
     # /invocations and /<model>/predict pass the query string on as fields; /predictions drops it (TorchServe's routes)
     beam = _library(service, images[:1], strategy="beam", beam_size=3)[0].token_ids
     greedy = _library(service, images[:1])[0].token_ids
@@ -260,6 +264,10 @@ def test_the_rayservice_manifest_builds_the_application(monkeypatch, tmp_path):
     deployment = built._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == app["args"]["max_replicas"]
     assert deployment.init_args[2].token == "from-a-secret"
+    from clipcap import http_limits
+
+    env = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "value": http_limits.CALLBACK} in env
 
 
 def test_serve_ray_command_refuses_a_missing_model_config_before_starting_ray(tmp_path, capsys):
@@ -299,10 +307,183 @@ def test_v2_limits_at_their_boundaries():
                                        "data": ["aW1n"] * count}]}).encode()
 
     assert len(oip.parse_infer(body(4), None, 4).images) == 4
-    with pytest.raises(oip.ProtocolError, match="5 images in one request, over the limit of 4"):
+    with pytest.raises(oip.ProtocolError, match="holds more than 4 images"):
         oip.parse_infer(body(5), None, 4)
     whole = body(1)
     assert len(oip.parse_infer(whole, str(len(whole)), 4).images) == 1  # a header that is the whole body
     for length in (str(len(whole) + 1), "-1"):
         with pytest.raises(oip.ProtocolError, match="Inference-Header-Content-Length is"):
             oip.parse_infer(whole, length, 4)
+
+
+def _v2(data: list[str], **tensor) -> dict:
+    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(data)], "data": data, **tensor}]}
+
+
+def test_v2_refuses_a_giant_shape_and_a_long_id_with_a_bounded_message(service, images):
+    """A shape of 15,000 twos (its product has 4,516 digits) and sizes too big to print are a 400 of a few
+    hundred bytes; an id over oip.MAX_ID_CHARS is refused, not echoed; one at the limit is echoed whole."""
+    front, data = _front(service), [base64.b64encode(images[0]).decode()]
+    for tensor in ({"shape": [2] * 15000}, {"shape": [10**4000, 1]}, {"shape": [1] * 100_000 + [17]},
+                   {"shape": [1], "parameters": {"binary_data_size": 10**4000}}):
+        status, body, _ = _ask(front, "POST", "/v2/models/clipcap/infer", json.dumps(_v2(data, **tensor)).encode())
+        assert status == 400 and len(body) < 600, (tensor.get("shape", [])[:3], body[:300])
+    for size, status in ((oip.MAX_ID_CHARS, 200), (oip.MAX_ID_CHARS + 1, 400), (10 * 2**20, 400)):
+        request = {"id": "i" * size, **_v2(data)}
+        answer_status, body, _ = _ask(front, "POST", "/v2/models/clipcap/infer", json.dumps(request).encode())
+        assert answer_status == status and len(body) < 2000, (size, body[:200])
+        if status == 200:
+            assert json.loads(body)["id"] == "i" * size
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_closes_the_connection(service, images):
+    """The body's deadline (FrontConfig.body_timeout_s): a client that sends a byte and then nothing more."""
+    front = _front(service, body_timeout_s=0.2)
+
+    async def one_byte_then_silence():
+        yield images[0][:1]
+        await asyncio.Event().wait()  # never set: the rest never comes
+
+    for path in ("/predictions/clipcap", "/v2/models/clipcap/infer"):
+        answer = asyncio.run(front.answer("POST", path, "", {**AUTH, "Content-Type": "image/png"},
+                                          one_byte_then_silence()))
+        assert answer.status == 408 and answer.headers["connection"] == "close", answer
+        assert "did not arrive within 0.2 s (1 bytes came)" in message(answer.body)
+    assert _ask(front, "POST", "/predictions/clipcap", images[0], {"Content-Type": "image/png"})[0] == 200
+
+
+def test_the_front_logs_each_refusal_it_makes_without_the_token(service, images, caplog):
+    front = _front(service, max_request_bytes=1000)
+    caplog.set_level("INFO", logger="clipcap")
+    _ask(front, "POST", "/predictions/clipcap", images[0], {"Authorization": "Bearer not-the-token",
+                                                            "X-Request-ID": "r-auth"})
+    _ask(front, "POST", "/predictions/clipcap", b"\0" * 1001, {"Content-Length": "1001", "X-Request-ID": "r-big"})
+    _ask(front, "GET", "/v2/models/clipcap/versions/1", headers={"X-Request-ID": "r-v2"})
+    _ask(front, "POST", "/predictions/clipcap", b"\0" * 10, {"Content-Type": "image/png", "X-Request-ID": "r-bad"})
+    lines = [record.getMessage() for record in caplog.records]
+    for request_id, fragment in (("r-auth", "400 Token Authorization failed"), ("r-big", "413 request body of '1001'"),
+                                 ("r-v2", "404 v2 endpoint not found")):
+        assert any(line.startswith(f"request {request_id} refused: {fragment}") for line in lines), (request_id, lines)
+    # CaptionService's refusal is logged once, by CaptionService (the front does not repeat it)
+    assert sum("r-bad" in line for line in lines) == 1
+    assert not any(TOKEN in line or "not-the-token" in line for line in lines)
+
+
+def _proxy_call(middleware, headers: list[tuple[bytes, bytes]], path: str = "/predictions/clipcap"):
+    """One request through the proxy middleware: (status, body, whether the app ran, whether the body was read)."""
+    events = {"app": False, "receive": False}
+    sent = []
+
+    async def app(scope, receive, send):
+        events["app"] = True
+
+    async def receive():
+        events["receive"] = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": headers}
+    asyncio.run(middleware(app)(scope, receive, send))
+    status = sent[0]["status"] if sent else None
+    return status, b"".join(m.get("body", b"") for m in sent[1:]), events["app"], events["receive"]
+
+
+def test_the_proxy_limits_answer_from_the_head_before_any_body_byte(caplog):
+    """clipcap.http_limits in Ray Serve's proxy: a head over 16 KiB is 431 and a Content-Length over the body
+    limit 413, both before the body is read (so no "100 Continue" goes out), logged; the rest pass untouched."""
+    from clipcap import http_limits
+
+    def middleware(app):
+        return http_limits.RequestLimits(app, max_header_bytes=16 * 2**10, max_request_bytes=1000)
+
+    caplog.set_level("INFO", logger="clipcap")
+    small = [(b"host", b"x"), (b"content-length", b"1000"), (b"expect", b"100-continue")]
+    assert _proxy_call(middleware, small) == (None, b"", True, False)
+    status, body, app_ran, read = _proxy_call(middleware, small[:1] + [(b"content-length", b"1001"),
+                                                                       (b"expect", b"100-continue")])
+    assert (status, app_ran, read) == (413, False, False) and "over the limit of 1000 bytes" in message(body)
+    huge = small + [(b"x-filler", b"a" * (16 * 2**10))]
+    status, body, app_ran, read = _proxy_call(middleware, huge + [(b"x-request-id", b"r-431")], "/v2/models/clipcap/infer")
+    assert (status, app_ran, read) == (431, False, False) and "over the limit of 16384 bytes" in json.loads(body)["error"]
+    assert http_limits.head_bytes({"method": "GET", "path": "/", "query_string": b"", "headers": huge}) > 16 * 2**10
+    assert any("'r-431'" in r.getMessage() and "431" in r.getMessage() for r in caplog.records)
+    assert not any("aaaa" in r.getMessage() for r in caplog.records)
+    # the callback Ray Serve calls in its proxy reads the limits from the environment
+    [entry] = http_limits.proxy_middlewares()
+    assert entry.cls is http_limits.RequestLimits
+
+
+def test_the_token_file_is_never_written_through_a_symbolic_link(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("precious\n")
+    os.chmod(target, 0o644)
+    link = tmp_path / "serve-ray-token"
+    link.symlink_to(target)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        resolve_token(RayServeConfig(bundle="x", token_file=str(link)))
+    assert target.read_text() == "precious\n" and stat.S_IMODE(target.stat().st_mode) == 0o644
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        resolve_token(RayServeConfig(bundle="x", token_file=str(dangling)))
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_the_embedded_ray_starts_on_loopback_without_dashboard_or_metrics(monkeypatch, tmp_path):
+    """What RayServer asks of ray.init (caught before a Ray starts): loopback, no dashboard, metrics off unless
+    asked for; the environment that keeps Ray's node address on loopback and puts http_limits in the proxy."""
+    ray = pytest.importorskip("ray", reason="Ray Serve is not installed (the serve-ray extra)")
+    from clipcap import http_limits
+    from clipcap.serving_ray import RayServer
+
+    class Started(Exception):
+        pass
+
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        raise Started
+
+    for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
+                 http_limits.HEADER_LIMIT_ENV, http_limits.BODY_LIMIT_ENV):
+        monkeypatch.setenv(name, "")  # recorded, so what RayServer sets is undone after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    for metrics in (False, True):
+        with pytest.raises(Started):
+            RayServer(RayServeConfig(bundle="models/shapes-demo", metrics=metrics, metrics_port=9999,
+                                     token_file=str(tmp_path / "t"))).__enter__()
+        kwargs = calls[-1]
+        assert kwargs["_node_ip_address"] == "127.0.0.1" and kwargs["include_dashboard"] is False
+        assert kwargs["_system_config"] == {"enable_metrics_collection": metrics}
+        assert kwargs["_metrics_export_port"] == (9999 if metrics else None)
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == http_limits.CALLBACK
+    assert (os.environ[http_limits.HEADER_LIMIT_ENV], os.environ[http_limits.BODY_LIMIT_ENV]) == ("16384", "16777216")
+
+
+def test_a_light_module_does_not_load_torch():
+    """Ray Serve's proxy imports clipcap.http_limits: `import clipcap` must not bring torch or Pillow."""
+    import subprocess
+    import sys
+
+    code = "import sys, clipcap.http_limits; print('torch' in sys.modules or 'PIL' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_serve_ray_refuses_a_token_file_symlink_before_starting_ray(tmp_path, capsys, monkeypatch):
+    from clipcap import cli, http_limits
+    from clipcap.serving_ray import EMBEDDED_RAY_ENV
+
+    for name in (*EMBEDDED_RAY_ENV, http_limits.HEADER_LIMIT_ENV, http_limits.BODY_LIMIT_ENV):
+        monkeypatch.setenv(name, "")  # recorded, so what RayServer sets is undone after the test
+        monkeypatch.delenv(name)
+
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    assert cli.main(["serve-ray", "models/shapes-demo", "--token-file", str(tmp_path / "link")]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()

@@ -10,7 +10,10 @@ import base64
 import contextlib
 import http.client
 import io
+import ipaddress
 import json
+import os
+import socket
 import stat
 import sys
 import time
@@ -19,9 +22,12 @@ from pathlib import Path
 import pytest
 
 from clipcap import cli
-from clipcap.bench.torchserve import free_ports
-from serving_cases import OPTIONS, cases
+from clipcap_bench.torchserve import free_ports
+from serving_cases import OPTIONS, cases, message
 
+# Before Ray is imported (RayServer sets it too, but this module imports Ray first): the embedded Ray keeps
+# 127.0.0.1 as its node address instead of swapping in the host's (clipcap.serving_ray.EMBEDDED_RAY_ENV).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[serve-ray]')")
 
 from clipcap.serving_ray import RayServeConfig, RayServer  # noqa: E402
@@ -29,6 +35,7 @@ from clipcap.serving_ray import RayServeConfig, RayServer  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE, SAMPLES = ROOT / "models" / "shapes-demo", ROOT / "samples"
 MAX_ONGOING = 64  # per replica: 8 x batchSize (serving/model-config.yaml), so at most this many die with one
+BODY_TIMEOUT_S = 10  # the server's body deadline here: far above any body of these tests, short for the slow one
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (BUNDLE / "clipcap.json").exists(), reason="no demo bundle")]
 
@@ -38,7 +45,8 @@ def server(tmp_path_factory):
     token_file = tmp_path_factory.mktemp("serve-ray") / "token"
     port, metrics_port = free_ports(2)
     config = RayServeConfig(bundle=str(BUNDLE), model_config=str(ROOT / "serving" / "model-config.yaml"),
-                            port=port, metrics_port=metrics_port, replicas=2, cpus_per_replica=0.5, token_file=str(token_file))
+                            port=port, metrics=True, metrics_port=metrics_port, replicas=2, cpus_per_replica=0.5,
+                            token_file=str(token_file), body_timeout_s=BODY_TIMEOUT_S)
     with RayServer(config) as running:
         yield running
 
@@ -85,14 +93,14 @@ def test_the_shared_table(server, samples):
     [beam] = _cli_captions("--decoding", "beam", "--beam-size", "3", "--max-tokens", "12", str(samples[0]))
     assert OPTIONS == {"decoding": "beam", "beam_size": 3, "max_tokens": 12}  # what the command line above asks
     for case in cases(good):
-        status, body, _ = _request(server, case.method, "/predictions/clipcap", case.body, case.headers)
-        reply = json.loads(body)
-        assert status == case.status, f"{case.name}: {status} {reply}"
+        status, body, _ = _request(server, case.method, case.path, case.body, case.headers)
+        expected_status, fragment = case.expected("ray")
+        assert status == expected_status, f"{case.name}: {status} {body[:300]}"
         if status == 200:
             expected = beam if case.fragment == "options" else plain
-            assert reply["token_ids"] == expected["token_ids"], case.name
+            assert json.loads(body)["token_ids"] == expected["token_ids"], case.name
         else:
-            assert case.fragment in reply["message"], f"{case.name}: {reply}"
+            assert fragment in message(body), f"{case.name}: {body[:300]}"
             assert _request(server, "POST", "/predictions/clipcap", good)[0] == 200, f"replica broken after {case.name}"
     # Over max_request_bytes (16 MiB, as TorchServe's max_request_size) the front refuses from the headers:
     # a client that sends "Expect: 100-continue" gets the 413 before uploading the body.
@@ -105,6 +113,117 @@ def test_the_shared_table(server, samples):
     response = connection.getresponse()
     assert response.status == 413 and "over the limit of 16777216" in json.loads(response.read())["message"]
     connection.close()
+
+
+def _raw(server, head: bytes) -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", server.config.port), timeout=60)
+    connection.sendall(head)
+    return connection
+
+
+def _read_answer(connection: socket.socket) -> tuple[bytes, bytes]:
+    """(status line, body) of the first answer on the connection, 1xx included."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next((int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        body += connection.recv(65536)
+    return lines[0], body
+
+
+def test_every_listening_socket_is_loopback_but_each_replicas_internal_grpc(server):
+    """The embedded Ray and Ray Serve (GCS, raylet, object manager, workers, agents, metrics, the HTTP proxy):
+    every listening socket of this process and of every process under it is on 127.0.0.1, but one per
+    replica: Ray Serve 2.60 binds each replica's inter-deployment gRPC server to [::] with no option to
+    change it (ray/serve/_private/replica.py, `_on_initialized`; serving/README.md says so)."""
+    import psutil
+
+    listening = []
+    for process in [psutil.Process()] + psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            listening += [(process.name(), c.laddr.ip, c.laddr.port) for c in process.net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN]
+    print(f"\n{len(listening)} listening sockets: {sorted(listening)}")
+    ports = {port for _, _, port in listening}
+    assert {server.config.port, server.config.metrics_port} <= ports
+    exposed = []
+    for name, address, port in listening:
+        ip = ipaddress.ip_address(address)
+        ip = ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+        if not ip.is_loopback:
+            exposed.append((name, address))
+    assert sorted(exposed) == [("ray::ServeReplica:clipcap:CaptionReplica", "::")] * server.config.replicas, exposed
+
+
+def test_over_the_limit_is_413_before_100_continue_and_a_head_over_16_kib_is_431(server):
+    """The proxy answers from the head (clipcap.http_limits): a client that sends Expect: 100-continue with a
+    Content-Length over 16 MiB gets the 413, never "100 Continue", and sends no body byte; a 20 KiB head: 431."""
+    auth = f"Authorization: Bearer {server.token}\r\n".encode()
+    connection = _raw(server, b"POST /predictions/clipcap HTTP/1.1\r\nHost: x\r\n" + auth +
+                      f"Content-Type: image/png\r\nContent-Length: {17 * 2**20}\r\nExpect: 100-continue\r\n\r\n".encode())
+    status, body = _read_answer(connection)
+    connection.close()
+    assert status.startswith(b"HTTP/1.1 413") and "over the limit of 16777216" in json.loads(body)["message"], status
+    connection = _raw(server, b"GET /ping HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Filler: " + b"a" * 20000 + b"\r\n\r\n")
+    status, body = _read_answer(connection)
+    connection.close()
+    assert status.startswith(b"HTTP/1.1 431") and "over the limit of 16384 bytes" in json.loads(body)["message"]
+    assert _request(server, "GET", "/ping")[0] == 200
+
+
+def test_a_body_sent_a_byte_at_a_time_gets_408_and_the_connection_closes(server):
+    """A slow client holds a connection for the body deadline (BODY_TIMEOUT_S here), not forever."""
+    connection = _raw(server, b"POST /predictions/clipcap HTTP/1.1\r\nHost: x\r\n" +
+                      f"Authorization: Bearer {server.token}\r\nContent-Type: image/png\r\n"
+                      f"Content-Length: 1000\r\n\r\n".encode())
+    connection.settimeout(0.5)
+    start, answer = time.monotonic(), b""
+    while not answer and time.monotonic() - start < BODY_TIMEOUT_S + 60:
+        connection.sendall(b"x")
+        with contextlib.suppress(socket.timeout):
+            answer = connection.recv(65536)
+    connection.settimeout(30)
+    while b"\r\n\r\n" not in answer:
+        answer += connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    deadline = time.monotonic() + 30
+    while (chunk := connection.recv(65536)) and time.monotonic() < deadline:  # the rest of the answer, then EOF
+        answer += chunk
+    assert chunk == b"", "the connection stayed open after the 408"
+    assert b"did not arrive within" in answer
+    connection.close()
+
+
+def test_refusals_are_logged_with_their_request_ids(server):
+    """Each refusal's status and reason in Ray Serve's log files (the replica's, the proxy's), never the token."""
+    import ray
+
+    bad_image = _request(server, "POST", "/predictions/clipcap", b"\0" * 10,
+                         {"Content-Type": "image/png", "X-Request-ID": "log-probe-image"})
+    wrong_token = _request(server, "POST", "/predictions/clipcap", b"\0" * 10,
+                           {"Authorization": "Bearer wrong-token-7", "X-Request-ID": "log-probe-token"}, token=False)
+    assert (bad_image[0], wrong_token[0]) == (400, 400)
+    connection = _raw(server, b"POST /predictions/clipcap HTTP/1.1\r\nHost: x\r\nX-Request-ID: log-probe-size\r\n"
+                      + f"Content-Length: {17 * 2**20}\r\n\r\n".encode())
+    assert _read_answer(connection)[0].startswith(b"HTTP/1.1 413")
+    connection.close()
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    wanted = {"log-probe-image": "refused: 400 not a recognised image", "log-probe-token": "refused: 400 Token",
+              "log-probe-size": "refused by the HTTP proxy: 413"}
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = "\n".join(path.read_text(errors="replace") for path in logs.glob("*.log"))
+        if all(any(key in line and fragment in line for line in text.splitlines()) for key, fragment in wanted.items()):
+            break
+        time.sleep(1)
+    for key, fragment in wanted.items():
+        assert any(key in line and fragment in line for line in text.splitlines()), (key, fragment)
+    assert server.token not in text and "wrong-token-7" not in text
 
 
 def test_token_refused_as_torchserve_refuses_it(server, samples):

@@ -1,7 +1,7 @@
 """A bundle packed into a TorchServe archive (.mar) with torch-model-archiver.
 
 The archive holds the bundle (as `bundle/`), the handler file and model-config.yaml, whose
-`handler:` section (clipcap.serving_config) is checked here, not at worker start.
+`handler:` section and TorchServe keys (clipcap.serving_config) are checked here, not at worker start.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def build_archive(config: ArchiveConfig) -> Path:
 
     from clipcap import __version__
     from clipcap.formats.model_bundle import load_config
-    from clipcap.serving_config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError
+    from clipcap.serving_config import MODEL_CONFIG_FILE, check_model_config, read_model_config
 
     load_config(config.bundle)  # a broken bundle fails here, not in a TorchServe worker
     for path in (config.handler, config.model_config):
@@ -39,15 +39,13 @@ def build_archive(config: ArchiveConfig) -> Path:
             raise FileNotFoundError(f"{path}: file not found")
     if config.out.suffix != ".mar" or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-.]*", config.out.stem):
         raise ValueError(f"{config.out}: must be NAME.mar, NAME of letters, digits, '_', '-', '.'")
-    settings = yaml.safe_load(config.model_config.read_text()) or {}
-    if not isinstance(settings, dict):
-        raise ServingConfigError(f"{config.model_config}: must be a YAML mapping of TorchServe settings")
+    settings = read_model_config(config.model_config)
     handler_section = settings["handler"] = settings.get("handler") or {}
     if config.backend:
         handler_section["backend"] = config.backend
     if config.device_type:
         settings["deviceType"] = config.device_type
-    serving = ServingConfig.from_dict(handler_section)  # refuse a bad config now, not at worker start
+    serving = check_model_config(settings, str(config.model_config))  # refuse a bad config now, not at worker start
     config.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="clipcap-mar-") as tmp:
         extra = Path(tmp) / "extra"  # its contents land at the archive root: bundle/...

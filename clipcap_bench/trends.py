@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import textwrap
 from pathlib import Path
 
 FAMILIES = {  # metric family -> (file stem, title)
@@ -26,7 +27,7 @@ def commit_order(records: list[dict]) -> list[str]:
 def plot_trends(records: list[dict], out: Path, profile: str = "quick") -> list[Path]:
     """A PNG per metric family (a panel per metric), index.html showing them and summary.md (every value);
     returns the files written."""
-    from clipcap.bench.report import pyplot, save_figure
+    from clipcap_bench.report import figure_legend, pyplot, save_figure
 
     plt = pyplot()
     records = [r for r in records if r["profile"] == profile]
@@ -53,13 +54,14 @@ def plot_trends(records: list[dict], out: Path, profile: str = "quick") -> list[
                 xs = [x for x, _ in points]
                 axis.errorbar(xs, [m["value"] for _, m in points], yerr=[m["noise"] for _, m in points],
                               marker="o", capsize=3, label=machine)
-            axis.set_title(name, fontsize=9)
+            axis.set_title(textwrap.fill(name, 36), fontsize=9)  # wrapped: a long name never runs into its neighbour
             axis.set_xticks(range(len(commits)), commits, rotation=45, fontsize=7)
             axis.grid(True, alpha=0.3)
-            axis.legend(fontsize=7, title="machine", title_fontsize=7)
         for axis in list(axes.flat)[len(names):]:
             axis.set_visible(False)
-        figure.suptitle(f"{title}; bars: 1 standard error measured by each run ({profile} profile)")
+        figure_legend(figure, axes, title="machine", title_fontsize=8)
+        figure.suptitle(textwrap.fill(f"{title}; bars: 1 standard error measured by each run ({profile} profile)",
+                                      40 * columns))
         written.append(save_figure(figure, out / f"{stem}.png"))
     written.append(_write_index(records, machines, written, out / "index.html"))
     (out / "summary.md").write_text(summary_markdown(records))
@@ -78,13 +80,20 @@ def summary_markdown(records: list[dict]) -> str:
     return "\n".join(["`+`: the tree differed from the commit (see each record's note).", "", *lines]) + "\n"
 
 
+def hardware_text(hardware: dict) -> str:
+    """A fingerprint's hardware in words: "AMD EPYC 7B13 (AVX2), 2 logical cores, 25 GB, no GPU"."""
+    isa = f" ({', '.join(hardware['isa'])})" if hardware.get("isa") else ""
+    gpu = f"GPU {hardware['gpu']}" if hardware.get("gpu") else "no GPU"
+    return f"{hardware['cpu']}{isa}, {hardware['logical_cores']} logical cores, {hardware['memory_gb']} GB, {gpu}"
+
+
 def _write_index(records: list[dict], machines: list[str], images: list[Path], path: Path) -> Path:
-    """A page with every plot and a table of the machines: which fingerprint is which hardware."""
+    """A page with every plot and a table of the machines: which fingerprint is which hardware, in words."""
     rows = []
     for machine in machines:
         hardware = next(r["machine"]["hardware"] for r in records if r["machine"]["fingerprint"] == machine)
         count = sum(r["machine"]["fingerprint"] == machine for r in records)
-        rows.append(f"<tr><td>{machine}</td><td>{html.escape(str(hardware))}</td><td>{count}</td></tr>")
+        rows.append(f"<tr><td>{machine}</td><td>{html.escape(hardware_text(hardware))}</td><td>{count}</td></tr>")
     body = "\n".join(f'<h2>{html.escape(p.stem)}</h2><img src="{p.name}">' for p in images)
     path.write_text("<!doctype html><meta charset=utf-8><title>clipcap benchmark trends</title>\n"
                     "<h1>Benchmark trends</h1><table border=1><tr><th>fingerprint</th><th>hardware</th>"

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from clipcap.bench.bundles import BUNDLE_HOW_TO, bundle_kind
+from clipcap_bench.bundles import BUNDLE_HOW_TO, bundle_kind
 from clipcap.config import BundleError
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from clipcap.bench.backends import OpenBackend
+from clipcap_bench.backends import OpenBackend
 
 
 def machine_info(device: str = "cpu") -> dict:

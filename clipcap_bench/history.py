@@ -15,9 +15,8 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
-from clipcap.bench.machine import fingerprint, hardware
-from clipcap.bench.schema import (LATENCY_SCHEMA, OPEN_LOOP_SCHEMA, PHOTO_SCHEMA, REQUEST_SCHEMA, SERVING_SCHEMA,
-                                  check_report)
+from clipcap_bench.machine import fingerprint, hardware
+from clipcap_bench.schema import KINDS, check_report
 
 RECORD_SCHEMA = "clipcap-bench-record/1"
 HISTORY_DIR = Path("benchmarks/history")  # relative to the repository root
@@ -192,16 +191,17 @@ def request_metrics(report: dict) -> tuple[dict, list]:
     return metrics, cells
 
 
-KINDS = {LATENCY_SCHEMA: ("latency", latency_metrics), SERVING_SCHEMA: ("serving", serving_metrics),
-         PHOTO_SCHEMA: ("photo", photo_metrics), OPEN_LOOP_SCHEMA: ("open-loop", open_loop_metrics),
-         REQUEST_SCHEMA: ("request", request_metrics)}
+METRICS = {"latency": latency_metrics, "serving": serving_metrics, "photo": photo_metrics,
+           "open-loop": open_loop_metrics, "request": request_metrics}  # a recorded kind's name -> its metrics
 
 
 def make_record(report: dict, profile: str, root: Path, note: str = "") -> dict:
     """A history record of a latency, serving, photo, open-loop or request report measured with the code in `root`."""
     check_report(report)
-    kind, metrics_of = KINDS[report["schema"]]
-    metrics, cells = metrics_of(report)
+    kind = KINDS[report["schema"]].record
+    if kind is None:
+        raise ValueError(f"{report['schema']} reports are not recorded in the history")
+    metrics, cells = METRICS[kind](report)
     machine = report["machine"]
     settings = {k: v for k, v in report["settings"].items() if k not in ("paths", "images")}
     return {"schema": RECORD_SCHEMA, "kind": kind, "profile": profile, "note": note,

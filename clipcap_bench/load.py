@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from clipcap.bench.latency import synthetic_images
-from clipcap.bench.machine import machine_info
-from clipcap.bench.schema import OPEN_LOOP_SCHEMA, SERVING_SCHEMA, check_report, jsonable
-from clipcap.bench.statistics import percentiles
+from clipcap_bench import client
+from clipcap_bench.capacity import meets_objective
+from clipcap_bench.experiment import rotation
+from clipcap_bench.latency import synthetic_images
+from clipcap_bench.schema import OPEN_LOOP_SCHEMA, SERVING_SCHEMA, Envelope, check_report
+from clipcap_bench.statistics import percentiles
 
 
 @dataclass
@@ -99,7 +99,7 @@ async def _block(session, url: str, bodies: list, clients: int, count: int, dead
     records: list[dict] = []
     indices = iter(range(count))
 
-    async def client() -> None:
+    async def one_client() -> None:
         for index in indices:
             if time.monotonic() > deadline:
                 return
@@ -120,19 +120,19 @@ async def _block(session, url: str, bodies: list, clients: int, count: int, dead
                 record["error"] = error
             records.append(record)
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(one_client() for _ in range(clients)))
     return records
 
 
 SERVER_SETTINGS = ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout", "deviceType")
 
 
-async def _describe_models(session, config: ServingLoadConfig, key: str | None) -> dict:
-    """Each model's batching and worker settings, from TorchServe's management API (GET /models/NAME)."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+async def _describe_models(session, config: ServingLoadConfig) -> dict:
+    """Each model's batching and worker settings, from TorchServe's management API (GET /models/NAME) on a
+    `client.session` holding the management key."""
     described = {}
     for model in config.models:
-        async with session.get(f"{config.management_url.rstrip('/')}/models/{model}", headers=headers) as response:
+        async with session.get(f"{config.management_url.rstrip('/')}/models/{model}") as response:
             body = await response.read()
             if response.status != 200:
                 raise RuntimeError(f"management API answered {response.status} for model {model!r}: "
@@ -145,34 +145,25 @@ async def _describe_models(session, config: ServingLoadConfig, key: str | None) 
 
 async def _serving_load(config: ServingLoadConfig, keys: dict[str, str] | None, bodies: list,
                         progress: bool) -> tuple[dict, dict]:
-    import aiohttp
     from tqdm import tqdm
 
-    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
     base = config.url.rstrip("/")
     results: dict[tuple[str, int], dict] = {}
     server = {}
     if config.management_url:
-        async with aiohttp.ClientSession(timeout=timeout) as describe_session:
-            server = await _describe_models(describe_session, config, (keys or {}).get("management"))
-    headers = {"Authorization": f"Bearer {keys['inference']}"} if keys else {}
+        async with client.session((keys or {}).get("management"), config.timeout_s) as describe_session:
+            server = await _describe_models(describe_session, config)
     # One connection per client at the highest level: a pool smaller than the concurrency would queue in the client.
-    connector = aiohttp.TCPConnector(limit=max(config.concurrency))
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
+    async with client.session((keys or {}).get("inference"), config.timeout_s, max(config.concurrency)) as session:
         for model in config.models:
-            warmup = await _block(session, f"{base}/predictions/{model}", bodies, 1, config.warmup,
-                                  time.monotonic() + config.timeout_s, config.timeout_s)
-            failed = [r for r in warmup if r["status"] != 200]
-            if failed:
-                raise RuntimeError(f"model {model!r} at {base}: warm-up request answered {failed[0]['status']}: "
-                                   f"{failed[0].get('error', '')} (wrong model name, or a missing/expired token?)")
+            await client.warm_up(session, f"{base}/predictions/{model}", bodies, config.warmup,
+                                 f"model {model!r} at {base}")
         per_round = -(-config.requests // config.rounds)
         total = len(config.concurrency) * config.rounds * len(config.models)
         with tqdm(total=total, desc="serving load", unit="block", disable=not progress) as bar:
             for level in config.concurrency:
                 for round_index in range(config.rounds):
-                    shift = round_index % len(config.models)
-                    for model in config.models[shift:] + config.models[:shift]:
+                    for model in rotation(list(config.models), round_index):
                         cell = results.setdefault((model, level), {"records": [], "wall_s": 0.0, "rounds": []})
                         remaining = config.requests - len(cell["records"])
                         # The duration cap counts this model's own sending time at this level, over its rounds.
@@ -209,7 +200,7 @@ def run_serving_load(config: ServingLoadConfig, keys: dict[str, str] | None, pro
     """
     config.validate()
     bodies = request_bodies(config.images)
-    load_before = os.getloadavg()
+    envelope = Envelope(SERVING_SCHEMA)
     results, server = asyncio.run(_serving_load(config, keys, bodies, progress))
     cells = []
     for (model, level), result in results.items():
@@ -228,11 +219,9 @@ def run_serving_load(config: ServingLoadConfig, keys: dict[str, str] | None, pro
                       "latency_ms": percentiles([r["latency_ms"] for r in ok]),
                       "handler_ms": percentiles([r["handler_ms"] for r in ok]),
                       "errors": [r["error"] for r in records if "error" in r][:3]})
-    settings = {**jsonable(asdict(config)), "images": [str(p) for p in config.images] or "4 synthetic 640x480 JPEGs",
+    settings = {**asdict(config), "images": [str(p) for p in config.images] or "4 synthetic 640x480 JPEGs",
                 "token_authorization": keys is not None, "server": server}
-    report = {"schema": SERVING_SCHEMA, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(), "settings": settings,
-              "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, "cells": cells}
+    report = envelope.report(settings, cells=cells)
     check_report(report)
     return report
 
@@ -254,12 +243,6 @@ class RateResult:
     within_slo: float  # fraction of the sent requests answered 200 within the objective
     send_lag_ms: float  # the latest a send started after its schedule (the generator's own lag)
     wall_s: float  # from the first scheduled send to the last answer
-
-
-def meets_objective(cell: Mapping, slo_ms: float) -> bool:
-    """One rate's cell (a `RateResult` as a dict) met the objective: requests were sent, every one was
-    answered 200, and their p99 is within `slo_ms`."""
-    return cell["sent"] > 0 and cell["ok"] == cell["sent"] and cell["latency_ms"]["p99"] <= slo_ms
 
 
 async def open_loop(send: Sender, payloads: Sequence, rates: Sequence[float], duration_s: float,
@@ -315,12 +298,9 @@ async def open_loop(send: Sender, payloads: Sequence, rates: Sequence[float], du
 
 
 def http_sender(session, url: str) -> Sender:
-    """A `Sender` posting (bytes, content type) payloads to `url` on an aiohttp session."""
+    """A `Sender` posting (bytes, content type) payloads to `url` on a `client.session`."""
     async def send(payload: tuple[bytes, str]) -> int:
-        data, content_type = payload
-        async with session.post(url, data=data, headers={"Content-Type": content_type}) as response:
-            await response.read()
-            return response.status
+        return (await client.post(session, url, payload))[0]
 
     return send
 
@@ -366,21 +346,15 @@ def with_options(body: tuple[bytes, str], options: dict, boundary: str = "clipca
 
 async def _open_loop_models(config: OpenLoopConfig, keys: dict[str, str] | None, bodies: list,
                             progress: bool) -> dict[str, list[RateResult]]:
-    import aiohttp
     from tqdm import tqdm
 
-    headers = {"Authorization": f"Bearer {keys['inference']}"} if keys else {}
-    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
     # No connection limit: an open-loop client must never queue a request behind the pool.
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout,
-                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with client.session((keys or {}).get("inference"), config.timeout_s) as session:
         results = {}
         for model in tqdm(config.models, desc="open-loop load", unit="model", disable=not progress):
-            send = http_sender(session, f"{config.url.rstrip('/')}/predictions/{model}")
-            for body in bodies[: config.warmup]:
-                status = await send(body)
-                if status != 200:
-                    raise RuntimeError(f"model {model!r}: warm-up request answered {status}")
+            url = f"{config.url.rstrip('/')}/predictions/{model}"
+            await client.warm_up(session, url, bodies, min(config.warmup, len(bodies)), f"model {model!r}")
+            send = http_sender(session, url)
             results[model] = await open_loop(send, bodies, config.rates, config.duration_s, config.slo_ms,
                                              config.seed, drain_s=config.timeout_s,
                                              stop_after_miss=config.stop_after_miss)
@@ -391,13 +365,11 @@ def run_open_loop(config: OpenLoopConfig, keys: dict[str, str] | None, progress:
     """Open-loop Poisson load on every model at every rate; returns the report (schema clipcap-open-loop/1)."""
     config.validate()
     bodies = [with_options(body, config.options) for body in request_bodies(config.images)]
-    load_before = os.getloadavg()
+    envelope = Envelope(OPEN_LOOP_SCHEMA)
     results = asyncio.run(_open_loop_models(config, keys, bodies, progress))
     cells = [{"model": model, **asdict(result)} for model, rates in results.items() for result in rates]
-    settings = {**jsonable(asdict(config)), "images": [str(p) for p in config.images] or "4 synthetic 640x480 JPEGs",
+    settings = {**asdict(config), "images": [str(p) for p in config.images] or "4 synthetic 640x480 JPEGs",
                 "token_authorization": keys is not None}
-    report = {"schema": OPEN_LOOP_SCHEMA, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(), "settings": settings,
-              "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, "cells": cells}
+    report = envelope.report(settings, cells=cells)
     check_report(report)
     return report

@@ -1,7 +1,7 @@
 """The request profile: one caption request in process (no HTTP), 12 MP phone JPEG bytes -> caption, batch 1,
 a fixed number of tokens, timed per stage (bytes -> pixels, encoder, token decoding) for several request
-paths ("options") interleaved round-robin in one run: what a request cost when issue 20 was filed
-("today") against the best options since.
+paths ("options") interleaved round-robin in one run: what a request cost before shrink on load and the
+int8 encoder ("today") against the best options since.
 
 Every option runs once a round in a rotating order, so a busy neighbour slows all of them alike; the
 target is a ratio of two medians from the same run. Generation is fixed length (the stop token is
@@ -10,21 +10,20 @@ ignored), so every option decodes exactly `tokens` tokens.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from clipcap.bench.machine import machine_info
-from clipcap.bench.photos import phone_jpeg
-from clipcap.bench.schema import REQUEST_SCHEMA, check_report, jsonable
-from clipcap.bench.statistics import percentiles
+from clipcap_bench.experiment import rotation
+from clipcap_bench.photos import phone_jpeg
+from clipcap_bench.schema import REQUEST_SCHEMA, Envelope, check_report
+from clipcap_bench.statistics import percentiles
+from clipcap_bench.steps import run_steps
+from clipcap_bench.targets import TARGETS
 from clipcap.config import BundleError
 
-TARGET_FRACTION_OF_TODAY = 0.5  # issue 20: end to end on the photo profile <= 0.5x today's time
 STAGES = ("pixels", "encode", "decode")  # their sum is the request's time but for a few microseconds of glue
 BASELINE = "today"
 
@@ -38,9 +37,9 @@ class RequestOption:
 
 
 OPTIONS = {option.name: option for option in (
-    RequestOption("today", "onnx-int8", False, "when issue 20 was filed: full JPEG decode, upright, crop-first "
+    RequestOption("today", "onnx-int8", False, "before shrink on load: full JPEG decode, upright, crop-first "
                   "bicubic; fp32 encoder, dynamic int8 decoder"),
-    RequestOption("shrink-on-load", "onnx-int8", True, "issue 19's load_pixels (shrink on load); fp32 encoder, "
+    RequestOption("shrink-on-load", "onnx-int8", True, "load_pixels (shrink on load); fp32 encoder, "
                   "dynamic int8 decoder"),
     RequestOption("int8-encoder", "onnx-int8-encoder", True, "load_pixels; dynamic int8 encoder and decoder"),
     RequestOption("int8-encoder-int4-wo-decoder", "onnx-int4-wo-int8-encoder", True, "load_pixels; dynamic int8 "
@@ -147,8 +146,10 @@ def run_request_profile(profile: RequestProfile, progress: bool = True) -> dict:
 
     profile.validate()
     torch.set_num_threads(profile.threads)
-    load_before = os.getloadavg()
-    opened, unavailable = open_options(profile.options, profile.bundles)
+    envelope = Envelope(REQUEST_SCHEMA)
+    [(opened, unavailable)] = run_steps(  # full-size bundles take seconds each to load
+        [("load " + ", ".join(profile.options), lambda: open_options(profile.options, profile.bundles))],
+        "options", progress)
     if BASELINE not in opened or len(opened) < 2:
         raise BundleError("the baseline and at least one other option must open: "
                           + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
@@ -162,8 +163,7 @@ def run_request_profile(profile: RequestProfile, progress: bool = True) -> dict:
     with tqdm(total=(profile.warmup + profile.rounds) * len(names), desc="request", unit="request",
               disable=not progress) as bar:
         for round_index in range(profile.warmup + profile.rounds):
-            shift = round_index % len(names)  # rotate: no option always runs first, or right after another
-            for name in names[shift:] + names[:shift]:
+            for name in rotation(names, round_index):
                 bar.set_postfix_str(name)
                 sample = measure_request(opened[name], data, OPTIONS[name].shrink_on_load, profile.tokens)
                 if sample["tokens"] != profile.tokens:
@@ -172,18 +172,13 @@ def run_request_profile(profile: RequestProfile, progress: bool = True) -> dict:
                     samples[name].append(sample)
                 bar.update()
     cells = [summarize_option(name, runs) for name, runs in samples.items()]
-    report = {
-        "schema": REQUEST_SCHEMA,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "settings": {**jsonable(asdict(profile)), "image_bytes": len(data),
-                     "onnxruntime_intra_op_threads": _intra_op_threads(next(iter(opened.values())))},
-        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
-        "options": {name: {"available": name in opened, "what": OPTIONS[name].what,
-                           "path": str(Path(profile.bundles) / OPTIONS[name].bundle), "reason": unavailable.get(name)}
-                    for name in profile.options},
-        "cells": cells,
-    }
+    report = envelope.report(
+        {**asdict(profile), "image_bytes": len(data),
+         "onnxruntime_intra_op_threads": _intra_op_threads(next(iter(opened.values())))},
+        options={name: {"available": name in opened, "what": OPTIONS[name].what,
+                        "path": str(Path(profile.bundles) / OPTIONS[name].bundle), "reason": unavailable.get(name)}
+                 for name in profile.options},
+        cells=cells)
     report["targets"] = [end_to_end_target(cells, clock) for clock in CLOCKS]
     check_report(report)
     return report
@@ -206,8 +201,8 @@ def summarize_option(name: str, runs: list[dict]) -> dict:
 CLOCKS = {"stages_ms": "wall time", "cpu_ms": "thread CPU time"}  # a cell's timings: the target's, the cross-check's
 
 
-def end_to_end_target(cells: list[dict], clock: str = "stages_ms", goal: float = TARGET_FRACTION_OF_TODAY) -> dict:
-    """The issue's target on these cells by one of CLOCKS: the fastest option's total p50 over the baseline's,
+def end_to_end_target(cells: list[dict], clock: str = "stages_ms", goal: float = TARGETS.request_fraction_of_today) -> dict:
+    """The request target (targets.toml) on these cells by one of CLOCKS: the fastest option's total p50 over the baseline's,
     met when <= `goal`. `noise`: the ratio's standard error from both medians' own."""
     today = next(cell for cell in cells if cell["option"] == BASELINE)
     others = [cell for cell in cells if cell["option"] != BASELINE]
@@ -256,7 +251,7 @@ def request_markdown(report: dict) -> str:
 
 def plot_request(report: dict, path: Path) -> Path:
     """Stacked bars of each option's per-stage p50s: wall time, and the calling thread's CPU time."""
-    from clipcap.bench.report import pyplot, save_figure
+    from clipcap_bench.report import pyplot, save_figure
 
     plt = pyplot()
     names = [cell["option"] for cell in report["cells"]]
@@ -276,6 +271,6 @@ def plot_request(report: dict, path: Path) -> Path:
 
 
 def write_request_outputs(report: dict, out: Path) -> list[Path]:
-    from clipcap.bench.schema import write_outputs
+    from clipcap_bench.schema import write_outputs
 
     return write_outputs(report, out, "request", request_markdown, {"request.png": plot_request})

@@ -28,10 +28,10 @@ class QuickProfile:
 
 
 def run_quick_latency(profile: QuickProfile, repo: Path, progress: bool = True) -> dict:
-    from clipcap.bench.bundles import make_demo_exports
-    from clipcap.bench.latency import LatencyConfig, run_latency
+    from clipcap_bench.bundles import make_demo_exports
+    from clipcap_bench.latency import LatencyConfig, run_latency
 
-    exports = make_demo_exports(repo / profile.bundle, repo / profile.work / "exports", repo / "clipcap")
+    exports = make_demo_exports(repo / profile.bundle, repo / profile.work / "exports", repo / "clipcap", progress)
     config = LatencyConfig(paths=[repo / profile.bundle, exports["onnx-fp32"], exports["onnx-int8"]],
                            backends=["torch", "torch-nocache", "onnxruntime", "onnxruntime-int8"],
                            batch_sizes=profile.batch_sizes, tokens=profile.tokens, warmup=profile.warmup,
@@ -41,19 +41,15 @@ def run_quick_latency(profile: QuickProfile, repo: Path, progress: bool = True) 
 
 def run_quick_serving(profile: QuickProfile, repo: Path, progress: bool = True) -> dict:
     """Pack the demo bundle (torch) and its export (onnxruntime) as two models, serve, load, stop."""
-    from clipcap.bench.bundles import make_demo_exports
-    from clipcap.bench.load import ServingLoadConfig, run_serving_load
-    from clipcap.bench.torchserve import LocalTorchServe
-    from clipcap.export.mar import ArchiveConfig, build_archive
+    from clipcap_bench.bundles import make_demo_exports
+    from clipcap_bench.load import ServingLoadConfig, run_serving_load
+    from clipcap_bench.torchserve import LocalTorchServe, pack_archives
 
     work = repo / profile.work
-    exports = make_demo_exports(repo / profile.bundle, work / "exports", repo / "clipcap")
+    exports = make_demo_exports(repo / profile.bundle, work / "exports", repo / "clipcap", progress)
     store = work / "model_store"
-    for name, bundle, backend in (("clipcap-torch", repo / profile.bundle, None),
-                                  ("clipcap-onnx", exports["onnx-fp32"], "onnxruntime")):
-        build_archive(ArchiveConfig(bundle=bundle, handler=repo / "serving" / "handler.py",
-                                    model_config=repo / "serving" / "model-config.yaml", out=store / f"{name}.mar",
-                                    backend=backend))
+    pack_archives(store, {"clipcap-torch": (repo / profile.bundle, None),
+                          "clipcap-onnx": (exports["onnx-fp32"], "onnxruntime")}, repo, progress)
     images = sorted((repo / "samples").glob("*.png"))
     with LocalTorchServe(work / "torchserve", store, ["clipcap-torch", "clipcap-onnx"], repo,
                          threads=profile.threads) as server:

@@ -1,24 +1,24 @@
 """Open-loop serving load for the photo profile: each bundle (the demo model by default; any model or export
 bundle) packed into a .mar and served alone by a private TorchServe with the shipped model-config.yaml,
 images (12 MP phone JPEGs, or samples/ PNGs) arriving as a Poisson process at each offered rate
-(clipcap.bench.load.run_open_loop). Per bundle and rate: p50/p99 and the fraction answered within the
+(clipcap_bench.load.run_open_loop). Per bundle and rate: p50/p99 and the fraction answered within the
 latency objective; per bundle its capacity (the highest rate meeting the objective) and its ratio to the
-first bundle's, against issue 20's target; as markdown and a plot.
+first bundle's, against the capacity target (targets.toml); as markdown and a plot.
 """
 from __future__ import annotations
 
 import json
 import re
 import time
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clipcap.bench.load import SERVER_SETTINGS, meets_objective
+from clipcap_bench import client
+from clipcap_bench.capacity import capacity_summary
+from clipcap_bench.load import SERVER_SETTINGS
+from clipcap_bench.targets import TARGETS
 
-TARGET_CAPACITY_RATIO = 1.5  # issue 20: the best export's capacity >= 1.5x today's (the first bundle's)
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Payload:
 
 
 def _phone_jpegs(repo: Path, folder: Path, count: int) -> list[Path]:
-    from clipcap.bench.photos import phone_jpeg
+    from clipcap_bench.photos import phone_jpeg
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"phone-{seed}.jpg" for seed in range(count)]
@@ -48,8 +48,8 @@ def _sample_pngs(repo: Path, folder: Path, count: int) -> list[Path]:
 
 PAYLOADS = {p.name: p for p in (
     Payload("phone-jpeg", "12 MP phone JPEGs (4032x3024 on its side, EXIF Orientation 6, Display P3 ICC; "
-                          "clipcap.bench.photos.phone_jpeg)", _phone_jpegs),
-    Payload("samples-png", "the repository's samples/*.png (issue 19's first open-loop numbers)", _sample_pngs),
+                          "clipcap_bench.photos.phone_jpeg)", _phone_jpegs),
+    Payload("samples-png", "the repository's samples/*.png (the first open-loop numbers)", _sample_pngs),
 )}
 
 
@@ -63,12 +63,12 @@ class OpenLoopProfile:
     slo_ms: float = 1000.0  # the latency objective: capacity is the highest rate whose p99 is within it
     payload: str = "phone-jpeg"  # a PAYLOADS name
     payloads: int = 2  # distinct phone JPEGs sent in turn (samples-png: every sample)
-    max_tokens: int | None = 20  # sent with every request as a form field (issue 19's numbers: 20 tokens);
+    max_tokens: int | None = 20  # sent with every request as a form field (20 tokens, as the first numbers);
     # None: the image alone, decoded with the handler's defaults (up to the bundle's max_tokens)
     threads: int = 1  # OMP_NUM_THREADS of the worker (torch threads; onnxruntime intra-op threads follow)
     stop_after_miss: bool = True  # a bundle's rates after the first that misses the objective are not run
     start_timeout_s: float = 600.0  # TorchServe start until the worker is READY (a full-size .mar is ~1 GB)
-    target_ratio: float = TARGET_CAPACITY_RATIO  # each later bundle's capacity over the first's
+    target_ratio: float = TARGETS.serving_capacity_ratio  # each later bundle's capacity over the first's (targets.toml)
 
     def validate(self) -> "OpenLoopProfile":
         if self.payload not in PAYLOADS:
@@ -108,22 +108,6 @@ def shipped_server_settings(repo: Path) -> dict:
             "decode_threads": handler.get("decode_threads"), "defaults": handler.get("defaults")}
 
 
-def packed_archive(bundle: Path, repo: Path, out: Path) -> bool:
-    """`bundle` packed into `out` (NAME.mar) with the shipped handler and model-config.yaml, unless the
-    .mar already holds exactly these files (a digest stamp next to it); returns whether it was built."""
-    from clipcap.bench.bundles import source_digest
-    from clipcap.export.mar import ArchiveConfig, build_archive
-
-    handler, model_config = repo / "serving" / "handler.py", repo / "serving" / "model-config.yaml"
-    key, stamp = source_digest([bundle, handler, model_config]), out.with_suffix(".sha256")
-    if out.is_file() and stamp.is_file() and stamp.read_text() == key:
-        return False
-    stamp.unlink(missing_ok=True)
-    build_archive(ArchiveConfig(bundle=bundle, handler=handler, model_config=model_config, out=out))
-    stamp.write_text(key)
-    return True
-
-
 def graph_weights(bundle: Path) -> str:
     """An export bundle's encoder and decoder weights as its manifest records them ("encoder fp32, decoder
     int8"); a model bundle's: "torch fp32". Two int8 siblings share a kind; this tells them apart."""
@@ -139,25 +123,19 @@ def graph_weights(bundle: Path) -> str:
 
 def probe(url: str, model: str, key: str, body: tuple[bytes, str], timeout_s: float = 120.0) -> dict:
     """One request, alone: its answer's token count and handler stage times (what each open-loop request costs)."""
-    data, content_type = body
-    request = urllib.request.Request(f"{url}/predictions/{model}", data=data, method="POST",
-                                     headers={"Content-Type": content_type, "Authorization": f"Bearer {key}"})
-    start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        raise RuntimeError(f"model {model!r}: the probe request answered {error.code}: "
-                           f"{error.read()[:300].decode(errors='replace')}") from None
-    return {"tokens": len(answer["token_ids"]), "latency_ms": (time.perf_counter() - start) * 1e3,
-            "handler_ms": answer["timings_ms"]}
+    status, answer, latency_ms = client.probe(f"{url}/predictions/{model}", key, body, timeout_s)
+    if status != 200:
+        raise RuntimeError(f"model {model!r}: the probe request answered {status}: "
+                           f"{answer[:300].decode(errors='replace')}")
+    answer = json.loads(answer)
+    return {"tokens": len(answer["token_ids"]), "latency_ms": latency_ms, "handler_ms": answer["timings_ms"]}
 
 
 def run_open_loop_profile(profile: OpenLoopProfile, repo: Path, progress: bool = True) -> dict:
     """Each bundle in turn: pack, serve alone, probe, load open-loop at each rate, stop; one report."""
-    from clipcap.bench.bundles import bundle_kind
-    from clipcap.bench.load import OpenLoopConfig, request_bodies, run_open_loop, with_options
-    from clipcap.bench.torchserve import LocalTorchServe
+    from clipcap_bench.bundles import bundle_kind
+    from clipcap_bench.load import OpenLoopConfig, request_bodies, run_open_loop, with_options
+    from clipcap_bench.torchserve import LocalTorchServe, packed_archive
 
     profile.validate()
     work = repo / profile.work
@@ -191,7 +169,7 @@ def run_open_loop_profile(profile: OpenLoopProfile, repo: Path, progress: bool =
 def _merged(reports: list[dict], served: list[dict], profile: OpenLoopProfile, repo: Path) -> dict:
     """One report over the bundles' runs: their cells in turn, the settings they share, each bundle's
     archive and start-up, and the capacities."""
-    from clipcap.bench.schema import check_report
+    from clipcap_bench.schema import check_report
 
     first = reports[0]
     cells = [cell for report in reports for cell in report["cells"]]
@@ -205,66 +183,6 @@ def _merged(reports: list[dict], served: list[dict], profile: OpenLoopProfile, r
     check_report(report)
     return report
 
-
-# -- capacity --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Capacity:
-    rate: float | None  # the highest offered rate at which, as at every lower rate measured, every request
-    # was answered 200 with p99 within the objective; None: the lowest rate measured already missed
-    censored: bool  # no rate measured missed: the capacity is at least `rate`, maybe more
-
-
-def capacity(cells: list[dict], slo_ms: float) -> dict[str, Capacity]:
-    """Per model of `cells` (open-loop report cells), its capacity under `slo_ms`. A rate counts only if
-    every lower one measured also met the objective: a miss bounds the capacity, whatever follows it."""
-    by_model: dict[str, list[dict]] = {}
-    for cell in cells:
-        by_model.setdefault(cell["model"], []).append(cell)
-    result = {}
-    for model, rows in by_model.items():
-        rate, censored = None, True
-        for cell in sorted(rows, key=lambda c: c["rate"]):
-            if not meets_objective(cell, slo_ms):
-                censored = False
-                break
-            rate = cell["rate"]
-        result[model] = Capacity(rate, censored)
-    return result
-
-
-def target_verdict(baseline: Capacity, other: Capacity, target: float) -> tuple[float | None, str]:
-    """(capacity ratio other / baseline, or None; "met" | "missed" | "undetermined: why") for `target`."""
-    if baseline.rate is None:
-        return None, "undetermined: the baseline missed the objective at the lowest rate (add lower rates)"
-    if other.rate is None:
-        return 0.0, "missed"
-    ratio = other.rate / baseline.rate
-    if baseline.censored:
-        return ratio, "undetermined: the baseline met the objective at every rate measured (add higher rates)"
-    if ratio >= target:
-        return ratio, "met"
-    if other.censored:
-        return ratio, "undetermined: it met the objective at every rate measured (add higher rates)"
-    return ratio, "missed"
-
-
-def capacity_summary(cells: list[dict], models: list[str], slo_ms: float, target: float) -> dict:
-    """Each model's capacity and, after the first (the baseline), its ratio to the baseline's and verdict."""
-    capacities = capacity(cells, slo_ms)
-    baseline = capacities.get(models[0], Capacity(None, False))
-    rows = []
-    for index, model in enumerate(models):
-        found = capacities.get(model, Capacity(None, False))
-        if index:
-            ratio, verdict = target_verdict(baseline, found, target)
-        else:
-            ratio, verdict = (None if found.rate is None else 1.0), "baseline"
-        rows.append({"model": model, **asdict(found), "ratio": ratio, "verdict": verdict})
-    return {"slo_ms": slo_ms, "target_ratio": target, "baseline": models[0], "models": rows}
-
-
-# -- outputs ---------------------------------------------------------------------------------------
 
 def open_loop_markdown(report: dict) -> str:
     settings = report["settings"]
@@ -303,7 +221,7 @@ def open_loop_markdown(report: dict) -> str:
     if "capacity" in report:
         summary = report["capacity"]
         lines += [f"Capacity: the highest offered rate at which, as at every lower rate, every request was answered "
-                  f"200 with p99 <= {summary['slo_ms']:g} ms (on the grid of rates measured). Target (issue 20): "
+                  f"200 with p99 <= {summary['slo_ms']:g} ms (on the grid of rates measured). Target: "
                   f">= {summary['target_ratio']:g}x the baseline, {summary['baseline']}.", "",
                   "| model | capacity req/s | vs baseline | target |", "|---|---|---|---|"]
         for row in summary["models"]:
@@ -314,7 +232,7 @@ def open_loop_markdown(report: dict) -> str:
 
 
 def plot_open_loop(report: dict, path: Path) -> Path:
-    from clipcap.bench.report import pyplot, save_figure
+    from clipcap_bench.report import figure_legend, log_where_spread, pyplot, save_figure
 
     plt = pyplot()
     figure, (latency_axis, slo_axis) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -325,15 +243,15 @@ def plot_open_loop(report: dict, path: Path) -> Path:
         latency_axis.plot(rates, [c["latency_ms"]["p99"] for c in cells], "s--", label=f"{model} p99")
         slo_axis.plot(rates, [c["within_slo"] for c in cells], "o-", label=model)
     latency_axis.axhline(report["settings"]["slo_ms"], color="gray", linewidth=0.8, linestyle=":")
-    latency_axis.set(xlabel="offered requests/s", ylabel="latency, ms", yscale="log", title="Open-loop latency")
+    latency_axis.set(xlabel="offered requests/s", ylabel="latency, ms", title="Open-loop latency")
+    log_where_spread(latency_axis, y_base=10)
     slo_axis.set(xlabel="offered requests/s", ylabel="fraction", ylim=(0, 1.05),
                  title=f"answered within {report['settings']['slo_ms']:g} ms")
-    latency_axis.legend(fontsize="small")
-    slo_axis.legend(fontsize="small")
+    figure_legend(figure, [latency_axis, slo_axis])
     return save_figure(figure, path)
 
 
 def write_open_loop_outputs(report: dict, out: Path) -> list[Path]:
-    from clipcap.bench.schema import write_outputs
+    from clipcap_bench.schema import write_outputs
 
     return write_outputs(report, out, "open_loop", open_loop_markdown, {"open_loop.png": plot_open_loop})

@@ -1,10 +1,13 @@
 """Statistics of the measured samples: percentiles and dispersion, per-cell summaries, ratios, flatness, targets."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
-from clipcap.bench.backends import BACKENDS
-from clipcap.bench.ratios import RATIOS
+from clipcap_bench.backends import BACKENDS
+from clipcap_bench.ratios import RATIOS
+from clipcap_bench.targets import TARGETS, LatencyTargets
 
 
 PERCENTILES = (50, 90, 99)
@@ -100,15 +103,12 @@ def flatness(per_token_ms: list[float], first: int = 5, last: int = 60) -> dict 
 # ---------------------------------------------------------------------------------------------
 # Targets: measured and reported, never asserted.
 
-ENCODER_FLOOR_TARGETS = {1: 1.25, 8: 1.1}  # batch -> the fp32 onnxruntime encoder's most time over its roofline floor
-FLATNESS_TARGET = 0.20  # per-token decode time within ±20% from token 5 to token 60 (cached backends)
-
-
-def evaluate_targets(report: dict) -> list[dict]:
-    """Every ratio's `SpeedupTarget` (clipcap.bench.ratios) and the flatness target, met or missed where measured."""
+def evaluate_targets(report: dict, targets: LatencyTargets = TARGETS.latency) -> list[dict]:
+    """Every speed-up, encoder-floor and flatness goal of targets.toml, met or missed where measured."""
     rows = []
-    for ratio in (r for r in RATIOS if r.target is not None):
-        target = ratio.target
+    names = {ratio.key: ratio.name for ratio in RATIOS}
+    for target in targets.speedups:
+        ratio = SimpleNamespace(key=target.ratio, name=names[target.ratio])
         title = f"{ratio.name} >= {target.minimum:g}x"
         matching = [r for r in report["ratios"] if r["key"] == ratio.key
                     and target.batch_size in (None, r["batch_size"]) and target.tokens in (None, r["tokens"])]
@@ -120,7 +120,7 @@ def evaluate_targets(report: dict) -> list[dict]:
                          "tokens", "measured": "not measured (a backend unavailable or the cell not run)",
                          "met": None})
     for row in report["roofline"].get("encoder", []):
-        limit = ENCODER_FLOOR_TARGETS.get(row["batch_size"])
+        limit = targets.encoder_floor.get(row["batch_size"])
         if row["backend"] == "onnxruntime" and limit is not None:
             rows.append({"target": f"fp32 encoder <= {limit:g}x its floor", "where": f"batch {row['batch_size']}",
                          "measured": f"{row['x_floor']:.2f}x ({row['encode_ms']:.1f} ms, floor {row['floor_ms']:.1f} ms)",
@@ -128,8 +128,8 @@ def evaluate_targets(report: dict) -> list[dict]:
     for cell in report["cells"]:
         flat = cell.get("flatness")
         if flat is not None and BACKENDS[cell["backend"]].use_cache:
-            rows.append({"target": f"{cell['backend']}: per-token decode flat within ±{FLATNESS_TARGET:.0%}, "
+            rows.append({"target": f"{cell['backend']}: per-token decode flat within ±{targets.flatness:.0%}, "
                          "tokens 5-60", "where": f"batch {cell['batch_size']}, {cell['tokens']} tokens",
                          "measured": f"trend {flat['trend']:+.1%} (single tokens up to {flat['max_deviation']:.0%} "
-                         "off the median)", "met": abs(flat["trend"]) <= FLATNESS_TARGET})
+                         "off the median)", "met": abs(flat["trend"]) <= targets.flatness})
     return rows

@@ -1,4 +1,5 @@
-"""A private TorchServe for benchmarks: started the documented way, on free loopback ports, in its own directory.
+"""A private TorchServe for benchmarks: archives packed once per input, the server started the documented way,
+on free loopback ports, in its own directory.
 
 serving/config.properties is copied with its addresses, model store and metrics file moved, so the
 server cannot collide with another one on this machine (8080-8082 may be taken); token
@@ -15,7 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from clipcap.bench.load import read_api_keys
+from clipcap_bench.load import read_api_keys
+from clipcap_bench.steps import run_steps
 
 
 def free_ports(count: int) -> list[int]:
@@ -26,6 +28,33 @@ def free_ports(count: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+def packed_archive(bundle: Path, repo: Path, out: Path, backend: str | None = None) -> bool:
+    """`bundle` packed into `out` (NAME.mar) with the shipped handler and model-config.yaml (`backend`: the
+    runtime the handler opens it with; None, the bundle's own), unless the .mar already holds exactly these
+    files (a digest stamp next to it); returns whether it was built."""
+    from clipcap_bench.bundles import source_digest
+    from clipcap.export.mar import ArchiveConfig, build_archive
+
+    handler, model_config = repo / "serving" / "handler.py", repo / "serving" / "model-config.yaml"
+    key = source_digest([Path(bundle), handler, model_config]) + f" backend={backend}"
+    stamp = out.with_suffix(".sha256")
+    if out.is_file() and stamp.is_file() and stamp.read_text() == key:
+        return False
+    stamp.unlink(missing_ok=True)
+    build_archive(ArchiveConfig(bundle=Path(bundle), handler=handler, model_config=model_config, out=out,
+                                backend=backend))
+    stamp.write_text(key)
+    return True
+
+
+def pack_archives(store: Path, bundles: dict[str, tuple[Path, str | None]], repo: Path,
+                  progress: bool = True) -> None:
+    """store/NAME.mar for every NAME -> (bundle, backend), each packed only when its inputs changed."""
+    run_steps([(f"{name}.mar", lambda name=name, bundle=bundle, backend=backend:
+                packed_archive(bundle, repo, store / f"{name}.mar", backend))
+               for name, (bundle, backend) in bundles.items()], "pack .mar", progress)
 
 
 class LocalTorchServe:
@@ -74,18 +103,26 @@ class LocalTorchServe:
 
     def __enter__(self) -> "LocalTorchServe":
         import psutil
+        from tqdm import tqdm
 
         self._torchserve("--start", "--ncs", "--ts-config", "config.properties",
                          "--models", *(f"{m}={m}.mar" for m in self.models))
         java = psutil.Process(int((self.root / "tmp" / ".model_server.pid").read_text()))
         self.processes = [java]
         try:
-            deadline = time.monotonic() + self.start_timeout_s
-            while not all(self._ready(m) for m in self.models):
-                if not java.is_running() or time.monotonic() > deadline:
-                    raise RuntimeError(f"TorchServe did not get {', '.join(self.models)} ready within "
-                                       f"{self.start_timeout_s:.0f} s; see {self.root / 'logs'}")
-                time.sleep(1)
+            deadline, ready = time.monotonic() + self.start_timeout_s, set()
+            with tqdm(total=len(self.models), desc="TorchServe start", unit="model") as bar:
+                while True:
+                    for model in set(self.models) - ready:
+                        if self._ready(model):
+                            ready.add(model)
+                            bar.update()
+                    if len(ready) == len(self.models):
+                        break
+                    if not java.is_running() or time.monotonic() > deadline:
+                        raise RuntimeError(f"TorchServe did not get {', '.join(self.models)} ready within "
+                                           f"{self.start_timeout_s:.0f} s; see {self.root / 'logs'}")
+                    time.sleep(1)
             self.processes += java.children(recursive=True)  # the Python workers
         except BaseException:
             self.__exit__()

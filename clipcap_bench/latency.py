@@ -6,21 +6,21 @@ stop token is ignored), so every backend generates exactly the same number of to
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from clipcap.bench.backends import BACKENDS, OpenBackend, open_backends
-from clipcap.bench.machine import machine_info, thread_counts
-from clipcap.bench.roofline import decoder_weight_bytes, encoder_roofline, graph_bytes, measure_peaks, roofline
-from clipcap.bench.schema import LATENCY_SCHEMA, check_report, jsonable
-from clipcap.bench.statistics import compute_ratios, evaluate_targets, summarize_cell
+from clipcap_bench.experiment import rotation
+from clipcap_bench.backends import BACKENDS, OpenBackend, open_backends
+from clipcap_bench.machine import thread_counts
+from clipcap_bench.roofline import decoder_weight_bytes, encoder_roofline, graph_bytes, measure_peaks, roofline
+from clipcap_bench.schema import LATENCY_SCHEMA, Envelope, check_report
+from clipcap_bench.statistics import compute_ratios, evaluate_targets, summarize_cell
+from clipcap_bench.steps import run_steps
 from clipcap.config import BundleError
 
 
@@ -85,8 +85,10 @@ def run_latency(config: LatencyConfig, progress: bool = True) -> dict:
 
     config.validate()
     torch.set_num_threads(config.threads)
-    load_before = os.getloadavg()
-    opened, unavailable = open_backends(config.backends, config.paths, config.device)
+    envelope = Envelope(LATENCY_SCHEMA, config.device)
+    [(opened, unavailable)] = run_steps(  # a full-size model takes seconds to load
+        [("load " + ", ".join(config.backends), lambda: open_backends(config.backends, config.paths, config.device))],
+        "backends", progress)
     if not opened:
         raise BundleError("no backend could run: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
     first = next(iter(opened.values()))
@@ -94,7 +96,8 @@ def run_latency(config: LatencyConfig, progress: bool = True) -> dict:
     token_limit = first.captioner.token_limit
     if max(config.tokens) > token_limit:
         raise ValueError(f"tokens {max(config.tokens)} exceed what the model's positions allow ({token_limit})")
-    peaks = measure_peaks(config.device)
+    [peaks] = run_steps([("matmul and memory ceilings", lambda: measure_peaks(config.device))], "machine peaks",
+                        progress)
     names = list(opened)
     cells = [(tokens, batch) for tokens in config.tokens for batch in config.batch_sizes]
     samples: dict[tuple[str, int, int], list[dict]] = {}
@@ -104,9 +107,7 @@ def run_latency(config: LatencyConfig, progress: bool = True) -> dict:
             images = synthetic_images(batch_size, config.image_size, config.seed)
             spent = dict.fromkeys(names, 0.0)
             for iteration in range(config.warmup + config.iters):
-                # Rotate the order every iteration: no backend always runs first (or right after another).
-                shift = iteration % len(names)
-                for name in names[shift:] + names[:shift]:
+                for name in rotation(names, iteration):
                     bar.set_postfix_str(f"{name} b{batch_size} t{tokens}")
                     measured = samples.setdefault((name, batch_size, tokens), [])
                     over_budget = (config.time_budget_s is not None and len(measured) >= config.min_iters
@@ -117,20 +118,14 @@ def run_latency(config: LatencyConfig, progress: bool = True) -> dict:
                             measured.append(sample)
                             spent[name] += sample["end_to_end"]
                     bar.update()
-    report = {
-        "schema": LATENCY_SCHEMA,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(config.device),
-        "settings": {**jsonable(asdict(config)), "decoding": FIXED_LENGTH_NOTE,
-                     "threads": thread_counts(opened)},
-        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
-        "peaks": peaks,
-        "backends": {name: {"available": name in opened, "what": BACKENDS[name].what,
-                            "path": str(opened[name].path) if name in opened else None,
-                            "reason": unavailable.get(name)} for name in config.backends},
-        "cells": [summarize_cell(name, batch, tokens, cell_samples)
-                  for (name, batch, tokens), cell_samples in samples.items()],
-    }
+    report = envelope.report(
+        {**asdict(config), "decoding": FIXED_LENGTH_NOTE, "threads": thread_counts(opened)},
+        peaks=peaks,
+        backends={name: {"available": name in opened, "what": BACKENDS[name].what,
+                         "path": str(opened[name].path) if name in opened else None,
+                         "reason": unavailable.get(name)} for name in config.backends},
+        cells=[summarize_cell(name, batch, tokens, cell_samples)
+               for (name, batch, tokens), cell_samples in samples.items()])
     report["ratios"] = compute_ratios(report["cells"])
     report["roofline"] = roofline(report["cells"], model_config.gpt2, model_config.mapper.prefix_length,
                                   {name: decoder_weight_bytes(opened[name]) for name in names}, peaks)

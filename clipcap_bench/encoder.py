@@ -3,18 +3,16 @@ graph, timed interleaved in one run against the ViT's roofline floor, each with 
 cosine to PyTorch's. What export/README's encoder method table is measured with."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clipcap.bench.machine import machine_info
-from clipcap.bench.roofline import StepCost, cost_floor_s, measure_peaks, vit_image_cost
-from clipcap.bench.schema import jsonable
+from clipcap_bench.experiment import rotation
+from clipcap_bench.roofline import StepCost, cost_floor_s, measure_peaks, vit_image_cost
+from clipcap_bench.schema import ENCODER_SCHEMA, Envelope, check_report
 
 EAGER = "open_clip eager"  # the reference option's name: TorchRuntime.encode on the model bundle
 EAGER_BF16 = "open_clip eager bf16"  # TorchBf16Runtime.encode: the tower's weights and arithmetic in bfloat16
@@ -48,7 +46,7 @@ def run_encoder_bench(config: EncoderBenchConfig, progress: bool = True) -> dict
 
     config.validate()
     torch.set_num_threads(config.threads)
-    load_before = os.getloadavg()
+    envelope = Envelope(ENCODER_SCHEMA)
     runtimes = {EAGER: TorchRuntime.from_path(Path(config.model))}
     if config.torch_bf16:
         runtimes[EAGER_BF16] = TorchBf16Runtime.from_path(Path(config.model))
@@ -72,8 +70,7 @@ def run_encoder_bench(config: EncoderBenchConfig, progress: bool = True) -> dict
             reference = runtimes[EAGER].encode_image(pixels)
             wall, cpu = ({name: [] for name in names} for _ in range(2))
             for round_index in range(config.warmup + config.rounds):
-                shift = round_index % len(names)
-                for name in names[shift:] + names[:shift]:
+                for name in rotation(names, round_index):
                     start, start_cpu = time.perf_counter(), time.thread_time()
                     runtimes[name].encode(pixels)
                     if round_index >= config.warmup:
@@ -96,9 +93,10 @@ def run_encoder_bench(config: EncoderBenchConfig, progress: bool = True) -> dict
                         cpu_floor_ms = 1e3 * cost_floor_s(cost, cpu_peaks)
                         row.update(cpu_floor_ms=cpu_floor_ms, cpu_x_floor=cpu_p50[name] / cpu_floor_ms)
                 rows.append(row)
-    return {"created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-            "settings": jsonable(asdict(config)), "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
-            "peaks": peaks, "cpu_peaks": cpu_peaks, "gflop_per_image": image.flops / 1e9 if image else None, "rows": rows}
+    report = envelope.report(asdict(config), peaks=peaks, cpu_peaks=cpu_peaks,
+                             gflop_per_image=image.flops / 1e9 if image else None, rows=rows)
+    check_report(report)
+    return report
 
 
 def encoder_markdown(report: dict) -> str:
@@ -129,7 +127,7 @@ def encoder_markdown(report: dict) -> str:
 
 
 def plot_encoder(report: dict, path: Path) -> Path:
-    from clipcap.bench.report import pyplot, save_figure
+    from clipcap_bench.report import figure_legend, pyplot, save_figure
 
     plt = pyplot()
     batches = sorted({row["batch_size"] for row in report["rows"]})
@@ -140,8 +138,8 @@ def plot_encoder(report: dict, path: Path) -> Path:
         floors = [row.get("cpu_floor_ms", row.get("floor_ms")) for row in rows]  # the bars' clock
         if floors[0] is not None:
             axis.axvline(min(floors), color="tab:red", linestyle="--", label="roofline floor")
-            axis.legend(fontsize=7)
         axis.set_title(f"batch {batch}: encode p50, CPU ms", fontsize=9)
         axis.tick_params(labelsize=7)
+    figure_legend(figure, axes)
     save_figure(figure, path)
     return path

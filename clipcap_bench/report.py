@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipcap.bench.schema import write_outputs
+from clipcap_bench.schema import write_outputs
 
 
 def _fmt(value: float) -> str:
@@ -130,13 +130,38 @@ def pyplot():
 
 
 def save_figure(figure, path: Path) -> Path:
-    """Lay out, write as PNG and free a matplotlib figure (pyplot keeps every open figure alive)."""
+    """Lay out, write as PNG and free a matplotlib figure (pyplot keeps every open figure alive). The saved
+    area grows to hold every title and the figure's legend, so none is clipped."""
     plt = pyplot()
 
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def log_where_spread(axis, x_base: float | None = None, y_base: float | None = None) -> None:
+    """Log scale on x (and/or y) only where the plotted values span more than one positive value: a log
+    axis over a single point has no range to show."""
+    for base, values, set_scale in ((x_base, "get_xdata", axis.set_xscale), (y_base, "get_ydata", axis.set_yscale)):
+        if base is None:
+            continue
+        data = np.concatenate([np.asarray(getattr(line, values)(), dtype=float).ravel() for line in axis.get_lines()]
+                              or [np.zeros(0)])
+        data = data[np.isfinite(data)]
+        if data.size and (data > 0).all() and np.unique(data).size > 1:
+            set_scale("log", base=base)
+
+
+def figure_legend(figure, axes, **options) -> None:
+    """One legend for the whole figure, below it: every distinct label of every panel, once."""
+    entries = {}
+    for axis in np.ravel(axes):
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        figure.legend(list(entries.values()), list(entries), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                      ncol=min(4, len(entries)), fontsize=8, **options)
 
 
 def plot_latency(report: dict, path: Path) -> Path:
@@ -158,13 +183,12 @@ def plot_latency(report: dict, path: Path) -> Path:
             axes[1, column].plot(batches, [c["throughput"]["captions_per_s"] for c in cells], marker="o", label=backend)
         for row, label in ((0, "end to end, ms (p50, bar to p90)"), (1, "captions / s")):
             axis = axes[row, column]
-            axis.set_xscale("log", base=2)
-            axis.set_yscale("log")
+            log_where_spread(axis, x_base=2, y_base=10)
             axis.set_xlabel("batch size")
             axis.set_ylabel(label)
             axis.grid(True, which="both", alpha=0.3)
-            axis.legend(fontsize=8)
         axes[0, column].set_title(f"{tokens} tokens per caption (fixed length)")
+    figure_legend(figure, axes)
     figure.suptitle(f"{report['machine']['cpu']} ({report['settings']['device']}, "
                     f"{report['settings']['threads']['torch_intra_op']} thread(s))")
     return save_figure(figure, path)
@@ -180,12 +204,12 @@ def plot_per_token(report: dict, path: Path) -> Path:
         for cell in report["cells"]:
             if (cell["tokens"], cell["batch_size"]) == (tokens, batch) and cell["per_token_ms"]:
                 axis.plot(range(2, tokens + 1), cell["per_token_ms"], label=cell["backend"])
-        axis.set_yscale("log")
+        log_where_spread(axis, y_base=10)
         axis.set_xlabel("token produced by the step")
         axis.set_ylabel("step time, ms (median over iterations)")
         axis.set_title(f"batch {batch}, {tokens} tokens")
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
+    figure_legend(figure, axes)
     figure.suptitle("Per-token decode: flat with a KV cache, growing without (the paper's decoding)")
     return save_figure(figure, path)
 
@@ -239,12 +263,12 @@ def plot_serving(report: dict, path: Path) -> Path:
         latency.plot(levels, [c["latency_ms"]["p99"] for c in cells], marker="x", linestyle="--",
                      color=line.get_color(), label=f"{model} p99")
     for axis, label in ((throughput, "requests / s"), (latency, "latency, ms")):
-        axis.set_xscale("log", base=2)
+        log_where_spread(axis, x_base=2)
         axis.set_xlabel("concurrent clients")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
-    latency.set_yscale("log")
+    log_where_spread(latency, y_base=10)
+    figure_legend(figure, [latency])  # its labels name every model (p50 and p99)
     figure.suptitle(f"TorchServe on {report['machine']['cpu']} ({report['machine']['logical_cores']} cores)")
     return save_figure(figure, path)
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from clipcap.bench.backends import BACKENDS, OpenBackend
+from clipcap_bench.backends import BACKENDS, OpenBackend
 from clipcap.config import ClipConfig, GPT2Config
 
 

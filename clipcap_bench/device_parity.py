@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from clipcap.bench.latency import synthetic_images
-from clipcap.bench.schema import jsonable
+from clipcap_bench.latency import synthetic_images
+from clipcap_bench.schema import jsonable
 
 
 @dataclass
