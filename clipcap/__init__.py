@@ -7,8 +7,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_EXPORTS = {"BundleError": "clipcap.config", "ClipCapConfig": "clipcap.config", "DecodingError": "clipcap.decoding",
-            "DecodingOptions": "clipcap.decoding", "ImageError": "clipcap.images"}
+_EXPORTS = {"BundleError": "clipcap.config", "ClipCapConfig": "clipcap.config",
+            "DecodingError": "clipcap.decoding_options", "DecodingOptions": "clipcap.decoding_options",
+            "ImageError": "clipcap.image_formats"}
 
 
 def __getattr__(name: str):

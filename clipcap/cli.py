@@ -1,4 +1,8 @@
-"""The `clipcap` command: thin argument parsing over `Captioner` and the bundle functions."""
+"""The `clipcap` command: thin argument parsing over `Captioner` and the bundle functions.
+
+torch, transformers and open_clip are imported by the commands that use them, so `--help` and
+argument errors answer at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,22 +11,25 @@ import sys
 from pathlib import Path
 
 from clipcap.config import BundleError
-from clipcap.decoding import STRATEGIES, DecodingError, DecodingOptions
-from clipcap.images import DEFAULT_FORMATS, ImageError, check_formats
+from clipcap.decoding_options import STRATEGIES, USED_BY, DecodingError, DecodingOptions, check_used
+from clipcap.image_formats import DEFAULT_FORMATS, ImageError, check_formats
 from clipcap.runtimes import RUNTIMES, RuntimeUnavailable
 
 USER_ERRORS = (BundleError, ImageError, DecodingError, RuntimeUnavailable)
+INTERRUPTED = 130  # exit code after Ctrl-C, as a shell reports a process SIGINT stopped
 
 
 def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     defaults = DecodingOptions()
     parser.add_argument("bundle", help="model bundle or export bundle directory")
     parser.add_argument("--decoding", choices=STRATEGIES, default=defaults.strategy)
-    parser.add_argument("--beam-size", type=int, default=defaults.beam_size)
+    # Strategy-specific flags default to None: one given with a strategy that ignores it is refused (_options).
+    parser.add_argument("--beam-size", type=int, default=None, help=f"beam only (default: {defaults.beam_size})")
     parser.add_argument("--max-tokens", type=int, default=None, help="default: the bundle's max_tokens")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None, help=f"nucleus only (default: {defaults.top_p})")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"beam and nucleus only (default: {defaults.temperature})")
+    parser.add_argument("--seed", type=int, default=None, help="nucleus only (default: a random seed)")
     parser.add_argument("--no-cache", action="store_true", help="the paper's decoding: recompute every step")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--backend", choices=sorted(RUNTIMES), default=None,
@@ -44,9 +51,10 @@ def _formats(text: str) -> tuple[str, ...]:
 
 
 def _options(args: argparse.Namespace) -> DecodingOptions:
-    return DecodingOptions(strategy=args.decoding, max_tokens=args.max_tokens, beam_size=args.beam_size,
-                           top_p=args.top_p, temperature=args.temperature, seed=args.seed,
-                           use_cache=not args.no_cache)
+    """The flags as DecodingOptions; a flag the chosen --decoding would ignore is refused (DecodingError)."""
+    given = {name: getattr(args, name) for name in USED_BY if getattr(args, name) is not None}
+    check_used(args.decoding, given, "--decoding", lambda name: "--" + name.replace("_", "-"))
+    return DecodingOptions(strategy=args.decoding, max_tokens=args.max_tokens, use_cache=not args.no_cache, **given)
 
 
 def _chunks(items: list, size: int):
@@ -68,42 +76,71 @@ def _print_results(results: list[dict], key: str, as_json: bool) -> None:
 
 
 def _open(args: argparse.Namespace):
-    from clipcap.captioner import Captioner
-
     if args.batch_size < 1:
         raise DecodingError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from clipcap.captioner import Captioner
+
     return Captioner.from_path(args.bundle, backend=args.backend, device=args.device)
 
 
+def _image_files(paths: list[str], formats: tuple[str, ...]) -> list[str]:
+    """The command line's images: a file as given, a folder as its files of the accepted formats (sorted,
+    recursive, by extension as `caption-dataset` walks one); the files a walk leaves out are reported."""
+    from clipcap.bulk.sources import list_images
+
+    files = []
+    for path in paths:
+        if not Path(path).is_dir():
+            files.append(path)
+            continue
+        listing = list_images(path, formats)
+        files.extend(ref.path for ref in listing.refs)
+        if listing.skipped:
+            kinds = ", ".join(f"{count} {ending}" for ending, count in listing.skipped.items())
+            print(f"{path}: {sum(listing.skipped.values())} files skipped, not of the accepted --formats ({kinds})",
+                  file=sys.stderr)
+    return files
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
+    """Decodes one batch of images at a time (memory bounded by --batch-size, not by the number of images)."""
+    options = _options(args)
+    captioner = _open(args)
+    options = options.validate(captioner.token_limit)
     import torch
 
-    captioner = _open(args)
-    options = _options(args).validate(captioner.token_limit)
-    pixels, names, positions, failed = [], [], [], 0
-    for position, name in enumerate(args.images):
-        try:
-            pixels.append(captioner.load_pixels_file(name, args.formats))
-            names.append(name)
-            positions.append(position)  # on the command line: a skipped file does not shift the seeds
-        except ImageError as error:  # report, skip, and caption the others
-            print(f"error: {error}", file=sys.stderr)
-            failed += 1
-    results = []
-    for start, chunk in _chunks(pixels, args.batch_size):
-        seeds = _seeds(options, positions[start:start + len(chunk)])
-        batch = captioner.caption_pixels(torch.stack(chunk), options, seeds)
-        for name, caption in zip(names[start:], batch.captions):
-            results.append({"image": name, "caption": caption.caption, "token_ids": caption.token_ids})
-    _print_results(results, "image", args.json)
+    results, failed = [], 0
+    # Positions on the command line: a file that fails does not shift the others' seeds.
+    for start, names in _chunks(_image_files(args.images, args.formats), args.batch_size):
+        pixels, kept, positions = [], [], []
+        for position, name in enumerate(names, start):
+            try:
+                pixels.append(captioner.load_pixels_file(name, args.formats))
+                kept.append(name)
+                positions.append(position)
+            except ImageError as error:  # report, skip, and caption the others
+                print(f"error: {error}", file=sys.stderr)
+                failed += 1
+        if not pixels:
+            continue
+        batch = captioner.caption_pixels(torch.stack(pixels), options, _seeds(options, positions))
+        rows = [{"image": name, "caption": caption.caption, "token_ids": caption.token_ids}
+                for name, caption in zip(kept, batch.captions)]
+        if args.json:
+            results.extend(rows)
+        else:
+            _print_results(rows, "image", as_json=False)
+    if args.json:
+        _print_results(results, "image", as_json=True)
     return 2 if failed else 0
 
 
 def cmd_caption_embeddings(args: argparse.Namespace) -> int:
     import numpy as np
 
+    options = _options(args)
     captioner = _open(args)
-    options = _options(args).validate(captioner.token_limit)
+    options = options.validate(captioner.token_limit)
     path = Path(args.embeddings)
     if not path.is_file():
         raise BundleError(f"{path}: file not found")
@@ -124,7 +161,7 @@ def cmd_caption_embeddings(args: argparse.Namespace) -> int:
 
 
 def cmd_caption_dataset(args: argparse.Namespace) -> int:
-    from clipcap.bulk import BulkConfig, caption_dataset
+    from clipcap.bulk import BulkConfig, Interrupted, caption_dataset
     from clipcap.bulk.shards import OutputError
     from clipcap.bulk.sources import SourceError
 
@@ -137,14 +174,28 @@ def cmd_caption_dataset(args: argparse.Namespace) -> int:
     except (SourceError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        counts = stop.manifest["counts"]
+        print(f"interrupted: {counts['rows']} of {counts['images']} images kept in {args.out} "
+              f"({counts['this_run']['captioned'] + counts['this_run']['failed']} this run); "
+              f"the same command resumes", file=sys.stderr)
+        return INTERRUPTED
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
         counts, timings = manifest["counts"], manifest["timings"]
         print(f"{args.out}: {counts['rows']} of {counts['images']} images in {len(manifest['shards'])} shards, "
               f"{counts['failed']} failed; this run {counts['this_run']['captioned']} captioned, "
-              f"{counts['this_run']['failed']} failed in {timings['seconds']} s ({timings['images_per_second']} images/s)")
+              f"{counts['this_run']['failed']} failed in {timings['seconds']} s ({timings['images_per_second']} images/s)"
+              + _skipped_note(counts["skipped_files"]))
     return 0
+
+
+def _skipped_note(skipped: dict[str, int]) -> str:
+    if not skipped:
+        return ""
+    kinds = ", ".join(f"{count} {ending}" for ending, count in skipped.items())
+    return f"; {sum(skipped.values())} files skipped, not of the accepted --formats ({kinds})"
 
 
 def cmd_import_original(args: argparse.Namespace) -> int:
@@ -207,10 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipcap", description="ClipCap captioning: bundles, decoding, import.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    caption = commands.add_parser("caption", help="caption image files")
+    caption = commands.add_parser("caption", help="caption image files (or the images of a folder)")
     _add_decoding_flags(caption)
     _add_formats_flag(caption)
-    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption.add_argument("images", nargs="+", metavar="IMAGE", help="an image file, or a folder of them")
     caption.set_defaults(run=cmd_caption)
 
     embeddings = commands.add_parser("caption-embeddings", help="caption precomputed CLIP embeddings (.npy, [N, D])")
@@ -276,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's exit code for SIGINT
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

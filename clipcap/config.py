@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipcap.mappers import MAPPERS
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "clipcap.json"
@@ -93,6 +92,8 @@ class MapperConfig:
     mlp_ratio: float = 2.0  # transformer only: hidden width of its ReLU MLP / embedding width
 
     def validate(self, where: str) -> None:
+        from clipcap.mappers import MAPPERS  # torch: imported when a bundle is read, not by `clipcap --help`
+
         _check(self.type in MAPPERS, where, "mapper.type", f"unknown mapper {self.type!r}; known: {sorted(MAPPERS)}")
         for name in ("prefix_length", "clip_length", "num_layers", "num_heads"):
             _check(getattr(self, name) > 0, where, f"mapper.{name}", "must be > 0")

@@ -10,81 +10,19 @@ benchmark baseline.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from clipcap.quoting import quote, quote_names
+from clipcap.decoding_options import (REQUEST_OPTIONS, STRATEGIES, USED_BY, DecodingError, DecodingOptions, check_used,
+                                      is_int)
+from clipcap.quoting import quote
 from clipcap.runtimes.base import Runtime
 
-STRATEGIES = ("greedy", "beam", "nucleus")
-# Options a client may set per request (JSON keys, form fields) -> the DecodingOptions field each sets.
-REQUEST_OPTIONS = {"decoding": "strategy", "max_tokens": "max_tokens", "beam_size": "beam_size",
-                   "top_p": "top_p", "temperature": "temperature", "seed": "seed"}
-
-
-class DecodingError(ValueError):
-    """Decoding options out of range; the message names the option."""
-
-
-@dataclass
-class DecodingOptions:
-    """One object for the CLI, the serving handler and the benchmarks."""
-
-    strategy: str = "greedy"  # greedy | beam | nucleus
-    max_tokens: int | None = None  # None: the bundle's max_tokens (67, the paper's entry_length)
-    beam_size: int = 5  # beam: the paper's default
-    top_p: float = 0.9  # nucleus: smallest token set whose probability reaches top_p
-    temperature: float = 1.0  # beam and nucleus: logits / temperature
-    seed: int | None = None  # nucleus: row i of a call samples with seed + i, unless the call passes `seeds`
-    use_cache: bool = True  # False: the paper's full recomputation (reference and baseline)
-    ignore_stop: bool = False  # benchmarks: generate exactly max_tokens so backends do equal work
-
-    # Bounds a client may ask for; beyond them a request is refused, not clipped.
-    MAX_BEAM_SIZE = 16
-    MAX_TEMPERATURE = 10.0
-
-    def validate(self, token_limit: int) -> "DecodingOptions":
-        """Check every option's type and range; `token_limit` is the most tokens the model's positions allow.
-        A message quotes a bad value only as `quote` does (a short prefix and its size)."""
-        def check(ok: bool, name: str, rule: str, value: Any) -> None:
-            if not ok:
-                raise DecodingError(f"{name} must be {rule}, got {quote(value)}")
-
-        check(isinstance(self.strategy, str) and self.strategy in STRATEGIES, "decoding",
-              f"one of {', '.join(STRATEGIES)}", self.strategy)
-        check(self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= token_limit),
-              "max_tokens", f"an integer in 1..{token_limit}", self.max_tokens)
-        check(_is_int(self.beam_size) and 1 <= self.beam_size <= self.MAX_BEAM_SIZE, "beam_size",
-              f"an integer in 1..{self.MAX_BEAM_SIZE}", self.beam_size)
-        check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
-        # Any positive temperature decodes stably (scaled_logits): a tiny one is the greedy limit.
-        check(_is_number(self.temperature) and 0 < self.temperature <= self.MAX_TEMPERATURE, "temperature",
-              f"a number in (0, {self.MAX_TEMPERATURE}]", self.temperature)
-        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63), "seed",
-              "an integer in 0..2**63-1", self.seed)
-        return self
-
-    def replace(self, **changes: Any) -> "DecodingOptions":
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_request(cls, data: dict, defaults: "DecodingOptions") -> "DecodingOptions":
-        """Options a client may set per request (`REQUEST_OPTIONS` keys); unknown keys are refused."""
-        unknown = [key for key in data if key not in REQUEST_OPTIONS]
-        if unknown:
-            raise DecodingError(f"unknown option(s) {quote_names(unknown)}; known: {', '.join(REQUEST_OPTIONS)}")
-        return defaults.replace(**{REQUEST_OPTIONS[key]: value for key, value in data.items()})
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# The options live in clipcap.decoding_options (torch-free); they are imported from here as well.
+__all__ = ["REQUEST_OPTIONS", "STRATEGIES", "USED_BY", "BeamSequence", "DecodeBatch", "DecodeSequence", "DecodingError",
+           "DecodingOptions", "NoCacheRuntime", "Temperature", "TokenSequence", "TopP", "check_used", "generate",
+           "new_sequence", "scaled_logits", "stop_tensor"]
 
 
 def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -345,7 +283,7 @@ def _row_seeds(options: DecodingOptions, batch_size: int, seeds: Sequence[int] |
     seeds = list(seeds)
     if len(seeds) != batch_size:
         raise DecodingError(f"seeds: one per row expected, got {len(seeds)} for {batch_size} rows")
-    bad = [seed for seed in seeds if not (_is_int(seed) and 0 <= seed < 2**63)]
+    bad = [seed for seed in seeds if not (is_int(seed) and 0 <= seed < 2**63)]
     if bad:
         raise DecodingError(f"seeds must be non-negative integers below 2**63, got {quote(bad[0])}")
     return seeds

@@ -52,13 +52,14 @@ import io
 import math
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageChops, ImageCms, ImageOps, UnidentifiedImageError
+
+from clipcap.image_formats import DEFAULT_FORMATS, FORMATS, ImageError, check_formats
 
 EXIF_ORIENTATION = 0x0112
 DEFAULT_MAX_PIXELS = 36_000_000  # 6000x6000: above any camera a caption needs, far below a bomb
@@ -71,45 +72,6 @@ RESAMPLED_MODES = ("RGB", "L")  # resampled as stored and colour-managed after, 
 # PIL warns (and only warns) on images between its bomb limit and twice it; `open_image` decides itself.
 # A process-wide filter: warnings.catch_warnings is not thread-safe, and batches decode on threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
-class ImageError(ValueError):
-    """The bytes are not an image we accept; the message says why."""
-
-
-@dataclass(frozen=True)
-class ImageFormat:
-    """An accepted format: Pillow's name for it, the plugin that may parse it, what its decoder can do."""
-
-    name: str  # Image.format of an opened file
-    opener: str  # the only Pillow plugin Image.open may try for it (an MPO is found by the JPEG plugin)
-    shrinks_on_load: bool = False  # the decoder scales by 1/2, 1/4, 1/8 on request (Image.draft)
-    plugin_module: str | None = None  # imported to register the plugin with Pillow; None: Pillow's own
-
-
-FORMATS = {fmt.name: fmt for fmt in (
-    ImageFormat("JPEG", "JPEG", shrinks_on_load=True),
-    ImageFormat("MPO", "JPEG", shrinks_on_load=True),
-    ImageFormat("PNG", "PNG"),
-    ImageFormat("WEBP", "WEBP"),
-    ImageFormat("BMP", "BMP"),
-    ImageFormat("GIF", "GIF"),
-    ImageFormat("TIFF", "TIFF"),
-    ImageFormat("AVIF", "AVIF"),
-    ImageFormat("HEIF", "HEIF", plugin_module="pillow_heif.HeifImagePlugin"),
-)}
-DEFAULT_FORMATS = tuple(FORMATS)
-
-
-def check_formats(names: Iterable[str]) -> tuple[str, ...]:
-    """Format names as given, upper case; ValueError when one is not in FORMATS or none is given."""
-    names = tuple(str(name).upper() for name in names)
-    unknown = [name for name in names if name not in FORMATS]
-    if unknown:
-        raise ValueError(f"unknown image format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
-    if not names:
-        raise ValueError(f"at least one image format must be accepted; known: {', '.join(FORMATS)}")
-    return names
 
 
 def load_pixels(data: bytes, image_size: int, mean: list[float], std: list[float],
@@ -155,8 +117,10 @@ def read_image_file(path: str | Path) -> bytes:
     path = Path(path)
     try:
         return path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
+    except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image file") from None
     except OSError as error:
         raise ImageError(f"{path}: cannot be read ({error.strerror})") from None
 

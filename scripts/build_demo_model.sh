@@ -35,7 +35,7 @@ stage features "$PY" training/extract_features.py --data "$WORK/data/train/canon
   --clip-preprocess "$WORK/clip/preprocess_cfg.json" --out "$WORK/features/train"
 stage train "$PY" training/train.py --features "$WORK/features/train" --out "$WORK/run" \
   --train-clip --mapper mlp --prefix-length 4 \
-  --gpt2-layers 3 --gpt2-embd 128 --gpt2-heads 2 --gpt2-positions 64 --bpe-vocab-size 512 \
+  --gpt2 random --gpt2-layers 3 --gpt2-embd 128 --gpt2-heads 2 --gpt2-positions 64 --bpe-vocab-size 512 \
   --epochs "${EPOCHS:-6}" --batch-size 64 --lr 5e-4 --warmup-steps 300 --threads "$THREADS" --seed 0
 stage evaluate "$PY" training/evaluate.py "$WORK/run" --data "$WORK/data/eval/captions.jsonl" --out "$WORK/eval"
 

@@ -7,18 +7,20 @@ All request logic lives in clipcap.serving.
 
 Custom metrics (declared in serving/metrics.yaml, so the prometheus endpoint shows them):
 ClipcapBatchSize (histogram: per handler call, the most rows its requests shared a decode step with),
-ClipcapTokensGenerated (counter) and Clipcap{Preprocess,Encode,Decode}Seconds (histograms of stage time,
-summed over the call's requests).
+ClipcapBatches (counter of handler calls by BatchSizeUpTo, the power-of-two bucket of that row count, which
+TorchServe's histogram cannot be given), ClipcapTokensGenerated (counter) and
+Clipcap{Preprocess,Encode,Decode}Seconds (histograms of stage time, summed over the call's requests).
 """
 import asyncio
 import os
 import sys
 
+from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from clipcap.serving.service import PART_NAMES, BatchStats, CaptionService, ServingConfigError
+from clipcap.serving.service import PART_NAMES, BatchStats, CaptionService, ServingConfigError, batch_size_bucket
 
 
 def _recording_part_names(retrieve):
@@ -93,6 +95,9 @@ class ClipCapHandler(BaseHandler):
         metrics = context.metrics
         if stats.rows:  # once per handler call: the most rows its requests shared a decode step with
             metrics.add_metric("ClipcapBatchSize", max(stats.rows), "count", metric_type=MetricTypes.HISTOGRAM)
+            metrics.add_counter("ClipcapBatches", 1, dimensions=[  # in metrics.yaml's dimension order
+                Dimension("ModelName", metrics.model_name), Dimension("Level", "Model"),
+                Dimension("BatchSizeUpTo", str(batch_size_bucket(max(stats.rows))))])
         if stats.captioned:
             metrics.add_counter("ClipcapTokensGenerated", stats.tokens)
             for stage, milliseconds in stats.timings_ms.items():

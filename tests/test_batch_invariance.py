@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from clipcap.captioner import Captioner
 from clipcap.cli import main
-from clipcap.decoding import DecodingOptions, generate
+from clipcap.decoding import USED_BY, DecodingOptions, generate
 from clipcap.formats.graph_specs import decoder_spec
 from conftest import random_images
 
@@ -170,13 +170,14 @@ def image_files(tmp_path_factory):
 @example(images=[0, 0, 0, 0], batch_size=4)
 def test_cli_caption_independent_of_batch_size(checker, image_files, strategy, images, batch_size):
     """Command-line item i samples with --seed + i, so every --batch-size gives the same captions."""
+    options = OPTIONS[strategy].replace(seed=SEED)
+    flags = [text for name, users in USED_BY.items() if options.strategy in users  # the flags it uses, no others
+             for text in ("--" + name.replace("_", "-"), str(getattr(options, name)))]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["caption", str(checker.bundle), *[image_files[i] for i in images], "--json",
-                     "--backend", checker.backend,
-                     "--decoding", OPTIONS[strategy].strategy, "--beam-size", str(OPTIONS[strategy].beam_size),
-                     "--top-p", str(OPTIONS[strategy].top_p), "--temperature", str(OPTIONS[strategy].temperature),
-                     "--seed", str(SEED), "--batch-size", str(batch_size)])
+                     "--backend", checker.backend, "--decoding", options.strategy, *flags,
+                     "--batch-size", str(batch_size)])
     assert code == 0
     tokens = [result["token_ids"] for result in json.loads(out.getvalue())]
     for start in range(0, len(images), batch_size):

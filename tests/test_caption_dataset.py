@@ -94,11 +94,11 @@ def check_against_reference(rows: list[dict], reference: dict, relative_of, bad:
 
 def test_sources_folder_list_and_tar(collection, tmp_path):
     root, good = collection
-    folder = list_images(root / "images")
+    folder = list_images(root / "images").refs
     assert [ref.id for ref in folder] == sorted(good + list(BAD))
-    listed = list_images(root / "list.txt")
+    listed = list_images(root / "list.txt").refs
     assert [ref.id for ref in listed] == [f"images/{p}" for p in good] + ["images/missing.png"]  # repeat dropped
-    tars = list_images(root / "shards")
+    tars = list_images(root / "shards").refs
     assert len(tars) == len(folder)  # the .txt sidecars are not images
     for ref in tars:
         shard, key = ref.id.split("/", 1)
@@ -108,12 +108,47 @@ def test_sources_folder_list_and_tar(collection, tmp_path):
                         ("parquet", lambda p: pq.write_table(pa.table({"path": ["images/a/img001.png"]}), p))):
         path = root / f"list.{kind}"
         write(path)
-        assert [(r.id, r.path) for r in list_images(path)] == [("images/a/img001.png", str(root / "images/a/img001.png"))]
+        assert [(r.id, r.path) for r in list_images(path).refs] == [("images/a/img001.png", str(root / "images/a/img001.png"))]
     (tmp_path / "no-column.csv").write_text("url\nhttp://example.com/x.png\n")
     with pytest.raises(SourceError, match="no path column"):
         list_images(tmp_path / "no-column.csv")
     with pytest.raises(SourceError, match="no such file"):
         list_images(tmp_path / "absent")
+
+
+def test_folder_walk_follows_the_accepted_formats_and_counts_what_it_skips(tmp_path):
+    """Every accepted format's extensions are walked (HEIC, AVIF, TIFF, GIF ... as JPEG); --formats narrows
+    the walk; the files left out are counted by extension, never silently dropped."""
+    from clipcap.image_formats import FORMATS
+
+    names = [f"{fmt.lower()}{i}{ext.upper() if i % 2 else ext}" for fmt, spec in FORMATS.items()
+             for i, ext in enumerate(spec.extensions)]
+    for name in names + ["notes.txt", "meta.json", "b.txt", "README"]:
+        (tmp_path / name).write_bytes(b"x")
+    listing = list_images(tmp_path)
+    assert sorted(ref.id for ref in listing.refs) == sorted(names)
+    assert listing.skipped == {".json": 1, ".txt": 2, "README": 1}
+    heic = list_images(tmp_path, ("HEIF",))
+    assert sorted(ref.id for ref in heic.refs) == sorted(n for n in names if n.startswith("heif"))
+    assert sum(heic.skipped.values()) == len(names) + 4 - len(heic.refs)
+
+
+def test_caption_dataset_reads_gif_tiff_heic_folders_and_reports_skips(tiny_bundle, tmp_path, capsys):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = random_images(3, seed=3, size=32)
+    images[0].save(folder / "a.gif")
+    images[1].save(folder / "b.TIFF")
+    pillow_heif.from_pillow(images[2]).save(folder / "c.heic")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["caption-dataset", str(tiny_bundle), str(folder), "--out", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "3 of 3 images" in summary and "1 files skipped, not of the accepted --formats (1 .txt)" in summary
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["skipped_files"] == {".txt": 1} and manifest["counts"]["failed"] == 0
+    assert sorted(row["id"] for row in read_rows(out)) == ["a.gif", "b.TIFF", "c.heic"]
 
 
 @settings(max_examples=25, deadline=None)
@@ -190,6 +225,25 @@ def test_ray_engine_resumes_a_partial_output_of_tars(collection, reference, tiny
     assert manifest["counts"]["this_run"]["captioned"] + manifest["counts"]["this_run"]["failed"] == GOOD + len(BAD) - 60
 
 
+def test_local_resume_of_tars_is_keyed_on_the_id(collection, reference, tiny_bundle, tmp_path):
+    """Every image of a tar shares its `path` (the shard): resume must match on `id` (tar/key) to caption
+    exactly the rows whose shards were lost, no more, no fewer. The local engine: no Ray needed."""
+    root, _ = collection
+    out = tmp_path / "out"
+    config = BulkConfig(bundle=str(tiny_bundle), source=str(root / "shards"), out=str(out), shard_size=60,
+                        batch_size=int(BATCH), progress=False)
+    caption_dataset(config)
+    for path in shard_paths(out)[1:]:
+        path.unlink()
+    kept = {row["id"] for row in read_rows(out)}
+    manifest = caption_dataset(config)
+    rows = read_rows(out)
+    assert len(kept) == 60 and manifest["counts"]["this_run"]["skipped_done"] == 60
+    assert len(rows) == len({row["id"] for row in rows}) == GOOD + len(BAD)
+    this_run = manifest["counts"]["this_run"]
+    assert this_run["captioned"] + this_run["failed"] == GOOD + len(BAD) - 60
+
+
 # -- a real kill, then resume -------------------------------------------------------------------------
 
 
@@ -233,6 +287,32 @@ def test_sigkill_then_resume_captions_only_what_is_missing(collection, reference
     assert manifest["counts"]["this_run"] == {"skipped_done": 140, "captioned": GOOD + 1 - 140, "failed": 0}
 
 
+def test_ctrl_c_stops_with_one_line_and_an_interrupted_manifest(collection, tiny_bundle, tmp_path):
+    """SIGINT while the run blocks at a FIFO (position 150, after 7 shards of 20): exit 130, no traceback,
+    the 10 buffered rows written, the manifest's status 'interrupted'."""
+    root, good = collection
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    listed = [str(root / "images" / p) for p in good]
+    (tmp_path / "list.txt").write_text("\n".join(listed[:150] + [str(fifo)] + listed[150:]))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "clipcap.cli", "caption-dataset", str(tiny_bundle), str(tmp_path / "list.txt"),
+               "--out", str(out), "--shard-size", "20", "--batch-size", "10"]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600  # a safety net only: the run blocks at the FIFO, it cannot finish
+    while len(shard_paths(out)) < 7 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert stderr.rstrip().splitlines()[-1] == (f"interrupted: 150 of {GOOD + 1} images kept in {out} (150 this run); "
+                                                "the same command resumes")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["counts"]["rows"] == len(read_rows(out)) == 150
+
+
 # -- refusals: nothing written --------------------------------------------------------------------------
 
 
@@ -246,7 +326,7 @@ def test_resume_with_other_settings_is_refused(collection, tiny_bundle, tmp_path
     assert main(["caption-dataset", str(tiny_bundle), str(small), "--out", str(out)]) == 0
     before = [p.read_bytes() for p in shard_paths(out)]
     assert main(["caption-dataset", str(tiny_bundle), str(small), "--out", str(out), "--decoding", "beam"]) == 2
-    assert "other settings (options differ)" in capsys.readouterr().err
+    assert "other settings (options.strategy: 'greedy' then, 'beam' now)" in capsys.readouterr().err
     assert [p.read_bytes() for p in shard_paths(out)] == before
 
 

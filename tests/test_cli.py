@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from clipcap.captioner import Captioner
 from clipcap.cli import main
@@ -108,3 +109,94 @@ def test_formats_option_narrows_what_is_read(tiny_bundle, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["caption", str(tiny_bundle), paths[0], "--formats", "JPEG,PSD"])
     assert exit_info.value.code == 2 and "unknown image format(s) PSD" in capsys.readouterr().err
+
+
+# -- cold start: what each path imports ------------------------------------------------------------------
+
+
+def _imported_after(code: str) -> set[str]:
+    """Top-level packages among torch, transformers, open_clip that `code` imports, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    probe = code + "\nimport sys\nprint('imported:', *sorted({m.split('.')[0] for m in sys.modules} & " \
+                   "{'torch', 'transformers', 'open_clip'}))"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return set(run.stdout.splitlines()[-1].split()[1:])
+
+
+def test_help_and_argument_errors_import_no_torch(tiny_bundle):
+    help_path = "from clipcap.cli import main\ntry:\n    main(['caption', '--help'])\nexcept SystemExit:\n    pass"
+    assert _imported_after(help_path) == set()
+    refused = (f"from clipcap.cli import main\nassert main(['caption', {str(tiny_bundle)!r}, 'x.png', "
+               "'--beam-size', '3']) == 2")
+    assert _imported_after(refused) == set()
+
+
+def test_export_bundle_on_onnxruntime_imports_neither_transformers_nor_open_clip(tiny_export, tmp_path):
+    paths = _write_images(tmp_path, 1)
+    code = f"from clipcap.cli import main\nassert main(['caption', {str(tiny_export)!r}, {paths[0]!r}]) == 0"
+    assert _imported_after(code) <= {"torch"}  # the onnxruntime runtime still hands torch tensors to decoding
+
+
+# -- decoding flags a strategy would ignore ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--beam-size", "3"], "--beam-size is used only by --decoding beam"),
+    (["--temperature", "0.5"], "--temperature is used only by --decoding beam or nucleus"),
+    (["--top-p", "0.5", "--decoding", "beam"], "--top-p is used only by --decoding nucleus"),
+    (["--seed", "1", "--decoding", "beam"], "--seed is used only by --decoding nucleus"),
+])
+def test_a_flag_the_strategy_would_ignore_is_refused(tiny_bundle, tmp_path, capsys, flags, named):
+    paths = _write_images(tmp_path, 1)
+    for command in (["caption", str(tiny_bundle), *paths], ["caption-dataset", str(tiny_bundle), str(tmp_path),
+                                                            "--out", str(tmp_path / "out")]):
+        assert main(command + flags) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_flags_of_the_chosen_strategy_are_accepted(tiny_bundle, tmp_path, capsys):
+    paths = _write_images(tmp_path, 1)
+    assert main(["caption", str(tiny_bundle), *paths, "--decoding", "nucleus", "--seed", "1", "--top-p", "0.5",
+                 "--temperature", "0.7"]) == 0
+    assert main(["caption", str(tiny_bundle), *paths, "--decoding", "beam", "--beam-size", "2",
+                 "--temperature", "0.7"]) == 0
+
+
+# -- images: folders, directories, bounded look-ahead ------------------------------------------------------
+
+
+def test_caption_takes_a_folder(tiny_bundle, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    paths = _write_images(folder, 3)
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["caption", str(tiny_bundle), str(folder), "--json"]) == 0
+    out = capsys.readouterr()
+    assert [r["image"] for r in json.loads(out.out)] == sorted(paths)
+    assert f"{folder}: 1 files skipped, not of the accepted --formats (1 .txt)" in out.err
+
+
+def test_a_directory_given_as_an_image_is_named_a_directory(tiny_bundle, tmp_path):
+    from clipcap.images import ImageError, load_image_file
+
+    with pytest.raises(ImageError, match="is a directory, not an image file"):
+        Captioner.from_path(tiny_bundle).load_pixels_file(tmp_path)
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image_file(tmp_path)
+
+
+def test_caption_decodes_one_batch_ahead_at_most(tiny_bundle, tmp_path, capsys, monkeypatch):
+    """Pixels are decoded per batch: before the first batch is captioned, no more than one batch is loaded."""
+    paths = _write_images(tmp_path, 7)
+    calls = []
+    load, caption = Captioner.load_pixels_file, Captioner.caption_pixels
+    monkeypatch.setattr(Captioner, "load_pixels_file", lambda self, *a, **k: calls.append("load") or load(self, *a, **k))
+    monkeypatch.setattr(Captioner, "caption_pixels",
+                        lambda self, *a, **k: calls.append("caption") or caption(self, *a, **k))
+    assert main(["caption", str(tiny_bundle), *paths, "--batch-size", "2", "--json"]) == 0
+    assert calls == ["load", "load", "caption"] * 3 + ["load", "caption"]
+    assert [r["image"] for r in json.loads(capsys.readouterr().out)] == paths

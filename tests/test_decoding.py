@@ -1,6 +1,10 @@
 """Decoding over the torch runtime: cache vs no-cache, batched vs one-by-one, beam, nucleus, options."""
+from types import SimpleNamespace
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clipcap.decoding import DecodingError, DecodingOptions, TopP, generate
 from clipcap.formats.model_bundle import load_bundle
@@ -54,6 +58,58 @@ def test_beam_matches_paper_generate_beam(setup):
     reference = [paper_beam(bundle.model, prefix[i], stop, 24) for i in range(len(prefix))]
     assert ours == reference
     assert ours == generate(runtime, prefix, DecodingOptions(strategy="beam", use_cache=False), stop, 24)
+
+
+class PositionalLM:
+    """A made-up language model that is both a `Runtime` and the paper's `model.gpt`: embeddings are one-hot
+    token rows, the logits of position p are `embedding @ table[p]`. Position-dependent, so no two token
+    orders tie (as they would in a Markov table), and flat enough that the temperature moves the beams."""
+
+    VOCAB, STOP, POSITIONS = 8, [7], 16
+
+    def __init__(self, seed: int):
+        self.table = 2 * torch.randn(self.POSITIONS, self.VOCAB, self.VOCAB, generator=torch.Generator().manual_seed(seed))
+        self.transformer = SimpleNamespace(wte=self.embed)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(token_ids, self.VOCAB).float()
+
+    def new_cache(self, batch_size: int) -> torch.Tensor:
+        return torch.zeros(batch_size, dtype=torch.long)  # the next position of each row
+
+    def step(self, embeds: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        last = cache + embeds.shape[1] - 1
+        return torch.einsum("bv,bvw->bw", embeds[:, -1], self.table[last]), cache + embeds.shape[1]
+
+    def select(self, cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return cache[index]
+
+    def __call__(self, inputs_embeds: torch.Tensor) -> SimpleNamespace:  # the paper's model.gpt(...)
+        positions = inputs_embeds.shape[1]
+        return SimpleNamespace(logits=torch.einsum("bnv,nvw->bnw", inputs_embeds, self.table[:positions]))
+
+    def beams(self, temperature: float) -> list[list[int]]:
+        prefix = self.embed(torch.arange(4)[:, None])  # four "images": start tokens 0..3
+        options = DecodingOptions(strategy="beam", beam_size=3, temperature=temperature)
+        return generate(self, prefix, options, self.STOP, 10)
+
+    def paper_beams(self, temperature: float) -> list[list[int]]:
+        prefix = self.embed(torch.arange(4)[:, None])
+        model = SimpleNamespace(gpt=self)
+        return [paper_beam(model, prefix[i], self.STOP, 10, beam_size=3, temperature=temperature) for i in range(4)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**20), temperature=st.sampled_from([0.5, 2.0]))
+def test_beam_matches_paper_generate_beam_at_other_temperatures(seed, temperature):
+    lm = PositionalLM(seed)
+    assert lm.beams(temperature) == lm.paper_beams(temperature)
+
+
+def test_the_temperature_moves_the_beams_of_the_made_up_model():
+    """What makes the property above bite: at 0.5 and at 2.0 the beams differ from temperature 1's."""
+    lm = PositionalLM(19)
+    assert lm.beams(0.5) != lm.beams(1.0) != lm.beams(2.0)
 
 
 def test_beam_of_one_is_greedy(setup):
@@ -113,6 +169,32 @@ def test_top_p_on_made_up_logits():
 def test_option_bounds(options, message):
     with pytest.raises(DecodingError, match=message):
         options.validate(token_limit=40)
+
+
+def test_every_documented_maximum_is_accepted(setup):
+    """The bounds are inclusive: beam_size 16, temperature 10, top_p 1, max_tokens = the token limit."""
+    _, runtime, prefix, stop = setup
+    beam = DecodingOptions(strategy="beam", beam_size=DecodingOptions.MAX_BEAM_SIZE,
+                           temperature=DecodingOptions.MAX_TEMPERATURE, max_tokens=40).validate(token_limit=40)
+    assert DecodingOptions.MAX_BEAM_SIZE == 16 and DecodingOptions.MAX_TEMPERATURE == 10.0
+    assert len(generate(runtime, prefix[:1], beam, stop, 4)) == 1
+    DecodingOptions(strategy="nucleus", top_p=1.0, seed=2**63 - 1).validate(token_limit=40)
+    with pytest.raises(DecodingError, match="temperature"):
+        DecodingOptions(temperature=10.000001).validate(token_limit=40)
+
+
+def test_a_request_option_its_strategy_ignores_is_refused():
+    defaults = DecodingOptions(max_tokens=20)
+    for request, named in (({"beam_size": 3}, "beam_size is used only by decoding beam, not by decoding greedy"),
+                           ({"decoding": "beam", "seed": 1}, "seed is used only by decoding nucleus"),
+                           ({"temperature": 0.5}, "temperature is used only by decoding beam or nucleus"),
+                           ({"decoding": "greedy", "top_p": 0.5}, "top_p is used only by decoding nucleus")):
+        with pytest.raises(DecodingError, match=named):
+            DecodingOptions.from_request(request, defaults)
+    nucleus = DecodingOptions.from_request({"decoding": "nucleus", "seed": 1, "top_p": 0.5, "temperature": 2}, defaults)
+    assert (nucleus.seed, nucleus.top_p, nucleus.temperature) == (1, 0.5, 2)
+    # Defaults of another strategy are the server's, not the request's: a beam server takes a greedy request.
+    assert DecodingOptions.from_request({"decoding": "greedy"}, defaults.replace(strategy="beam")).strategy == "greedy"
 
 
 def test_request_options():

@@ -748,6 +748,59 @@ def test_the_formats_setting_narrows_what_is_read():
             check_formats(bad)
 
 
+def _record_parses(monkeypatch, plugins: list[str], calls: list[str]) -> None:
+    """Each named Pillow plugin records its name in `calls` when Image.open asks it to parse a header."""
+    for name in plugins:
+        factory, accept = Image.OPEN[name]
+        monkeypatch.setitem(Image.OPEN, name, (lambda *a, f=factory, n=name: calls.append(n) or f(*a), accept))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HEIF"])
+def test_a_refused_plugin_never_parses_the_bytes(fmt, monkeypatch):
+    """The accepted set decides which Pillow plugins may read a header: bytes of a refused format are named
+    by their signature alone, the refused plugin's parser never runs (decoders of formats a server does not
+    accept are attack surface). With the format accepted, the same bytes do reach that parser."""
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    data = encode(picture, fmt, 1)
+    calls = []
+    _record_parses(monkeypatch, [FORMATS[fmt].opener], calls)
+    others = [name for name, spec in FORMATS.items() if spec.opener != FORMATS[fmt].opener]
+    with pytest.raises(ImageError, match="not accepted"):
+        open_image(data, others)
+    assert calls == []
+    assert open_image(data, [fmt]).format == fmt and calls == [fmt]
+
+
+@pytest.mark.parametrize("header", [b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 1 1\n", b"8BPS\x00\x01" + bytes(40)])
+def test_formats_outside_the_registry_are_never_parsed(header, monkeypatch):
+    """EPS (Ghostscript) and PSD are no accepted format at all: their plugins never see the bytes."""
+    Image.init()
+    called = []
+    _record_parses(monkeypatch, [name for name in Image.OPEN if name not in {f.opener for f in FORMATS.values()}],
+                   called)
+    with pytest.raises(ImageError):
+        open_image(header)
+    assert called == []
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_samples_round_to_eight_bits(mode):
+    """v -> round(v / 257): 200 is 1 (not 0), 65535 white, and a value just past a step rounds up."""
+    values = np.array([[0, 128, 129, 200, 257 * 100 + 128, 257 * 100 + 129, 65535]], dtype=np.int32)
+    image = Image.fromarray(values.astype(np.uint16) if mode == "I;16" else values)
+    assert image.mode == mode
+    assert np.asarray(to_rgb(image))[0, :, 0].tolist() == [0, 0, 1, 1, 100, 101, 255]
+
+
+def test_the_pixel_limit_is_inclusive():
+    """An image of exactly max_pixels is read; one pixel more is refused, before decoding."""
+    data = png_bytes(Image.new("RGB", (50, 40), (10, 200, 30)))
+    assert open_image(data, max_pixels=2000).size == (50, 40)
+    assert decode_image(data, max_pixels=2000).size == (50, 40)
+    with pytest.raises(ImageError, match="50x40 = 2000 pixels, over the limit of 1999 pixels"):
+        open_image(data, max_pixels=1999)
+
+
 # -- fuzzing every accepted format ---------------------------------------------------------------
 
 def peak_rss() -> int:

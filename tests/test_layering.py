@@ -14,7 +14,7 @@ HARNESS = PACKAGE.parent / "clipcap_bench"  # the benchmark harness: beside the 
 # layer and of the layers below. An entry names a module or a package (and everything in it);
 # "clipcap" is the package's own __init__.
 LAYERS = [
-    ("clipcap.mappers", "clipcap.quoting", "clipcap.serving.http_limits"),
+    ("clipcap.mappers", "clipcap.quoting", "clipcap.serving.http_limits", "clipcap.decoding_options", "clipcap.image_formats"),
     ("clipcap.config",),
     ("clipcap.hub",),
     ("clipcap.tokenizer", "clipcap.images", "clipcap.model"),

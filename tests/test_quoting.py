@@ -37,3 +37,10 @@ def test_quote_names_shows_a_few_and_the_count(names):
     shown = quote_names(names)
     assert len(shown) <= QUOTE_NAMES * (LONGEST + 2) + 30
     assert (f"({len(names)} in all)" in shown) == (len(names) > QUOTE_NAMES)
+
+
+def test_quote_names_shows_exactly_the_first_few():
+    names = [chr(ord("a") + i) for i in range(26)]
+    assert quote_names(names) == "'a', 'b', 'c', 'd', 'e', ... (26 in all)"
+    assert QUOTE_NAMES == 5 and quote_names(names[:5]) == "'a', 'b', 'c', 'd', 'e'"
+    assert quote_names(names[:6]) == "'a', 'b', 'c', 'd', 'e', ... (6 in all)"

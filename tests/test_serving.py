@@ -21,7 +21,7 @@ from PIL import Image
 
 from clipcap.captioner import Captioner
 from clipcap.serving.engine import CaptionRequest
-from clipcap.serving.service import CaptionService, ServingConfig, ServingConfigError, ServingError
+from clipcap.serving.service import CaptionService, ServingConfig, ServingConfigError, ServingError, batch_size_bucket
 from clipcap.serving.config import check_model_config, read_model_config, worker_threads
 from conftest import png_bytes, random_images
 
@@ -112,6 +112,7 @@ def test_a_service_from_an_archive_sets_the_compute_threads_before_opening_the_r
     monkeypatch.setattr(Captioner, "from_path", classmethod(lambda cls, *a, **k: opened_with.append(
         torch.get_num_threads()) or Captioner.__new__(cls)))
     monkeypatch.setattr(CaptionService, "__init__", lambda self, captioner, config: None)
+    monkeypatch.setattr(CaptionService, "warm_up", lambda self, max_batch_size: [])  # no captioner to warm
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(7)
@@ -221,7 +222,10 @@ BAD_REQUESTS = [
      400, "beam_size must be an integer in 1..16"),
     ("max_tokens out of range", {"body": {"image": _b64(PNGS[0]), "max_tokens": 10_000}}, JSON, 400,
      "max_tokens must be an integer in 1..24"),
-    ("top_p wrong type", {"body": {"image": _b64(PNGS[0]), "top_p": "high"}}, JSON, 400, "top_p must be a number in"),
+    ("top_p wrong type", {"body": {"image": _b64(PNGS[0]), "decoding": "nucleus", "top_p": "high"}}, JSON, 400,
+     "top_p must be a number in"),
+    ("option the strategy ignores", {"body": {"image": _b64(PNGS[0]), "beam_size": 3}}, JSON, 400,
+     "beam_size is used only by decoding beam, not by decoding greedy"),
     ("unknown strategy", {"body": {"image": _b64(PNGS[0]), "decoding": "best"}}, JSON, 400, "decoding must be"),
     ("unknown option", {"body": {"image": _b64(PNGS[0]), "url": "http://example.com/a.png"}}, JSON, 400,
      "unknown option(s) 'url'"),
@@ -255,6 +259,23 @@ def test_size_and_pixel_limits(captioner):
     with pytest.raises(ServingError, match="48x48 = 2304 pixels, over the limit of 2209 pixels") as error:
         roomy.parse({"body": bytearray(PNGS[0])}, RAW)
     assert error.value.status == 400
+
+
+def test_an_image_at_the_body_limit_is_accepted_in_every_form(captioner):
+    """max_body_bytes counts image bytes: as base64 in JSON they grow by 4/3 and still fit, with a full
+    max_options_bytes of options beside them; one byte more is a 413."""
+    limit = len(PNGS[0])
+    service = CaptionService(captioner, ServingConfig(max_body_bytes=limit, max_options_bytes=128))
+    options = {"decoding": "beam", "beam_size": 2, "max_tokens": 5, "temperature": 1.0}
+    body = json.dumps({"image": _b64(PNGS[0]), **options}, separators=(", ", ": ")).encode()
+    assert len(body) > 4 * limit // 3 + 40  # the raw JSON is well over the image limit...
+    assert service.parse({"body": bytearray(body)}, JSON).options.beam_size == 2  # ...and accepted
+    for row, headers in (({"body": bytearray(PNGS[0])}, RAW), ({"data": bytearray(PNGS[0])}, FORM)):
+        service.parse(row, headers)
+    tight = CaptionService(captioner, ServingConfig(max_body_bytes=limit - 1, max_options_bytes=128))
+    with pytest.raises(ServingError, match="over the limit") as error:
+        tight.parse({"body": bytearray(body)}, JSON)
+    assert error.value.status == 413
 
 
 # -- batched captioning ---------------------------------------------------------------------------
@@ -496,6 +517,9 @@ def test_handler_answers_each_request_with_its_own_status(handler_setup, caption
     emitted = {line[len("[METRICS]"):].split(".")[0]: float(line.split(":", 1)[1].split("|")[0])
                for line in (r.getMessage() for r in caplog.records) if line.startswith("[METRICS]Clipcap")}
     assert 1 <= emitted["ClipcapBatchSize"] <= handler.service.config.batch_rows  # rows sharing a decode step
+    batches = [m for m in (r.getMessage() for r in caplog.records) if m.startswith("[METRICS]ClipcapBatches.")]
+    rows = int(emitted["ClipcapBatchSize"])
+    assert len(batches) == 1 and f"|#ModelName:clipcap,Level:Model,BatchSizeUpTo:{batch_size_bucket(rows)}|" in batches[0]
     assert emitted["ClipcapTokensGenerated"] == len(bodies[0]["token_ids"]) + len(bodies[3]["token_ids"])
     assert all(emitted[f"Clipcap{stage}Seconds"] > 0 for stage in ("Preprocess", "Encode", "Decode"))
 
@@ -657,12 +681,14 @@ FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True) | 
 @given(temperature=FLOATS, top_p=FLOATS)
 def test_any_float_option_gives_a_caption_or_a_clean_refusal(service, strategy, temperature, top_p):
     """Issue 18: temperature and top_p over the whole float range, through the JSON request path (the
-    float as JSON text, as a client sends it): a 200 of real tokens or a 400 naming the option, never a 500."""
-    body = json.dumps({**VALID_JSON, "decoding": strategy, "beam_size": 3, "max_tokens": 6, "seed": 1,
-                       "temperature": temperature, "top_p": top_p}).encode()  # NaN/Infinity as Python writes them
+    float as JSON text, as a client sends it): a 200 of real tokens or a 400 naming the option, never a 500.
+    Each strategy gets the options it uses (greedy uses neither: refused by name whatever the value)."""
+    used = {"greedy": {}, "beam": {"beam_size": 3}, "nucleus": {"seed": 1, "top_p": top_p}}[strategy]
+    body = json.dumps({**VALID_JSON, "decoding": strategy, "max_tokens": 6, "temperature": temperature,
+                       **used}).encode()  # NaN/Infinity as Python writes them
     replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(body)}], [JSON]))
     reply = replies[0]
-    valid = 0 < temperature <= 10 and 0 < top_p <= 1
+    valid = strategy != "greedy" and 0 < temperature <= 10 and (strategy != "nucleus" or 0 < top_p <= 1)
     if not valid:
         assert reply.status == 400 and ("temperature" in reply.body["message"] or "top_p" in reply.body["message"])
         return
@@ -688,6 +714,35 @@ def test_healthcheck_image_and_refused_connection(tmp_path, capsys):
     assert healthcheck.main(["--url", f"http://127.0.0.1:{port}", "--timeout", "2",
                              "--key-file", str(tmp_path / "absent.json")]) == 1
     assert "unhealthy: no caption within 2.0 s" in capsys.readouterr().err
+
+
+def test_batch_size_buckets_are_powers_of_two_on_both_fronts():
+    """ClipcapBatchSize counts batch sizes in le=1, 2, 4, 8 ... buckets, not latency buckets (0.005 .. 10)."""
+    from clipcap.serving.service import BATCH_SIZE_BUCKETS, batch_size_bucket
+    from clipcap.serving.ray_serve import BATCH_SIZE_BOUNDARIES
+
+    assert BATCH_SIZE_BUCKETS[:6] == (1, 2, 4, 8, 16, 32) and BATCH_SIZE_BUCKETS[-1] >= 256
+    assert BATCH_SIZE_BOUNDARIES == [float(b) for b in BATCH_SIZE_BUCKETS]
+    assert [batch_size_bucket(size) for size in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 2, 4, 4, 8, 8, 16, 16, 32]
+    assert batch_size_bucket(10**6) == BATCH_SIZE_BUCKETS[-1]
+
+
+def test_a_worker_warms_up_each_batch_size_bucket_before_it_is_ready(tiny_bundle, tmp_path, monkeypatch):
+    """from_archive (TorchServe's initialize) captions the built-in image once per power-of-two batch size up
+    to batchSize, and batchSize itself, through the request path, before it returns."""
+    from clipcap.captioner import Captioner
+    from clipcap.serving.service import warm_up_sizes
+
+    assert [warm_up_sizes(n) for n in (1, 2, 6, 8)] == [[1], [1, 2], [1, 2, 4, 6], [1, 2, 4, 8]]
+    shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    calls = []
+    caption = Captioner.caption_pixels
+    monkeypatch.setattr(Captioner, "caption_pixels",
+                        lambda self, pixels, *a, **k: calls.append(pixels.shape[0]) or caption(self, pixels, *a, **k))
+    service = CaptionService.from_archive(tmp_path, {"batchSize": 6})
+    assert calls == [1, 2, 4, 6]
+    replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(PNGS[0])}], [RAW]))
+    assert replies[0].status == 200 and calls == [1, 2, 4, 6, 1]
 
 
 def _healthcheck():

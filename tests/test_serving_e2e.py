@@ -196,6 +196,10 @@ def test_ping_and_custom_metrics(served):
     for name in ("ClipcapBatchSize_count", "ClipcapTokensGenerated", "ClipcapPreprocessSeconds_sum",
                  "ClipcapEncodeSeconds_sum", "ClipcapDecodeSeconds_sum"):
         assert _metric(text, name) > 0, f"{name} missing from the metrics endpoint"
+    # Batch sizes in power-of-two buckets: one counter per bucket, as many batches as the histogram counts.
+    batches = [line for line in text.splitlines() if line.startswith(("ClipcapBatches{", "ClipcapBatches_total{"))]
+    assert any('BatchSizeUpTo="1"' in line for line in batches), text[-3000:]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in batches) == _metric(text, "ClipcapBatchSize_count")
 
 
 def test_token_authorization(served):

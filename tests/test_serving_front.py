@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from clipcap.serving.front import BAD_TOKEN, CaptionFront, FrontConfig
 from clipcap.serving.ray_serve import BatchSettings, RayServeConfig, resolve_token
 from conftest import png_bytes, random_images
 from serving_cases import BOUNDARY, cases, message, multipart
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: paths below never depend on pytest's working directory
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -216,8 +219,9 @@ def test_v2_infer_with_tritonclient_encoding(service, images):
         [c.token_ids for c in expected]
 
 
-def test_model_config_batching_and_token_file(tmp_path):
-    settings_ = BatchSettings.from_file("serving/model-config.yaml")
+def test_model_config_batching_and_token_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anywhere but the checkout
+    settings_ = BatchSettings.from_file(ROOT / "serving" / "model-config.yaml")
     assert (settings_.handler.batch_rows, settings_.handler.max_queued) == (16, 64)
     (tmp_path / "bad.yaml").write_text("handler:\n  batch_rows: 0\n")
     with pytest.raises(ValueError, match="batch_rows"):
@@ -233,7 +237,7 @@ def test_model_config_batching_and_token_file(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
-def test_the_rayservice_manifest_builds_the_application(monkeypatch):
+def test_the_rayservice_manifest_builds_the_application(monkeypatch, tmp_path):
     """serving/kserve/rayservice.yaml's import_path and args build the app (paths moved to this checkout)."""
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (the serve-ray extra)")
     import importlib
@@ -241,11 +245,13 @@ def test_the_rayservice_manifest_builds_the_application(monkeypatch):
     import yaml
     from ray.serve import Application
 
-    manifest = yaml.safe_load(open("serving/kserve/rayservice.yaml"))
+    monkeypatch.chdir(tmp_path)  # anywhere but the checkout
+    manifest = yaml.safe_load((ROOT / "serving" / "kserve" / "rayservice.yaml").read_text())
     [app] = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
     module, name = app["import_path"].split(":")
     builder = getattr(importlib.import_module(module), name)
-    args = {**app["args"], "bundle": "models/shapes-demo", "model_config": "serving/model-config.yaml"}
+    args = {**app["args"], "bundle": str(ROOT / "models" / "shapes-demo"),
+            "model_config": str(ROOT / "serving" / "model-config.yaml")}
     with pytest.raises(ValueError, match="CLIPCAP_SERVE_TOKEN"):
         builder(args)
     monkeypatch.setenv("CLIPCAP_SERVE_TOKEN", "from-a-secret")
@@ -267,6 +273,43 @@ def test_serve_ray_command_refuses_a_missing_model_config_before_starting_ray(tm
                      "--token-file", str(tmp_path / "token")]) == 2
     assert "none.yaml: file not found" in capsys.readouterr().err
     assert not (tmp_path / "token").exists()
+
+
+def test_v2_binary_data_output_returns_every_output_as_binary():
+    """parameters.binary_data_output: true asks for every output in the binary extension (and is no decoding
+    option); false, or absent, answers JSON."""
+    image = base64.b64encode(b"img").decode()
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}],
+            "parameters": {"binary_data_output": True, "decoding": "beam"}}
+    request = oip.parse_infer(json.dumps(body).encode(), None, 8)
+    assert request.binary_outputs == set(oip.OUTPUTS) and request.options == {"decoding": "beam"}
+    payload, headers = oip.infer_response("clipcap", request, ["a square."], [[1, 2, 3]])
+    length = int(headers[oip.HEADER_LENGTH])
+    header = json.loads(payload[:length])
+    assert all("data" not in o and o["parameters"]["binary_data_size"] > 0 for o in header["outputs"])
+    assert oip.deserialize_bytes(payload[length:length + header["outputs"][0]["parameters"]["binary_data_size"]]) \
+        == [b"a square."]
+    for value in (False, None):
+        body["parameters"]["binary_data_output"] = value
+        request = oip.parse_infer(json.dumps(body).encode(), None, 8)
+        assert request.binary_outputs == set()
+        assert oip.infer_response("clipcap", request, ["a"], [[1]])[1] == {"content-type": "application/json"}
+
+
+def test_v2_limits_at_their_boundaries():
+    """max_images images are accepted, one more is refused; a header length past the body is refused."""
+    def body(count):
+        return json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [count],
+                                       "data": ["aW1n"] * count}]}).encode()
+
+    assert len(oip.parse_infer(body(4), None, 4).images) == 4
+    with pytest.raises(oip.ProtocolError, match="holds more than 4 images"):
+        oip.parse_infer(body(5), None, 4)
+    whole = body(1)
+    assert len(oip.parse_infer(whole, str(len(whole)), 4).images) == 1  # a header that is the whole body
+    for length in (str(len(whole) + 1), "-1"):
+        with pytest.raises(oip.ProtocolError, match="Inference-Header-Content-Length is"):
+            oip.parse_infer(whole, length, 4)
 
 
 def _v2(data: list[str], **tensor) -> dict:

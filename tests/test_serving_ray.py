@@ -346,6 +346,9 @@ def test_handler_metrics_show_shared_batches(server):
         time.sleep(0 if shared else 2)
     print(f"\n{batches:.0f} batches exported, {shared:.0f} of them with more than one request")
     assert shared > 0, "no batch of more than one request on Ray's metrics endpoint after 90 s"
+    bounds = {line.split('le="')[1].split('"')[0] for line in text.splitlines()
+              if line.startswith("ray_clipcapbatchsize_bucket{")}
+    assert {"1.0", "2.0", "4.0", "8.0"} <= bounds and "0.005" not in bounds  # batch sizes, not seconds
     for name in ("ray_clipcaptokensgenerated_total", "ray_clipcappreprocessseconds_sum", "ray_clipcapencodeseconds_sum",
                  "ray_clipcapdecodeseconds_sum"):
         assert _metric(text, name) > 0, name

@@ -1,4 +1,4 @@
 """Bulk captioning of an image collection into Parquet shards, resumable, on this machine or on Ray."""
-from clipcap.bulk.run import BulkConfig, caption_dataset
+from clipcap.bulk.run import BulkConfig, Interrupted, caption_dataset
 
-__all__ = ["BulkConfig", "caption_dataset"]
+__all__ = ["BulkConfig", "Interrupted", "caption_dataset"]

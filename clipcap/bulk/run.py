@@ -13,9 +13,17 @@ from clipcap.bulk.shards import ShardWriter, check_settings, done_ids, shard_pat
 from clipcap.bulk.sources import list_images
 from clipcap.formats.model_bundle import load_config
 from clipcap.decoding import DecodingError, DecodingOptions
-from clipcap.images import DEFAULT_FORMATS, check_formats
+from clipcap.image_formats import DEFAULT_FORMATS, check_formats
 
 ENGINES = ("local", "ray")
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the run: captioned rows are in complete shards, the manifest's status is 'interrupted'."""
+
+    def __init__(self, manifest: dict):
+        super().__init__("interrupted")
+        self.manifest = manifest
 
 
 @dataclass
@@ -29,7 +37,8 @@ class BulkConfig:
     batch_size: int = 8  # images captioned together
     shard_size: int = 1000  # rows per Parquet shard: the unit of atomic writes and of lost work on a kill
     embeddings: bool = False  # also store each image's CLIP embedding (every backend: export encoders output it)
-    formats: tuple[str, ...] = DEFAULT_FORMATS  # image formats read (clipcap.images.FORMATS); others fail their row
+    formats: tuple[str, ...] = DEFAULT_FORMATS  # image formats read (clipcap.image_formats); a folder walk picks
+    # their extensions (others are counted as skipped), a listed file of another format fails its row
     engine: str = "local"  # local (this process) | ray (Ray Data actors)
     ray_address: str | None = None  # existing cluster; None starts an embedded local Ray
     actors: int = 2  # captioner actors (ray engine)
@@ -55,7 +64,8 @@ def _validate(config: BulkConfig) -> DecodingOptions:
 def caption_dataset(config: BulkConfig) -> dict:
     """Caption every image of `config.source` not yet in `config.out`; returns the manifest written."""
     options = _validate(config)
-    refs = list_images(config.source)
+    listing = list_images(config.source, config.formats)
+    refs = listing.refs
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"bundle": str(Path(config.bundle).resolve()), "source": str(Path(config.source).resolve()),
@@ -75,29 +85,40 @@ def caption_dataset(config: BulkConfig) -> dict:
     writer = ShardWriter(out, config.shard_size, config.embeddings)
     captioned = failed = 0
     start = time.perf_counter()
-    with tqdm(total=len(pending), unit="img", desc="captioning", disable=not config.progress) as bar:
-        for rows in batches:
-            writer.add(rows)
-            bad = sum(row["error"] is not None for row in rows)
-            failed += bad
-            captioned += len(rows) - bad
-            bar.update(len(rows))
-        writer.close()
-    seconds = time.perf_counter() - start
-    shards = shard_paths(out)
-    errors = [e for path in shards for e in pq.read_table(path, columns=["error"]).column("error").to_pylist()]
-    manifest = {
-        "status": "complete",
-        "settings": settings,
-        "engine": config.engine,
-        "device": config.device,
-        "batch_size": config.batch_size,
-        "actors": config.actors if config.engine == "ray" else None,
-        "counts": {"images": len(refs), "rows": len(errors), "failed": sum(e is not None for e in errors),
-                   "this_run": {"skipped_done": len(done), "captioned": captioned, "failed": failed}},
-        # Wall time, model loading (and Ray's start) included: short runs understate the steady rate.
-        "timings": {"seconds": round(seconds, 3), "images_per_second": round((captioned + failed) / seconds, 2)},
-        "shards": [path.name for path in shards],
-    }
-    write_manifest(out, manifest)
-    return manifest
+
+    def manifest(status: str) -> dict:
+        seconds = time.perf_counter() - start
+        shards = shard_paths(out)
+        errors = [e for path in shards for e in pq.read_table(path, columns=["error"]).column("error").to_pylist()]
+        return {
+            "status": status,
+            "settings": settings,
+            "engine": config.engine,
+            "device": config.device,
+            "batch_size": config.batch_size,
+            "actors": config.actors if config.engine == "ray" else None,
+            "counts": {"images": len(refs), "rows": len(errors), "failed": sum(e is not None for e in errors),
+                       "skipped_files": listing.skipped,  # folder files not of an accepted format, by extension
+                       "this_run": {"skipped_done": len(done), "captioned": captioned, "failed": failed}},
+            # Wall time, model loading (and Ray's start) included: short runs understate the steady rate.
+            "timings": {"seconds": round(seconds, 3), "images_per_second": round((captioned + failed) / seconds, 2)},
+            "shards": [path.name for path in shards],
+        }
+
+    try:
+        with tqdm(total=len(pending), unit="img", desc="captioning", disable=not config.progress) as bar:
+            for rows in batches:
+                writer.add(rows)
+                bad = sum(row["error"] is not None for row in rows)
+                failed += bad
+                captioned += len(rows) - bad
+                bar.update(len(rows))
+    except KeyboardInterrupt:
+        writer.close()  # the rows captioned so far are kept: the same command resumes after them
+        result = manifest("interrupted")
+        write_manifest(out, result)
+        raise Interrupted(result) from None
+    writer.close()
+    result = manifest("complete")
+    write_manifest(out, result)
+    return result

@@ -90,11 +90,21 @@ def check_settings(out: Path, settings: dict) -> None:
     if path.is_file():
         previous = json.loads(path.read_text()).get("settings")
         if previous != settings and shard_paths(out):
-            changed = sorted(k for k in settings.keys() | (previous or {}).keys()
-                             if (previous or {}).get(k) != settings.get(k))
-            raise OutputError(f"{out} holds shards of a run with other settings ({', '.join(changed)} differ); "
+            changed = "; ".join(f"{name}: {before!r} then, {now!r} now"
+                                for name, before, now in _differences(previous or {}, settings))
+            raise OutputError(f"{out} holds shards of a run with other settings ({changed}); "
                               f"use another --out, or the same command as before to resume")
     write_manifest(out, {"status": "running", "settings": settings})
+
+
+def _differences(before: dict, now: dict, prefix: str = ""):
+    """(dotted name, value before, value now) of every setting that differs, nested options named one by one."""
+    for key in sorted(before.keys() | now.keys()):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            yield from _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            yield f"{prefix}{key}", old, new
 
 
 def write_manifest(out: Path, manifest: dict) -> Path:

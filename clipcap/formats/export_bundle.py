@@ -134,8 +134,10 @@ def load_manifest(path: str | Path, config: ClipCapConfig) -> ExportManifest:
     path = Path(path)
     manifest_file = path / MANIFEST_FILE
     if not manifest_file.is_file():
-        raise BundleError(f"{path}: not an export bundle (no {MANIFEST_FILE}); "
-                          f"make one with: python export/to_onnx.py MODEL_BUNDLE --out {path}")
+        # The command suggested must be one to_onnx.py runs: its --out is never the model bundle itself.
+        source = path if (path / CONFIG_FILE).is_file() else Path("MODEL_BUNDLE")
+        raise BundleError(f"{path}: not an export bundle (no {MANIFEST_FILE}); make one with: "
+                          f"python export/to_onnx.py {source} --out build/{source.name.lower()}-onnx")
     try:
         data = json.loads(manifest_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

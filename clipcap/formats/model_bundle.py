@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
+from clipcap.formats.export_bundle import MANIFEST_FILE
 from clipcap.model import ClipCapModel
 from clipcap.tokenizer import CaptionTokenizer
 
@@ -42,6 +43,11 @@ def load_tokenizer(path: str | Path, config: ClipCapConfig) -> CaptionTokenizer:
 
 def load_model(path: str | Path, config: ClipCapConfig) -> ClipCapModel:
     """The model described by `config` (the bundle's clipcap.json, read by the caller) with its weights."""
+    path = Path(path)
+    if not (path / WEIGHTS_FILE).is_file() and (path / MANIFEST_FILE).is_file():
+        raise BundleError(f"{path}: an export bundle ({MANIFEST_FILE}: ONNX graphs or TensorRT engines, no PyTorch "
+                          f"weights), where a model bundle ({CONFIG_FILE} + {WEIGHTS_FILE} + tokenizer) is needed: "
+                          f"pass the model bundle it was exported from (e.g. models/shapes-demo)")
     model = ClipCapModel(config)
     load_weights(model, Path(path) / WEIGHTS_FILE)
     return model.eval()

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from clipcap.config import ClipCapConfig
-from clipcap.formats.detect import detect
 from clipcap.runtimes.base import Runtime, RuntimeUnavailable
+
+if TYPE_CHECKING:
+    from clipcap.config import ClipCapConfig
 
 # name -> "module:class"; the class has `from_path(path, device, config=None)`.
 RUNTIMES = {
@@ -25,6 +27,8 @@ def open_runtime(path: str | Path, backend: str | None = None, device: str = "cp
                  config: ClipCapConfig | None = None) -> Runtime:
     """The bundle at `path` behind `backend` (None: the one its kind needs). `config`: the bundle's
     clipcap.json when the caller has read it already (None: read here)."""
+    from clipcap.formats.detect import detect  # torch: not imported by the command line's parser
+
     if backend is None:
         backend = detect(path).backend
     if backend not in RUNTIMES:

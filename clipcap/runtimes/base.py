@@ -24,11 +24,12 @@ beyond fp32 rounding.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:  # annotations only: the command line names backends without importing torch
+    import torch
 
-from clipcap.config import ClipCapConfig
+    from clipcap.config import ClipCapConfig
 
 
 class RuntimeUnavailable(RuntimeError):

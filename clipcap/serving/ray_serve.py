@@ -23,7 +23,7 @@ from pathlib import Path
 
 import clipcap
 from clipcap.serving import http_limits
-from clipcap.serving.service import BatchStats, CaptionService, resolve_device, set_compute_threads
+from clipcap.serving.service import BATCH_SIZE_BUCKETS, BatchStats, CaptionService, resolve_device, set_compute_threads
 from clipcap.serving.config import ServingConfig, ServingConfigError
 from clipcap.serving.front import CaptionFront, FrontConfig
 
@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "clipcap"
 EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20  # request bodies over ~100 kB pass through it
-# Prometheus' default buckets, as TorchServe's histograms use: the same le= bounds on both fronts.
+# Prometheus' default buckets, as TorchServe's histograms use: the same le= bounds on both fronts (seconds).
 HISTOGRAM_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+BATCH_SIZE_BOUNDARIES = [float(bound) for bound in BATCH_SIZE_BUCKETS]  # ClipcapBatchSize: 1, 2, 4, 8, ...
 
 
 @dataclass
@@ -99,11 +100,12 @@ class CaptionReplica:
         gpu_id = 0 if ray.get_gpu_ids() else None  # Ray shows a replica only its own GPU
         captioner = Captioner.from_path(bundle, backend=config.backend, device=resolve_device(config.device, gpu_id))
         self.service = CaptionService(captioner, config)
+        self.service.warm_up(config.encode_batch)  # before the replica reports ready
         replica = serve.get_replica_context().replica_id.unique_id
         self.front = CaptionFront(dataclasses.replace(front, headers={"x-clipcap-replica": replica}), self.service,
                                   lambda reply: self._record(BatchStats.of([reply])))
         self.metrics = {
-            "ClipcapBatchSize": metrics.Histogram("ClipcapBatchSize", boundaries=HISTOGRAM_BOUNDARIES,
+            "ClipcapBatchSize": metrics.Histogram("ClipcapBatchSize", boundaries=BATCH_SIZE_BOUNDARIES,
                                                   description="the most rows a request shared a decode step with"),
             "ClipcapTokensGenerated": metrics.Counter("ClipcapTokensGenerated", description="tokens generated"),
             **{f"Clipcap{stage}Seconds": metrics.Histogram(f"Clipcap{stage}Seconds", boundaries=HISTOGRAM_BOUNDARIES,

@@ -8,6 +8,10 @@
 The loss covers caption tokens only: the prefix has no targets and padding is masked out by the
 caption mask (not by an ignore index, which would also drop real tokens sharing the pad id).
 Every caption ends with the tokenizer's end-of-text, so the model learns to stop.
+
+GPT-2 starts from pretrained `gpt2` (the paper's) unless another model or, by name, `random` is
+asked for. The bundle written to `out` is the best epoch's by validation loss (the latest one's
+without validation data); checkpoints keep the latest epochs, for resuming.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,7 @@ from clipcap.model import ClipCapModel
 from clipcap.tokenizer import CaptionTokenizer, train_bpe
 from clipcap.training.features import FeatureSet, load_features
 
+RANDOM_GPT2 = "random"  # TrainConfig.gpt2 asking for a randomly initialised GPT-2 of the gpt2_* sizes
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss.png"
@@ -48,12 +54,14 @@ class TrainConfig:
     clip_length: int = 10  # transformer mapper only
     mapper_layers: int = 8  # transformer mapper only
     normalize_prefix: bool = False  # L2-normalise CLIP embeddings before the mapper
-    gpt2: str | None = None  # pretrained GPT-2-family model (hub name, cache first, or local dir); None: random init
+    # pretrained GPT-2-family model: hub name (local cache first) or local folder; "random": random
+    # init of the gpt2_* sizes below (they apply to it only), with a BPE trained on the captions
+    gpt2: str = "gpt2"
     gpt2_layers: int = 12
     gpt2_embd: int = 768
     gpt2_heads: int = 12
     gpt2_positions: int = 1024
-    tokenizer: Path | None = None  # tokenizer.json; None: the pretrained model's own with `gpt2`, else a BPE of the captions
+    tokenizer: Path | None = None  # tokenizer.json; None: the pretrained model's own, else (random) a BPE of the captions
     bpe_vocab_size: int = 512  # for the BPE trained on the captions
     train_clip: bool = False  # update the CLIP tower with the caption loss
     train_clip_layers: int | None = None  # with train_clip, ViT towers: only the last N blocks (+ final norm,
@@ -79,6 +87,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         paths = {"features", "out", "val_features", "tokenizer", "resume"}
+        data = {**data, "gpt2": data.get("gpt2") or RANDOM_GPT2}  # older checkpoints wrote None for random
         return cls(**{k: Path(v) if k in paths and v is not None else v for k, v in data.items()})
 
 
@@ -240,7 +249,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
         # A hub name resolves to a local folder first: offline, a BundleError naming --gpt2, before any work.
-        gpt2_dir = gpt2_folder(cfg.gpt2) if cfg.gpt2 is not None else None
+        gpt2_dir = gpt2_folder(cfg.gpt2) if cfg.gpt2 != RANDOM_GPT2 else None
         cfg.out.mkdir(parents=True, exist_ok=True)
         train_features, val_features = split_features(cfg, load_features(cfg.features))
         if checkpoint is not None:
@@ -259,7 +268,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(trainable_parameters(self.model, cfg), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.train.rows) / cfg.batch_size)
-        self.scheduler = linear_schedule(self.optimizer, cfg.warmup_steps, cfg.epochs * self.steps_per_epoch)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.warmup_steps > total_steps:
+            print(f"warning: {cfg.warmup_steps} warm-up steps, longer than the whole run ({total_steps} steps = "
+                  f"{cfg.epochs} epochs x {self.steps_per_epoch}): the learning rate never reaches {cfg.lr:g} "
+                  f"(it peaks at {cfg.lr * total_steps / cfg.warmup_steps:.3g}); lower --warmup-steps",
+                  file=sys.stderr)
+        self.scheduler = linear_schedule(self.optimizer, cfg.warmup_steps, total_steps)
         self.epoch, self.step, self.log = 0, 0, {"steps": [], "epochs": []}
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -329,13 +344,19 @@ class Trainer:
             self.log["epochs"].append({"epoch": epoch + 1, "step": self.step,
                                        "train_loss": sum(epoch_losses) / len(epoch_losses), "val_loss": val_loss,
                                        "seconds": time.perf_counter() - started})
+            # The bundle in `out` is the best epoch's so far (the latest without validation): usable mid-run.
+            best = min((r["val_loss"] for r in self.log["epochs"] if r["val_loss"] is not None), default=None)
+            keep = val_loss is None or val_loss <= best
             tqdm.write(f"epoch {epoch + 1}: train loss {self.log['epochs'][-1]['train_loss']:.4f}"
-                       + (f", validation loss {val_loss:.4f}" if val_loss is not None else ""))
+                       + (f", validation loss {val_loss:.4f}" if val_loss is not None else "")
+                       + (f"; bundle written to {cfg.out}" if keep else
+                          f"; the bundle stays that of epoch {self.log.get('bundle_epoch', '(earlier)')} (lower validation loss)"))
             self.epoch = epoch + 1
+            if keep:
+                save_bundle(self.model, self.tokenizer, cfg.out)
+                self.log["bundle_epoch"] = epoch + 1
             self._save_checkpoint()
             self._write_log()
-            # The bundle in `out` is always the latest epoch's: usable (and evaluable) mid-run.
-            save_bundle(self.model, self.tokenizer, cfg.out)
         return TrainResult(cfg.out, self.log)
 
     def _save_checkpoint(self) -> None:

@@ -91,6 +91,73 @@ def test_decoding_parity_fails_on_a_token_difference(tiny_export, tiny_bundle):
         check_decoding_parity(bundle, runtime, 3)
 
 
+class _SwappedTokens:
+    """A runtime that decodes exactly like `inner` with token ids `a` and `b` exchanged: the same lengths and
+    stops, different tokens. What a parity check that compares lengths only would wave through."""
+
+    def __init__(self, inner, a: int, b: int):
+        self.inner, self.device, self.swap = inner, inner.device, (a, b)
+
+    def _swapped(self, ids):
+        a, b = self.swap
+        return torch.where(ids == a, b, torch.where(ids == b, a, ids))
+
+    def encode(self, pixels):
+        return self.inner.encode(pixels)
+
+    def new_cache(self, batch_size):
+        return self.inner.new_cache(batch_size)
+
+    def embed(self, token_ids):
+        return self.inner.embed(self._swapped(token_ids))
+
+    def step(self, embeds, cache):
+        logits, cache = self.inner.step(embeds, cache)
+        a, b = self.swap
+        order = torch.arange(logits.shape[-1], device=logits.device)
+        order[a], order[b] = b, a
+        return logits[:, order], cache
+
+    def select(self, cache, index):
+        return self.inner.select(cache, index)
+
+
+def test_decoding_parity_compares_tokens_not_lengths(tiny_export, tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    runtime = OnnxRuntime.from_path(tiny_export)
+    report = check_decoding_parity(bundle, runtime, 3)
+    stops = set(bundle.config.tokenizer.stop_token_ids)
+    from clipcap.decoding import DecodingOptions, generate
+
+    prefix = runtime.encode(torch.randn(3, 3, bundle.config.clip.image_size, bundle.config.clip.image_size,
+                                        generator=torch.Generator().manual_seed(0)))
+    used = [t for ids in generate(runtime, prefix, DecodingOptions(), list(stops), report["max_tokens"]) for t in ids]
+    a = next(t for t in used if t not in stops)
+    b = next(t for t in range(bundle.config.gpt2.vocab_size) if t not in stops and t != a)
+    with pytest.raises(ExportError, match="greedy tokens differ"):
+        check_decoding_parity(bundle, _SwappedTokens(runtime, a, b), 3)
+
+
+def test_graph_parity_fails_on_a_difference_at_one_shape_only(tiny_export, tiny_bundle):
+    """The bound applies to the worst shape: a graph off by twice the bound at batch 3 alone fails the check."""
+    from clipcap.export.onnx import MapperGraph, check_graph_parity
+    from clipcap.formats.graph_specs import PARITY_SIZES, mapper_spec
+
+    model = load_bundle(tiny_bundle).model
+    spec = mapper_spec(model.config)
+    assert check_graph_parity(MapperGraph(model).eval(), spec, tiny_export / spec.file, PARITY_SIZES)["max_abs_diff"] \
+        <= spec.atol
+
+    class OffAtBatchThree(MapperGraph):  # twice the bound off, at one shape: the bound itself must hold
+        def forward(self, clip_embeddings):
+            out = super().forward(clip_embeddings)
+            return out + 2 * spec.atol if clip_embeddings.shape[0] == 3 else out
+
+    assert any(sizes[BATCH] == 3 for sizes in PARITY_SIZES) and any(sizes[BATCH] != 3 for sizes in PARITY_SIZES)
+    with pytest.raises(ExportError, match="exceeds the bound"):
+        check_graph_parity(OffAtBatchThree(model).eval(), spec, tiny_export / spec.file, PARITY_SIZES)
+
+
 def test_graph_axes_stay_symbolic(tiny_concat_export):
     """Exported with batch 2, seq 3, past 5: none of these may be baked into the graph."""
     tiny_export = tiny_concat_export
@@ -155,6 +222,8 @@ def test_manifest_errors_are_clear(tiny_export, tiny_bundle, tmp_path):
     (lambda m: m.pop("decoder_cache"), r"field 'decoder_cache' missing .*re-export"),
     (lambda m: m.update(decoder_cache="ring"), r"field 'decoder_cache' is 'ring'; this library reads in-place, concat"),
     (lambda m: m.update(format_version=2), r"unsupported export format version 2"),
+    (lambda m: m.update(decoder_logits="all_positions"), r"field 'decoder_logits' is 'all_positions'.*re-export"),
+    (lambda m: m.update(encoder_attention="flash"), r"field 'encoder_attention' is 'flash'; this library reads"),
     (lambda m: m.update(graphs=[]), r"field 'graphs' must be dict"),
 ])
 def test_manifest_fields_are_checked(tiny_export, tmp_path, change, message):
@@ -212,3 +281,26 @@ def test_fused_encoder_attention(tiny_bundle, tiny_export, tmp_path):
     graphs, model = concat_graphs(tmp_path / "fused", tmp_path / "work")  # TensorRT's graphs: re-exported portable
     assert graphs != tmp_path / "fused" and model == tiny_bundle.resolve()
     assert load_manifest(graphs, load_config(tiny_bundle)).encoder_attention == "open_clip"
+
+
+def test_the_export_suggested_for_a_model_bundle_is_one_to_onnx_runs(tiny_bundle, tmp_path, monkeypatch):
+    """quantize.py (or --backend onnxruntime) given a model bundle suggests a to_onnx.py command; that command,
+    as printed, exports (it once suggested --out into the model bundle, which to_onnx.py refuses)."""
+    import shlex
+
+    from clipcap.export.onnx import ExportOptions, export_bundle
+
+    with pytest.raises(BundleError, match="not an export bundle") as error:
+        load_manifest(tiny_bundle, load_config(tiny_bundle))
+    command = shlex.split(str(error.value).split("make one with: ", 1)[1])
+    assert command[:2] == ["python", "export/to_onnx.py"] and command[2] == str(tiny_bundle) and command[3] == "--out"
+    monkeypatch.chdir(tmp_path)
+    export_bundle(command[2], ExportOptions(out=command[4], check_parity=False))
+    assert (tmp_path / command[4] / "export.json").is_file()
+
+
+def test_an_export_bundle_where_a_model_bundle_is_needed_says_so(tiny_export):
+    from clipcap.formats.model_bundle import load_bundle
+
+    with pytest.raises(BundleError, match=r"an export bundle \(export.json.*a model bundle .* is needed"):
+        load_bundle(tiny_export)

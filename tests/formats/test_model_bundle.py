@@ -48,6 +48,29 @@ def test_wrong_shapes_are_named(tiny_bundle, tmp_path):
         load_bundle(broken)
 
 
+def test_a_transposed_weight_is_a_wrong_shape(tiny_bundle, tmp_path):
+    """Same number of elements, other shape: refused by shape, never loaded as if it fitted."""
+    from safetensors.torch import load_file
+
+    broken = _copy(tiny_bundle, tmp_path)
+    state = load_file(broken / "model.safetensors")
+    name = next(k for k, v in sorted(state.items()) if v.ndim == 2 and v.shape[0] != v.shape[1])
+    state[name] = state[name].t().contiguous()
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(BundleError, match=rf"1 tensor\(s\) of the wrong shape, e.g. {name}"):
+        load_bundle(broken)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny_bundle, tmp_path):
+    broken = _copy(tiny_bundle, tmp_path)
+    config = json.loads((broken / "clipcap.json").read_text())
+    vocab = load_bundle(tiny_bundle).tokenizer.vocab_size
+    config["gpt2"]["vocab_size"] = vocab - 1
+    (broken / "clipcap.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=f"{vocab} tokens, more than gpt2.vocab_size={vocab - 1}"):
+        load_bundle(broken)
+
+
 def test_unexpected_tensor(tiny_bundle, tmp_path):
     broken = _copy(tiny_bundle, tmp_path)
     from safetensors.torch import load_file

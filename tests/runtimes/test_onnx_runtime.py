@@ -48,6 +48,19 @@ def test_other_decodings_identical_to_torch(captioners, options):
     assert _token_ids(onnx.caption_images(images, options)) == _token_ids(reference.caption_images(images, options))
 
 
+def test_decoding_past_the_cache_s_first_capacity(captioners):
+    """The in-place cache starts with room for the prefix and the bundle's max_tokens and grows past it:
+    a decode to the model's whole token limit (no stop) keeps every earlier position through the growth."""
+    reference, onnx = captioners
+    limit = onnx.token_limit
+    assert limit > onnx.config.max_tokens + 4  # the decode below goes well past the first capacity
+    options = DecodingOptions(max_tokens=limit, ignore_stop=True)
+    images = random_images(2, seed=9)
+    expected = _token_ids(reference.caption_images(images, options))
+    assert all(len(ids) == limit for ids in expected)
+    assert _token_ids(onnx.caption_images(images, options)) == expected
+
+
 def test_caption_embeddings_uses_the_mapper_graph(captioners):
     reference, onnx = captioners
     embeddings = np.random.default_rng(0).normal(size=(5, reference.config.clip.embed_dim)).astype(np.float32)

@@ -27,7 +27,7 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
-TINY_MODEL = dict(gpt2_layers=2, gpt2_embd=64, gpt2_heads=1, gpt2_positions=40, bpe_vocab_size=300,
+TINY_MODEL = dict(gpt2="random", gpt2_layers=2, gpt2_embd=64, gpt2_heads=1, gpt2_positions=40, bpe_vocab_size=300,
                   prefix_length=4, clip_length=4, mapper_layers=1, batch_size=32, lr=1e-3, warmup_steps=5,
                   threads=1, log_every=2)
 
@@ -248,7 +248,7 @@ def save_pretrained_gpt2(folder, feature_dir):
 
 def test_transformer_variant_leaves_gpt2_bit_identical(feature_dir, tmp_path):
     pretrained = save_pretrained_gpt2(tmp_path, feature_dir)
-    settings = {k: v for k, v in TINY_MODEL.items() if not k.startswith(("gpt2_", "bpe_"))}
+    settings = {k: v for k, v in TINY_MODEL.items() if not k.startswith(("gpt2", "bpe_"))}
     trainer = Trainer(TrainConfig(features=feature_dir, out=tmp_path / "t", mapper="transformer", epochs=2,
                                   gpt2=str(tmp_path), **settings))
     gpt_before = {k: v.clone() for k, v in trainer.model.gpt.state_dict().items()}
@@ -281,3 +281,52 @@ def test_train_clip_keeps_a_fixed_sin_cos_position_embedding_fixed(tiny_tokenize
     assert id(model.clip.positional_embedding) not in trainable
     assert not model.clip.positional_embedding.requires_grad
     assert id(model.clip.conv1.weight) in trainable and id(model.clip.class_embedding) in trainable
+
+
+# -- what a run starts from, and what it keeps --------------------------------------------------------------
+
+
+def _train_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "training" / "train.py"
+    spec = importlib.util.spec_from_file_location("clipcap_train_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpt2_is_pretrained_by_default_and_random_only_by_name(feature_dir, tmp_path, no_network, capsys):
+    """No --gpt2: the paper's pretrained `gpt2`, refused offline with the hub's clear error before any work;
+    the random sizes need --gpt2 random, which alone trains from random weights."""
+    script = _train_script()
+    assert TrainConfig(features=None, out=None).gpt2 == "gpt2"
+    assert script.main(["--features", str(feature_dir), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gpt2: ") and "Traceback" not in err
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+    with pytest.raises(SystemExit) as refused:
+        script.main(["--features", str(feature_dir), "--out", str(tmp_path / "m"), "--gpt2-layers", "1"])
+    assert refused.value.code == 2 and "--gpt2-layers sizes a random GPT-2: it needs --gpt2 random" in capsys.readouterr().err
+
+
+def test_warm_up_longer_than_the_run_is_a_warning(feature_dir, tmp_path, capsys):
+    settings = {**TINY_MODEL, "warmup_steps": 1000}
+    trainer = Trainer(TrainConfig(features=feature_dir, out=tmp_path / "w", epochs=1, **settings))
+    total = trainer.steps_per_epoch
+    assert f"warning: 1000 warm-up steps, longer than the whole run ({total} steps" in capsys.readouterr().err
+    Trainer(TrainConfig(features=feature_dir, out=tmp_path / "ok", epochs=1, **{**TINY_MODEL, "warmup_steps": total}))
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_bundle_is_the_best_epoch_by_validation_loss(feature_dir, tmp_path, monkeypatch):
+    """Validation losses scripted 3, 1, 2: the bundle holds epoch 2's weights (checkpoint epoch-002), not epoch 3's."""
+    losses = iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(Trainer, "validation_loss", lambda self: next(losses))
+    result = train(TrainConfig(features=feature_dir, out=tmp_path / "b", epochs=3, keep_checkpoints=3, **TINY_MODEL))
+    assert result.log["bundle_epoch"] == 2
+    bundle = load_bundle(tmp_path / "b").model.state_dict()
+    for epoch, same in ((2, True), (3, False)):
+        saved = torch.load(tmp_path / "b" / "checkpoints" / f"epoch-{epoch:03d}.pt", weights_only=True)["model"]
+        assert all(torch.equal(bundle[k], saved[k]) for k in saved if k.startswith("clip_project.")) == same, epoch
