@@ -226,6 +226,12 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "onnxruntime,onnxruntime-fp16 --device cuda --batch-sizes 1,8 --tokens 20 --out build/bench/fp16":
         Elsewhere("tests/test_gpu_check.py", f"{FULL_SIZE}, on a CUDA GPU (the GPU check's fp16 step times the demo "
                   "export the same way)"),
+    "python benchmarks/engine.py": Elsewhere("tests/test_bench_engine.py::test_a_short_run_of_both_arms_makes_a_checked_report",
+                                              "loads both arms for minutes; the same run, one short rate, on the tiny bundle"),
+    "python benchmarks/engine.py --make-full-size build/bench/full-size --full-size onnx-int8-encoder --rates "
+    "0.5,1,2,3,4,5 --duration 30": Elsewhere("tests/test_bench_engine.py::test_a_short_run_of_both_arms_makes_a_checked_report",
+                                             "builds the full-size bundles (minutes, 5.5 GiB) and loads both arms for "
+                                             "minutes"),
     # serving/README.md
     "KEEP_SERVER=1 make demo": Elsewhere(E2E, f"`make demo` ({SETUP}; {FIXED_PORTS}), then leaves TorchServe running"),
     "CLIPCAP_NO_TOKEN=1 make demo": Elsewhere(E2E, f"`make demo` ({SETUP}; {FIXED_PORTS}) with TorchServe's "
