@@ -23,6 +23,11 @@ class TorchCache:
     layers: object  # transformers.DynamicCache
     pads: torch.Tensor | None = None  # (B,) padding positions before each row's first
 
+    @property
+    def length(self) -> int:
+        """Positions held (the longest row's, padding included)."""
+        return self.layers.get_seq_length()
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for layer in self.layers.layers for t in (layer.keys, layer.values)]
 
@@ -72,7 +77,7 @@ class TorchRuntime:
     @torch.inference_mode()
     def step(self, embeds: torch.Tensor, cache: TorchCache) -> tuple[torch.Tensor, TorchCache]:
         batch, length, _ = embeds.shape
-        mask, positions = padding.step_inputs(cache.pads, cache.layers.get_seq_length(), length, batch, self.device)
+        mask, positions = padding.step_inputs(cache.pads, cache.length, length, batch, self.device)
         # `cache=`: the keyword transformers keeps (`past_key_values` is deprecated, removed in 5.40).
         out = self.model.gpt(inputs_embeds=embeds, cache=cache.layers, position_ids=positions, attention_mask=mask,
                              use_cache=True, logits_to_keep=1)  # only the last position's logits are used

@@ -41,7 +41,7 @@ class RecordingRuntime(TorchRuntime):
         self.calls = []
 
     def step(self, embeds, cache):
-        self.calls.append((embeds.shape[0], embeds.shape[1], cache.get_seq_length()))
+        self.calls.append((embeds.shape[0], embeds.shape[1], cache.length))
         return super().step(embeds, cache)
 
 
