@@ -730,15 +730,14 @@ def test_batch_size_buckets_are_powers_of_two_on_both_fronts():
 def test_a_worker_warms_up_each_batch_size_bucket_before_it_is_ready(tiny_bundle, tmp_path, monkeypatch):
     """from_archive (TorchServe's initialize) captions the built-in image once per power-of-two batch size up
     to batchSize, and batchSize itself, through the request path, before it returns."""
-    from clipcap.captioner import Captioner
     from clipcap.serving.service import warm_up_sizes
 
     assert [warm_up_sizes(n) for n in (1, 2, 6, 8)] == [[1], [1, 2], [1, 2, 4, 6], [1, 2, 4, 8]]
     shutil.copytree(tiny_bundle, tmp_path / "bundle")
     calls = []
-    caption = Captioner.caption_pixels
-    monkeypatch.setattr(Captioner, "caption_pixels",
-                        lambda self, pixels, *a, **k: calls.append(pixels.shape[0]) or caption(self, pixels, *a, **k))
+    caption = CaptionService.caption_batch
+    monkeypatch.setattr(CaptionService, "caption_batch",
+                        lambda self, requests: calls.append(len(requests)) or caption(self, requests))
     service = CaptionService.from_archive(tmp_path, {"batchSize": 6})
     assert calls == [1, 2, 4, 6]
     replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(PNGS[0])}], [RAW]))
