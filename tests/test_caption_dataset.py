@@ -159,8 +159,11 @@ def test_shard_writer_keeps_every_row_once_in_order(tmp_path_factory, batches, s
     writer = ShardWriter(out, shard_size, embeddings=False)
     ids = [f"img{i}" for i in range(sum(batches))]
     rows = iter({"id": i, "path": i, "caption": "c", "token_ids": [1], "error": None} for i in ids)
+    added = 0
     for size in batches:
         writer.add([next(rows) for _ in range(size)])
+        added += size
+        assert len(shard_paths(out)) == added // shard_size  # a shard is written the moment it is full
     writer.close()
     assert done_ids(out) == set(ids)  # the stale .tmp never counts, and is removed
     assert not list(out.glob("*.tmp"))
