@@ -184,7 +184,7 @@ class EngineArm:
                 outcome.tokens = len(event.token_ids)
             finished()
 
-        handle._listeners.append(listen)  # noqa: SLF001 (the engine's listener hook; events after this point)
+        handle.listen(listen)
 
     def close(self) -> None:
         self.engine.close()

@@ -274,3 +274,15 @@ def test_config_is_checked():
         EngineConfig(max_rows=0).validate()
     with pytest.raises(ValueError, match="encode_wait_ms"):
         EngineConfig(encode_wait_ms=-1).validate()
+
+
+def test_a_listener_added_late_still_gets_the_outcome(captioner, pixels):
+    engine = CaptionEngine(captioner)
+    try:
+        handle = engine.submit(CaptionRequest(DecodingOptions(max_tokens=3), pixels=pixels[0], stream=True))
+        result = handle.result(60)
+        seen = []
+        handle.listen(seen.append)  # after the end: the events and the outcome are replayed
+        assert [t for event in seen[:-1] for t in event.token_ids] == result.token_ids and seen[-1] is result
+    finally:
+        engine.close()

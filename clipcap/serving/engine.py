@@ -129,6 +129,15 @@ class CaptionHandle:
             pass
         return self.result()
 
+    def listen(self, callback: Callable[[object], None]) -> None:
+        """`callback` gets every TokenEvent and then the outcome (CaptionResult or CaptionFailed): those already
+        emitted at once, from this thread; later ones from the engine's thread as they happen."""
+        with self._lock:
+            backlog = list(self._events) + ([self._outcome] if self._outcome is not None else [])
+            self._listeners.append(callback)
+        for event in backlog:
+            callback(event)
+
     async def stream(self) -> AsyncIterator[TokenEvent]:
         """The token events as they come; ends when the caption is ready (then `result()`), raises
         CaptionFailed. Cancelling the consuming task, or closing the iterator early, cancels the request."""
@@ -233,11 +242,6 @@ class CaptionEngine:
 
     def caption(self, request: CaptionRequest, timeout: float | None = None) -> CaptionResult:
         return self.submit(request).result(timeout)
-
-    @property
-    def queued(self) -> int:
-        with self._condition:
-            return len(self._waiting) + self._decoding_images
 
     def close(self) -> None:
         """Stop taking requests, fail those not finished (503), and end the compute thread."""
