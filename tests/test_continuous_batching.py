@@ -10,7 +10,6 @@ decoding alone gives on the batch's own logits (a near tie that rounding tipped,
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

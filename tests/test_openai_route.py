@@ -5,7 +5,6 @@ The front (clipcap.serving.front) runs under uvicorn in this process, as Ray Ser
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import shutil
@@ -14,7 +13,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from clipcap.captioner import Captioner
 from clipcap.serving.config import ServingConfig
