@@ -291,8 +291,8 @@ def test_sigkill_then_resume_captions_only_what_is_missing(collection, reference
 
 
 def test_ctrl_c_stops_with_one_line_and_an_interrupted_manifest(collection, tiny_bundle, tmp_path):
-    """SIGINT while the run blocks at a FIFO (position 150, after 7 shards of 20): exit 130, no traceback,
-    the 10 buffered rows written, the manifest's status 'interrupted'."""
+    """SIGINT once 7 shards of 20 are written, the run then at or just before a FIFO (position 150): exit 130, no
+    traceback, the rows captioned so far all written, the manifest's status 'interrupted'."""
     root, good = collection
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
@@ -310,10 +310,14 @@ def test_ctrl_c_stops_with_one_line_and_an_interrupted_manifest(collection, tiny
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and stdout == ""
-    assert stderr.rstrip().splitlines()[-1] == (f"interrupted: 150 of {GOOD + 1} images kept in {out} (150 this run); "
-                                                "the same command resumes")
+    # 150 when the signal finds the run blocked at the FIFO; 140 when it comes while the batch before the FIFO is
+    # still being captioned (that batch is dropped, never half written). Either way every kept row is on disk.
+    kept = len(read_rows(out))
+    assert kept in (140, 150)
+    assert stderr.rstrip().splitlines()[-1] == (f"interrupted: {kept} of {GOOD + 1} images kept in {out} ({kept} this "
+                                                "run); the same command resumes")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["status"] == "interrupted" and manifest["counts"]["rows"] == len(read_rows(out)) == 150
+    assert manifest["status"] == "interrupted" and manifest["counts"]["rows"] == kept
 
 
 # -- refusals: nothing written --------------------------------------------------------------------------
