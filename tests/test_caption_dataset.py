@@ -250,10 +250,10 @@ def test_local_resume_of_tars_is_keyed_on_the_id(collection, reference, tiny_bun
 # -- a real kill, then resume -------------------------------------------------------------------------
 
 
-def test_sigkill_then_resume_captions_only_what_is_missing(collection, reference, tiny_bundle, tmp_path):
-    """The list holds a FIFO at position 150: the run blocks there for ever (reading the batch 150..159),
-    after exactly 7 full shards of 20 (rows 0..139; rows 140..149 are captioned but only buffered). It is killed there, the FIFO is
-    replaced by an image, and the same command finishes the job."""
+def _blocked_at_a_fifo(collection, tiny_bundle, tmp_path, output):
+    """caption-dataset over a list holding a FIFO at position 150, shards of 20, batches of 10, started and waited
+    for until its 7 full shards are written: the run then reads at (or just before) the FIFO, which never ends.
+    Returns (fifo, out, command, env, process); `output` is the process's stdout and stderr (DEVNULL or PIPE)."""
     root, good = collection
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
@@ -263,10 +263,19 @@ def test_sigkill_then_resume_captions_only_what_is_missing(collection, reference
     command = [sys.executable, "-m", "clipcap.cli", "caption-dataset", str(tiny_bundle), str(tmp_path / "list.txt"),
                "--out", str(out), "--shard-size", "20", "--batch-size", "10"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env=env, stdout=output, stderr=output, text=True)
     deadline = time.monotonic() + 600  # a safety net only: the run blocks at the FIFO, it cannot finish
     while len(shard_paths(out)) < 7 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    return fifo, out, command, env, process
+
+
+def test_sigkill_then_resume_captions_only_what_is_missing(collection, reference, tiny_bundle, tmp_path):
+    """The list holds a FIFO at position 150: the run blocks there for ever (reading the batch 150..159),
+    after exactly 7 full shards of 20 (rows 0..139; rows 140..149 are captioned but only buffered). It is killed there, the FIFO is
+    replaced by an image, and the same command finishes the job."""
+    root, _ = collection
+    fifo, out, command, env, process = _blocked_at_a_fifo(collection, tiny_bundle, tmp_path, subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shard_paths(out)}
@@ -293,19 +302,7 @@ def test_sigkill_then_resume_captions_only_what_is_missing(collection, reference
 def test_ctrl_c_stops_with_one_line_and_an_interrupted_manifest(collection, tiny_bundle, tmp_path):
     """SIGINT once 7 shards of 20 are written, the run then at or just before a FIFO (position 150): exit 130, no
     traceback, the rows captioned so far all written, the manifest's status 'interrupted'."""
-    root, good = collection
-    fifo = tmp_path / "fifo.png"
-    os.mkfifo(fifo)
-    listed = [str(root / "images" / p) for p in good]
-    (tmp_path / "list.txt").write_text("\n".join(listed[:150] + [str(fifo)] + listed[150:]))
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "clipcap.cli", "caption-dataset", str(tiny_bundle), str(tmp_path / "list.txt"),
-               "--out", str(out), "--shard-size", "20", "--batch-size", "10"]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600  # a safety net only: the run blocks at the FIFO, it cannot finish
-    while len(shard_paths(out)) < 7 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _, out, _, _, process = _blocked_at_a_fifo(collection, tiny_bundle, tmp_path, subprocess.PIPE)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
