@@ -171,8 +171,7 @@ class CaptionFront:
         except Exception:  # the engine or the replica failed: this request's 500, never the server's end
             logger.exception("request %s: captioning failed outside CaptionService", request_id)
             reply = ServingError(500, "internal error while captioning (logged on the server)").reply()
-        if self.on_reply is not None:
-            self.on_reply(reply)
+        self._record(reply)
         return reply
 
     async def _predict(self, query: str, headers: dict, body: AsyncIterator[bytes], request_id: str) -> Answer:
