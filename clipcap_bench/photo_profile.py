@@ -104,12 +104,13 @@ def measure_batch(profile: PhotoProfile, repo: Path, progress: bool = True) -> d
     from tqdm import tqdm
 
     from clipcap.captioner import Captioner
-    from clipcap.serving.service import CaptionService
     from clipcap.serving.config import ServingConfig
+    from clipcap.serving.form import read_form
+    from clipcap.serving.service import CaptionService
 
     captioner = Captioner.from_path(repo / profile.bundle)
-    rows = [{"body": bytearray(phone_jpeg(seed=profile.seed + i))} for i in range(profile.batch_images)]
-    headers = [{"Content-Type": "image/jpeg"}] * len(rows)
+    forms = [read_form({"Content-Type": "image/jpeg"}, phone_jpeg(seed=profile.seed + i))
+             for i in range(profile.batch_images)]
     services = {threads: CaptionService(captioner, ServingConfig(decode_threads=threads))
                 for threads in (1, profile.batch_threads)}
     times: dict[int, list[float]] = {threads: [] for threads in services}
@@ -117,7 +118,7 @@ def measure_batch(profile: PhotoProfile, repo: Path, progress: bool = True) -> d
     for index in tqdm(range(profile.batch_iters + 1), desc="photo batch", unit="pair", disable=not progress):
         for threads in (list(services) if index % 2 else list(services)[::-1]):
             start, start_cpu = time.perf_counter(), time.process_time()
-            parsed = services[threads].parse_batch(rows, headers)
+            parsed = services[threads].parse_batch(forms)
             elapsed, used = time.perf_counter() - start, time.process_time() - start_cpu
             if any(not hasattr(p, "pixels") for p in parsed):
                 raise RuntimeError(f"a photo request was refused: {parsed}")

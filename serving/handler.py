@@ -1,4 +1,5 @@
-"""TorchServe handler for ClipCap: TorchServe's rows in, the worker's CaptionEngine (clipcap.serving.engine) does the rest.
+"""TorchServe handler for ClipCap: TorchServe's rows in (as clipcap.serving.form Forms), the worker's CaptionEngine
+(clipcap.serving.engine) does the rest.
 
 TorchServe's batches (the shipped model-config.yaml) join the engine together and are answered when the
 last is done; with `asyncCommunication: true` TorchServe hands every request to the worker as it arrives
@@ -20,7 +21,8 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from clipcap.serving.service import PART_NAMES, BatchStats, CaptionService, ServingConfigError, batch_size_bucket
+from clipcap.serving.form import PART_NAMES, from_torchserve
+from clipcap.serving.service import BatchStats, CaptionService, ServingConfigError, batch_size_bucket
 
 
 def _recording_part_names(retrieve):
@@ -77,9 +79,8 @@ class ClipCapHandler(BaseHandler):
         return self._answer(replies, self.context, recorded=True)
 
     def _parse(self, data, context):
-        headers = [context.get_all_request_header(index) for index in range(len(data))]
-        ids = [context.get_request_id(index) for index in range(len(data))]
-        return self.service.parse_batch(data, headers, ids)
+        forms = [from_torchserve(row, context.get_all_request_header(index)) for index, row in enumerate(data)]
+        return self.service.parse_batch(forms, [context.get_request_id(index) for index in range(len(data))])
 
     def _answer(self, replies, context, recorded: bool = False):
         for index, reply in enumerate(replies):

@@ -15,6 +15,7 @@ HARNESS = PACKAGE.parent / "clipcap_bench"  # the benchmark harness: beside the 
 # "clipcap" is the package's own __init__.
 LAYERS = [
     ("clipcap.mappers", "clipcap.quoting", "clipcap.serving.http_limits", "clipcap.decoding_options", "clipcap.image_formats"),
+    ("clipcap.serving.form",),
     ("clipcap.config",),
     ("clipcap.hub",),
     ("clipcap.tokenizer", "clipcap.images", "clipcap.model"),
@@ -22,7 +23,7 @@ LAYERS = [
     ("clipcap.runtimes",),
     ("clipcap.decoding", "clipcap.captioner", "clipcap.serving.config", "clipcap"),
     ("clipcap.export",),
-    ("clipcap.training", "clipcap.bulk", "clipcap.serving", "clipcap.cli", "clipcap.serving.rows",
+    ("clipcap.training", "clipcap.bulk", "clipcap.serving", "clipcap.cli",
      "clipcap.serving.oip", "clipcap.serving.front", "clipcap.serving.ray_serve"),
 ]
 # Builders' dependencies that the on-disk formats must not need.

@@ -21,9 +21,19 @@ from PIL import Image
 
 from clipcap.captioner import Captioner
 from clipcap.serving.engine import CaptionRequest
+from clipcap.serving.form import PART_NAMES, from_torchserve
 from clipcap.serving.service import CaptionService, ServingConfig, ServingConfigError, ServingError, batch_size_bucket
 from clipcap.serving.config import check_model_config, read_model_config, worker_threads
 from conftest import png_bytes, random_images
+
+
+def parse_rows(service, rows, headers, ids=None):
+    """TorchServe's rows and request headers, read as the handler reads them."""
+    return service.parse_batch([from_torchserve(row, h) for row, h in zip(rows, headers, strict=True)], ids)
+
+
+def parse_row(service, row, headers):
+    return service.parse(from_torchserve(row, headers))
 
 SERVING = Path(__file__).resolve().parent.parent / "serving"
 IMAGES = random_images(4)
@@ -169,8 +179,8 @@ def test_max_tokens_caps_requests_and_defaults(captioner):
     service = CaptionService(captioner, ServingConfig(max_tokens=5))
     assert service.defaults.max_tokens == 5  # the bundle's 24 would exceed the cap
     with pytest.raises(ServingError, match=r"max_tokens must be an integer in 1\.\.5"):
-        service.parse({"body": {"image": _b64(PNGS[0]), "max_tokens": 6}}, JSON)
-    replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(PNGS[0])}], [RAW]))
+        parse_row(service, {"body": {"image": _b64(PNGS[0]), "max_tokens": 6}}, JSON)
+    replies, _ = service.caption_batch(parse_rows(service, [{"body": bytearray(PNGS[0])}], [RAW]))
     assert 1 <= len(replies[0].body["token_ids"]) <= 5
 
 
@@ -185,22 +195,22 @@ def test_max_tokens_caps_requests_and_defaults(captioner):
     ({"data": bytearray(PNGS[1])}, FORM),
 ])
 def test_accepted_forms_give_the_same_image(service, captioner, row, headers):
-    request = service.parse(row, headers)
+    request = parse_row(service, row, headers)
     assert isinstance(request, CaptionRequest)
     assert torch.equal(request.pixels, captioner.preprocess([IMAGES[1]])[0])
     assert request.options == service.defaults
 
 
 def test_options_from_json_and_form_fields(service):
-    from_json = service.parse({"body": {"image": _b64(PNGS[0]), "decoding": "beam", "beam_size": 3}}, JSON)
+    from_json = parse_row(service, {"body": {"image": _b64(PNGS[0]), "decoding": "beam", "beam_size": 3}}, JSON)
     form = {"file": bytearray(PNGS[0]), "decoding": bytearray(b"beam"), "beam_size": bytearray(b"3")}
-    from_form = service.parse(form, FORM)
+    from_form = parse_row(service, form, FORM)
     assert from_json.options == from_form.options == service.defaults.replace(strategy="beam", beam_size=3)
 
 
 def test_jpeg_and_webp_accepted(service):
     for fmt, content_type in (("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
-        request = service.parse({"body": bytearray(png_bytes(IMAGES[0], fmt))}, {"Content-Type": content_type})
+        request = parse_row(service, {"body": bytearray(png_bytes(IMAGES[0], fmt))}, {"Content-Type": content_type})
         assert request.pixels.shape == (3, 32, 32)
 
 
@@ -241,7 +251,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("name, row, headers, status, fragment", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_request_refused_with_clear_message(service, name, row, headers, status, fragment):
     with pytest.raises(ServingError) as error:
-        service.parse(row, headers)
+        parse_row(service, row, headers)
     assert error.value.status == status
     assert fragment in error.value.message
     reply = error.value.reply()
@@ -253,11 +263,11 @@ def test_size_and_pixel_limits(captioner):
     for row, headers in (({"body": bytearray(PNGS[0])}, RAW), ({"body": {"image": _b64(PNGS[0])}}, JSON),
                          ({"data": bytearray(PNGS[0])}, FORM)):
         with pytest.raises(ServingError, match="over the limit of") as error:
-            small.parse(row, headers)
+            parse_row(small, row, headers)
         assert error.value.status == 413
     roomy = CaptionService(captioner, ServingConfig(max_image_pixels=47 * 47))
     with pytest.raises(ServingError, match="48x48 = 2304 pixels, over the limit of 2209 pixels") as error:
-        roomy.parse({"body": bytearray(PNGS[0])}, RAW)
+        parse_row(roomy, {"body": bytearray(PNGS[0])}, RAW)
     assert error.value.status == 400
 
 
@@ -269,12 +279,12 @@ def test_an_image_at_the_body_limit_is_accepted_in_every_form(captioner):
     options = {"decoding": "beam", "beam_size": 2, "max_tokens": 5, "temperature": 1.0}
     body = json.dumps({"image": _b64(PNGS[0]), **options}, separators=(", ", ": ")).encode()
     assert len(body) > 4 * limit // 3 + 40  # the raw JSON is well over the image limit...
-    assert service.parse({"body": bytearray(body)}, JSON).options.beam_size == 2  # ...and accepted
+    assert parse_row(service, {"body": bytearray(body)}, JSON).options.beam_size == 2  # ...and accepted
     for row, headers in (({"body": bytearray(PNGS[0])}, RAW), ({"data": bytearray(PNGS[0])}, FORM)):
-        service.parse(row, headers)
+        parse_row(service, row, headers)
     tight = CaptionService(captioner, ServingConfig(max_body_bytes=limit - 1, max_options_bytes=128))
     with pytest.raises(ServingError, match="over the limit") as error:
-        tight.parse({"body": bytearray(body)}, JSON)
+        parse_row(tight, {"body": bytearray(body)}, JSON)
     assert error.value.status == 413
 
 
@@ -285,7 +295,7 @@ def test_batch_captions_match_library_and_bad_rows_fail_alone(service, captioner
             {"body": {"image": _b64(PNGS[2]), "decoding": "beam", "beam_size": 3}},
             {"body": bytearray(PNGS[3])}, {"body": bytearray(b'{"image"')}]
     headers = [RAW, RAW, JSON, RAW, JSON]
-    replies, stats = service.caption_batch(service.parse_batch(rows, headers))
+    replies, stats = service.caption_batch(parse_rows(service, rows, headers))
     assert [r.status for r in replies] == [200, 400, 200, 200, 400]
     greedy = captioner.caption_images([IMAGES[0], IMAGES[3]], service.defaults).captions  # one batched decode
     beam = captioner.caption_images([IMAGES[2]], service.defaults.replace(strategy="beam", beam_size=3)).captions
@@ -311,7 +321,7 @@ def test_a_failing_decode_answers_500_others_succeed(service, captioner, monkeyp
 
     monkeypatch.setattr(captioner.runtime, "step", step)
     rows = [{"body": bytearray(PNGS[0])}, {"body": {"image": _b64(PNGS[1]), "decoding": "beam"}}]
-    replies, stats = service.caption_batch(service.parse_batch(rows, [RAW, JSON]))
+    replies, stats = service.caption_batch(parse_rows(service, rows, [RAW, JSON]))
     assert [r.status for r in replies] == [200, 500]
     assert "internal error" in replies[1].body["message"] and stats.captioned == 1
 
@@ -336,7 +346,7 @@ def _poisoned_runtime(monkeypatch, captioner, poison: torch.Tensor) -> None:
 def test_a_failing_row_costs_only_its_own_request(service, captioner, monkeypatch):
     _poisoned_runtime(monkeypatch, captioner, captioner.preprocess([IMAGES[2]])[0])
     rows = [{"body": bytearray(png)} for png in PNGS]
-    replies, stats = service.caption_batch(service.parse_batch(rows, [RAW] * 4))
+    replies, stats = service.caption_batch(parse_rows(service, rows, [RAW] * 4))
     assert [r.status for r in replies] == [200, 200, 500, 200]
     for i in (0, 1, 3):
         assert replies[i].body["token_ids"] == captioner.caption_images([IMAGES[i]]).captions[0].token_ids
@@ -355,7 +365,7 @@ def test_preprocessing_runs_per_request_and_a_failure_there_is_its_own(service, 
     monkeypatch.setattr(captioner, "load_pixels", load_pixels)
     rows = [{"body": bytearray(PNGS[0])}, {"body": bytearray(poison)},
             {"body": bytearray(PNGS[1])}]
-    replies, _ = service.caption_batch(service.parse_batch(rows, [RAW] * 3))
+    replies, _ = service.caption_batch(parse_rows(service, rows, [RAW] * 3))
     assert [r.status for r in replies] == [200, 500, 200]
     expected = captioner.caption_images([IMAGES[0], IMAGES[1]], service.defaults).captions
     assert [replies[0].body["token_ids"], replies[2].body["token_ids"]] == [c.token_ids for c in expected]
@@ -376,7 +386,7 @@ def _photo_rows() -> list[dict]:
 def test_a_batch_decodes_on_threads_like_one_by_one(captioner, monkeypatch, threads):
     """handler.decode_threads: the same pixels and 4xx answers as decoding in series, each request on its
     own, never more images decoding at once than the setting (the memory bound)."""
-    serial = CaptionService(captioner, ServingConfig(decode_threads=1)).parse_batch(_photo_rows(), [RAW] * 11)
+    serial = parse_rows(CaptionService(captioner, ServingConfig(decode_threads=1)), _photo_rows(), [RAW] * 11)
     active, most, lock, real = [0], [0], threading.Lock(), captioner.load_pixels
 
     def counted(*args):
@@ -390,7 +400,7 @@ def test_a_batch_decodes_on_threads_like_one_by_one(captioner, monkeypatch, thre
                 active[0] -= 1
 
     monkeypatch.setattr(captioner, "load_pixels", counted)
-    threaded = CaptionService(captioner, ServingConfig(decode_threads=threads)).parse_batch(_photo_rows(), [RAW] * 11)
+    threaded = parse_rows(CaptionService(captioner, ServingConfig(decode_threads=threads)), _photo_rows(), [RAW] * 11)
     assert most[0] <= threads
     assert [getattr(r, "status", 200) for r in threaded] == [200] * 8 + [400] * 3
     for one, other in zip(serial, threaded):
@@ -402,7 +412,7 @@ def test_a_batch_decodes_on_threads_like_one_by_one(captioner, monkeypatch, thre
 
 def test_the_formats_setting_refuses_the_others(captioner):
     narrow = CaptionService(captioner, ServingConfig.from_dict({"formats": ["jpeg"]}))
-    reply = narrow.parse_batch([{"body": bytearray(PNGS[0])}], [RAW])[0]
+    reply = parse_rows(narrow, [{"body": bytearray(PNGS[0])}], [RAW])[0]
     assert reply.status == 400 and "format PNG not accepted (accepted: JPEG)" in reply.message
     assert narrow.config.formats == ["JPEG"]
 
@@ -416,14 +426,14 @@ def test_one_poison_in_a_batch_of_seven(service, captioner):
     expected = [c.token_ids for c in captioner.caption_images([IMAGES[i % 4] for i in range(7)]).captions]
     for poison, poison_headers, status in poisons:
         rows, headers = valid[:3] + [poison] + valid[3:], [RAW] * 3 + [poison_headers] + [RAW] * 4
-        replies, stats = service.caption_batch(service.parse_batch(rows, headers))
+        replies, stats = service.caption_batch(parse_rows(service, rows, headers))
         assert replies[3].status == status and stats.captioned == 7
         assert [r.body["token_ids"] for r in replies[:3] + replies[4:]] == expected
 
 
 def test_extreme_strip_is_captioned_from_its_centre(service, captioner):
     """The documented rule for extreme aspect ratios: a 200 with the caption of the centre square."""
-    replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(_strip_png())}], [RAW]))
+    replies, _ = service.caption_batch(parse_rows(service, [{"body": bytearray(_strip_png())}], [RAW]))
     centre = Image.new("RGB", (6, 6), (200, 40, 40))
     assert replies[0].status == 200
     assert replies[0].body["token_ids"] == captioner.caption_images([centre], service.defaults).captions[0].token_ids
@@ -432,20 +442,20 @@ def test_extreme_strip_is_captioned_from_its_centre(service, captioner):
 def test_unexpected_parse_error_costs_one_request(service, monkeypatch):
     real = service.parse
 
-    def parse(row, headers):
-        if row.get("body") == b"boom":
+    def parse(form):
+        if form.part("body").value == b"boom":
             raise RuntimeError("simulated bug")
-        return real(row, headers)
+        return real(form)
 
     monkeypatch.setattr(service, "parse", parse)
-    parsed = service.parse_batch([{"body": bytearray(b"boom")}, {"body": bytearray(PNGS[0])}], [RAW, RAW])
+    parsed = parse_rows(service, [{"body": bytearray(b"boom")}, {"body": bytearray(PNGS[0])}], [RAW, RAW])
     assert isinstance(parsed[0], ServingError) and parsed[0].status == 500
     assert isinstance(parsed[1], CaptionRequest)
 
 
 def test_seeded_nucleus_does_not_depend_on_the_batch(service, captioner):
     body = {"image": _b64(PNGS[1]), "decoding": "nucleus", "seed": 7, "top_p": 0.8, "temperature": 2.0}
-    replies, _ = service.caption_batch(service.parse_batch([{"body": dict(body)}] * 3, [JSON] * 3))
+    replies, _ = service.caption_batch(parse_rows(service, [{"body": dict(body)}] * 3, [JSON] * 3))
     options = service.defaults.replace(strategy="nucleus", seed=7, top_p=0.8, temperature=2.0)
     alone = captioner.caption_images([IMAGES[1]], options).captions[0]
     assert [r.body["token_ids"] for r in replies] == [alone.token_ids] * 3
@@ -456,8 +466,8 @@ def test_onnxruntime_export_bundle_serves_the_same_greedy_tokens(tiny_export, tm
     shutil.copytree(tiny_export, tmp_path / "bundle")  # as build_archive lays out an export bundle
     onnx = CaptionService.from_archive(tmp_path, {"handler": {"backend": "onnxruntime", "device": "cpu"}})
     rows, headers = [{"body": bytearray(png)} for png in PNGS], [RAW] * len(PNGS)
-    expected, _ = service.caption_batch(service.parse_batch(rows, headers))
-    replies, _ = onnx.caption_batch(onnx.parse_batch(rows, headers))
+    expected, _ = service.caption_batch(parse_rows(service, rows, headers))
+    replies, _ = onnx.caption_batch(parse_rows(onnx, rows, headers))
     assert [r.body["token_ids"] for r in replies] == [r.body["token_ids"] for r in expected]
 
 
@@ -598,7 +608,7 @@ HOSTILE = [  # (name, row, headers, status): what the issue's probe sent, and it
 def test_hostile_request_gets_a_short_refusal_and_its_batch_mates_their_captions(service, captioner, name, row,
                                                                                  headers, status):
     valid = [{"body": bytearray(PNGS[i])} for i in range(3)]
-    replies, stats = service.caption_batch(service.parse_batch(valid[:2] + [row] + valid[2:], [RAW] * 2 + [headers]
+    replies, stats = service.caption_batch(parse_rows(service, valid[:2] + [row] + valid[2:], [RAW] * 2 + [headers]
                                                                + [RAW]))
     assert replies[2].status == status, replies[2].body
     assert len(json.dumps(replies[2].body)) < MAX_MESSAGE, replies[2].body["message"][:2000]
@@ -610,28 +620,27 @@ def test_hostile_request_gets_a_short_refusal_and_its_batch_mates_their_captions
 def test_unknown_form_field_is_named_as_an_unknown_option(service):
     row = {"data": bytearray(PNGS[0]), "note": bytearray(b"hello"), "decoding": bytearray(b"beam")}
     with pytest.raises(ServingError, match=r"unknown option\(s\) 'note'") as error:
-        service.parse(row, {**FORM, "data": FILE, "note": FIELD, "decoding": FIELD})
+        parse_row(service, row, {**FORM, "data": FILE, "note": FIELD, "decoding": FIELD})
     assert error.value.status == 400
     with pytest.raises(ServingError, match="exactly one file part .*got 2 file parts: 'data', 'other'"):
-        service.parse({"data": bytearray(PNGS[0]), "other": bytearray(PNGS[1])}, {**FORM, "data": FILE, "other": FILE})
+        parse_row(service, {"data": bytearray(PNGS[0]), "other": bytearray(PNGS[1])}, {**FORM, "data": FILE, "other": FILE})
     with pytest.raises(ServingError, match="got 0 file parts"):
-        service.parse({"decoding": bytearray(b"beam")}, {**FORM, "decoding": FIELD})
+        parse_row(service, {"decoding": bytearray(b"beam")}, {**FORM, "decoding": FIELD})
     with pytest.raises(ServingError, match=r"unknown option\(s\) 'body'"):  # a field's name, not the raw body's key
-        service.parse({"data": bytearray(PNGS[0]), "body": bytearray(b"x")}, {**FORM, "data": FILE, "body": FIELD})
+        parse_row(service, {"data": bytearray(PNGS[0]), "body": bytearray(b"x")}, {**FORM, "data": FILE, "body": FIELD})
 
 
 @pytest.mark.parametrize("names", [["data", "data"], ["decoding", "data", "decoding"]])
 def test_repeated_parts_and_fields_are_refused(service, names):
     """TorchServe's row keeps the last of a repeated name; the handler lists every name under PART_NAMES."""
-    from clipcap.serving.service import PART_NAMES
 
     row = {"data": bytearray(PNGS[0]), "decoding": bytearray(b"beam")}
     headers = {**FORM, "data": FILE, "decoding": FIELD, PART_NAMES: names}
     with pytest.raises(ServingError, match="sent more than once") as error:
-        service.parse(row, headers)
+        parse_row(service, row, headers)
     assert error.value.status == 400 and repr(names[0]) in error.value.message
-    assert service.parse(row, {**headers, PART_NAMES: ["data", "decoding"]}).options.strategy == "beam"
-    assert service.parse(row, {**headers, PART_NAMES: "data,data"}).options.strategy == "beam"  # not the handler's
+    assert parse_row(service, row, {**headers, PART_NAMES: ["data", "decoding"]}).options.strategy == "beam"
+    assert parse_row(service, row, {**headers, PART_NAMES: "data,data"}).options.strategy == "beam"  # not the handler's
 
 
 def test_query_string_parameters_are_fields(service):
@@ -640,15 +649,15 @@ def test_query_string_parameters_are_fields(service):
     beam = service.defaults.replace(strategy="beam", beam_size=3)
     query = {"decoding": bytearray(b"beam"), "beam_size": bytearray(b"3"), "model_name": bytearray(b"clipcap")}
     query_headers = {name: FIELD for name in query}
-    raw = service.parse({**query, "body": bytearray(PNGS[0])}, {**RAW, **query_headers})
-    as_json = service.parse({**query, "body": _json_bytes()}, {**JSON, **query_headers})
-    form = service.parse({**query, "data": bytearray(PNGS[0])}, {**FORM, **query_headers, "data": FILE})
+    raw = parse_row(service, {**query, "body": bytearray(PNGS[0])}, {**RAW, **query_headers})
+    as_json = parse_row(service, {**query, "body": _json_bytes()}, {**JSON, **query_headers})
+    form = parse_row(service, {**query, "data": bytearray(PNGS[0])}, {**FORM, **query_headers, "data": FILE})
     assert raw.options == as_json.options == form.options == beam
     with pytest.raises(ServingError, match=r"option\(s\) 'decoding' given twice") as error:
-        service.parse({**query, "body": _json_bytes(decoding="greedy")}, {**JSON, **query_headers})
+        parse_row(service, {**query, "body": _json_bytes(decoding="greedy")}, {**JSON, **query_headers})
     assert error.value.status == 400
     with pytest.raises(ServingError, match=r"unknown option\(s\) 'colour'"):
-        service.parse({"colour": bytearray(b"red"), "body": bytearray(PNGS[0])}, {**RAW, "colour": FIELD})
+        parse_row(service, {"colour": bytearray(b"red"), "body": bytearray(PNGS[0])}, {**RAW, "colour": FIELD})
 
 
 def test_request_ids_in_log_lines(service, caplog, monkeypatch):
@@ -656,7 +665,7 @@ def test_request_ids_in_log_lines(service, caplog, monkeypatch):
     rows = [{"body": bytearray(b"junk")}, {"body": bytearray(b"junk")}, {"body": bytearray(PNGS[1])}]
     headers = [{**RAW, "X-Request-ID": "client-7"}, {**RAW, "x-request-id": "bad id\nforged log line"}, RAW]
     with caplog.at_level(logging.INFO, logger="clipcap.serving"):
-        parsed = service.parse_batch(rows, headers, ["ts-0", "ts-1", "ts-2"])
+        parsed = parse_rows(service, rows, headers, ["ts-0", "ts-1", "ts-2"])
     assert [r.request_id for r in parsed] == ["ts-0 (X-Request-ID 'client-7')",
                                               "ts-1 (X-Request-ID 'bad id\\nforged log line')", "ts-2"]
     messages = [record.getMessage() for record in caplog.records]
@@ -667,7 +676,7 @@ def test_request_ids_in_log_lines(service, caplog, monkeypatch):
 
     monkeypatch.setattr(service.captioner.runtime, "encode", fail)
     with caplog.at_level(logging.INFO, logger="clipcap.serving"):
-        replies, _ = service.caption_batch(service.parse_batch(rows[2:], headers[2:], ["ts-9"]))
+        replies, _ = service.caption_batch(parse_rows(service, rows[2:], headers[2:], ["ts-9"]))
     assert replies[0].status == 500
     assert any("request ts-9: captioning failed" in r.getMessage() and r.exc_info for r in caplog.records)
 
@@ -686,7 +695,7 @@ def test_any_float_option_gives_a_caption_or_a_clean_refusal(service, strategy, 
     used = {"greedy": {}, "beam": {"beam_size": 3}, "nucleus": {"seed": 1, "top_p": top_p}}[strategy]
     body = json.dumps({**VALID_JSON, "decoding": strategy, "max_tokens": 6, "temperature": temperature,
                        **used}).encode()  # NaN/Infinity as Python writes them
-    replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(body)}], [JSON]))
+    replies, _ = service.caption_batch(parse_rows(service, [{"body": bytearray(body)}], [JSON]))
     reply = replies[0]
     valid = strategy != "greedy" and 0 < temperature <= 10 and (strategy != "nucleus" or 0 < top_p <= 1)
     if not valid:
@@ -696,7 +705,7 @@ def test_any_float_option_gives_a_caption_or_a_clean_refusal(service, strategy, 
     tokens = reply.body["token_ids"]
     assert 1 <= len(tokens) <= 6 and all(0 <= t < service.captioner.config.gpt2.vocab_size for t in tokens)
     if temperature < 1e-30:  # the greedy limit (nucleus and beam alike; ties aside, which random weights lack)
-        greedy = service.parse_batch([{"body": _json_bytes(max_tokens=6)}], [JSON])
+        greedy = parse_rows(service, [{"body": _json_bytes(max_tokens=6)}], [JSON])
         assert tokens == service.caption_batch(greedy)[0][0].body["token_ids"]
 
 
@@ -740,7 +749,7 @@ def test_a_worker_warms_up_each_batch_size_bucket_before_it_is_ready(tiny_bundle
                         lambda self, requests: calls.append(len(requests)) or caption(self, requests))
     service = CaptionService.from_archive(tmp_path, {"batchSize": 6})
     assert calls == [1, 2, 4, 6]
-    replies, _ = service.caption_batch(service.parse_batch([{"body": bytearray(PNGS[0])}], [RAW]))
+    replies, _ = service.caption_batch(parse_rows(service, [{"body": bytearray(PNGS[0])}], [RAW]))
     assert replies[0].status == 200 and calls == [1, 2, 4, 6, 1]
 
 

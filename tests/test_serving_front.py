@@ -1,4 +1,4 @@
-"""The Ray-free parts of the Ray Serve front: HTTP request -> TorchServe row (clipcap.serving.rows), the
+"""The Ray-free parts of the Ray Serve front: HTTP request -> Form (clipcap.serving.form), the
 Open Inference Protocol codec (clipcap.serving.oip) checked against tritonclient's own encoder and decoder,
 and CaptionFront answering the shared request table over a real CaptionService in this process."""
 import asyncio
@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from clipcap.serving import oip
 from clipcap.captioner import Captioner
-from clipcap.serving.rows import request_row
+from clipcap.serving.form import PART_NAMES, Part, from_torchserve, read_form
 from clipcap.images import decode_image
-from clipcap.serving.service import PART_NAMES, CaptionService
+from clipcap.serving.service import CaptionService
 from clipcap.serving.config import ServingConfig
 from clipcap.serving.front import BAD_TOKEN, CaptionFront, FrontConfig
 from clipcap.serving.ray_serve import BatchSettings, RayServeConfig, resolve_token
@@ -34,32 +34,39 @@ field_names = st.text(st.characters(codec="ascii", categories=("L", "N")), min_s
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(field_names, st.binary(max_size=300)), max_size=5), st.binary(max_size=2000))
-def test_multipart_parts_arrive_as_torchserve_rows(fields, image):
-    """Text fields (repeats included) then a file part: the row keeps each name's last value, the
-    headers carry every name in order and each part's content type, as the TorchServe handler records."""
+def test_multipart_parts_arrive_in_order_with_their_types(fields, image):
+    """Text fields (repeats included) then a file part: every part in order, a text field's type '' and
+    the file's its own; the same request from TorchServe's row (which keeps one value per name, the
+    handler recording every name) reads as the same names and types."""
     body, headers = multipart(image, {})
     parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
              for name, value in fields]
-    row, row_headers = request_row(headers, b"".join(parts) + body)
-    assert row == {**dict(fields), "data": image}
-    assert row_headers[PART_NAMES] == [name for name, _ in fields] + ["data"]
-    assert row_headers["data"] == {"content-type": "image/png"}
-    assert all(row_headers[name] == {"content-type": ""} for name, _ in fields if name != "data")
-    assert row_headers["Content-Type"] == headers["Content-Type"]
+    form = read_form(headers, b"".join(parts) + body)
+    assert [(p.name, p.value, p.content_type) for p in form.parts] == [(n, v, "") for n, v in fields] + [("data", image, "image/png")]
+    assert form.content_type == "multipart/form-data" and form.part("data").is_file
+    assert not any(part.is_file for part in form.parts[:-1])
+    row = {part.name: part.value for part in form.parts}
+    row_headers = {**headers, **{p.name: {"content-type": p.content_type} for p in form.parts},
+                   PART_NAMES: [p.name for p in form.parts]}
+    torchserve = from_torchserve(row, row_headers)
+    assert [(p.name, p.content_type) for p in torchserve.parts] == [(p.name, p.content_type) for p in form.parts]
+    assert torchserve.content_type == form.content_type
 
 
-def test_bodies_and_query_strings_as_torchserve_rows():
-    row, headers = request_row({"Content-Type": "image/png"}, b"\x89PNG")
-    assert row == {"body": b"\x89PNG"} and headers[PART_NAMES] == ["body"]
-    row, headers = request_row({}, b"", "beam_size=3&seed=")
-    assert row == {"beam_size": b"3", "seed": b"", "body": b""}
-    assert headers[PART_NAMES] == ["beam_size", "seed", "body"] and headers["seed"] == {"content-type": ""}
+def test_bodies_and_query_strings_as_forms():
+    form = read_form({"Content-Type": "image/png"}, b"\x89PNG")
+    assert form.parts == (Part("body", b"\x89PNG", "image/png"),) and form.content_type == "image/png"
+    form = read_form({}, b"", "beam_size=3&seed=")
+    assert form.parts == (Part("beam_size", b"3", ""), Part("seed", b"", ""), Part("body", b"", ""))
     # a multipart body without a boundary is the body, as TorchServe hands it on; without its closing one, no part
-    assert request_row({"content-type": "multipart/form-data"}, b"junk")[0] == {"body": b"junk"}
+    assert read_form({"content-type": "multipart/form-data"}, b"junk").parts == (Part("body", b"junk", "multipart/form-data"),)
     unclosed = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="a"\r\n\r\nb\r\n'.encode()
-    assert request_row({"content-type": f"multipart/form-data; boundary={BOUNDARY}"}, unclosed)[0] == {}
-    # a header that names itself like the part list cannot stand in for it
-    assert request_row({PART_NAMES: "x"}, b"data")[1][PART_NAMES] == ["body"]
+    assert read_form({"content-type": f"multipart/form-data; boundary={BOUNDARY}"}, unclosed).parts == ()
+    # TorchServe's row: a header that names itself like the part list but is no list cannot stand in for it
+    assert [p.name for p in from_torchserve({"body": b"x"}, {PART_NAMES: "x,x"}).parts] == ["body"]
+    # without the part's own entry in the headers, an option name is a field and any other name a file
+    names = from_torchserve({"decoding": b"beam", "photo": b"..."}, {}).parts
+    assert [(p.name, p.is_file) for p in names] == [("decoding", False), ("photo", True)]
 
 
 @settings(max_examples=50, deadline=None)

@@ -3,8 +3,9 @@ two APIs over one caption function.
 
 - TorchServe's inference API: `/predictions/<model>` with any method (TorchServe 0.12 hands a GET or
   DELETE to the handler too: "empty request"), and `POST /invocations` and `POST /<model>/predict`,
-  whose query strings TorchServe passes on as fields (each request made into TorchServe's row by
-  clipcap.serving.rows, answered by CaptionService with the same status and error JSON); `GET /ping`; a
+  whose query strings TorchServe passes on as fields (each request read into a clipcap.serving.form
+  Form, as TorchServe's handler makes one of TorchServe's row, and answered by CaptionService with the
+  same status and error JSON); `GET /ping`; a
   missing or wrong token answers what TorchServe 0.12 answers (400 InvalidKeyException). The request
   id is the X-Request-ID header (Ray Serve's proxy sets it: the client's own, else a new one),
   answered in X-Request-ID and named in the log lines: CaptionService's, and the front's own line for
@@ -36,7 +37,7 @@ from urllib.parse import parse_qsl
 from clipcap.quoting import quote
 from clipcap.serving import oip, openai_chat
 from clipcap.serving.engine import CaptionFailed
-from clipcap.serving.rows import request_row
+from clipcap.serving.form import FormError, read_form
 from clipcap.serving.service import CaptionService, Reply, ServingError
 
 logger = logging.getLogger(__name__)
@@ -177,11 +178,11 @@ class CaptionFront:
     async def _predict(self, query: str, headers: dict, body: AsyncIterator[bytes], request_id: str) -> Answer:
         try:
             data = await self._read(headers, body)
-            row, row_headers = await asyncio.to_thread(request_row, headers, data, query)  # multipart: CPU work
-        except ServingError as error:
-            reply = error.reply()
-            return _refused(reply.status, reply.body, error.message)
-        request = await self.service.parse_async(row, row_headers, request_id)
+            form = await asyncio.to_thread(read_form, headers, data, query)  # multipart: CPU work
+        except (ServingError, FormError) as error:
+            refusal = error if isinstance(error, ServingError) else ServingError(400, str(error))
+            return _refused(refusal.status, refusal.reply().body, refusal.message)
+        request = await self.service.parse_async(form, request_id)
         reply = await self._caption(request, request_id)
         return Answer(reply.status, json.dumps(reply.body).encode(), {**JSON_HEADERS, **reply.headers})
 

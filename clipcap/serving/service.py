@@ -44,6 +44,7 @@ from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
 from clipcap.serving.engine import CaptionEngine, CaptionFailed, CaptionRequest, CaptionResult, EngineBusy, EngineConfig
 from clipcap.images import ImageError, open_image
 from clipcap.quoting import quote, quote_names
+from clipcap.serving.form import BODY, FORM_TYPE, JSON_TYPE, MULTIPART_TYPE, RAW_TYPES, Form, Part, read_form
 from clipcap.serving.config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError, worker_threads
 
 if TYPE_CHECKING:
@@ -52,14 +53,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-JSON_TYPE = "application/json"
-MULTIPART_TYPE = "multipart/form-data"
-FORM_TYPE = "application/x-www-form-urlencoded"  # curl's default for -d / --data-binary: an image body is sniffed
-RAW_TYPES = ("application/octet-stream", "")  # plus every image/*: the bytes, not the header, decide the format
 # TorchServe's own routing parameter, passed to the handler as a field by /invocations?model_name=...
 TORCHSERVE_PARAMETERS = ("model_name",)
-# The handler lists every part and field name of a request here: TorchServe's row keeps one per name.
-PART_NAMES = "clipcap-part-names"
 # ClipcapBatchSize's bucket bounds (le=): batch sizes are small integers, so powers of two, not seconds.
 BATCH_SIZE_BUCKETS = tuple(2**i for i in range(11))  # 1, 2, 4, ... 1024
 HOW_TO_SEND = ('send the image as the raw body (Content-Type: image/png, image/jpeg, ...), as a multipart/form-data '
@@ -178,7 +173,7 @@ class CaptionService:
         sizes = warm_up_sizes(max_batch_size)
         image = warm_up_image()
         for size in sizes:
-            requests = self.parse_batch([{"body": image}] * size, [{"Content-Type": "image/png"}] * size)
+            requests = self.parse_batch([read_form({"Content-Type": "image/png"}, image)] * size)
             replies, _ = self.caption_batch(requests)
             failed = [reply for reply in replies if reply.status != 200]
             if failed:
@@ -188,19 +183,18 @@ class CaptionService:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def parse_batch(self, rows: list[dict], headers: list[dict], request_ids: list[str] | None = None,
-                    ) -> list[CaptionRequest | ServingError]:
-        """TorchServe rows (one dict per request: part name -> value), their request headers and the
-        server's request ids; each result carries its request's `request_label` for the log lines.
+    def parse_batch(self, forms: list[Form], request_ids: list[str] | None = None) -> list[CaptionRequest | ServingError]:
+        """Requests as Forms and the server's request ids; each result carries its request's `request_label`
+        for the log lines.
 
-        The rows are read on `handler.decode_threads` threads (Pillow's decoders release the GIL), each
+        The forms are read on `handler.decode_threads` threads (Pillow's decoders release the GIL), each
         on its own: at most that many images are decoded at once, so memory stays that many times one
         image's bound."""
-        ids = [request_label(request_ids[i] if request_ids else str(i), h) for i, h in enumerate(headers)]
-        return list(self._decode_pool.map(self._parse_isolated, rows, headers, ids))
+        ids = [request_label(request_ids[i] if request_ids else str(i), f.headers) for i, f in enumerate(forms)]
+        return list(self._decode_pool.map(self._parse_isolated, forms, ids))
 
-    def _parse_isolated(self, row: dict, headers: dict, request_id: str) -> CaptionRequest | ServingError:
-        return self._isolated(lambda: self.parse(row, headers), request_id)
+    def _parse_isolated(self, form: Form, request_id: str) -> CaptionRequest | ServingError:
+        return self._isolated(lambda: self.parse(form), request_id)
 
     def _isolated(self, read, request_id: str) -> CaptionRequest | ServingError:
         try:
@@ -214,28 +208,27 @@ class CaptionService:
         result.request_id = request_id
         return result
 
-    def parse(self, row: dict, headers: dict) -> CaptionRequest:
+    def parse(self, form: Form) -> CaptionRequest:
         """One request -> its checked image as pixels and its decoding options, or ServingError."""
         start = time.perf_counter()
-        if all(_is_empty(value) for value in row.values()):
+        if all(_is_empty(part.value) for part in form.parts):
             raise ServingError(400, f"empty request: {HOW_TO_SEND}")
-        _refuse_repeated_parts(headers)
-        content_type = _content_type(headers)
-        if content_type == MULTIPART_TYPE:
-            payload, options = self._from_form(row, headers)
-        elif content_type == JSON_TYPE:
-            payload, options = self._from_json(row.get("body"))
-            fields = self._fields(row, "body")
+        _refuse_repeated_parts(form)
+        if form.content_type == MULTIPART_TYPE:
+            payload, options = self._from_multipart(form)
+        elif form.content_type == JSON_TYPE:
+            payload, options = self._from_json(_value(form.part(BODY)))
+            fields = self._fields(form, BODY)
             _refuse_given_twice(set(options) & set(fields))
             options.update(fields)
-        elif content_type.startswith("image/") or content_type in RAW_TYPES:
-            payload, options = row.get("body"), self._fields(row, "body")
+        elif form.content_type.startswith("image/") or form.content_type in RAW_TYPES:
+            payload, options = _value(form.part(BODY)), self._fields(form, BODY)
             if not isinstance(payload, (bytes, bytearray)):
                 raise ServingError(400, f"no request body: {HOW_TO_SEND}")
-        elif content_type == FORM_TYPE:
-            payload, options = self._form_image(row), self._fields(row, "body")
+        elif form.content_type == FORM_TYPE:
+            payload, options = self._form_image(_value(form.part(BODY))), self._fields(form, BODY)
         else:
-            raise ServingError(415, f"content type {quote(content_type)} is not accepted: {HOW_TO_SEND}")
+            raise ServingError(415, f"content type {quote(form.content_type)} is not accepted: {HOW_TO_SEND}")
         return self.build(payload, options, start)
 
     def build(self, image: bytes, options: dict, start: float | None = None) -> CaptionRequest:
@@ -256,11 +249,10 @@ class CaptionService:
         return CaptionRequest(options, pixels=pixels, preprocess_ms=(time.perf_counter() - start) * 1e3,
                               deadline=None if self.config.deadline_s is None else time.monotonic() + self.config.deadline_s)
 
-    async def parse_async(self, row: dict, headers: dict, request_id: str) -> CaptionRequest | ServingError:
-        """One row parsed on the service's decode threads (at most decode_threads images decode at once)."""
-        label = request_label(request_id, headers)
-        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._parse_isolated, row,
-                                                                headers, label)
+    async def parse_async(self, form: Form, request_id: str) -> CaptionRequest | ServingError:
+        """One request parsed on the service's decode threads (at most decode_threads images decode at once)."""
+        label = request_label(request_id, form.headers)
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._parse_isolated, form, label)
 
     async def build_async(self, image: bytes, options: dict, request_id: str) -> CaptionRequest | ServingError:
         """`build_isolated` on the service's decode threads."""
@@ -271,10 +263,9 @@ class CaptionService:
         """`build` for a front: a refusal comes back (logged) instead of raised, a bug as its own 500."""
         return self._isolated(lambda: self.build(image, options), request_id)
 
-    def _form_image(self, row: dict) -> bytes:
+    def _form_image(self, payload: Any) -> bytes:
         """The body of a form-urlencoded request when it is an image of an accepted format (its header is
         read, nothing decoded), else 415: an image sent with curl's default content type is captioned."""
-        payload = row.get("body")
         if isinstance(payload, (bytes, bytearray)) and payload:
             try:
                 open_image(bytes(payload), self.config.formats, self.config.max_image_pixels).close()
@@ -315,22 +306,24 @@ class CaptionService:
         except ValueError as error:  # JSONDecodeError, UnicodeDecodeError: their messages hold positions only
             raise ServingError(400, f"body is not valid JSON ({error})") from None
 
-    def _from_form(self, row: dict, headers: dict) -> tuple[bytes, dict]:
-        files = [name for name in row if _is_file_part(name, headers)]
+    def _from_multipart(self, form: Form) -> tuple[bytes, dict]:
+        files = [part.name for part in form.parts if part.is_file]
         if len(files) != 1:
             raise ServingError(400, f"a multipart request needs exactly one file part holding the image besides the "
                                     f"option fields ({', '.join(REQUEST_OPTIONS)}); got {len(files)} file parts"
                                     + (f": {quote_names(files)}" if files else ""))
-        payload = row[files[0]]
+        payload = _value(form.part(files[0]))
         if not isinstance(payload, (bytes, bytearray)):
             raise ServingError(400, f"multipart part {quote(files[0])} holds no image bytes")
-        return payload, self._fields(row, files[0])
+        return payload, self._fields(form, files[0])
 
-    def _fields(self, row: dict, payload: str) -> dict:
-        """The row's text fields, every key but the `payload` one: multipart fields, and query-string parameters
-        where TorchServe passes them (its /invocations and /{model}/predict routes; /predictions drops them)."""
+    def _fields(self, form: Form, payload: str) -> dict:
+        """The form's text fields, every part but the `payload` one: multipart fields, and query-string
+        parameters where the route passes them (TorchServe's /invocations and /{model}/predict; its
+        /predictions drops them)."""
         fields = {}
-        for name, value in row.items():
+        for part in form.parts:
+            name, value = part.name, part.value
             if name == payload or name in TORCHSERVE_PARAMETERS:
                 continue
             if not isinstance(value, (bytes, bytearray, str)):
@@ -453,15 +446,11 @@ def request_label(request_id: str, headers: dict) -> str:
     return request_id if client is None else f"{request_id} (X-Request-ID {quote(client, 64)})"
 
 
-def _refuse_repeated_parts(headers: dict) -> None:
-    """A part or field sent more than once: TorchServe keeps only the last in the row, the handler records
-    every name under PART_NAMES (a list; any other value there did not come from the handler)."""
-    names = headers.get(PART_NAMES)
-    if isinstance(names, list):
-        repeated = [name for name, count in Counter(names).items() if count > 1]
-        if repeated:
-            raise ServingError(400, f"part(s) or field(s) {quote_names(repeated)} sent more than once: send each once "
-                                    f"(a query-string parameter counts as a field)")
+def _refuse_repeated_parts(form: Form) -> None:
+    repeated = [name for name, count in Counter(part.name for part in form.parts).items() if count > 1]
+    if repeated:
+        raise ServingError(400, f"part(s) or field(s) {quote_names(repeated)} sent more than once: send each once "
+                                f"(a query-string parameter counts as a field)")
 
 
 def _refuse_given_twice(names: set) -> None:
@@ -478,19 +467,8 @@ def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
     return dict(pairs)
 
 
-def _is_file_part(name: str, headers: dict) -> bool:
-    """TorchServe puts each part's own content type in the headers under its name: a file part has one,
-    a text field (or a query-string parameter) has ''. Without that entry, option names are fields."""
-    part = headers.get(name)
-    if isinstance(part, dict):
-        return bool(part.get("content-type"))
-    return name not in REQUEST_OPTIONS
-
-
-def _content_type(headers: dict) -> str:
-    """The request's media type, lower case, parameters dropped ('' when none was sent)."""
-    value = next((v for k, v in headers.items() if k.lower() == "content-type" and isinstance(v, str)), "")
-    return value.split(";")[0].strip().lower()
+def _value(part: Part | None) -> Any:
+    return None if part is None else part.value
 
 
 def _is_empty(value: Any) -> bool:
