@@ -204,9 +204,25 @@ def engine_metrics(report: dict) -> tuple[dict, list]:
     return metrics, report["cells"]
 
 
+def cold_start_metrics(report: dict) -> tuple[dict, list]:
+    """(metrics, cells) of a cold-start report: install sizes, `clipcap --help`, and per arm its start to first
+    caption and idle USS. One run measures no noise for these: they are drawn, not judged."""
+    metrics = {f"install mb {venv}": _metric(mb, 0.0, "MiB", "lower", "machine", "install_mb", checked=False)
+               for venv, mb in report["install_mb"].items()}
+    metrics |= {f"help s {venv}": _metric(s, 0.0, "s", "lower", "machine", "help_s", checked=False)
+                for venv, s in report["help_s"].items()}
+    for cell in report["cells"]:
+        where = f"{cell['front']} {cell['bundle']} {cell['venv']}"
+        metrics[f"start s {where}"] = _metric(cell["start_s"], 0.0, "s", "lower", "machine", "start_s", checked=False)
+        if "uss_mb" in cell:
+            metrics[f"idle uss mb {where}"] = _metric(cell["uss_mb"], 0.0, "MiB", "lower", "machine", "uss_mb",
+                                                      checked=False)
+    return metrics, report["cells"]
+
+
 METRICS = {"latency": latency_metrics, "serving": serving_metrics, "photo": photo_metrics,
            "open-loop": open_loop_metrics, "request": request_metrics,
-           "engine": engine_metrics}  # a recorded kind's name -> its metrics
+           "engine": engine_metrics, "cold-start": cold_start_metrics}  # a recorded kind's name -> its metrics
 
 
 def make_record(report: dict, profile: str, root: Path, note: str = "") -> dict:

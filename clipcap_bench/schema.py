@@ -18,6 +18,7 @@ REQUEST_SCHEMA = "clipcap-request/1"  # clipcap_bench.request_profile
 ENCODER_SCHEMA = "clipcap-encoder/1"  # clipcap_bench.encoder
 FRONTS_SCHEMA = "clipcap-fronts/1"  # clipcap_bench.fronts
 ENGINE_SCHEMA = "clipcap-engine/1"  # clipcap_bench.engine_profile
+COLD_START_SCHEMA = "clipcap-cold-start/1"  # clipcap_bench.cold_start
 
 
 def _now() -> str:
@@ -104,6 +105,9 @@ KINDS = {kind.schema: kind for kind in (
     ReportKind(ENGINE_SCHEMA, {"cells": list, "capacity_rps": dict, "unloaded": dict}, "cells",
                {"arm": str, "rate": float, "requests": int, "errors": int, "e2e_p50_ms": float, "e2e_p99_ms": float,
                 "ttft_p50_ms": float, "within_slo": float, "goodput_rps": float}, record="engine"),
+    ReportKind(COLD_START_SCHEMA, {"install_mb": dict, "extra_mb": dict, "help_s": dict, "cells": list, "targets": list},
+               "cells", {"venv": str, "bundle": str, "front": str, "starts_s": list, "start_s": float,
+                         "weights_mb": float}, record="cold-start"),
 )}
 
 

@@ -30,11 +30,24 @@ class PhotoTargets:
 
 
 @dataclass(frozen=True)
+class ColdStartTargets:
+    core_venv: str  # the virtualenv label the install and --help goals apply to
+    demo_bundle: str  # the bundle label the demo goals apply to
+    core_install_mb: float
+    help_s: float
+    caption_s: float
+    first_caption_demo_s: float
+    first_caption_full_s: float
+    idle_uss_mb: float
+
+
+@dataclass(frozen=True)
 class Targets:
     latency: LatencyTargets
     photo: PhotoTargets
     request_fraction_of_today: float
     serving_capacity_ratio: float
+    cold_start: ColdStartTargets
 
 
 def load_targets(path: Path = TARGETS_FILE) -> Targets:
@@ -51,7 +64,7 @@ def load_targets(path: Path = TARGETS_FILE) -> Targets:
             LatencyTargets(float(latency["flatness"]), {int(k): float(v) for k, v in latency["encoder_floor"].items()},
                            tuple(SpeedupTarget(**entry) for entry in latency.get("speedup", []))),
             PhotoTargets(**data["photo"]), float(data["request"]["fraction_of_today"]),
-            float(data["serving"]["capacity_ratio"]))
+            float(data["serving"]["capacity_ratio"]), ColdStartTargets(**data["cold_start"]))
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path}: missing or unknown key: {error}") from error
     from clipcap_bench.ratios import RATIOS

@@ -62,8 +62,9 @@ class LocalTorchServe:
     and waits until every model has a READY worker; leaving the block stops it and waits for its processes."""
 
     def __init__(self, root: Path, model_store: Path, models: list[str], repo: Path, threads: int = 1,
-                 start_timeout_s: float = 240.0):
+                 start_timeout_s: float = 240.0, python: Path | None = None, progress: bool = True):
         self.root, self.models, self.start_timeout_s = Path(root), models, start_timeout_s
+        self.python, self.progress = str(python or sys.executable), progress  # the environment TorchServe runs in
         inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
         self.url, self.management_url = f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{management}"
         overrides = {"inference_address": self.url, "management_address": self.management_url,
@@ -84,7 +85,7 @@ class LocalTorchServe:
         self.processes: list = []
 
     def _torchserve(self, *args: str) -> None:
-        subprocess.run([sys.executable, "-m", "ts.model_server", *args], cwd=self.root, env=self.env, check=True,
+        subprocess.run([self.python, "-m", "ts.model_server", *args], cwd=self.root, env=self.env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
     def keys(self) -> dict[str, str]:
@@ -111,7 +112,7 @@ class LocalTorchServe:
         self.processes = [java]
         try:
             deadline, ready = time.monotonic() + self.start_timeout_s, set()
-            with tqdm(total=len(self.models), desc="TorchServe start", unit="model") as bar:
+            with tqdm(total=len(self.models), desc="TorchServe start", unit="model", disable=not self.progress) as bar:
                 while True:
                     for model in set(self.models) - ready:
                         if self._ready(model):
