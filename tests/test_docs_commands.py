@@ -351,6 +351,10 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python benchmarks/bulk.py build/bench/full-size/onnx-int8 --backend onnxruntime --images 16 --size 256 "
     "--max-tokens 20 --batch-size 8 --out build/bench/results/bulk-full-int8":
         Elsewhere("tests/test_caption_dataset.py", f"{FULL_SIZE}; starts Ray"),
+    "python benchmarks/tables.py": Elsewhere("tests/test_bench_tables.py::test_a_changed_report_changes_its_tables",
+                                             "rewrites the committed tables in benchmarks/results/; the test runs the "
+                                             "generator on a copy of the reports"),
+    "python benchmarks/tables.py --check": Run(expect=""),
 }
 
 
