@@ -415,11 +415,11 @@ WORST_IMAGES = {
 }
 
 # What load_pixels may add to a process's peak RSS for an image of D decoded bytes (`decoded_bytes`, at
-# most max_bytes): serving/README.md states this bound, per request and times decode_threads per batch.
+# most max_bytes): docs/captioning.md states this bound, per request and times decode_threads per batch.
 DECODE_MEMORY_FACTOR = 4  # WebP's: libwebp's two frame buffers and Pillow's copy of the frame while it loads
 DECODE_MEMORY_SLACK = 16 * 2**20  # code pages a first decode maps, allocator rounding, to_rgb's bands of rows
 # max_bytes the worst images are built up to: 2 Mpixels at 4 bytes a pixel, or (to measure the default's
-# worst case for serving/README.md) CLIPCAP_MEASURED_DECODE_BYTES=144000000.
+# worst case for docs/captioning.md) CLIPCAP_MEASURED_DECODE_BYTES=144000000.
 MEASURED_LIMIT = int(os.environ.get("CLIPCAP_MEASURED_DECODE_BYTES", 8 * 2**20))
 
 PEAK_DECODE_SCRIPT = textwrap.dedent("""
