@@ -33,10 +33,17 @@ class Calibration:
 
 
 def openvino_calibration(clip: ClipConfig, images: Path | None, count: int, seed: int = 0) -> Calibration:
-    """Up to `count` images of the directory `images` (None: `count` random noise images, with a warning);
-    RuntimeUnavailable with the install line first when OpenVINO or NNCF is missing."""
+    """Up to `count` images of the directory `images` (None: `count` random noise images, with a warning).
+    BundleError for a directory without images, then RuntimeUnavailable (the install line) without OpenVINO or
+    NNCF: both before any image is decoded."""
+    files = None
+    if images is not None:
+        endings = extensions()
+        files = [p for p in sorted(Path(images).rglob("*")) if p.suffix.lower() in endings][:count]
+        if not files:
+            raise BundleError(f"{images}: no calibration images there (a directory with {', '.join(endings)} files)")
     _tools()
-    if images is None:
+    if files is None:
         warnings.warn(f"OpenVINO int8 encoder calibrated on {RANDOM_CALIBRATION}", stacklevel=2)
         rng = np.random.default_rng(seed)
         pictures = [Image.fromarray(rng.integers(0, 256, (clip.image_size, clip.image_size, 3), dtype=np.uint8))
@@ -44,10 +51,6 @@ def openvino_calibration(clip: ClipConfig, images: Path | None, count: int, seed
         pixels = preprocess(pictures, clip.image_size, clip.mean, clip.std)
         return Calibration([row[None].numpy() for row in pixels],
                            {"source": "random", "images": count, "seed": seed, "note": RANDOM_CALIBRATION})
-    endings = extensions()
-    files = [p for p in sorted(Path(images).rglob("*")) if p.suffix.lower() in endings][:count]
-    if not files:
-        raise BundleError(f"{images}: no calibration images there (a directory with {', '.join(endings)} files)")
     samples = [load_pixels_file(f, clip.image_size, clip.mean, clip.std)[None].numpy() for f in files]
     return Calibration(samples, {"source": str(Path(images).resolve()), "images": len(samples)})
 
