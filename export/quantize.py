@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = result.to_dict()
     (out / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
-    print("\n".join(result.summary_lines(config.method)))
+    encoder = config.graph_method("encoder") if config.encoder else "fp32"
+    print("\n".join(result.summary_lines(f"{config.method} (encoder {encoder})")))
     return 0
 
 
