@@ -47,6 +47,7 @@ class QuantizeConfig:
     calibration_images: Path | None = None  # openvino-int8: a directory of images like those served; None: random
     #                                         noise images, with a warning and a note in the manifest
     calibration_size: int = 300  # openvino-int8: calibration images used at most (NNCF's default subset size)
+    smooth_quant: bool = False  # openvino-int8: NNCF's SmoothQuant before calibrating (clipcap.export.openvino_int8)
 
     def graph_method(self, graph: str) -> str:
         """The method `graph` ("encoder" | "decoder") is quantised with."""
@@ -96,7 +97,8 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
         external, method = (source / (entry.file + ".data")).exists(), config.graph_method(name)
         if method == OPENVINO_INT8:
             target = openvino_graph_file(entry.file)
-            entry.quantization = quantize_encoder_openvino(source / entry.file, out / target, calibration)
+            entry.quantization = quantize_encoder_openvino(source / entry.file, out / target, calibration,
+                                                           config.smooth_quant)
             entry.engine = "openvino"
         elif method == FP16_PRECISION:
             target = fp16_graph_file(entry.file)
