@@ -4,6 +4,8 @@
     python export/quantize.py build/shapes-onnx --method int4-wo     # -> build/shapes-onnx-int4-wo
     python export/quantize.py build/shapes-onnx --method fp16 --encoder   # -> build/shapes-onnx-fp16 (GPUs)
     python export/quantize.py build/shapes-onnx --data build/demo/data/eval/captions.jsonl --limit 200
+    python export/quantize.py build/shapes-onnx --encoder-method openvino-int8 --calibration-images DIR \
+        --out build/shapes-onnx-ov      # OpenVINO int8 encoder (pip install 'clipcap-deploy[openvino]')
     clipcap caption build/shapes-onnx-int8 IMAGE... --backend onnxruntime
 
 Writes a sibling export bundle (unchanged files hard-linked) and, given images or a caption
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 from clipcap.cli import USER_ERRORS
-from clipcap.export.quantize import METHODS, QuantizeConfig, quantize_bundle
+from clipcap.export.quantize import ENCODER_METHODS, METHODS, QuantizeConfig, quantize_bundle
 from clipcap.training.agreement import AgreementConfig, add_agreement_arguments, agreement_inputs, measure_agreement
 from clipcap.training.data import DatasetError
 
@@ -28,8 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("export_dir", type=Path, help="an fp32 export bundle (export/to_onnx.py)")
     parser.add_argument("--out", type=Path, help="default: EXPORT_DIR-int8 (or -METHOD) next to it")
     parser.add_argument("--encoder", action="store_true", help="quantise the encoder too (moves captions more)")
-    parser.add_argument("--encoder-method", choices=METHODS,
-                        help="the encoder's own method (implies --encoder), e.g. int8-dynamic beside --method int4-wo")
+    parser.add_argument("--encoder-method", choices=ENCODER_METHODS,
+                        help="the encoder's own method (implies --encoder), e.g. int8-dynamic beside --method int4-wo, "
+                             "or openvino-int8 (NNCF static int8, run by OpenVINO; the openvino extra)")
+    parser.add_argument("--calibration-images", type=Path,
+                        help="openvino-int8: a directory of images like those to be served (default: random noise "
+                             "images, with a warning and a note in export.json)")
+    parser.add_argument("--calibration-size", type=int, default=QuantizeConfig.calibration_size,
+                        help="openvino-int8: calibration images used at most")
+    parser.add_argument("--smooth-quant", action="store_true",
+                        help="openvino-int8: NNCF's SmoothQuant first (off: it lost cosine on inputs unlike the calibration set)")
     parser.add_argument("--per-channel", action="store_true", help="int8-dynamic: per-channel weight scales")
     parser.add_argument("--method", choices=METHODS, default=QuantizeConfig.method,
                         help="int8-dynamic (int8 weights, per-call activation scale) or weight-only MatMulNBits "
@@ -41,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = QuantizeConfig(args.export_dir, args.out, encoder=args.encoder or bool(args.encoder_method),
                             per_channel=args.per_channel, method=args.method, block_size=args.block_size,
-                            accuracy_level=args.accuracy_level, encoder_method=args.encoder_method)
+                            accuracy_level=args.accuracy_level, encoder_method=args.encoder_method,
+                            calibration_images=args.calibration_images, calibration_size=args.calibration_size,
+                            smooth_quant=args.smooth_quant)
     agreement = AgreementConfig(args.export_dir, config.out_dir, **agreement_inputs(args))
     try:
         measure = bool(args.images or args.data)
@@ -58,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = result.to_dict()
     (out / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
-    print("\n".join(result.summary_lines(config.method)))
+    encoder = config.graph_method("encoder") if config.encoder else "fp32"
+    print("\n".join(result.summary_lines(f"{config.method} (encoder {encoder})")))
     return 0
 
 

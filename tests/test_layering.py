@@ -27,7 +27,7 @@ LAYERS = [
      "clipcap.serving.oip", "clipcap.serving.front", "clipcap.serving.ray_serve"),
 ]
 # Builders' dependencies that the on-disk formats must not need.
-NOT_IN_FORMATS = ("onnx", "onnxruntime", "tensorrt", "torch.onnx")
+NOT_IN_FORMATS = ("onnx", "onnxruntime", "tensorrt", "torch.onnx", "openvino", "nncf")
 
 
 def module_name(path: Path) -> str:

@@ -7,6 +7,8 @@ blocks along the input axis, one fp32 scale per block; activations never share a
 so a caption does not depend on its batch mates as it can under dynamic int8). A sibling
 bundle keeps the runtime and `Captioner.from_path` unchanged: int8 is just another directory to
 serve. `fp16` (clipcap.export.fp16) converts the same graphs to fp16 for onnxruntime's CUDA provider.
+The encoder alone may be `openvino-int8` (clipcap.export.openvino_int8): an NNCF static int8 OpenVINO IR,
+named in the manifest with engine "openvino", beside the onnxruntime decoder.
 How far it moves the captions is measured by clipcap.training.agreement.
 """
 from __future__ import annotations
@@ -18,12 +20,14 @@ from pathlib import Path
 
 from clipcap.config import BundleError
 from clipcap.export.fp16 import convert_graph_fp16
-from clipcap.formats.export_bundle import (FP16_PRECISION, INT8_PRECISION, MANIFEST_FILE, WEIGHT_ONLY_BITS,
-                                           fp16_graph_file, int8_graph_file, load_manifest, weight_only_graph_file,
-                                           write_manifest)
+from clipcap.export.openvino_int8 import openvino_calibration, quantize_encoder_openvino
+from clipcap.formats.export_bundle import (FP16_PRECISION, INT8_PRECISION, MANIFEST_FILE, OPENVINO_INT8,
+                                           WEIGHT_ONLY_BITS, fp16_graph_file, int8_graph_file, load_manifest,
+                                           openvino_graph_file, weight_only_graph_file, write_manifest)
 from clipcap.formats.model_bundle import load_config
 
 METHODS = (INT8_PRECISION, *WEIGHT_ONLY_BITS, FP16_PRECISION)  # the sibling's precision, as export.json names it
+ENCODER_METHODS = (*METHODS, OPENVINO_INT8)  # the encoder's own method (`encoder_method`) may also be OpenVINO's
 # Dynamic int8 leaves the ViT's patch embedding fp32: onnxruntime's ConvInteger ran it ~3x slower than the
 # fp32 Conv on an AVX2 CPU (docs/decisions/int8-encoder-patch-conv-fp32.md), a few % of the whole encoder.
 ENCODER_KEPT_FP32 = ("Conv",)
@@ -39,7 +43,11 @@ class QuantizeConfig:
     block_size: int = 128  # weight-only: weights per scale (docs/decisions/quantize-default-method.md, measured at 128)
     accuracy_level: int = 4  # weight-only: 4 = int8 activations per block inside the kernel (0: fp32, ~3x slower here)
     encoder_method: str | None = None  # with `encoder`: the encoder's own method (e.g. int8-dynamic beside an
-    #                                    int4-wo decoder); None: `method`
+    #                                    int4-wo decoder, or openvino-int8); None: `method`
+    calibration_images: Path | None = None  # openvino-int8: a directory of images like those served; None: random
+    #                                         noise images, with a warning and a note in the manifest
+    calibration_size: int = 300  # openvino-int8: calibration images used at most (NNCF's default subset size)
+    smooth_quant: bool = False  # openvino-int8: NNCF's SmoothQuant before calibrating (clipcap.export.openvino_int8)
 
     def graph_method(self, graph: str) -> str:
         """The method `graph` ("encoder" | "decoder") is quantised with."""
@@ -56,19 +64,27 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
     from tqdm import tqdm
 
     source, out = Path(config.export_dir), config.out_dir
-    manifest = load_manifest(source, load_config(source))
+    bundle_config = load_config(source)
+    manifest = load_manifest(source, bundle_config)
     if manifest.precision != "fp32":
         raise BundleError(f"{source}: precision is {manifest.precision!r}; quantise an fp32 export bundle")
-    for method in (config.method, config.encoder_method or config.method):
-        if method not in METHODS:
-            raise BundleError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    for method, known in ((config.method, METHODS), (config.encoder_method or config.method, ENCODER_METHODS)):
+        if method not in known:
+            raise BundleError(f"method must be one of {', '.join(known)}, got {method!r}")
     if config.encoder_method and not config.encoder:
         raise BundleError("an encoder method was given without quantising the encoder (encoder=True, --encoder)")
+    if config.calibration_size < 1:
+        raise BundleError(f"calibration size must be >= 1, got {config.calibration_size}")
+    if config.calibration_images is not None and config.encoder_method != OPENVINO_INT8:
+        raise BundleError(f"calibration images are for the encoder method {OPENVINO_INT8} (--encoder-method)")
     if config.method in WEIGHT_ONLY_BITS and not manifest.decoder.matmul_linears:
         raise BundleError(f"{source}: weight-only quantisation needs the in-place decoder (MatMul linears); "
                           f"re-export with python export/to_onnx.py MODEL_BUNDLE --out DIR")
     if out.resolve() == source.resolve():
         raise BundleError(f"{out}: the quantised bundle must not overwrite its fp32 source")
+    calibration = None  # read (and OpenVINO looked for) before anything is written
+    if config.encoder and config.graph_method("encoder") == OPENVINO_INT8:
+        calibration = openvino_calibration(bundle_config.clip, config.calibration_images, config.calibration_size)
     out.mkdir(parents=True, exist_ok=True)
     graphs = ["decoder"] + (["encoder"] if config.encoder else [])
     sources = [manifest.graphs[name].file for name in graphs]
@@ -79,7 +95,12 @@ def quantize_bundle(config: QuantizeConfig) -> Path:
     for name in tqdm(graphs, desc="quantize", unit="graph"):
         entry = manifest.graphs[name]
         external, method = (source / (entry.file + ".data")).exists(), config.graph_method(name)
-        if method == FP16_PRECISION:
+        if method == OPENVINO_INT8:
+            target = openvino_graph_file(entry.file)
+            entry.quantization = quantize_encoder_openvino(source / entry.file, out / target, calibration,
+                                                           config.smooth_quant)
+            entry.engine = "openvino"
+        elif method == FP16_PRECISION:
             target = fp16_graph_file(entry.file)
             entry.quantization = convert_graph_fp16(source / entry.file, out / target, external)
         elif method in WEIGHT_ONLY_BITS:

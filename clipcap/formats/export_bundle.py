@@ -7,6 +7,8 @@ graph's file, inputs and outputs, and the parity the export measured. An int8 si
 bundle of the same kind whose manifest names `*.int8.onnx` graphs (precision `int8-dynamic`); a
 weight-only sibling names `*.int8-wo.onnx` or `*.int4-wo.onnx` (MatMulNBits decoders of an in-place export),
 an fp16 sibling `*.fp16.onnx` (fp16 weights and compute, fp32 inputs and outputs; for GPUs).
+Each graph names the engine that runs it (`GraphEntry.engine`, a key of ENGINES): onnxruntime, or for an
+encoder quantised by NNCF, OpenVINO (its IR, `encoder.openvino-int8.xml` + `.bin`, beside the onnxruntime decoder).
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ EXPORT_FORMAT_VERSION = 1
 INT8_PRECISION = "int8-dynamic"  # export.json's precision in an int8 sibling ("fp32" in an export bundle)
 WEIGHT_ONLY_BITS = {"int8-wo": 8, "int4-wo": 4}  # weight-only siblings' precision -> bits per weight (MatMulNBits)
 FP16_PRECISION = "fp16"  # export.json's precision in an fp16 sibling (GPU serving: onnxruntime's CUDA provider)
+OPENVINO_INT8 = "openvino-int8"  # an encoder method: NNCF static int8, an OpenVINO IR run by the openvino engine
+# A graph's engine -> the graphs it may run. Manifests before the field: every graph onnxruntime.
+ENGINES = {"onnxruntime": ("encoder", "mapper", "decoder"), "openvino": ("encoder",)}
 
 
 def int8_graph_file(file: str) -> str:
@@ -42,6 +47,11 @@ def weight_only_graph_file(file: str, precision: str) -> str:
 def fp16_graph_file(file: str) -> str:
     """The fp16 sibling's name for a graph file: decoder.onnx -> decoder.fp16.onnx."""
     return file.replace(".onnx", ".fp16.onnx")
+
+
+def openvino_graph_file(file: str) -> str:
+    """The OpenVINO IR's name for a graph file: encoder.onnx -> encoder.openvino-int8.xml (weights: .bin beside it)."""
+    return file.replace(".onnx", f".{OPENVINO_INT8}.xml")
 
 
 def write_token_table(bundle, path: Path) -> None:
@@ -75,6 +85,7 @@ class GraphEntry:
     fused_operators: dict | None = None  # in-place decoder: onnxruntime's fusion counts (operator -> count)
     parity: dict | None = None  # max abs diff vs PyTorch per shape (export); None: not checked or quantised
     quantization: dict | None = None  # quantised siblings: the method and its settings
+    engine: str = "onnxruntime"  # what runs `file`: a key of ENGINES (openvino: an IR, .xml + .bin)
 
 
 @dataclass
@@ -113,6 +124,10 @@ class ExportManifest:
         manifest = dataclass_from_dict(cls, data, where, prefix="")
         manifest.graphs = {name: dataclass_from_dict(GraphEntry, entry, where, prefix=f"graphs.{name}.")
                            for name, entry in manifest.graphs.items()}
+        for name, entry in manifest.graphs.items():
+            if name not in ENGINES.get(entry.engine, ()):
+                raise BundleError(f"{where}: field 'graphs.{name}.engine' is {entry.engine!r}; this library runs "
+                                  f"the {name} on {', '.join(e for e, graphs in ENGINES.items() if name in graphs)}")
         if manifest.decoder_cache not in DECODER_KINDS:
             raise BundleError(f"{where}: field 'decoder_cache' is {manifest.decoder_cache!r}; this library reads "
                               f"{', '.join(DECODER_KINDS)}")

@@ -16,6 +16,9 @@ logits (binding GPT-2 small's 24 buffers anew cost 0.3 ms a step, ~3% of a batch
 `ConcatCache`'s step returns new, longer tensors. Both hold rows of different lengths (so a row can
 join a running decode, `join`): the in-place cache pads on the right, the concat cache on the left. Both obey the `Runtime` protocol's cache
 contract (clipcap.runtimes.base): a cache given to `step` or `select` is spent.
+
+An encoder whose manifest entry names the openvino engine (an NNCF int8 IR) is run by
+clipcap.runtimes.openvino_encoder instead of a session; everything else stays as above.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from clipcap.formats.graph_specs import BATCH, CAPACITY, PAST, SEQUENCE, GraphSp
 from clipcap.formats.model_bundle import load_config
 from clipcap.runtimes import padding
 from clipcap.runtimes.base import RuntimeUnavailable
+from clipcap.runtimes.openvino_encoder import OpenVinoEncoder
 
 # torch dtype -> the numpy type onnxruntime's binding API takes as the element type.
 _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -209,11 +213,16 @@ class OnnxRuntime:
         self.past_names, self.present_names = kv_names(self.specs["decoder"])
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
+        threads = torch.get_num_threads() if threads is None else threads
+        options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only: exported graphs trigger harmless shape warnings
         self.sessions = {name: ort.InferenceSession(str(path / manifest.graphs[name].file), options,
                                                     providers=providers)
-                         for name in self.specs}
+                         for name in self.specs if manifest.graphs[name].engine == "onnxruntime"}
+        encoder = manifest.graphs["encoder"]
+        # pixels -> the encoder's outputs by name: its onnxruntime session, or the OpenVINO IR
+        self.encoder_graph = self._encoder_session if encoder.engine == "onnxruntime" else \
+            OpenVinoEncoder(path / encoder.file, self.specs["encoder"].output_names, self.device, threads)
         self.token_table = load_token_table(path / manifest.token_embeddings).to(self.device)
 
     @classmethod
@@ -224,12 +233,12 @@ class OnnxRuntime:
         return cls(path, config, load_manifest(path, config), device, threads)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._encoder(pixels)["prefix_embeds"]
+        return self.encoder_graph(pixels)["prefix_embeds"]
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._encoder(pixels)["clip_embeds"]
+        return self.encoder_graph(pixels)["clip_embeds"]
 
-    def _encoder(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _encoder_session(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self._run(self.specs["encoder"], {"pixel_values": pixels}, {BATCH: pixels.shape[0]})
 
     def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:

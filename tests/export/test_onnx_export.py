@@ -225,6 +225,10 @@ def test_manifest_errors_are_clear(tiny_export, tiny_bundle, tmp_path):
     (lambda m: m.update(decoder_logits="all_positions"), r"field 'decoder_logits' is 'all_positions'.*re-export"),
     (lambda m: m.update(encoder_attention="flash"), r"field 'encoder_attention' is 'flash'; this library reads"),
     (lambda m: m.update(graphs=[]), r"field 'graphs' must be dict"),
+    (lambda m: m["graphs"]["decoder"].update(engine="openvino"),
+     r"field 'graphs\.decoder\.engine' is 'openvino'; this library runs the decoder on onnxruntime$"),
+    (lambda m: m["graphs"]["encoder"].update(engine="tvm"),
+     r"field 'graphs\.encoder\.engine' is 'tvm'; this library runs the encoder on onnxruntime, openvino$"),
 ])
 def test_manifest_fields_are_checked(tiny_export, tmp_path, change, message):
     """export.json is parsed once into ExportManifest: a bad key or type names the field; no kind is guessed."""
