@@ -190,6 +190,20 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python export/quantize.py build/shapes-onnx --data build/heldout/captions.jsonl --limit 500":
         Run((("--limit 500", "--limit 6"),), expect="greedy captions identical to fp32"),
     "clipcap caption build/shapes-onnx-int8 IMAGE... --backend onnxruntime": Run((IMAGE,), expect="shapes-00.png\t"),
+    "python training/shapes.py --out build/calib --n 300 --seed 0": Run((("--n 300", "--n 8"),)),
+    "python export/quantize.py build/shapes-onnx --encoder-method openvino-int8 --calibration-images build/calib/images "
+    "--out build/shapes-onnx-ov --data build/heldout/captions.jsonl --limit 500": Elsewhere(
+        "tests/export/test_openvino_int8.py::test_sibling_names_each_graphs_engine",
+        "the same quantisation of a tiny export with calibration images; its captions are checked by "
+        "test_openvino_encoder_captions_like_the_onnxruntime_path"),
+    "python export/quantize.py build/bench/full-size/onnx --encoder-method openvino-int8 --calibration-images "
+    "build/calib/images --out build/bench/full-size/onnx-ov-enc": Elsewhere(
+        "tests/export/test_openvino_int8.py::test_sibling_names_each_graphs_engine", FULL_SIZE),
+    "python benchmarks/encoder.py build/bench/full-size/model build/bench/full-size/{onnx-int8-enc,onnx-ov-enc} "
+    "--out build/bench/encoder-openvino --rounds 20 --threads 1": Elsewhere("tests/test_bench_encoder.py", FULL_SIZE),
+    "clipcap caption build/shapes-onnx-ov IMAGE...": Elsewhere(
+        "tests/export/test_openvino_int8.py::test_openvino_encoder_captions_like_the_onnxruntime_path",
+        "captions an OpenVINO sibling through the same runtime the CLI loads"),
     "python export/quantize.py build/shapes-onnx --method fp16 --encoder --data build/heldout/captions.jsonl --limit 500":
         Run((("--limit 500", "--limit 6"),), expect="greedy captions identical to fp32"),
     "python export/agreement.py models/shapes-demo --candidate-backend torch-bf16 --data build/heldout/captions.jsonl "
