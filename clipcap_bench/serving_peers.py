@@ -6,14 +6,16 @@ HTTP, each pinned to its own single core (taskset, one compute thread). Every re
 `prefix_length`-vector prefix (prompt embeddings, base64 of a torch.save'd tensor, the body vLLM's
 completions API takes) decoded for exactly `tokens` tokens; the image encoder is not used on either
 side. Arms (a side at a precision and a rate) are driven by the same open-loop Poisson arrivals,
-alternating within each round, so load on a shared machine hits them alike; each arm's CPU use (its
-server's process tree) is measured beside its latency. A request refused or cut short counts as
+alternating within each round, so load on a shared machine hits them alike; the load generator stays
+off the core of the server it drives; each arm's CPU use (its server's process tree) is measured
+beside its latency. A request refused or cut short counts as
 infinitely late, so a side that sheds load cannot look fast. The verdicts: targets.toml [vllm_peer].
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import math
 import os
@@ -290,6 +292,19 @@ def _merge_engine(stats: list[dict]) -> dict:
             "decode_steps_by_rows": {rows: count for rows, (count, _) in sorted(steps.items(), key=lambda i: int(i[0]))}}
 
 
+@contextlib.contextmanager
+def _off_core(core: int):
+    """The load generator kept off the measured server's core while it drives it (all cores when it has only one)."""
+    before = os.sched_getaffinity(0)
+    others = before - {core}
+    if others:
+        os.sched_setaffinity(0, others)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def run_target(arms: list[Arm], servers: dict[Arm, Server], config: VllmPeerConfig, width: int, seed: int,
                progress=None) -> list[dict]:
     """Every arm on the same arrivals and prefixes (a new one per request), `config.rounds` rounds, the order
@@ -305,7 +320,8 @@ def run_target(arms: list[Arm], servers: dict[Arm, Server], config: VllmPeerConf
             server = servers[arm]
             _server_stats(server, reset=True)
             cpu_before, start = server.cpu_s(), time.perf_counter()
-            latencies[arm] += asyncio.run(drive(server.url, arm.side, bodies, schedule, config.tokens))
+            with _off_core(config.cores[arm.side]):
+                latencies[arm] += asyncio.run(drive(server.url, arm.side, bodies, schedule, config.tokens))
             wall[arm] += time.perf_counter() - start
             cpu[arm] += server.cpu_s() - cpu_before
             if (stats := _server_stats(server, reset=False)) is not None:
