@@ -220,9 +220,26 @@ def cold_start_metrics(report: dict) -> tuple[dict, list]:
     return metrics, report["cells"]
 
 
+def vllm_peer_metrics(report: dict) -> tuple[dict, list]:
+    """(metrics, cells) of a vLLM-peer report: per arm its end-to-end p50 and p99 and the cores its server used,
+    and per target our p99 over vLLM's (one run measures no noise: drawn, not judged)."""
+    metrics = {}
+    for cell in report["cells"]:
+        for stat in ("e2e_p50_ms", "e2e_p99_ms"):
+            metrics[f"vllm-peer {stat.split('_')[1]} ms {cell['arm']}"] = _metric(
+                cell[stat], 0.0, "ms", "lower", "machine", f"vllm_peer_{stat.split('_')[1]}", checked=False)
+        metrics[f"vllm-peer cores {cell['arm']}"] = _metric(cell["cpu_cores"], 0.0, "cores", "lower", "machine",
+                                                           "vllm_peer_cores", checked=False)
+    for target in report["targets"]:
+        if target["met"] is not None and target["peer_p99_ms"]:
+            metrics[f"ratio p99 ours vs vllm {target['target']}"] = _metric(
+                target["ours_p99_ms"] / target["peer_p99_ms"], 0.0, "x", "lower", "ratio", "ratio", checked=False)
+    return metrics, report["cells"]
+
+
 METRICS = {"latency": latency_metrics, "serving": serving_metrics, "photo": photo_metrics,
            "open-loop": open_loop_metrics, "request": request_metrics,
-           "engine": engine_metrics, "cold-start": cold_start_metrics}  # a recorded kind's name -> its metrics
+           "engine": engine_metrics, "cold-start": cold_start_metrics, "vllm-peer": vllm_peer_metrics}  # a recorded kind's name -> its metrics
 
 
 def make_record(report: dict, profile: str, root: Path, note: str = "") -> dict:

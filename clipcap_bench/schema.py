@@ -19,6 +19,7 @@ ENCODER_SCHEMA = "clipcap-encoder/1"  # clipcap_bench.encoder
 FRONTS_SCHEMA = "clipcap-fronts/1"  # clipcap_bench.fronts
 ENGINE_SCHEMA = "clipcap-engine/1"  # clipcap_bench.engine_profile
 COLD_START_SCHEMA = "clipcap-cold-start/1"  # clipcap_bench.cold_start
+VLLM_PEER_SCHEMA = "clipcap-vllm-peer/1"  # clipcap_bench.serving_peers
 
 
 def _now() -> str:
@@ -79,6 +80,17 @@ def _latency_check(report: dict) -> None:
                             "tokens": int, "speedup": float}, f"ratios[{index}]")
 
 
+def _vllm_peer_check(report: dict) -> None:
+    arms = {cell["arm"] for cell in report["cells"]}
+    for index, target in enumerate(report["targets"]):
+        _check_keys(target, {"target": str}, f"targets[{index}]")
+        for key in ("ours", "peer"):
+            if target[key] is not None and target[key] not in arms:
+                raise ValueError(f"targets[{index}].{key}: {target[key]!r} is not an arm of the report's cells")
+        if target["met"] is not None and target["met"] != (target["ours_p99_ms"] <= target["peer_p99_ms"]):
+            raise ValueError(f"targets[{index}].met: {target['met']} disagrees with the p99s it compares")
+
+
 KINDS = {kind.schema: kind for kind in (
     ReportKind(LATENCY_SCHEMA, {"peaks": dict, "backends": dict, "cells": list, "ratios": list, "roofline": dict,
                                 "targets": list}, "cells",
@@ -108,6 +120,10 @@ KINDS = {kind.schema: kind for kind in (
     ReportKind(COLD_START_SCHEMA, {"install_mb": dict, "extra_mb": dict, "help_s": dict, "cells": list, "targets": list},
                "cells", {"venv": str, "bundle": str, "front": str, "starts_s": list, "start_s": float,
                          "weights_mb": float}, record="cold-start"),
+    ReportKind(VLLM_PEER_SCHEMA, {"cells": list, "targets": list, "servers": dict, "same_weights": dict}, "cells",
+               {"arm": str, "side": str, "precision": str, "rate": float, "requests": int, "errors": int,
+                "e2e_p50_ms": float, "e2e_p90_ms": float, "e2e_p99_ms": float, "cpu_cores": float},
+               check=_vllm_peer_check, record="vllm-peer"),
 )}
 
 

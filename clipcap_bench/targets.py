@@ -42,12 +42,21 @@ class ColdStartTargets:
 
 
 @dataclass(frozen=True)
+class VllmPeerTargets:
+    fp32_rate: float  # req/s where both sides run fp32
+    best_rate: float  # req/s where each side runs its best precision
+    best_ours: tuple[str, ...]  # our precisions tried at best_rate (clipcap_bench.serving_peers.OUR_BUNDLES keys)
+    best_vllm: str  # vLLM's precision at best_rate (serving_peers.VLLM_DTYPES key)
+
+
+@dataclass(frozen=True)
 class Targets:
     latency: LatencyTargets
     photo: PhotoTargets
     request_fraction_of_today: float
     serving_capacity_ratio: float
     cold_start: ColdStartTargets
+    vllm_peer: VllmPeerTargets
 
 
 def load_targets(path: Path = TARGETS_FILE) -> Targets:
@@ -64,7 +73,8 @@ def load_targets(path: Path = TARGETS_FILE) -> Targets:
             LatencyTargets(float(latency["flatness"]), {int(k): float(v) for k, v in latency["encoder_floor"].items()},
                            tuple(SpeedupTarget(**entry) for entry in latency.get("speedup", []))),
             PhotoTargets(**data["photo"]), float(data["request"]["fraction_of_today"]),
-            float(data["serving"]["capacity_ratio"]), ColdStartTargets(**data["cold_start"]))
+            float(data["serving"]["capacity_ratio"]), ColdStartTargets(**data["cold_start"]),
+            VllmPeerTargets(**{**data["vllm_peer"], "best_ours": tuple(data["vllm_peer"]["best_ours"])}))
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path}: missing or unknown key: {error}") from error
     from clipcap_bench.ratios import RATIOS
