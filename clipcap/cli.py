@@ -104,11 +104,10 @@ def _image_files(paths: list[str], formats: tuple[str, ...]) -> list[str]:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     """Decodes one batch of images at a time (memory bounded by --batch-size, not by the number of images)."""
+    import numpy as np
     options = _options(args)
     captioner = _open(args)
     options = options.validate(captioner.token_limit)
-    import torch
-
     results, failed = [], 0
     # Positions on the command line: a file that fails does not shift the others' seeds.
     for start, names in _chunks(_image_files(args.images, args.formats), args.batch_size):
@@ -123,7 +122,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 failed += 1
         if not pixels:
             continue
-        batch = captioner.caption_pixels(torch.stack(pixels), options, _seeds(options, positions))
+        batch = captioner.caption_pixels(np.stack(pixels), options, _seeds(options, positions))
         rows = [{"image": name, "caption": caption.caption, "token_ids": caption.token_ids}
                 for name, caption in zip(kept, batch.captions)]
         if args.json:

@@ -148,7 +148,7 @@ class StaticArm:
             results = {}
             for indices in groups.values():
                 options = batch[indices[0]][0].options
-                captions = self.captioner.caption_pixels(torch.stack([pixels[i] for i in indices]), options).captions
+                captions = self.captioner.caption_pixels(np.stack([pixels[i] for i in indices]), options).captions
                 results.update(zip(indices, captions))
             end = time.perf_counter()
             for index, (_, outcome, finished) in enumerate(batch):

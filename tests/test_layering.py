@@ -14,11 +14,11 @@ HARNESS = PACKAGE.parent / "clipcap_bench"  # the benchmark harness: beside the 
 # layer and of the layers below. An entry names a module or a package (and everything in it);
 # "clipcap" is the package's own __init__.
 LAYERS = [
-    ("clipcap.mappers", "clipcap.quoting", "clipcap.serving.http_limits", "clipcap.decoding_options", "clipcap.image_formats"),
+    ("clipcap.arrays", "clipcap.quoting", "clipcap.serving.http_limits", "clipcap.decoding_options", "clipcap.image_formats"),
     ("clipcap.serving.form",),
     ("clipcap.config",),
     ("clipcap.hub",),
-    ("clipcap.tokenizer", "clipcap.images", "clipcap.model"),
+    ("clipcap.tokenizer", "clipcap.images", "clipcap.mappers", "clipcap.model"),
     ("clipcap.formats",),
     ("clipcap.runtimes",),
     ("clipcap.decoding", "clipcap.captioner", "clipcap.serving.config", "clipcap"),

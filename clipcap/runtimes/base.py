@@ -1,7 +1,8 @@
 """The `Runtime` protocol: the only thing a backend implements.
 
-Tensors crossing this seam are torch tensors on `runtime.device` (onnxruntime wraps numpy
-zero-copy; TensorRT uses torch CUDA tensors as its device buffers). The cache is opaque to the
+Arrays crossing this seam are the runtime's own on `runtime.device`: numpy for onnxruntime on the CPU,
+torch tensors for torch, TensorRT and onnxruntime on CUDA; inputs from the host (pixels, CLIP
+embeddings) may be numpy for every runtime. Decoding works on whichever comes back (the array API). The cache is opaque to the
 caller: decoding only creates it, passes it back, and selects batch rows from it.
 
 The cache contract, one rule for every backend (tests/runtimes/test_cache_contract.py checks it
@@ -24,12 +25,29 @@ beyond fp32 rounding.
 """
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # annotations only: the command line names backends without importing torch
     import torch
 
     from clipcap.config import ClipCapConfig
+
+
+_compute_threads: list[int | None] = [None]  # this process's compute threads: set_compute_threads
+
+
+def set_compute_threads(threads: int) -> None:
+    """This process's compute threads: onnxruntime sessions opened after this take them, and torch's
+    (set now if torch is loaded, else by the torch runtime when it opens)."""
+    _compute_threads[0] = threads
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def compute_threads() -> int | None:
+    """What set_compute_threads set (None: each library's default)."""
+    return _compute_threads[0]
 
 
 class RuntimeUnavailable(RuntimeError):
