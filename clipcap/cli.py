@@ -160,7 +160,7 @@ def cmd_caption_embeddings(args: argparse.Namespace) -> int:
 
 
 def cmd_caption_dataset(args: argparse.Namespace) -> int:
-    from clipcap.bulk import BulkConfig, Interrupted, caption_dataset
+    from clipcap.bulk.run import BulkConfig, Interrupted, caption_dataset
     from clipcap.bulk.shards import OutputError
     from clipcap.bulk.sources import SourceError
 

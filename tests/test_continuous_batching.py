@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clipcap.decoding import BeamSequence, DecodeBatch, generate, new_sequence, stop_tensor
+from clipcap.decoding import BeamSequence, DecodeBatch, generate, new_sequence, stop_ids
 from test_batch_invariance import OPTIONS, POOL, SEED, Checker, Recorder
 
 PROPERTY = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -51,7 +51,7 @@ schedules = st.lists(st.tuples(st.integers(0, POOL - 1), st.sampled_from(sorted(
 @given(schedule=schedules)
 def test_rows_joining_a_running_decode_caption_as_alone(checker, schedule):
     runtime = checker.captioner.runtime
-    stop = stop_tensor(checker.stop, OPTIONS["greedy"], runtime.device)
+    stop = stop_ids(checker.stop, OPTIONS["greedy"])
     batch, joined = DecodeBatch(runtime), []
     for image, strategy, wait in schedule:
         for _ in range(wait):
@@ -78,7 +78,7 @@ def test_rows_joining_a_running_decode_caption_as_alone(checker, schedule):
 def test_a_removed_row_leaves_the_others_untouched(checker):
     """Rows removed mid-decode (cancelled) free their cache rows; the others caption as alone."""
     runtime = checker.captioner.runtime
-    stop = stop_tensor(checker.stop, OPTIONS["greedy"], runtime.device)
+    stop = stop_ids(checker.stop, OPTIONS["greedy"])
     batch = DecodeBatch(runtime)
     sequences = [new_sequence(OPTIONS[s], stop, checker.max_tokens, SEED + i) for i, s in
                  enumerate(["greedy", "beam", "greedy", "nucleus"])]
