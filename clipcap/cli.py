@@ -1,7 +1,8 @@
 """The `clipcap` command: thin argument parsing over `Captioner` and the bundle functions.
 
-torch, transformers and open_clip are imported by the commands that use them, so `--help` and
-argument errors answer at once.
+torch, transformers and open_clip are imported only where a model bundle or an import needs them, so
+`--help` and argument errors answer at once, and captioning an export bundle runs on the core install
+(numpy and onnxruntime, no torch).
 """
 from __future__ import annotations
 
