@@ -6,7 +6,7 @@ request), a pixel count under the limit (read from the header, so a decompressio
 without being expanded), decoded bytes under the limit (`decoded_bytes`: 16-bit samples count at
 their width), and a complete file. Every failure is an `ImageError` with a message fit to return to
 a client. An accepted image adds at most 4x its decoded bytes + 16 MiB to the peak RSS of decoding
-and preprocessing it (serving/README.md; measured for each accepted kind by tests/test_images.py).
+and preprocessing it (docs/captioning.md; measured for each accepted kind by tests/test_images.py).
 
 Accepted formats (`FORMATS`; a caller may narrow the set): JPEG, MPO (a JPEG with a multi-picture
 index: camera multi-shot, 3-D and gain-map HDR photos; its primary image), PNG and APNG (the default

@@ -45,6 +45,11 @@ class ColdStartConfig:
     timeout_s: float = 300.0  # per start
     work_dir: Path = Path("build/bench/cold-start")  # archives, TorchServe's directory, the test image
 
+    def __post_init__(self):
+        # Absolute, since TorchServe and Ray start in directories of their own.
+        self.venvs = {label: Path(venv).absolute() for label, venv in self.venvs.items()}
+        self.bundles = {label: Path(bundle).absolute() for label, bundle in self.bundles.items()}
+
     def validate(self) -> "ColdStartConfig":
         unknown = set(self.fronts) - set(FRONTS)
         if unknown or not self.venvs or not self.bundles or self.starts < 1:

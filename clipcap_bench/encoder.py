@@ -1,6 +1,6 @@
 """Image encoder options side by side: open_clip eager (the torch runtime) and each export bundle's encoder
 graph, timed interleaved in one run against the ViT's roofline floor, each with its CLIP embeddings'
-cosine to PyTorch's. What export/README's encoder method table is measured with."""
+cosine to PyTorch's. What the reports in benchmarks/results/encoder-floor/ are measured with."""
 from __future__ import annotations
 
 import time

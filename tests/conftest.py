@@ -138,7 +138,7 @@ def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-# Export fixtures (issue 4): each bundle is exported once per test session.
+# Export fixtures: each bundle is exported once per test session.
 
 
 @pytest.fixture(scope="session")

@@ -177,7 +177,7 @@ def image_files(tmp_path_factory):
 @pytest.mark.parametrize("strategy", sorted(OPTIONS))
 @PROPERTY
 @given(images=st.lists(st.integers(0, POOL - 1), min_size=2, max_size=7), batch_size=st.integers(1, 8))
-@example(images=[0, 0, 0, 0], batch_size=1)  # the issue: 1 distinct caption at batch size 1, 4 at batch size 4
+@example(images=[0, 0, 0, 0], batch_size=1)  # the reported case: 1 distinct caption at batch size 1, 4 at batch size 4
 @example(images=[0, 0, 0, 0], batch_size=4)
 def test_cli_caption_independent_of_batch_size(checker, image_files, strategy, images, batch_size):
     """Command-line item i samples with --seed + i, so every --batch-size gives the same captions."""

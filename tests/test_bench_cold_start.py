@@ -35,6 +35,13 @@ def test_a_cli_start_makes_a_checked_report_and_record(tiny_export, tmp_path):
     assert record["kind"] == "cold-start" and "start s cli demo full" in record["metrics"]
 
 
+def test_relative_paths_are_made_absolute(monkeypatch, tmp_path):
+    """TorchServe and Ray start in their own directories: a relative venv or bundle must not reach them."""
+    monkeypatch.chdir(tmp_path)
+    config = ColdStartConfig(venvs={"full": Path(".venv")}, bundles={"demo": Path("demo")}, repo=ROOT)
+    assert config.venvs["full"] == tmp_path / ".venv" and config.bundles["demo"] == tmp_path / "demo"
+
+
 def test_extra_sizes_count_the_core_closure():
     """The core's packages include numpy: the core counts at least numpy's installed files; an extra that
     the core already holds in full adds nothing."""

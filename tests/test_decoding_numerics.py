@@ -1,4 +1,4 @@
-"""Every float option over the whole float range (issue 18), in the library and the CLI: a caption of
+"""Every float option over the whole float range, in the library and the CLI: a caption of
 real tokens or a clean refusal. Tiny temperatures are the greedy limit, computed stably."""
 import json
 import math
@@ -17,7 +17,7 @@ from clipcap.images import preprocess
 from clipcap.runtimes.torch_runtime import TorchRuntime
 from conftest import random_images
 
-# Every float hypothesis draws (subnormals, +-0, +-inf, nan, huge) and the edges the issue's probe hit.
+# Every float hypothesis draws (subnormals, +-0, +-inf, nan, huge) and the edges a hostile client's probe hit.
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True) | st.sampled_from(
     [5e-324, 1e-320, 1e-45, 1e-38, 1e-30, 1e-8, 1.0, 10.0, 10.000001, 1e308, -0.0, -1e-38, math.nan, math.inf])
 TOKENS = 6

@@ -1,6 +1,6 @@
-"""The READMEs' commands are true: every command in a ```bash block of README.md, export/README.md,
-serving/README.md and benchmarks/README.md has an entry in COVERAGE saying how it is checked, and
-the check runs here.
+"""The READMEs' commands are true: every command in a ```bash block of README.md, the stage folders'
+READMEs (training/, export/, serving/, benchmarks/) and the pages under docs/ has an entry in COVERAGE
+saying how it is checked, and the check runs here.
 
 - `Run`: run for real, in document order, in one working folder that holds the repository's inputs
   (models/, samples/, serving/, the scripts) and a fresh build/; placeholders (BUNDLE, IMAGE...) and
@@ -36,7 +36,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ("README.md", "export/README.md", "serving/README.md", "benchmarks/README.md")
+DOCS = ("README.md", "training/README.md", "export/README.md", "serving/README.md", "benchmarks/README.md",
+        *sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").rglob("*.md")))
 ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=(\$\(.*\)|\S+)")  # `F=build/x`, `IMGS=$(ls ...)`: context
 SHELL = re.compile(r"[$>|;`]")  # what only a shell can run; everything else runs in this process
 
@@ -107,7 +108,7 @@ IMAGE = ("IMAGE...", "samples/shapes-00.png samples/shapes-01.png")
 
 # Command text (as the READMEs write it) -> how it is checked. Runs happen in this order.
 COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
-    # README.md
+    # README.md, training/README.md
     "make demo": Elsewhere(E2E, f"{SETUP}, then scripts/demo.sh, which {FIXED_PORTS}; the e2e test starts "
                            "TorchServe the same documented way (torchserve --start from config.properties) on free ports"),
     "make test": MAKE_TEST,
@@ -350,6 +351,10 @@ COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     "python benchmarks/bulk.py build/bench/full-size/onnx-int8 --backend onnxruntime --images 16 --size 256 "
     "--max-tokens 20 --batch-size 8 --out build/bench/results/bulk-full-int8":
         Elsewhere("tests/test_caption_dataset.py", f"{FULL_SIZE}; starts Ray"),
+    "python benchmarks/tables.py": Elsewhere("tests/test_bench_tables.py::test_a_changed_report_changes_its_tables",
+                                             "rewrites the committed tables in benchmarks/results/; the test runs the "
+                                             "generator on a copy of the reports"),
+    "python benchmarks/tables.py --check": Run(expect=""),
 }
 
 

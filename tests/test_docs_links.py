@@ -18,3 +18,10 @@ def test_relative_links_resolve(doc):
 
 def test_the_link_pattern_sees_links():
     assert LINK.findall("see [a](results/x.md#top) and [b](https://x.org)") == ["results/x.md", "https://x.org"]
+
+
+def test_the_decisions_index_lists_every_decision():
+    decisions = ROOT / "docs" / "decisions"
+    index = (decisions / "README.md").read_text()
+    names = sorted(path.name for path in decisions.glob("*.md") if path.name != "README.md")
+    assert names and [name for name in names if f"]({name})" not in index] == []

@@ -188,7 +188,7 @@ def test_every_valid_image_decodes_to_its_upright_rgb_rendition(case, image_size
     assert torch.equal(load_pixels(data, image_size, MEAN, STD), pixels)
 
 
-def test_the_issue_cases_16_bit_png_and_phone_orientation():
+def test_16_bit_png_and_phone_orientation():
     ramp = np.linspace(0, 65535, 64).astype(np.uint16)[None].repeat(4, axis=0)  # black .. white
     decoded = np.asarray(decode_image(png_bytes(Image.fromarray(ramp))))
     assert decoded[0, 0].tolist() == [0, 0, 0] and decoded[0, -1].tolist() == [255, 255, 255]  # not all white
@@ -415,11 +415,11 @@ WORST_IMAGES = {
 }
 
 # What load_pixels may add to a process's peak RSS for an image of D decoded bytes (`decoded_bytes`, at
-# most max_bytes): serving/README.md states this bound, per request and times decode_threads per batch.
+# most max_bytes): docs/captioning.md states this bound, per request and times decode_threads per batch.
 DECODE_MEMORY_FACTOR = 4  # WebP's: libwebp's two frame buffers and Pillow's copy of the frame while it loads
 DECODE_MEMORY_SLACK = 16 * 2**20  # code pages a first decode maps, allocator rounding, to_rgb's bands of rows
 # max_bytes the worst images are built up to: 2 Mpixels at 4 bytes a pixel, or (to measure the default's
-# worst case for serving/README.md) CLIPCAP_MEASURED_DECODE_BYTES=144000000.
+# worst case for docs/captioning.md) CLIPCAP_MEASURED_DECODE_BYTES=144000000.
 MEASURED_LIMIT = int(os.environ.get("CLIPCAP_MEASURED_DECODE_BYTES", 8 * 2**20))
 
 PEAK_DECODE_SCRIPT = textwrap.dedent("""
@@ -600,7 +600,7 @@ def jpeg_bytes(image: Image.Image, **options) -> bytes:
 def test_shrink_on_load_stays_within_a_gray_level_of_the_full_decode(seed, width, height, orientation):
     """JPEG DCT scaling to the smallest scale whose shorter side is >= the input size (224, ViT-B-32's):
     the decode is that small, and the model input differs from the full decode's by at most 1 gray level
-    on average on photo-like pictures (the issue's target). photo_like's finest detail spans 1/24 of the
+    on average on photo-like pictures (the target). photo_like's finest detail spans 1/24 of the
     picture, ~9 input pixels at 224; detail near the input's own Nyquist limit differs more (DCT scaling
     averages 8x8 blocks where bicubic weighs a wider window): ~8 levels at a 32 px input."""
     image_size = 224

@@ -327,7 +327,7 @@ def test_a_failing_decode_answers_500_others_succeed(service, captioner, monkeyp
 
 
 def _strip_png(width: int = 1_000_000, height: int = 6) -> bytes:
-    """The issue's extreme strip (1,000,000x6 here): resized whole it needed a 5,333,333x32 intermediate."""
+    """The reported extreme strip (1,000,000x6 here): resized whole it needed a 5,333,333x32 intermediate."""
     return png_bytes(Image.new("RGB", (width, height), (200, 40, 40)))
 
 
@@ -568,7 +568,7 @@ def test_server_config_is_safe_and_fits_the_largest_request():
     assert int(properties["max_request_size"]) >= largest_json
 
 
-# -- hostile clients: bounded replies, request forms, numeric edges (issue 18) ----------------------
+# -- hostile clients: bounded replies, request forms, numeric edges ---------------------------------
 
 MAX_MESSAGE = 1000  # a refusal quotes at most a short prefix of what it refuses (clipcap.quoting)
 VALID_JSON = {"image": _b64(PNGS[0])}
@@ -580,7 +580,7 @@ def _json_bytes(**options) -> bytearray:
     return bytearray(json.dumps({**VALID_JSON, **options}).encode())
 
 
-HOSTILE = [  # (name, row, headers, status): what the issue's probe sent, and its relatives
+HOSTILE = [  # (name, row, headers, status): what a hostile client's probe sent, and its relatives
     ("7 MB decoding string", {"body": _json_bytes(decoding="A" * 7_000_000)}, JSON, 413),
     ("max_tokens list of 1e6 ints", {"body": _json_bytes(max_tokens=list(range(1_000_000)))}, JSON, 400),
     ("deep nesting", {"body": bytearray(b"[" * 100_000)}, JSON, 400),
@@ -689,7 +689,7 @@ FLOATS = st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True) | 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(temperature=FLOATS, top_p=FLOATS)
 def test_any_float_option_gives_a_caption_or_a_clean_refusal(service, strategy, temperature, top_p):
-    """Issue 18: temperature and top_p over the whole float range, through the JSON request path (the
+    """Temperature and top_p over the whole float range, through the JSON request path (the
     float as JSON text, as a client sends it): a 200 of real tokens or a 400 naming the option, never a 500.
     Each strategy gets the options it uses (greedy uses neither: refused by name whatever the value)."""
     used = {"greedy": {}, "beam": {"beam_size": 3}, "nucleus": {"seed": 1, "top_p": top_p}}[strategy]

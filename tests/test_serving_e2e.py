@@ -321,7 +321,7 @@ def test_one_poison_among_seven_valid_requests(served):
         ("corrupt image", valid[0][: len(valid[0]) // 2], "image/png", 400),
         ("bad options", json.dumps({"image": b64, "beam_size": 1000}).encode(), "application/json", 400),
         ("wrong content type", b"hello", "text/plain", 415),
-        # The issue's probe: replies that echoed these overflowed max_response_size and killed the worker.
+        # A hostile client's probe: replies that echoed these overflowed max_response_size and killed the worker.
         ("7 MB decoding string", json.dumps({"image": b64, "decoding": "A" * 7_000_000}).encode(), "application/json",
          413),
         ("max_tokens list of 1e6 ints", json.dumps({"image": b64, "max_tokens": list(range(1_000_000))}).encode(),
@@ -435,7 +435,7 @@ def test_request_forms_query_strings_and_request_ids(served):
 
 
 def test_float_edges_through_torchserve(served):
-    """A few of the issue's numeric edges through the real server: the greedy limit, or a 400."""
+    """A few of a hostile client's numeric edges through the real server: the greedy limit, or a 400."""
     server, bundle, images = served
     data = next(iter(images.values()))
     b64 = base64.b64encode(data).decode()

@@ -44,7 +44,7 @@ class ExportOptions:
     # on CPU) or concat (GPT-2's own attention, portable: TensorRT builds from it); export.json records it
     decoder_cache: str = "in-place"
     # the encoder's attention, a key of ENCODER_ATTENTIONS: open_clip (as torch exports it, portable) or fused
-    # (onnxruntime's Attention op); export/README.md has the measurements behind the default
+    # (onnxruntime's Attention op); docs/decisions/encoder-attention-unfused.md measures why open_clip
     encoder_attention: str = "open_clip"
 
 

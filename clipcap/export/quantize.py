@@ -25,7 +25,7 @@ from clipcap.formats.model_bundle import load_config
 
 METHODS = (INT8_PRECISION, *WEIGHT_ONLY_BITS, FP16_PRECISION)  # the sibling's precision, as export.json names it
 # Dynamic int8 leaves the ViT's patch embedding fp32: onnxruntime's ConvInteger ran it ~3x slower than the
-# fp32 Conv on an AVX2 CPU (export/README.md, encoder options), a few % of the whole encoder.
+# fp32 Conv on an AVX2 CPU (docs/decisions/int8-encoder-patch-conv-fp32.md), a few % of the whole encoder.
 ENCODER_KEPT_FP32 = ("Conv",)
 
 
@@ -36,7 +36,7 @@ class QuantizeConfig:
     encoder: bool = False  # also quantise the encoder (the CLIP ViT moves more than the decoder: measure first)
     per_channel: bool = False  # dynamic int8: per-output-channel weight scales: slower to build, sometimes closer
     method: str = INT8_PRECISION  # int8-dynamic | int8-wo | int4-wo (weight-only: in-place MatMuls) | fp16 (GPUs)
-    block_size: int = 128  # weight-only: weights per scale (export/README.md has the measurements behind 128)
+    block_size: int = 128  # weight-only: weights per scale (docs/decisions/quantize-default-method.md, measured at 128)
     accuracy_level: int = 4  # weight-only: 4 = int8 activations per block inside the kernel (0: fp32, ~3x slower here)
     encoder_method: str | None = None  # with `encoder`: the encoder's own method (e.g. int8-dynamic beside an
     #                                    int4-wo decoder); None: `method`

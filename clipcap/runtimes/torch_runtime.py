@@ -102,7 +102,7 @@ class TorchRuntime:
 
 class TorchBf16Runtime(TorchRuntime):
     """`TorchRuntime` with the CLIP image tower in bfloat16, weights and arithmetic: oneDNN's AVX-512
-    BF16 / AMX kernels on CPUs that have them (export/README, "Encoder options": measured), kernels
+    BF16 / AMX kernels on CPUs that have them (docs/decisions/bf16-as-torch-backend.md: measured), kernels
     without bf16 arithmetic on CPUs that do not (the same numbers). The mapper and GPT-2 stay float32,
     and the CLIP embedding leaves the tower as float32."""
 
