@@ -37,6 +37,13 @@ CAPTIONS = [
 
 
 @pytest.fixture(scope="session")
+def max_diff(a, b) -> float:
+    """max |a - b| of two arrays, each numpy (onnxruntime on the CPU) or torch (on any device)."""
+    from clipcap.arrays import to_numpy
+
+    return float(np.abs(to_numpy(a) - to_numpy(b)).max())
+
+
 def tiny_tokenizer() -> CaptionTokenizer:
     return train_bpe(CAPTIONS * 4, vocab_size=300)
 
