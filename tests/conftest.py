@@ -36,7 +36,6 @@ CAPTIONS = [
 ]
 
 
-@pytest.fixture(scope="session")
 def max_diff(a, b) -> float:
     """max |a - b| of two arrays, each numpy (onnxruntime on the CPU) or torch (on any device)."""
     from clipcap.arrays import to_numpy
@@ -44,6 +43,7 @@ def max_diff(a, b) -> float:
     return float(np.abs(to_numpy(a) - to_numpy(b)).max())
 
 
+@pytest.fixture(scope="session")
 def tiny_tokenizer() -> CaptionTokenizer:
     return train_bpe(CAPTIONS * 4, vocab_size=300)
 
