@@ -220,8 +220,8 @@ class DecodeBatch:
     def add(self, sequences: list[DecodeSequence], prefix: Any) -> list[DecodeSequence]:
         """Run the prefix step of new sequences, one (1, P, E) prefix row each, and join the batch;
         returns those already done after their first token."""
-        self.xp, self.device = arrays.namespace(prefix), arrays.device(prefix)  # the runtime's arrays
         logits, cache = self.runtime.step(prefix, self.runtime.new_cache(len(sequences)))
+        self.xp, self.device = arrays.namespace(logits), arrays.device(logits)  # the runtime's arrays
         cache, kept = self._advance(sequences, logits, cache, [1] * len(sequences))
         if kept:
             self.cache = cache if self.cache is None else self.runtime.join(self.cache, cache)
@@ -328,9 +328,11 @@ class NoCacheRuntime:
         return self.inner.embed(token_ids)
 
     def step(self, embeds: Any, cache: Any | None) -> tuple[Any, Any]:
-        sequence = embeds if cache is None else arrays.namespace(cache).concat((cache, embeds), axis=1)
+        xp = arrays.namespace(embeds)  # the runtime's (the prefix, the first `cache`, may be the caller's)
+        sequence = embeds if cache is None else xp.concat((xp.asarray(cache), embeds), axis=1)
         logits, _ = self.inner.step(sequence, self.inner.new_cache(sequence.shape[0]))
         return logits, sequence
 
     def select(self, cache: Any, index: Any) -> Any:
-        return arrays.namespace(cache).take(cache, index, axis=0)
+        xp = arrays.namespace(cache)
+        return xp.take(cache, xp.asarray(index), axis=0)
