@@ -82,7 +82,8 @@ def run_encoder_bench(config: EncoderBenchConfig, progress: bool = True) -> dict
             cpu_p50 = {name: float(np.median(cpu[name])) for name in names}
             for name in names:
                 embeds = runtimes[name].encode_image(pixels)
-                cosine = torch.nn.functional.cosine_similarity(embeds.float(), reference.float(), dim=-1)
+                cosine = torch.nn.functional.cosine_similarity(torch.as_tensor(embeds).float(),  # numpy from onnxruntime
+                                                               torch.as_tensor(reference).float(), dim=-1)
                 row = {"option": name, "batch_size": batch, "p50_ms": p50[name], "cpu_p50_ms": cpu_p50[name],
                        "speedup_vs_eager": p50[EAGER] / p50[name], "cpu_speedup_vs_eager": cpu_p50[EAGER] / cpu_p50[name],
                        "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean())}

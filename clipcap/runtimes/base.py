@@ -29,8 +29,6 @@ import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # annotations only: the command line names backends without importing torch
-    import torch
-
     from clipcap.config import ClipCapConfig
 
 
@@ -56,31 +54,31 @@ class RuntimeUnavailable(RuntimeError):
 
 class Runtime(Protocol):
     config: ClipCapConfig
-    device: torch.device
+    device: Any  # where its arrays live: "cpu" for numpy, a torch.device for torch tensors
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixels: Any) -> Any:
         """(B, 3, H, W) normalised pixels -> (B, P, E) prefix embeddings."""
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixels: Any) -> Any:
         """(B, 3, H, W) normalised pixels -> (B, prefix_size) CLIP image embeddings, before the mapper
         (an export bundle's encoder graph outputs them beside the prefix)."""
 
-    def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
+    def map_embeddings(self, clip_embeddings: Any) -> Any:
         """(B, prefix_size) CLIP embeddings -> (B, P, E) prefix embeddings."""
 
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, token_ids: Any) -> Any:
         """(B, T) token ids -> (B, T, E) GPT-2 input embeddings."""
 
     def new_cache(self, batch_size: int) -> Any:
         """An empty KV cache for `batch_size` rows, the caller's own (see the contract above)."""
 
-    def step(self, embeds: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    def step(self, embeds: Any, cache: Any) -> tuple[Any, Any]:
         """Run (B, T, E) new embeddings after the cached ones -> ((B, V) last-position logits, cache).
 
         Decoding asks for T > 1 only on an empty cache (the prefix, the no-cache baseline); `cache` is spent.
         """
 
-    def select(self, cache: Any, index: torch.Tensor) -> Any:
+    def select(self, cache: Any, index: Any) -> Any:
         """Keep/reorder batch rows: cache row i becomes old row index[i] (beam reorder, finished rows).
 
         `index` may repeat, reorder and drop rows; `cache` is spent.
