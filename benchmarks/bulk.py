@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipcap.bulk import BulkConfig, caption_dataset
+from clipcap.bulk.run import BulkConfig, caption_dataset
 from clipcap.decoding import DecodingOptions
 
 

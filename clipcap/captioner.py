@@ -4,12 +4,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
+import clipcap.arrays as arrays
 from clipcap.config import BundleError, ClipCapConfig
 from clipcap.decoding import DecodingOptions, generate
 from clipcap.formats.model_bundle import load_config, load_tokenizer
@@ -51,19 +51,19 @@ class Captioner:
     def default_options(self) -> DecodingOptions:
         return DecodingOptions(max_tokens=self.config.max_tokens)
 
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
         clip = self.config.clip
         return preprocess(images, clip.image_size, clip.mean, clip.std)
 
     def load_pixels(self, data: bytes, formats: Iterable[str] = DEFAULT_FORMATS,
-                    max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+                    max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
         """Image bytes -> (3, S, S) pixels by clipcap.images.load_pixels (a JPEG decoded at the scale this
         bundle's input needs), or ImageError. Stack rows for `caption_pixels`."""
         clip = self.config.clip
         return load_pixels(data, clip.image_size, clip.mean, clip.std, formats, max_pixels, max_bytes)
 
     def load_pixels_file(self, path: str | Path, formats: Iterable[str] = DEFAULT_FORMATS,
-                         max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+                         max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
         """`load_pixels` of a file; the ImageError names it."""
         clip = self.config.clip
         return load_pixels_file(path, clip.image_size, clip.mean, clip.std, formats, max_pixels, max_bytes)
@@ -78,7 +78,7 @@ class Captioner:
         batch.timings_ms = {"preprocess": preprocess_ms, **batch.timings_ms}
         return batch
 
-    def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions | None = None,
+    def caption_pixels(self, pixels: Any, options: DecodingOptions | None = None,
                        seeds: Sequence[int] | None = None) -> CaptionBatch:
         start = time.perf_counter()
         prefix = self.runtime.encode(pixels)
@@ -87,16 +87,16 @@ class Captioner:
         batch.timings_ms = {"encode": encode_ms, **batch.timings_ms}
         return batch
 
-    def caption_embeddings(self, embeddings: np.ndarray | torch.Tensor,
+    def caption_embeddings(self, embeddings: Any,
                            options: DecodingOptions | None = None, seeds: Sequence[int] | None = None) -> CaptionBatch:
         """Captions for precomputed CLIP embeddings, shape (N, prefix_size)."""
-        embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        embeddings = np.asarray(arrays.to_numpy(embeddings), dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.config.clip.embed_dim:
             raise BundleError(f"embeddings must have shape (N, {self.config.clip.embed_dim}) for this bundle, "
                               f"got {tuple(embeddings.shape)}")
         return self._decode(self.runtime.map_embeddings(embeddings), options, seeds)
 
-    def _decode(self, prefix: torch.Tensor, options: DecodingOptions | None,
+    def _decode(self, prefix: Any, options: DecodingOptions | None,
                 seeds: Sequence[int] | None = None) -> CaptionBatch:
         options = (options or self.default_options()).validate(self.token_limit)
         max_tokens = options.max_tokens or self.config.max_tokens

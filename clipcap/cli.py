@@ -1,7 +1,8 @@
 """The `clipcap` command: thin argument parsing over `Captioner` and the bundle functions.
 
-torch, transformers and open_clip are imported by the commands that use them, so `--help` and
-argument errors answer at once.
+torch, transformers and open_clip are imported only where a model bundle or an import needs them, so
+`--help` and argument errors answer at once, and captioning an export bundle runs on the core install
+(numpy and onnxruntime, no torch).
 """
 from __future__ import annotations
 
@@ -104,11 +105,10 @@ def _image_files(paths: list[str], formats: tuple[str, ...]) -> list[str]:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     """Decodes one batch of images at a time (memory bounded by --batch-size, not by the number of images)."""
+    import numpy as np
     options = _options(args)
     captioner = _open(args)
     options = options.validate(captioner.token_limit)
-    import torch
-
     results, failed = [], 0
     # Positions on the command line: a file that fails does not shift the others' seeds.
     for start, names in _chunks(_image_files(args.images, args.formats), args.batch_size):
@@ -123,7 +123,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 failed += 1
         if not pixels:
             continue
-        batch = captioner.caption_pixels(torch.stack(pixels), options, _seeds(options, positions))
+        batch = captioner.caption_pixels(np.stack(pixels), options, _seeds(options, positions))
         rows = [{"image": name, "caption": caption.caption, "token_ids": caption.token_ids}
                 for name, caption in zip(kept, batch.captions)]
         if args.json:
@@ -161,7 +161,7 @@ def cmd_caption_embeddings(args: argparse.Namespace) -> int:
 
 
 def cmd_caption_dataset(args: argparse.Namespace) -> int:
-    from clipcap.bulk import BulkConfig, Interrupted, caption_dataset
+    from clipcap.bulk.run import BulkConfig, Interrupted, caption_dataset
     from clipcap.bulk.shards import OutputError
     from clipcap.bulk.sources import SourceError
 

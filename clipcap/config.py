@@ -80,6 +80,11 @@ class ClipConfig:
                    f"gives {width // head_width} heads, which must divide {name}.vision_cfg.width ({width})")
 
 
+# The registry, the one list of mapper types: `mapper.type` in clipcap.json names one of these, each the
+# class of clipcap.mappers that builds it (named here, so a bundle is validated without importing torch).
+MAPPER_CLASSES = {"mlp": "MLPMapper", "transformer": "TransformerMapper"}
+
+
 @dataclass
 class MapperConfig:
     """The mapping network from one CLIP embedding to `prefix_length` GPT-2 input embeddings."""
@@ -92,9 +97,8 @@ class MapperConfig:
     mlp_ratio: float = 2.0  # transformer only: hidden width of its ReLU MLP / embedding width
 
     def validate(self, where: str) -> None:
-        from clipcap.mappers import MAPPERS  # torch: imported when a bundle is read, not by `clipcap --help`
-
-        _check(self.type in MAPPERS, where, "mapper.type", f"unknown mapper {self.type!r}; known: {sorted(MAPPERS)}")
+        _check(self.type in MAPPER_CLASSES, where, "mapper.type",
+               f"unknown mapper {self.type!r}; known: {sorted(MAPPER_CLASSES)}")
         for name in ("prefix_length", "clip_length", "num_layers", "num_heads"):
             _check(getattr(self, name) > 0, where, f"mapper.{name}", "must be > 0")
         _check(math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0, where, "mapper.mlp_ratio",

@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image, ImageChops, ImageCms, ImageOps, UnidentifiedImageError
 
 from clipcap.image_formats import DEFAULT_FORMATS, FORMATS, ImageError, check_formats
@@ -76,7 +75,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 def load_pixels(data: bytes, image_size: int, mean: list[float], std: list[float],
                 formats: Iterable[str] = DEFAULT_FORMATS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+                max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Bytes -> model input float32 (3, image_size, image_size), decoding no more pixels than needed
     (module docstring), or ImageError; never another exception from the bytes."""
     decoded = decode_as_stored(open_image(data, formats, max_pixels), shrink_to=image_size, max_bytes=max_bytes)
@@ -85,7 +84,7 @@ def load_pixels(data: bytes, image_size: int, mean: list[float], std: list[float
 
 def load_pixels_file(path: str | Path, image_size: int, mean: list[float], std: list[float],
                      formats: Iterable[str] = DEFAULT_FORMATS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+                     max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """`load_pixels` of a file; the ImageError names the file."""
     data = read_image_file(path)
     try:
@@ -357,16 +356,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise ImageError(f"image mode {image.mode} cannot be read as RGB ({error})") from None
 
 
-def preprocess(images: list[Image.Image], image_size: int, mean: list[float], std: list[float]) -> torch.Tensor:
+def preprocess(images: list[Image.Image], image_size: int, mean: list[float], std: list[float]) -> np.ndarray:
     """CLIP preprocessing of a batch (`preprocess_image` per image). Returns float32 (B, 3, image_size, image_size)."""
-    batch = torch.empty((len(images), 3, image_size, image_size), dtype=torch.float32)
+    batch = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
     for i, image in enumerate(images):
         batch[i] = preprocess_image(image, image_size, mean, std)
     return batch
 
 
 def preprocess_image(image: Image.Image, image_size: int, mean: list[float], std: list[float],
-                     picture: tuple[float, float, float, float] | None = None, orientation: int = 1) -> torch.Tensor:
+                     picture: tuple[float, float, float, float] | None = None, orientation: int = 1) -> np.ndarray:
     """CLIP preprocessing of one image: shorter side to `image_size` (bicubic), centre crop, normalise.
 
     Any mode is accepted (`to_srgb`; the image's ICC profile, if any, is applied). Crop before anything
@@ -421,4 +420,4 @@ def preprocess_image(image: Image.Image, image_size: int, mean: list[float], std
     pixels = np.asarray(to_srgb(crop, profile), dtype=np.float32).transpose(2, 0, 1) / 255.0
     mean_a = np.asarray(mean, dtype=np.float32)[:, None, None]
     std_a = np.asarray(std, dtype=np.float32)[:, None, None]
-    return torch.from_numpy((pixels - mean_a) / std_a)
+    return (pixels - mean_a) / std_a

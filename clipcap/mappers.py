@@ -5,14 +5,11 @@ so the released checkpoints load with `load_state_dict` and no renaming table.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # annotations only: clipcap.config validates `mapper.type` against MAPPERS below
-    from clipcap.config import MapperConfig
+from clipcap.config import MAPPER_CLASSES, MapperConfig
 
 
 class MLPMapper(nn.Module):
@@ -118,9 +115,8 @@ class TransformerMapper(nn.Module):
         return out[:, self.clip_length:]  # (B, P, E)
 
 
-# The registry, the one list of mapper types: `mapper.type` in clipcap.json names one of these
-# (clipcap.config validates against it, training/train.py offers its keys).
-MAPPERS: dict[str, type[nn.Module]] = {"mlp": MLPMapper, "transformer": TransformerMapper}
+# mapper.type -> its class, by clipcap.config.MAPPER_CLASSES (training/train.py offers its keys).
+MAPPERS: dict[str, type[nn.Module]] = {name: globals()[cls] for name, cls in MAPPER_CLASSES.items()}
 
 
 def build_mapper(prefix_size: int, embed_dim: int, config: MapperConfig) -> nn.Module:

@@ -56,7 +56,7 @@ class TimedRuntime:
         self.steps_ms: list[float] = []
 
     def _synchronize(self) -> None:
-        if self.device.type == "cuda":
+        if str(self.device).startswith("cuda"):  # numpy runtimes say "cpu"
             torch.cuda.synchronize(self.device)
 
     def _timed(self, call: Callable, *args) -> tuple[Any, float]:

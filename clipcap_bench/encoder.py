@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipcap.runtimes import set_compute_threads
 from clipcap_bench.experiment import rotation
 from clipcap_bench.roofline import StepCost, cost_floor_s, measure_peaks, vit_image_cost
 from clipcap_bench.schema import ENCODER_SCHEMA, Envelope, check_report
@@ -45,7 +46,7 @@ def run_encoder_bench(config: EncoderBenchConfig, progress: bool = True) -> dict
     from clipcap.runtimes.torch_runtime import TorchBf16Runtime, TorchRuntime
 
     config.validate()
-    torch.set_num_threads(config.threads)
+    set_compute_threads(config.threads)  # torch and the onnxruntime sessions opened after this
     envelope = Envelope(ENCODER_SCHEMA)
     runtimes = {EAGER: TorchRuntime.from_path(Path(config.model))}
     if config.torch_bf16:
@@ -81,7 +82,8 @@ def run_encoder_bench(config: EncoderBenchConfig, progress: bool = True) -> dict
             cpu_p50 = {name: float(np.median(cpu[name])) for name in names}
             for name in names:
                 embeds = runtimes[name].encode_image(pixels)
-                cosine = torch.nn.functional.cosine_similarity(embeds.float(), reference.float(), dim=-1)
+                cosine = torch.nn.functional.cosine_similarity(torch.as_tensor(embeds).float(),  # numpy from onnxruntime
+                                                               torch.as_tensor(reference).float(), dim=-1)
                 row = {"option": name, "batch_size": batch, "p50_ms": p50[name], "cpu_p50_ms": cpu_p50[name],
                        "speedup_vs_eager": p50[EAGER] / p50[name], "cpu_speedup_vs_eager": cpu_p50[EAGER] / cpu_p50[name],
                        "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean())}

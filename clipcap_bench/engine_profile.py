@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from clipcap.decoding import DecodingOptions
+from clipcap.runtimes import set_compute_threads
 
 SLO_S = 1.0  # a request within one second, end to end
 SLO_SHARE = 0.99  # of the requests at a rate, for that rate to count as within capacity
@@ -148,7 +149,7 @@ class StaticArm:
             results = {}
             for indices in groups.values():
                 options = batch[indices[0]][0].options
-                captions = self.captioner.caption_pixels(torch.stack([pixels[i] for i in indices]), options).captions
+                captions = self.captioner.caption_pixels(np.stack([pixels[i] for i in indices]), options).captions
                 results.update(zip(indices, captions))
             end = time.perf_counter()
             for index, (_, outcome, finished) in enumerate(batch):
@@ -286,7 +287,7 @@ def run_engine_profile(config: EngineProfileConfig, progress: bool = True) -> di
     from clipcap_bench.schema import ENGINE_SCHEMA, Envelope
 
     envelope = Envelope(ENGINE_SCHEMA)
-    torch.set_num_threads(config.threads)
+    set_compute_threads(config.threads)  # torch and the onnxruntime sessions opened after this
     captioner = Captioner.from_path(config.bundle)
     handler = ServingConfig()
     images = sample_images()

@@ -22,6 +22,7 @@ from clipcap_bench.schema import LATENCY_SCHEMA, Envelope, check_report
 from clipcap_bench.statistics import compute_ratios, evaluate_targets, summarize_cell
 from clipcap_bench.steps import run_steps
 from clipcap.config import BundleError
+from clipcap.runtimes import set_compute_threads
 
 
 FIXED_LENGTH_NOTE = ("fixed-length greedy generation: the stop token is ignored, so every backend generates "
@@ -40,7 +41,7 @@ class LatencyConfig:
     iters: int = 5  # measured iterations per backend and cell
     time_budget_s: float | None = None  # a backend stops early in a cell once its measured time passes this
     min_iters: int = 2  # ... but never before this many measured iterations
-    threads: int = 1  # torch.set_num_threads; onnxruntime sessions follow it (intra-op threads)
+    threads: int = 1  # set_compute_threads: torch's and every onnxruntime session's intra-op threads
     image_size: tuple[int, int] = (640, 480)  # synthetic input images (width, height): a typical photo
     seed: int = 0
 
@@ -84,7 +85,7 @@ def run_latency(config: LatencyConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     config.validate()
-    torch.set_num_threads(config.threads)
+    set_compute_threads(config.threads)  # torch and the onnxruntime sessions opened after this
     envelope = Envelope(LATENCY_SCHEMA, config.device)
     [(opened, unavailable)] = run_steps(  # a full-size model takes seconds to load
         [("load " + ", ".join(config.backends), lambda: open_backends(config.backends, config.paths, config.device))],

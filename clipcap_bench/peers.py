@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from clipcap.runtimes import set_compute_threads
+
 
 def _hf_generate(gpt, prefix: torch.Tensor, tokens: int) -> list[list[int]]:
     with torch.inference_mode():
@@ -74,7 +76,7 @@ def run_peers(config: PeerConfig) -> dict:
     from clipcap.decoding import DecodingOptions, generate
     from clipcap.runtimes.onnx_runtime import OnnxRuntime
 
-    torch.set_num_threads(config.threads)
+    set_compute_threads(config.threads)  # torch and the onnxruntime sessions opened after this
     unavailable = {name: reason for name in config.peers if (reason := peer_unavailable(name))}
     runnable = [name for name in config.peers if name not in unavailable]
     ours = OnnxRuntime.from_path(config.export_bundle, threads=config.threads)

@@ -96,7 +96,7 @@ def _mean_abs_levels(data: bytes, image_size: int) -> float:
 
     fast = load_pixels(data, image_size, [0.0] * 3, [1.0] * 3)
     full = preprocess_image(decode_image(data), image_size, [0.0] * 3, [1.0] * 3)
-    return float((fast - full).abs().mean()) * 255
+    return float(np.abs(fast - full).mean()) * 255
 
 
 def measure_batch(profile: PhotoProfile, repo: Path, progress: bool = True) -> dict:

@@ -23,6 +23,7 @@ from clipcap_bench.statistics import percentiles
 from clipcap_bench.steps import run_steps
 from clipcap_bench.targets import TARGETS
 from clipcap.config import BundleError
+from clipcap.runtimes import set_compute_threads
 
 STAGES = ("pixels", "encode", "decode")  # their sum is the request's time but for a few microseconds of glue
 BASELINE = "today"
@@ -56,7 +57,7 @@ class RequestProfile:
     tokens: int = 20  # tokens per caption, exactly (fixed-length greedy)
     rounds: int = 30  # measured rounds; each runs every option once, the order rotated
     warmup: int = 2  # rounds run first and not counted (sessions, caches, allocator)
-    threads: int = 1  # torch.set_num_threads; onnxruntime's intra-op threads follow it
+    threads: int = 1  # set_compute_threads: torch's and onnxruntime's intra-op threads
     image_width: int = 4032  # the phone JPEG, stored on its side (EXIF 6) with a Display P3 profile: 12 MP
     image_height: int = 3024
     seed: int = 0
@@ -145,7 +146,7 @@ def run_request_profile(profile: RequestProfile, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     profile.validate()
-    torch.set_num_threads(profile.threads)
+    set_compute_threads(profile.threads)
     envelope = Envelope(REQUEST_SCHEMA)
     [(opened, unavailable)] = run_steps(  # full-size bundles take seconds each to load
         [("load " + ", ".join(profile.options), lambda: open_options(profile.options, profile.bundles))],

@@ -17,11 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from clipcap.config import BundleError
 from clipcap.export.onnx import ExportError, ExportOptions, export_bundle
 from clipcap.formats.graph_specs import DECODER_KINDS, ENCODER_ATTENTIONS
+from clipcap.runtimes import set_compute_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="; ".join(f"{kind.name}: {kind.summary}" for kind in DECODER_KINDS.values()))
     parser.add_argument("--encoder-attention", choices=ENCODER_ATTENTIONS, default=ExportOptions.encoder_attention,
                         help="; ".join(f"{kind.name}: {kind.summary}" for kind in ENCODER_ATTENTIONS.values()))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch and of the parity check's onnxruntime sessions (default: each one's)")
     args = parser.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_compute_threads(args.threads)
     try:
         manifest = export_bundle(args.bundle, ExportOptions(out=args.out, check_parity=args.check_parity,
                                                             parity_images=args.parity_images,

@@ -18,7 +18,7 @@ if [ ! -f "$stamp" ]; then
     aarch64) "$VENV/bin/pip" install -q torch==2.9.1 torchvision==0.24.1 ;;
     *)       "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 ;;
   esac
-  "$VENV/bin/pip" install -q -e ".[export,train,serve,serve-ray,bench,bulk,ray,openvino,dev]"
+  "$VENV/bin/pip" install -q -e ".[torch,export,train,serve,serve-ray,bench,ray,openvino,dev]"
   touch "$stamp"
 fi
 

@@ -36,6 +36,13 @@ CAPTIONS = [
 ]
 
 
+def max_diff(a, b) -> float:
+    """max |a - b| of two arrays, each numpy (onnxruntime on the CPU) or torch (on any device)."""
+    from clipcap.arrays import to_numpy
+
+    return float(np.abs(to_numpy(a) - to_numpy(b)).max())
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> CaptionTokenizer:
     return train_bpe(CAPTIONS * 4, vocab_size=300)
@@ -64,7 +71,7 @@ def tiny_model(tokenizer: CaptionTokenizer, mapper: str = "mlp", seed: int = 0, 
     torch.manual_seed(seed)
     model = ClipCapModel(tiny_config(tokenizer, mapper, **kwargs))
     clip = model.config.clip
-    pixels = preprocess(random_images(len(CAPTIONS)), clip.image_size, clip.mean, clip.std)
+    pixels = torch.from_numpy(preprocess(random_images(len(CAPTIONS)), clip.image_size, clip.mean, clip.std))
     encoded = [tokenizer.encode(c) + [tokenizer.eos_token_id] for c in CAPTIONS]
     width = max(map(len, encoded))
     tokens = torch.tensor([ids + [0] * (width - len(ids)) for ids in encoded])

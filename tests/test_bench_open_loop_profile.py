@@ -167,7 +167,7 @@ def test_photo_serve_arguments(monkeypatch, tmp_path):
 @pytest.mark.skipif(not (Path(sys.executable).parent / "torchserve").exists(), reason="torchserve is not installed")
 def test_an_export_bundle_served_open_loop(tmp_path, tiny_export):
     """The tiny ONNX export packed, served by a real TorchServe and loaded open-loop with samples/ PNGs."""
-    import torch
+    import numpy as np
 
     from clipcap_bench.history import make_record
     from clipcap_bench.open_loop_profile import open_loop_markdown, run_open_loop_profile, write_open_loop_outputs
@@ -182,7 +182,7 @@ def test_an_export_bundle_served_open_loop(tmp_path, tiny_export):
     # The max_tokens field travelled: each answer is as long as the library's caption with max_tokens 5.
     captioner = Captioner.from_path(tiny_export)
     options = captioner.default_options().replace(max_tokens=5)
-    pixels = torch.stack([captioner.load_pixels_file(p) for p in report["settings"]["images"]])
+    pixels = np.stack([captioner.load_pixels_file(p) for p in report["settings"]["images"]])
     assert [p["tokens"] for p in bundle["probes"]] == [len(c.token_ids) for c in
                                                        captioner.caption_pixels(pixels, options).captions]
     assert [c["rate"] for c in report["cells"]] == [2.0, 4.0]

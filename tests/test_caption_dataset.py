@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from clipcap.bulk import BulkConfig, caption_dataset
+from clipcap.bulk.run import BulkConfig, caption_dataset
 from clipcap.bulk.shards import ShardWriter, done_ids, shard_paths
 from clipcap.bulk.sources import SourceError, list_images, read_bytes
 from clipcap.captioner import Captioner

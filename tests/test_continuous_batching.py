@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clipcap.decoding import BeamSequence, DecodeBatch, generate, new_sequence, stop_tensor
-from test_batch_invariance import OPTIONS, POOL, SEED, Checker, Recorder
+from clipcap.decoding import BeamSequence, DecodeBatch, generate, new_sequence, stop_ids
+from test_batch_invariance import OPTIONS, POOL, SEED, Checker, Recorder, copy, max_diff
 
 PROPERTY = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -36,7 +36,7 @@ def recording(sequence) -> dict:
         else:
             histories = [tuple(sequence.tokens)]
         for history, row in zip(histories, logits):
-            seen[history] = row.clone()
+            seen[history] = copy(row)
         return advance(logits)
 
     sequence.advance = recorded
@@ -51,7 +51,7 @@ schedules = st.lists(st.tuples(st.integers(0, POOL - 1), st.sampled_from(sorted(
 @given(schedule=schedules)
 def test_rows_joining_a_running_decode_caption_as_alone(checker, schedule):
     runtime = checker.captioner.runtime
-    stop = stop_tensor(checker.stop, OPTIONS["greedy"], runtime.device)
+    stop = stop_ids(checker.stop, OPTIONS["greedy"])
     batch, joined = DecodeBatch(runtime), []
     for image, strategy, wait in schedule:
         for _ in range(wait):
@@ -66,7 +66,7 @@ def test_rows_joining_a_running_decode_caption_as_alone(checker, schedule):
         alone_tokens, alone_seen = checker.alone(image, strategy, SEED + image)
         shared = seen.keys() & alone_seen.keys()
         assert () in shared
-        worst = max(float((seen[h] - alone_seen[h]).abs().max()) for h in shared)
+        worst = max(max_diff(seen[h], alone_seen[h]) for h in shared)
         assert worst <= checker.bound, (strategy, schedule, worst)
         if sequence.result() != alone_tokens:
             replay = Recorder(runtime, 1, replace=seen)
@@ -78,7 +78,7 @@ def test_rows_joining_a_running_decode_caption_as_alone(checker, schedule):
 def test_a_removed_row_leaves_the_others_untouched(checker):
     """Rows removed mid-decode (cancelled) free their cache rows; the others caption as alone."""
     runtime = checker.captioner.runtime
-    stop = stop_tensor(checker.stop, OPTIONS["greedy"], runtime.device)
+    stop = stop_ids(checker.stop, OPTIONS["greedy"])
     batch = DecodeBatch(runtime)
     sequences = [new_sequence(OPTIONS[s], stop, checker.max_tokens, SEED + i) for i, s in
                  enumerate(["greedy", "beam", "greedy", "nucleus"])]

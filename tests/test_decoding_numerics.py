@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clipcap.cli import main
-from clipcap.decoding import STRATEGIES, DecodingError, DecodingOptions, Temperature, TopP, generate, scaled_logits
+from clipcap.decoding import (STRATEGIES, DecodingError, DecodingOptions, Temperature, TopP, generate, new_sequence,
+                              scaled_logits)
 from clipcap.formats.model_bundle import load_bundle
 from clipcap.images import preprocess
 from clipcap.runtimes.torch_runtime import TorchRuntime
@@ -85,3 +86,32 @@ def test_cli_any_float_gives_captions_or_exit_2(tiny_bundle, tmp_path_factory, c
     assert code == 0, err
     rows = json.loads(out)
     assert len(rows) == 2 and all(1 <= len(row["token_ids"]) <= TOKENS for row in rows)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1), temperature=st.sampled_from([0.3, 1.0, 2.5]),
+       top_p=st.sampled_from([0.5, 0.9, 1.0]))
+def test_nucleus_draws_the_same_tokens_from_numpy_and_torch_logits(seed, temperature, top_p):
+    """One seed, one token sequence, whichever array library the runtime hands decoding (the uniforms are
+    drawn host-side by numpy's PCG64; the inverse CDF runs where the logits are)."""
+    logits = (np.random.default_rng(seed % 2**32).normal(size=(12, 1, 50)) * 3).astype(np.float32)
+    options = DecodingOptions(strategy="nucleus", temperature=temperature, top_p=top_p)
+    drawn = {}
+    for name, convert in (("numpy", np.asarray), ("torch", torch.from_numpy)):
+        sequence = new_sequence(options, (), len(logits), seed)
+        for step in logits:
+            sequence.advance(convert(step))
+        drawn[name] = sequence.result()
+    assert drawn["numpy"] == drawn["torch"]
+
+
+def test_nucleus_samples_follow_the_kept_probabilities():
+    """top_p 0.9 over (0.5, 0.3, 0.15, 0.05) keeps the first three (0.8 before the third, 0.95 before the
+    fourth); 4,000 seeded draws land on them in proportion (atol: about four binomial deviations)."""
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    sequence = new_sequence(DecodingOptions(strategy="nucleus", top_p=0.9), (), 4000, seed=0)
+    for _ in range(4000):
+        sequence.advance(np.log(probs)[None])
+    frequencies = np.bincount(sequence.result(), minlength=4) / 4000
+    assert frequencies[3] == 0
+    assert np.allclose(frequencies[:3], probs[:3] / 0.95, atol=0.03)

@@ -11,6 +11,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pillow_heif.HeifImagePlugin  # noqa: F401  (registers the HEIF writer the tests save with)
 import torch
@@ -19,7 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import clipcap.runtimes.base as runtimes_base
+from clipcap.arrays import to_numpy
 from clipcap.captioner import Captioner
+from clipcap.runtimes import compute_threads
 from clipcap.serving.engine import CaptionRequest
 from clipcap.serving.form import PART_NAMES, from_torchserve
 from clipcap.serving.service import CaptionService, ServingConfig, ServingConfigError, ServingError, batch_size_bucket
@@ -117,6 +121,7 @@ def test_worker_threads_leave_a_core_and_share_the_rest(cores, workers, configur
 def test_a_service_from_an_archive_sets_the_compute_threads_before_opening_the_runtime(
         tiny_bundle, tmp_path, monkeypatch, caplog, model_config, expected):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtimes_base, "_compute_threads", [None])  # this process's setting, restored after
     shutil.copytree(tiny_bundle, tmp_path / "bundle")
     opened_with = []
     monkeypatch.setattr(Captioner, "from_path", classmethod(lambda cls, *a, **k: opened_with.append(
@@ -128,7 +133,7 @@ def test_a_service_from_an_archive_sets_the_compute_threads_before_opening_the_r
         torch.set_num_threads(7)
         with caplog.at_level(logging.INFO, logger="clipcap.serving"):
             CaptionService.from_archive(tmp_path, model_config)
-        assert opened_with == [expected] and torch.get_num_threads() == expected
+        assert opened_with == [expected] and torch.get_num_threads() == expected == compute_threads()
         assert f"compute threads: {expected} (" in caplog.text
     finally:
         torch.set_num_threads(before)
@@ -197,7 +202,7 @@ def test_max_tokens_caps_requests_and_defaults(captioner):
 def test_accepted_forms_give_the_same_image(service, captioner, row, headers):
     request = parse_row(service, row, headers)
     assert isinstance(request, CaptionRequest)
-    assert torch.equal(request.pixels, captioner.preprocess([IMAGES[1]])[0])
+    assert np.array_equal(request.pixels, captioner.preprocess([IMAGES[1]])[0])
     assert request.options == service.defaults
 
 
@@ -315,7 +320,7 @@ def test_a_failing_decode_answers_500_others_succeed(service, captioner, monkeyp
     poison = captioner.runtime.encode(captioner.preprocess([IMAGES[1]]))[0]
 
     def step(embeds, cache):
-        if embeds.shape[1] > 1 and any(torch.allclose(row, poison, atol=1e-4) for row in embeds):
+        if embeds.shape[1] > 1 and any(np.allclose(to_numpy(row), to_numpy(poison), atol=1e-4) for row in embeds):
             raise RuntimeError("simulated backend failure")
         return real(embeds, cache)
 
@@ -331,12 +336,12 @@ def _strip_png(width: int = 1_000_000, height: int = 6) -> bytes:
     return png_bytes(Image.new("RGB", (width, height), (200, 40, 40)))
 
 
-def _poisoned_runtime(monkeypatch, captioner, poison: torch.Tensor) -> None:
+def _poisoned_runtime(monkeypatch, captioner, poison) -> None:
     """Fault injection: the runtime raises for any batch holding the poison row (as a bad kernel might)."""
     real = captioner.runtime.encode
 
     def encode(pixels):
-        if any(torch.equal(row, poison) for row in pixels):
+        if any(np.array_equal(to_numpy(row), to_numpy(poison)) for row in pixels):
             raise RuntimeError("simulated failure for one row")
         return real(pixels)
 
@@ -405,7 +410,7 @@ def test_a_batch_decodes_on_threads_like_one_by_one(captioner, monkeypatch, thre
     assert [getattr(r, "status", 200) for r in threaded] == [200] * 8 + [400] * 3
     for one, other in zip(serial, threaded):
         if isinstance(one, CaptionRequest):
-            assert torch.equal(one.pixels, other.pixels)
+            assert np.array_equal(one.pixels, other.pixels)
         else:
             assert (one.status, one.message) == (other.status, other.message)
 

@@ -1,4 +1,5 @@
-"""Bulk captioning of an image collection into Parquet shards, resumable, on this machine or on Ray."""
-from clipcap.bulk.run import BulkConfig, Interrupted, caption_dataset
+"""Bulk captioning of an image collection into Parquet shards, resumable, on this machine or on Ray.
 
-__all__ = ["BulkConfig", "Interrupted", "caption_dataset"]
+The entry point is clipcap.bulk.run (`BulkConfig`, `caption_dataset`); nothing is imported here, so
+listing images (clipcap.bulk.sources, which `clipcap caption` uses) does not load pyarrow.
+"""

@@ -6,8 +6,9 @@ never costs the other images of its batch their captions.
 """
 from __future__ import annotations
 
-import torch
+import numpy as np
 
+import clipcap.arrays as arrays
 from clipcap.captioner import Captioner
 from clipcap.decoding import DecodingOptions
 from clipcap.images import ImageError
@@ -34,11 +35,11 @@ def caption_rows(captioner: Captioner, ids: list[str], paths: list[str], blobs: 
                 row["error"] = str(error)
         rows.append(row)
     if loaded:
-        pixels = torch.stack(loaded)
+        pixels = np.stack(loaded)
         if embeddings:
-            clip = captioner.runtime.encode_image(pixels).float().cpu()  # computed once: captioned and stored
+            clip = arrays.to_numpy(captioner.runtime.encode_image(pixels)).astype(np.float32)  # computed once: captioned and stored
             captions = captioner.caption_embeddings(clip, options).captions
-            for index, vector in zip(good, clip.numpy()):
+            for index, vector in zip(good, clip):
                 rows[index]["embedding"] = vector.tolist()
         else:
             captions = captioner.caption_pixels(pixels, options).captions

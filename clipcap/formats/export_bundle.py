@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig, dataclass_from_dict
 from clipcap.formats.graph_specs import DECODER_KINDS, ENCODER_ATTENTIONS, DecoderKind, graph_specs
@@ -62,9 +62,10 @@ def write_token_table(bundle, path: Path) -> None:
     save_file({TOKEN_TABLE_KEY: table}, str(path))
 
 
-def load_token_table(path: Path) -> torch.Tensor:
+def load_token_table(path: Path) -> np.ndarray:
+    """(vocab_size, n_embd) float32, a numpy array (torch-free: the core install reads it)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file
 
     if not path.is_file():
         raise BundleError(f"{path}: token embedding table not found")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from clipcap.config import ClipCapConfig
+
+if TYPE_CHECKING:
+    import torch
 
 OPSET = 18  # what torch.onnx's dynamo exporter targets natively; TensorRT 10/11 and onnxruntime read it
 
@@ -49,7 +50,7 @@ INPLACE_PARITY_SIZES = (
 class TensorSpec:
     name: str
     shape: tuple[int | str, ...]  # ints are fixed sizes, strings symbolic (dynamic) dimensions
-    dtype: torch.dtype = torch.float32
+    dtype: str = "float32"  # the element type's name in numpy and torch alike (float32, float16, int64)
     fill: str = "normal"  # example contents: normal (random) | ones (attention mask) | positions
 
 
@@ -87,18 +88,20 @@ class GraphSpec:
         return tuple(sizes[dim] if isinstance(dim, str) else dim for dim in tensor.shape)
 
     def example_inputs(self, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        import torch  # export and its parity checks only: the runtimes read the specs without torch
+
         sizes = resolve_sizes(sizes or EXAMPLE_SIZES)
         generator = torch.Generator().manual_seed(seed)
         examples = {}
         for tensor in self.inputs:
             shape = self.shape(tensor, sizes)
             if tensor.fill == "ones":
-                examples[tensor.name] = torch.ones(shape, dtype=tensor.dtype)
+                examples[tensor.name] = torch.ones(shape, dtype=getattr(torch, tensor.dtype))
             elif tensor.fill == "positions":
                 past = sizes.get(PAST, 0)
-                examples[tensor.name] = torch.arange(past, past + shape[1], dtype=tensor.dtype).expand(shape).contiguous()
+                examples[tensor.name] = torch.arange(past, past + shape[1], dtype=getattr(torch, tensor.dtype)).expand(shape).contiguous()
             else:
-                examples[tensor.name] = torch.randn(shape, generator=generator, dtype=tensor.dtype)
+                examples[tensor.name] = torch.randn(shape, generator=generator, dtype=getattr(torch, tensor.dtype))
         return examples
 
 
@@ -149,8 +152,8 @@ def decoder_spec(config: ClipCapConfig) -> GraphSpec:
         name="decoder",
         inputs=(
             TensorSpec("inputs_embeds", (BATCH, SEQUENCE, g.n_embd)),
-            TensorSpec("attention_mask", (BATCH, TOTAL), torch.int64, fill="ones"),
-            TensorSpec("position_ids", (BATCH, SEQUENCE), torch.int64, fill="positions"),
+            TensorSpec("attention_mask", (BATCH, TOTAL), "int64", fill="ones"),
+            TensorSpec("position_ids", (BATCH, SEQUENCE), "int64", fill="positions"),
             *past,
         ),
         outputs=(TensorSpec("logits", (BATCH, g.vocab_size)), *present),
@@ -173,7 +176,7 @@ def inplace_decoder_spec(config: ClipCapConfig) -> GraphSpec:
         name="decoder",
         inputs=(
             TensorSpec("inputs_embeds", (BATCH, SEQUENCE, g.n_embd)),
-            TensorSpec("position_ids", (BATCH, SEQUENCE), torch.int64, fill="positions"),
+            TensorSpec("position_ids", (BATCH, SEQUENCE), "int64", fill="positions"),
             *[TensorSpec(f"past_key_values.{layer}.{kind}", (BATCH, g.n_head, CAPACITY, head_dim))
               for layer, kind in caches],
         ),

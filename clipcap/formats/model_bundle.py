@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from clipcap.config import CONFIG_FILE, BundleError, ClipCapConfig
 from clipcap.formats.export_bundle import MANIFEST_FILE
-from clipcap.model import ClipCapModel
 from clipcap.tokenizer import CaptionTokenizer
+
+if TYPE_CHECKING:  # the model and its weights need torch (the `torch` extra); config and tokenizer do not
+    import torch
+
+    from clipcap.model import ClipCapModel
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -48,6 +51,11 @@ def load_model(path: str | Path, config: ClipCapConfig) -> ClipCapModel:
         raise BundleError(f"{path}: an export bundle ({MANIFEST_FILE}: ONNX graphs or TensorRT engines, no PyTorch "
                           f"weights), where a model bundle ({CONFIG_FILE} + {WEIGHTS_FILE} + tokenizer) is needed: "
                           f"pass the model bundle it was exported from (e.g. models/shapes-demo)")
+    try:
+        from clipcap.model import ClipCapModel
+    except ImportError as error:
+        raise BundleError(f"{path}: a model bundle needs PyTorch ({error}); install the torch extra: "
+                          f"pip install 'clipcap-deploy[torch]' (an export bundle runs without it)") from None
     model = ClipCapModel(config)
     load_weights(model, Path(path) / WEIGHTS_FILE)
     return model.eval()

@@ -9,7 +9,7 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipcap.runtimes.base import Runtime, RuntimeUnavailable
+from clipcap.runtimes.base import Runtime, RuntimeUnavailable, compute_threads, set_compute_threads
 
 if TYPE_CHECKING:
     from clipcap.config import ClipCapConfig
@@ -21,6 +21,9 @@ RUNTIMES = {
     "onnxruntime": "clipcap.runtimes.onnx_runtime:OnnxRuntime",
     "tensorrt": "clipcap.runtimes.tensorrt_runtime:TensorRTRuntime",
 }
+
+# name -> the extra that installs what it needs beyond the core install (onnxruntime is in the core).
+EXTRAS = {"torch": "torch", "torch-bf16": "torch", "tensorrt": "tensorrt"}
 
 
 def open_runtime(path: str | Path, backend: str | None = None, device: str = "cpu",
@@ -34,8 +37,14 @@ def open_runtime(path: str | Path, backend: str | None = None, device: str = "cp
     if backend not in RUNTIMES:
         raise RuntimeUnavailable(f"unknown backend {backend!r}; known: {', '.join(RUNTIMES)}")
     module_name, class_name = RUNTIMES[backend].split(":")
-    runtime_class = getattr(importlib.import_module(module_name), class_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:  # the core install has onnxruntime only
+        install = f"clipcap-deploy[{EXTRAS[backend]}]" if backend in EXTRAS else "clipcap-deploy"
+        raise RuntimeUnavailable(f"backend {backend!r} needs {error.name or error}, not installed here: "
+                                 f"pip install '{install}'") from None
+    runtime_class = getattr(module, class_name)
     return runtime_class.from_path(Path(path), device, config=config)
 
 
-__all__ = ["RUNTIMES", "Runtime", "RuntimeUnavailable", "open_runtime"]
+__all__ = ["EXTRAS", "RUNTIMES", "Runtime", "RuntimeUnavailable", "compute_threads", "open_runtime", "set_compute_threads"]

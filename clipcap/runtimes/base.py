@@ -1,7 +1,8 @@
 """The `Runtime` protocol: the only thing a backend implements.
 
-Tensors crossing this seam are torch tensors on `runtime.device` (onnxruntime wraps numpy
-zero-copy; TensorRT uses torch CUDA tensors as its device buffers). The cache is opaque to the
+Arrays crossing this seam are the runtime's own on `runtime.device`: numpy for onnxruntime on the CPU,
+torch tensors for torch, TensorRT and onnxruntime on CUDA; inputs from the host (pixels, CLIP
+embeddings) may be numpy for every runtime. Decoding works on whichever comes back (the array API). The cache is opaque to the
 caller: decoding only creates it, passes it back, and selects batch rows from it.
 
 The cache contract, one rule for every backend (tests/runtimes/test_cache_contract.py checks it
@@ -24,12 +25,27 @@ beyond fp32 rounding.
 """
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # annotations only: the command line names backends without importing torch
-    import torch
-
     from clipcap.config import ClipCapConfig
+
+
+_compute_threads: list[int | None] = [None]  # this process's compute threads: set_compute_threads
+
+
+def set_compute_threads(threads: int) -> None:
+    """This process's compute threads: onnxruntime sessions opened after this take them, and torch's
+    (set now if torch is loaded, else by the torch runtime when it opens)."""
+    _compute_threads[0] = threads
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def compute_threads() -> int | None:
+    """What set_compute_threads set (None: each library's default)."""
+    return _compute_threads[0]
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -38,31 +54,31 @@ class RuntimeUnavailable(RuntimeError):
 
 class Runtime(Protocol):
     config: ClipCapConfig
-    device: torch.device
+    device: Any  # where its arrays live: "cpu" for numpy, a torch.device for torch tensors
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixels: Any) -> Any:
         """(B, 3, H, W) normalised pixels -> (B, P, E) prefix embeddings."""
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixels: Any) -> Any:
         """(B, 3, H, W) normalised pixels -> (B, prefix_size) CLIP image embeddings, before the mapper
         (an export bundle's encoder graph outputs them beside the prefix)."""
 
-    def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
+    def map_embeddings(self, clip_embeddings: Any) -> Any:
         """(B, prefix_size) CLIP embeddings -> (B, P, E) prefix embeddings."""
 
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, token_ids: Any) -> Any:
         """(B, T) token ids -> (B, T, E) GPT-2 input embeddings."""
 
     def new_cache(self, batch_size: int) -> Any:
         """An empty KV cache for `batch_size` rows, the caller's own (see the contract above)."""
 
-    def step(self, embeds: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    def step(self, embeds: Any, cache: Any) -> tuple[Any, Any]:
         """Run (B, T, E) new embeddings after the cached ones -> ((B, V) last-position logits, cache).
 
         Decoding asks for T > 1 only on an empty cache (the prefix, the no-cache baseline); `cache` is spent.
         """
 
-    def select(self, cache: Any, index: torch.Tensor) -> Any:
+    def select(self, cache: Any, index: Any) -> Any:
         """Keep/reorder batch rows: cache row i becomes old row index[i] (beam reorder, finished rows).
 
         `index` may repeat, reorder and drop rows; `cache` is spent.

@@ -2,16 +2,18 @@
 
 OnnxRuntime opens it for an encoder whose manifest entry says engine "openvino" (the mapper and the decoder
 stay on onnxruntime) and calls it as it calls its own encoder graph: pixels in, the graph's outputs by name
-out, as torch tensors. OpenVINO is optional (the `openvino` extra): without it, opening such a bundle
+out, as numpy arrays (the arrays onnxruntime's CPU sessions return). OpenVINO is optional (the `openvino` extra): without it, opening such a bundle
 raises RuntimeUnavailable with the install line.
 """
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
+from clipcap.arrays import to_numpy
 from clipcap.runtimes.base import RuntimeUnavailable
 
 INSTALL = "pip install 'clipcap-deploy[openvino]'"
@@ -32,11 +34,11 @@ def import_openvino(purpose: str):
 
 class OpenVinoEncoder:
     """One encoder IR compiled for the CPU (for any batch, and for each of STATIC_BATCHES at its static shape);
-    `__call__(pixels)` -> {output name: (B, ...) float32 tensor}."""
+    `__call__(pixels)` -> {output name: (B, ...) float32 array}."""
 
-    def __init__(self, file: Path, outputs: list[str], device: torch.device, threads: int):
+    def __init__(self, file: Path, outputs: list[str], device: Any, threads: int):
         ov = import_openvino(f"{file}: this bundle's encoder (engine openvino)")
-        if device.type != "cpu":
+        if device != "cpu":
             raise RuntimeUnavailable(f"{file}: the OpenVINO encoder runs on the CPU only, not {device}")
         # f32: a CPU with bf16 units would otherwise run the graph's float parts in bf16 (OpenVINO's default
         # there), moving the embeddings beyond what int8 alone does. One stream of `threads` threads, like
@@ -54,9 +56,9 @@ class OpenVinoEncoder:
         self.outputs = outputs
         self.lock = threading.Lock()  # one request per shape, its output buffers reused: one call at a time
 
-    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, pixels: Any) -> dict[str, np.ndarray]:
         request = self.requests.get(pixels.shape[0], self.requests[None])
         with self.lock:
-            request.infer({"pixel_values": pixels.to(torch.float32).contiguous().numpy()})
+            request.infer({"pixel_values": np.ascontiguousarray(to_numpy(pixels), dtype=np.float32)})
             # Copies: the request's output buffers are overwritten by its next call.
-            return {name: torch.from_numpy(request.get_tensor(name).data.copy()) for name in self.outputs}
+            return {name: request.get_tensor(name).data.copy() for name in self.outputs}

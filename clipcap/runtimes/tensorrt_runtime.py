@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import array_api_compat.torch as xp
 import torch
 
 from clipcap.config import BundleError, ClipCapConfig
@@ -107,7 +108,7 @@ class TensorRTRuntime:
             self.engines = {name: _Engine(trt, runtime, path / entry["file"], self.specs[name], entry["profiles"],
                                           self.device, skip=caller_owned if name == "decoder" else ())
                             for name, entry in record["engines"].items()}
-            self.token_table = load_token_table(path / record["token_embeddings"]).to(self.device)
+            self.token_table = torch.from_numpy(load_token_table(path / record["token_embeddings"])).to(self.device)
             # The most rows and positions a cache tensor may hold: the largest any decoder profile allows.
             decoder = self.engines["decoder"]
             limits = [profile.max_sizes(decoder.spec) for profile in decoder.profiles]
@@ -145,7 +146,7 @@ class TensorRTRuntime:
         shape = spec.shape(spec.inputs[0], sizes)
         profile = engine.profile_for({input_name: shape})
         source = engine.view(profile, input_name, shape)
-        source.copy_(value)  # host -> device (or a device copy): the engine reads its own buffer
+        source.copy_(torch.as_tensor(value))  # host -> device (or a device copy): the engine reads its own buffer
         targets = {output.name: engine.view(profile, output.name, spec.shape(output, sizes)) for output in spec.outputs}
         engine.execute(profile, {input_name: source}, targets)
         return {name: target.float().clone() for name, target in targets.items()}  # buffers are reused by the next call
@@ -160,7 +161,7 @@ class TensorRTRuntime:
         return self._run_single("mapper", "clip_embeddings", clip_embeddings)["prefix_embeds"]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.token_table[token_ids.to(self.device)]  # (B, T) -> (B, T, E)
+        return self.token_table[torch.as_tensor(token_ids).to(self.device)]  # (B, T) -> (B, T, E)
 
     def _kv_shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
         """(B, H, past, D) of every past tensor for `sizes` (a present has past + new tokens: pass that)."""
@@ -185,7 +186,7 @@ class TensorRTRuntime:
             "position_ids": engine.view(profile, "position_ids", shapes["position_ids"]),
             **dict(zip(self.past_names, cache.past)),
         }
-        mask, positions = padding.step_inputs(cache.pads, past, length, batch, self.device)
+        mask, positions = padding.step_inputs(cache.pads, past, length, batch, xp, self.device)
         inputs["position_ids"].copy_(positions)
         if mask is None:
             inputs["attention_mask"].fill_(1)

@@ -2,18 +2,20 @@
 
 Rows of different lengths (a row joining a running decode) are left-padded (clipcap.runtimes.padding):
 GPT-2 then gets an attention mask and each row's own position ids; an unpadded batch runs without a mask.
+Inputs may be numpy arrays (preprocessed pixels, CLIP embeddings); outputs are torch tensors on `device`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import array_api_compat.torch as xp
 import torch
 
 from clipcap.config import ClipCapConfig
 from clipcap.formats.model_bundle import load_config, load_model
 from clipcap.runtimes import padding
-from clipcap.runtimes.base import RuntimeUnavailable
+from clipcap.runtimes.base import RuntimeUnavailable, compute_threads
 
 
 @dataclass
@@ -45,6 +47,8 @@ class TorchRuntime:
     def __init__(self, model, device: str = "cpu"):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeUnavailable("device 'cuda' asked for, but torch sees no CUDA GPU on this machine")
+        if compute_threads() is not None:
+            torch.set_num_threads(compute_threads())
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config: ClipCapConfig = model.config
@@ -55,19 +59,19 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(pixels.to(self.device))
+        return self.model.encode(torch.as_tensor(pixels).to(self.device))
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels.to(self.device))
+        return self.model.encode_image(torch.as_tensor(pixels).to(self.device))
 
     @torch.inference_mode()
     def map_embeddings(self, clip_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.model.prefix(clip_embeddings.to(self.device))
+        return self.model.prefix(torch.as_tensor(clip_embeddings).to(self.device))
 
     @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(token_ids.to(self.device))
+        return self.model.embed_tokens(torch.as_tensor(token_ids).to(self.device))
 
     def new_cache(self, batch_size: int) -> TorchCache:
         from transformers import DynamicCache
@@ -77,7 +81,7 @@ class TorchRuntime:
     @torch.inference_mode()
     def step(self, embeds: torch.Tensor, cache: TorchCache) -> tuple[torch.Tensor, TorchCache]:
         batch, length, _ = embeds.shape
-        mask, positions = padding.step_inputs(cache.pads, cache.length, length, batch, self.device)
+        mask, positions = padding.step_inputs(cache.pads, cache.length, length, batch, xp, self.device)
         # `cache=`: the keyword transformers keeps (`past_key_values` is deprecated, removed in 5.40).
         out = self.model.gpt(inputs_embeds=embeds, cache=cache.layers, position_ids=positions, attention_mask=mask,
                              use_cache=True, logits_to_keep=1)  # only the last position's logits are used
@@ -112,4 +116,4 @@ class TorchBf16Runtime(TorchRuntime):
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.clip(pixels.to(self.device, torch.bfloat16)).float()
+        return self.model.clip(torch.as_tensor(pixels).to(self.device, torch.bfloat16)).float()

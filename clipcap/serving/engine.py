@@ -21,10 +21,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-
-from clipcap.decoding import DecodeBatch, DecodeSequence, DecodingOptions, new_sequence, stop_tensor
+import clipcap.arrays as arrays
+from clipcap.decoding import DecodeBatch, DecodeSequence, DecodingOptions, new_sequence, stop_ids
 from clipcap.images import ImageError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class CaptionRequest:
 
     options: DecodingOptions  # validated against the server's bounds
     image: bytes | None = None  # encoded image bytes, decoded by the engine's pool; or
-    pixels: torch.Tensor | None = None  # (3, S, S) model input, already preprocessed
+    pixels: Any = None  # (3, S, S) model input (a numpy array from load_pixels), already preprocessed
     request_id: str = ""  # names the request in log lines
     deadline: float | None = None  # time.monotonic() after which it is dropped (504); None: none
     stream: bool = False  # deliver a TokenEvent per settled token
@@ -186,7 +186,7 @@ class CaptionHandle:
 class _Running:
     """A handle in the decode: its sequence, its prefix (to decode it again alone) and its streamed text."""
 
-    def __init__(self, handle: CaptionHandle, sequence: DecodeSequence, prefix: torch.Tensor):
+    def __init__(self, handle: CaptionHandle, sequence: DecodeSequence, prefix: Any):
         self.handle, self.sequence, self.prefix = handle, sequence, prefix
         self.tokens: list[int] = []  # settled so far
         self.text = ""  # their text as streamed
@@ -197,7 +197,7 @@ class CaptionEngine:
     """Admission, batched encode and iteration-level decode over a `Captioner`, on one compute thread."""
 
     def __init__(self, captioner, config: EngineConfig | None = None,
-                 load_pixels: Callable[[bytes], torch.Tensor] | None = None,
+                 load_pixels: Callable[[bytes], Any] | None = None,
                  on_step: Callable[[int, float], None] | None = None):
         """`load_pixels`: image bytes -> pixels (ImageError for a bad image); default: the captioner's with
         its defaults. `on_step(rows, seconds)`: called after every decode step (metrics)."""
@@ -206,7 +206,7 @@ class CaptionEngine:
         self.config = (config or EngineConfig()).validate()
         self.load_pixels = load_pixels or captioner.load_pixels
         self.on_step = on_step
-        self._stop = stop_tensor(captioner.config.tokenizer.stop_token_ids, DecodingOptions(), self.runtime.device)
+        self._stop = stop_ids(captioner.config.tokenizer.stop_token_ids, DecodingOptions())
         self._condition = threading.Condition()
         self._waiting: collections.deque[CaptionHandle] = collections.deque()  # pixels ready, not yet encoded
         self._decoding_images = 0  # requests whose image is being decoded
@@ -322,7 +322,8 @@ class CaptionEngine:
         for handle in handles:
             handle.times["encode"] = start
         try:
-            prefix = self.runtime.encode(torch.stack([h.request.pixels for h in handles]))
+            pixels = [h.request.pixels for h in handles]
+            prefix = self.runtime.encode(arrays.namespace(*pixels).stack(pixels))
         except Exception:
             if len(handles) == 1:
                 logger.exception("request %s: captioning failed (encoding its image)", handles[0].request.request_id)
@@ -425,7 +426,7 @@ class CaptionEngine:
     def _sequence(self, request: CaptionRequest) -> DecodeSequence:
         options = request.options
         max_tokens = options.max_tokens or self.captioner.config.max_tokens
-        stop = self._stop if not options.ignore_stop else self._stop[:0]
+        stop = self._stop if not options.ignore_stop else ()
         return new_sequence(options, stop, max_tokens, options.seed)
 
     def _fail_all(self, failure: CaptionFailed) -> None:

@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from clipcap.decoding import REQUEST_OPTIONS, DecodingError, DecodingOptions
 from clipcap.serving.engine import CaptionEngine, CaptionFailed, CaptionRequest, CaptionResult, EngineBusy, EngineConfig
 from clipcap.images import ImageError, open_image
 from clipcap.quoting import quote, quote_names
 from clipcap.serving.form import BODY, FORM_TYPE, JSON_TYPE, MULTIPART_TYPE, RAW_TYPES, Form, Part, read_form
 from clipcap.serving.config import MODEL_CONFIG_FILE, ServingConfig, ServingConfigError, worker_threads
+from clipcap.runtimes.base import set_compute_threads as runtime_threads
 
 if TYPE_CHECKING:
     from clipcap.captioner import Captioner
@@ -64,9 +63,13 @@ HOW_TO_SEND = ('send the image as the raw body (Content-Type: image/png, image/j
 def resolve_device(device: str, gpu_id: int | None) -> str:
     """The torch device for a worker: 'auto' and 'cuda' follow the GPU TorchServe assigned (gpu_id)."""
     if device == "auto":
-        import torch
-
-        return f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+        if gpu_id is None:
+            return "cpu"
+        try:
+            import torch  # a GPU worker; the core install (no torch) runs on the CPU
+        except ImportError:
+            return "cpu"
+        return f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and gpu_id is not None:
         return f"cuda:{gpu_id}"
     return device
@@ -433,9 +436,9 @@ def warm_up_image() -> bytes:
 
 
 def set_compute_threads(threads: int, why: str) -> None:
-    """This process's torch compute threads, before a runtime is opened (onnxruntime's sessions take
-    torch.get_num_threads()); logged, with `why`."""
-    torch.set_num_threads(threads)
+    """This process's compute threads, before a runtime is opened (clipcap.runtimes.set_compute_threads);
+    logged, with `why`."""
+    runtime_threads(threads)
     logger.info("compute threads: %d (%s)", threads, why)
 
 

@@ -133,7 +133,7 @@ def agreement_inputs(args) -> dict:
 
 def measure_agreement(config: AgreementConfig) -> Agreement:
     """Greedy captions of both bundles (their `config.backends` on `config.device`) on image files or on a caption dataset."""
-    import torch
+    import numpy as np
     from tqdm import tqdm
 
     from clipcap.captioner import Captioner
@@ -152,6 +152,6 @@ def measure_agreement(config: AgreementConfig) -> Agreement:
     candidate = Captioner.from_path(config.candidate, backend=config.backends[1], device=config.device)
     options = DecodingOptions(max_tokens=config.max_tokens or reference.config.max_tokens)
     starts = range(0, len(files), config.batch_size)
-    batches = (torch.stack([reference.load_pixels_file(f) for f in files[start: start + config.batch_size]])
+    batches = (np.stack([reference.load_pixels_file(f) for f in files[start: start + config.batch_size]])
                for start in tqdm(starts, desc="candidate vs fp32", unit="batch"))
     return compare_captions(reference, candidate, batches, options, references, keys)

@@ -80,7 +80,7 @@ class ClipPretrainConfig:
 
 def preprocess(images: list[Image.Image], pre: PreprocessConfig) -> torch.Tensor:
     """Model input for a list of PIL images: clipcap.images.preprocess, as the captioner does it."""
-    return preprocess_images(images, pre.image_size, list(pre.mean), list(pre.std))
+    return torch.from_numpy(preprocess_images(images, pre.image_size, list(pre.mean), list(pre.std)))
 
 
 def resize_uint8(image: Image.Image, size: int) -> np.ndarray:
@@ -90,7 +90,7 @@ def resize_uint8(image: Image.Image, size: int) -> np.ndarray:
     rounding recovers them exactly; the pool keeps them at a quarter of float32's memory.
     """
     pixels = preprocess_images([image], size, [0.0, 0.0, 0.0], [1 / 255] * 3)[0]
-    return pixels.round().to(torch.uint8).numpy()
+    return pixels.round().astype(np.uint8)
 
 
 def normalize(pixels: torch.Tensor, pre: PreprocessConfig) -> torch.Tensor:

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from clipcap.decoding import DecodingOptions
 from clipcap.images import ImageError
@@ -65,7 +65,7 @@ def caption_records(captioner, records: list[ImageCaptions], image_root: Path, o
                 failed[record.image] = str(error)
         if not pixels:
             continue
-        captions = captioner.caption_pixels(torch.stack(pixels), options).captions
+        captions = captioner.caption_pixels(np.stack(pixels), options).captions
         predictions += [{"image": r.image, "prediction": c.caption, "references": r.captions, "group": r.group}
                         for r, c in zip(batch, captions)]
     return predictions, failed

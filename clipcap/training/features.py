@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -141,7 +142,7 @@ def extract_features(config: ExtractConfig) -> ExtractReport:
             names = todo[batch_start: min(batch_start + config.batch_size, start + config.part_size, len(todo))]
             loaded = _load_pixels(config.image_root, names, clip_config, report)
             if loaded:
-                pixels = torch.stack([row for _, row in loaded])
+                pixels = torch.from_numpy(np.stack([row for _, row in loaded]))
                 with torch.inference_mode():
                     rows.append(tower(pixels.to(config.device)).float().cpu())
                 images += [name for name, _ in loaded]

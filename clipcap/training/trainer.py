@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -289,8 +290,8 @@ class Trainer:
         if not self.cfg.train_clip:
             return features.embeddings[rows].to(self.device)
         clip = self.config.clip
-        pixels = torch.stack([load_pixels_file(features.image_root / features.records[r].image, clip.image_size,
-                                               clip.mean, clip.std) for r in rows])
+        pixels = torch.from_numpy(np.stack([load_pixels_file(features.image_root / features.records[r].image, clip.image_size,
+                                               clip.mean, clip.std) for r in rows]))
         return self.model.encode_image(pixels.to(self.device))
 
     def _batch_loss(self, features: FeatureSet, examples: Examples, indices: list[int]) -> torch.Tensor:

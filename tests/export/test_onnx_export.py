@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -15,6 +16,7 @@ from clipcap.formats.export_bundle import MANIFEST_FILE, TOKEN_TABLE_FILE, load_
 from clipcap.formats.graph_specs import BATCH, DECODER_KINDS, PAST, SEQUENCE, decoder_spec, graph_specs, kv_names
 from clipcap.formats.model_bundle import load_bundle, load_config
 from clipcap.runtimes.onnx_runtime import OnnxRuntime
+from conftest import max_diff
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,7 +76,7 @@ def test_export_bundle_contents(tiny_export, tiny_concat_export, tiny_bundle, ki
         onnx.checker.check_model(str(tiny_export / entry["file"]), full_check=True)
     assert any("past_sequence_length=0" in case for case in manifest["graphs"]["decoder"]["parity"]["cases"])
     table = load_token_table(tiny_export / TOKEN_TABLE_FILE)
-    assert torch.equal(table, load_bundle(tiny_bundle).model.gpt.transformer.wte.weight)
+    assert torch.equal(torch.from_numpy(table), load_bundle(tiny_bundle).model.gpt.transformer.wte.weight)
     assert load_manifest(tiny_export, config).graphs.keys() == {"encoder", "mapper", "decoder"}
 
 
@@ -100,7 +102,7 @@ class _SwappedTokens:
 
     def _swapped(self, ids):
         a, b = self.swap
-        return torch.where(ids == a, b, torch.where(ids == b, a, ids))
+        return np.where(ids == a, b, np.where(ids == b, a, ids))  # onnxruntime's arrays: numpy on the CPU
 
     def encode(self, pixels):
         return self.inner.encode(pixels)
@@ -114,7 +116,7 @@ class _SwappedTokens:
     def step(self, embeds, cache):
         logits, cache = self.inner.step(embeds, cache)
         a, b = self.swap
-        order = torch.arange(logits.shape[-1], device=logits.device)
+        order = np.arange(logits.shape[-1])
         order[a], order[b] = b, a
         return logits[:, order], cache
 
@@ -280,7 +282,7 @@ def test_fused_encoder_attention(tiny_bundle, tiny_export, tmp_path):
     assert manifest.decoding_parity["greedy"]["identical"] and manifest.decoding_parity["beam"]["identical"]
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     fused, plain = OnnxRuntime.from_path(tmp_path / "fused"), OnnxRuntime.from_path(tiny_export)
-    assert float((fused.encode_image(pixels) - plain.encode_image(pixels)).abs().max()) <= 2e-4  # both within 1e-4 of torch
+    assert max_diff(fused.encode_image(pixels), plain.encode_image(pixels)) <= 2e-4  # both within 1e-4 of torch
     assert load_manifest(tiny_export, load_config(tiny_bundle)).encoder_attention == "open_clip"
     graphs, model = concat_graphs(tmp_path / "fused", tmp_path / "work")  # TensorRT's graphs: re-exported portable
     assert graphs != tmp_path / "fused" and model == tiny_bundle.resolve()

@@ -53,10 +53,10 @@ def _lm_head_weight_scale(graph) -> float:
 def _teacher_forced(runtime, prefix: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     """(steps, V) logits of one row fed `tokens` (its own batch: int8 activation scales are per call)."""
     logits, cache = runtime.step(prefix, runtime.new_cache(1))
-    rows = [logits.clone()]
+    rows = [torch.as_tensor(logits).clone()]  # onnxruntime's logits are numpy arrays on the CPU
     for token in tokens[:-1]:
         logits, cache = runtime.step(runtime.embed(torch.tensor([[token]])), cache)
-        rows.append(logits.clone())
+        rows.append(torch.as_tensor(logits).clone())
     return torch.cat(rows)
 
 
@@ -77,7 +77,8 @@ def test_int8_logit_error_within_quantisation_bound(tiny_bundle, int8_export):
     weight_scale = _lm_head_weight_scale(graph)
     head = model.gpt.lm_head.weight.detach()  # (V, E)
     int8 = OnnxRuntime.from_path(int8_export)
-    prefix = int8.encode(Captioner.from_path(int8_export, "onnxruntime").preprocess(random_images(12, seed=2)))
+    pixels = Captioner.from_path(int8_export, "onnxruntime").preprocess(random_images(12, seed=2))
+    prefix = torch.as_tensor(int8.encode(pixels))
     fp32 = TorchRuntime(model)
     steps = model.config.max_tokens
     tokens = generate(fp32, prefix, DecodingOptions(ignore_stop=True), [], steps)

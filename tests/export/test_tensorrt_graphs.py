@@ -148,7 +148,7 @@ def test_the_stored_list_names_its_source():
     assert "10.1" in SUPPORT["release"] and SUPPORT["opset_range"] == [9, 20]
     assert {"MatMul", "Softmax", "LayerNormalization", "Gather"} <= set(SUPPORT["supported"])
     extra = (ROOT / "pyproject.toml").read_text()
-    assert 'tensorrt = ["tensorrt>=10.1,<11"]' in extra
+    assert 'tensorrt = ["clipcap-deploy[torch]", "tensorrt>=10.1,<11"]' in extra
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,

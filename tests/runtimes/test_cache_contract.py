@@ -23,8 +23,33 @@ needs_gpu = pytest.mark.skipif(bool(_MISSING), reason=f"needs tensorrt and a CUD
 TENSORRT = pytest.param("tensorrt", marks=[pytest.mark.gpu, needs_gpu])
 
 
+class AsTorch:
+    """A runtime whose logits and embeddings come back as torch tensors (onnxruntime's on the CPU are numpy
+    arrays; torch.from_numpy shares their memory, so what the contract says of them is still what is checked)."""
+
+    def __init__(self, inner):
+        self.inner, self.config, self.device = inner, inner.config, inner.device
+
+    def new_cache(self, batch_size):
+        return self.inner.new_cache(batch_size)
+
+    def embed(self, token_ids):
+        return torch.as_tensor(self.inner.embed(token_ids))
+
+    def step(self, embeds, cache):
+        logits, cache = self.inner.step(embeds, cache)
+        return torch.as_tensor(logits), cache
+
+    def select(self, cache, index):
+        return self.inner.select(cache, index)
+
+
 @pytest.fixture(scope="module", params=["torch", "onnxruntime-in-place", "onnxruntime-concat", TENSORRT])
 def runtime(request):
+    return AsTorch(_runtime(request))
+
+
+def _runtime(request):
     if request.param == "torch":
         return TorchRuntime(load_bundle(request.getfixturevalue("tiny_bundle")).model)
     if request.param == "onnxruntime-in-place":

@@ -103,7 +103,7 @@ def test_each_image_is_encoded_once_and_resume_skips_done_images(data, clip_sour
 
     _, tower = load_clip_tower(clip_source)
     pixels = preprocess([load_image_file(data / "images/000007.png")], 32, loaded.clip.mean, loaded.clip.std)
-    assert torch.allclose(tower(pixels)[0], loaded.embeddings[7], atol=1e-5)
+    assert torch.allclose(tower(torch.from_numpy(pixels))[0], loaded.embeddings[7], atol=1e-5)
 
     # An interrupted run: drop the last part from the index; the rerun encodes only those images.
     index = json.loads((tmp_path / "f" / "index.json").read_text())
