@@ -29,7 +29,7 @@ from clipcap_bench.schema import COLD_START_SCHEMA, Envelope, check_report
 from clipcap_bench.targets import TARGETS
 
 FRONTS = ("cli", "ray-serve", "torchserve")
-EXTRAS = ("torch", "export", "train", "serve", "serve-ray", "openvino", "bench", "bulk")
+EXTRAS = ("torch", "export", "train", "serve", "serve-ray", "openvino", "bench", "ray")
 
 
 @dataclass

@@ -49,9 +49,9 @@ def openvino_calibration(clip: ClipConfig, images: Path | None, count: int, seed
         pictures = [Image.fromarray(rng.integers(0, 256, (clip.image_size, clip.image_size, 3), dtype=np.uint8))
                     for _ in range(count)]
         pixels = preprocess(pictures, clip.image_size, clip.mean, clip.std)
-        return Calibration([row[None].numpy() for row in pixels],
+        return Calibration([row[None] for row in pixels],
                            {"source": "random", "images": count, "seed": seed, "note": RANDOM_CALIBRATION})
-    samples = [load_pixels_file(f, clip.image_size, clip.mean, clip.std)[None].numpy() for f in files]
+    samples = [load_pixels_file(f, clip.image_size, clip.mean, clip.std)[None] for f in files]
     return Calibration(samples, {"source": str(Path(images).resolve()), "images": len(samples)})
 
 
