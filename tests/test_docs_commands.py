@@ -109,6 +109,14 @@ IMAGE = ("IMAGE...", "samples/shapes-00.png samples/shapes-01.png")
 # Command text (as the READMEs write it) -> how it is checked. Runs happen in this order.
 COVERAGE: dict[str, Run | Synopsis | Elsewhere] = {
     # README.md, training/README.md
+    "pip install .": Elsewhere("tests/test_core_install.py", "the core install, built into a virtualenv under "
+                               "build/ from this checkout (cached), where the CLI captions and torch is never imported"),
+    "pip install '.[serve-ray]'": Elsewhere("tests/test_core_install.py", "the core + serve-ray virtualenv starts "
+                                            "clipcap serve-ray and captions through it, torch never imported"),
+    "pip install '.[torch]'": Elsewhere("tests", f"{SETUP} with every extra: the suite runs on it"),
+    "pip install '.[export,train]'": Elsewhere("tests", f"{SETUP} with every extra: the suite runs on it"),
+    "pip install '.[serve]'": Elsewhere("tests", f"{SETUP} with every extra: the suite runs on it"),
+    "pip install '.[openvino]'": Elsewhere("tests/export/test_openvino_int8.py", f"{SETUP} with every extra"),
     "make demo": Elsewhere(E2E, f"{SETUP}, then scripts/demo.sh, which {FIXED_PORTS}; the e2e test starts "
                            "TorchServe the same documented way (torchserve --start from config.properties) on free ports"),
     "make test": MAKE_TEST,
@@ -555,3 +563,13 @@ def test_documented_command_runs(command, workdir, request, monkeypatch):
     assert code == exit_code, f"{text}\nexit {code}:\n{output[-3000:]}"
     assert expect in output, f"{text}\n{expect!r} not in:\n{output[-3000:]}"
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_the_readme_python_example_runs(capsys, monkeypatch):
+    """README.md's Python block (the library in five lines) runs as written, from the repository root."""
+    monkeypatch.chdir(ROOT)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks, "README.md has no Python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
