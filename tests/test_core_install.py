@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from clipcap_bench.cold_start import directory_mb
 from clipcap_bench.torchserve import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,11 +114,6 @@ def _venv(name: str, extras: str = "") -> Path:
     return python
 
 
-def venv_size_mb(python: Path) -> float:
-    root = python.parent.parent
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
-
-
 @pytest.mark.slow
 def test_the_core_install_captions_an_export_bundle(tiny_export, tmp_path):
     python = _venv("core-venv")
@@ -134,7 +130,7 @@ def test_the_core_install_captions_an_export_bundle(tiny_export, tmp_path):
     report, _, err = run_clipcap(python, "caption-dataset", str(tiny_export), str(images), "--out",
                                  str(tmp_path / "out"), cwd=tmp_path)
     assert report["code"] == 0 and report["imported"] == [], err
-    assert venv_size_mb(python) <= 500, "the core install's target size"
+    assert directory_mb(python.parent.parent) <= 500, "the core install's target size"
 
 
 @pytest.mark.slow
